@@ -1,0 +1,329 @@
+"""The artifact contract: self-describing Arrow tables and safetensors files, written atomically.
+
+Every artifact carries, under the metadata key ``mlrnet``, a JSON object::
+
+    {"format_version": 1, "mlrnet_version": "...", "stage": "corrupt", "kind": "train",
+     "config": {...}, "seed": 0, "inputs": {"name": "<fingerprint>", ...}}
+
+The fingerprint of an artifact is the SHA-256 of its bytes (first 16 hex digits): artifacts hold no
+timestamps, so the same inputs and seed give the same bytes and the same fingerprint. See
+``docs/artifacts.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlrnet_cli import __version__
+from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, DataError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+FORMAT_VERSION = 1
+META_KEY = "mlrnet"
+TMP_PREFIX = ".mlrnet-tmp-"
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    """Short content hash used to chain artifacts."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint_file(path: str | os.PathLike[str]) -> str:
+    """Content fingerprint of a file (or, for a folder, of its files' names and bytes in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_obj(obj: Any) -> str:
+    """Fingerprint of a JSON-serialisable object (configs, lists of ids)."""
+    return fingerprint_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def make_meta(
+    stage: str,
+    kind: str,
+    config: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    inputs: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata object every artifact carries."""
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "mlrnet_version": __version__,
+        "stage": stage,
+        "kind": kind,
+        "config": dict(config or {}),
+        "seed": seed,
+        "inputs": dict(inputs or {}),
+    }
+    meta.update(extra)
+    return meta
+
+
+def provenance(meta: Mapping[str, Any]) -> str:
+    """What makes two artifacts 'the same run': stage, config, seed and inputs (not the version)."""
+    return fingerprint_obj({k: meta.get(k) for k in ("stage", "kind", "config", "seed", "inputs")})
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync and ``os.replace`` it into place."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot create folder {path.parent}: {e.strerror}") from e
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}", "check free space and permissions") from e
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomic, deterministic JSON (sorted keys, trailing newline)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temp files left by a killed writer (they never look like artifacts, but take space)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob(TMP_PREFIX + "*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------------
+# guards
+
+
+def guard_output(
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    *,
+    inputs: Iterator[str | os.PathLike[str]] | list[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+    read_meta: Callable[[Path], Mapping[str, Any] | None] | None = None,
+) -> None:
+    """Refuse to write over an input, or over an artifact from a different run unless ``overwrite``."""
+    path = Path(path).resolve()
+    for inp in inputs:
+        if Path(inp).resolve() == path:
+            raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
+    if overwrite or not path.exists():
+        return
+    reader = read_meta or read_any_meta
+    try:
+        old = reader(path)
+    except ArtifactError:
+        old = None
+    if old is None or provenance(old) != provenance(meta):
+        raise ArtifactExistsError(
+            f"{path} exists and was made by a different run",
+            "pass --overwrite to replace it, or choose another --workdir",
+        )
+
+
+def read_any_meta(path: Path) -> dict[str, Any] | None:
+    """Metadata of an .arrow, .safetensors, .json artifact or model folder, or None if it has none."""
+    if path.is_dir():
+        mfile = path / "mlrnet.json"
+        return read_json(mfile).get(META_KEY) if mfile.is_file() else None
+    if path.suffix == ".arrow":
+        return read_table_meta(path)
+    if path.suffix == ".safetensors":
+        return read_tensors_meta(path)
+    if path.suffix == ".json":
+        obj = read_json(path)
+        return obj.get(META_KEY) if isinstance(obj, dict) else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrow tables (IPC stream format, the format `datasets` itself writes)
+
+
+def write_table(
+    path: str | os.PathLike[str],
+    table: pa.Table,
+    meta: Mapping[str, Any],
+    *,
+    class_names: Mapping[str, list[str]] | None = None,
+) -> str:
+    """Write ``table`` atomically with ``meta`` in its schema metadata; return its fingerprint.
+
+    ``class_names`` maps label columns to names so ``datasets`` sees them as ``ClassLabel``.
+    """
+    import pyarrow as pa
+
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta[META_KEY.encode()] = json.dumps(meta, sort_keys=True, default=str).encode()
+    if class_names:
+        from datasets import ClassLabel, Features
+
+        features = Features.from_arrow_schema(table.schema)
+        for col, names in class_names.items():
+            if col in features:
+                features[col] = ClassLabel(names=list(names))
+        hf = {"info": {"features": features.to_dict()}}
+        schema_meta[b"huggingface"] = json.dumps(hf, sort_keys=True).encode()
+    table = table.replace_schema_metadata(schema_meta)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=64 * 1024)
+    return fingerprint_file(path)
+
+
+def read_table(path: str | os.PathLike[str], what: str = "table") -> pa.Table:
+    """Read an mlrnet Arrow artifact (stream or file IPC format)."""
+    import pyarrow as pa
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
+    try:
+        with pa.memory_map(str(path)) as src:
+            try:
+                return pa.ipc.open_stream(src).read_all()
+            except pa.ArrowInvalid:
+                src.seek(0)
+                return pa.ipc.open_file(src).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{what} {path} is not a readable Arrow file: {e}") from e
+
+
+def table_meta(table: pa.Table) -> dict[str, Any] | None:
+    raw = (table.schema.metadata or {}).get(META_KEY.encode())
+    return json.loads(raw) if raw else None
+
+
+def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as src:
+            try:
+                schema = pa.ipc.open_stream(src).schema
+            except pa.ArrowInvalid:
+                src.seek(0)
+                schema = pa.ipc.open_file(src).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{path} is not a readable Arrow file: {e}") from e
+    raw = (schema.metadata or {}).get(META_KEY.encode())
+    return json.loads(raw) if raw else None
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+
+def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
+    """Write tensors atomically with ``meta`` as safetensors metadata; return the file's fingerprint."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
+        )
+    return fingerprint_file(path)
+
+
+def read_tensors(path: str | os.PathLike[str], what: str = "tensor file") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors artifact and its mlrnet metadata (empty dict if foreign)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
+    try:
+        tensors = load_file(str(path))
+        meta = read_tensors_meta(path) or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{what} {path} is truncated or not a safetensors file: {e}") from e
+    return tensors, meta
+
+
+def read_tensors_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is truncated or not a safetensors file: {e}") from e
+    return json.loads(raw) if raw else None
+
+
+def require_meta(meta: Mapping[str, Any] | None, path: str | os.PathLike[str], stage: str | None = None) -> dict:
+    """Check an artifact is mlrnet's and of a format version this release reads."""
+    if not meta:
+        raise ArtifactError(f"{path} has no mlrnet metadata: it was not written by mlrnet")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {meta.get('format_version')}, this mlrnet reads {FORMAT_VERSION}"
+        )
+    if stage is not None and meta.get("stage") != stage:
+        raise ArtifactError(f"{path} was written by stage {meta.get('stage')!r}, expected {stage!r}")
+    return dict(meta)
+
+
+def require_columns(table: pa.Table, columns: list[str], path: str | os.PathLike[str]) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{path} lacks column(s) {', '.join(missing)}",
+            f"it has {', '.join(table.column_names) or 'no columns'}",
+        )

@@ -1,0 +1,120 @@
+"""The Typer app and the helpers every command shares (output on stdout, progress and logs on stderr)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mlrnet_cli import __version__
+from mlrnet_cli.errors import MlrnetError
+
+
+class MlrnetGroup(TyperGroup):
+    """Turns an :class:`MlrnetError` into one line on stderr and its exit code, for `main()` and tests alike."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MlrnetError as e:
+            if os.environ.get("MLRNET_DEBUG"):
+                raise
+            click.echo(f"mlrnet: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+app = typer.Typer(
+    name="mlrnet",
+    cls=MlrnetGroup,
+    help=(
+        "Train text classifiers that stay accurate on biased data (imbalanced classes and noisy labels).\n\n"
+        "Stages chain through a workspace (--workdir, $MLRNET_WORKDIR, default ./mlrnet-work):\n\n"
+        "  mlrnet corrupt --imbalance 20 --noise uniform:0.4\n\n"
+        "  mlrnet collect-losses\n\n"
+        "  mlrnet train --meta-per-class 100\n\n"
+        "  mlrnet eval\n\n"
+        "  mlrnet weights"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+WorkdirOption = typer.Option(
+    None,
+    "--workdir",
+    "-w",
+    envvar="MLRNET_WORKDIR",
+    help="Workspace folder that chains the stages [default: ./mlrnet-work].",
+    show_default=False,
+)
+JsonOption = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of artifact paths.")
+OverwriteOption = typer.Option(
+    False, "--overwrite", help="Replace existing artifacts even if they were made by a different run."
+)
+SeedOption = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give identical artifacts.")
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Library logs (logger ``mlrnet``) go to stderr through Rich."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("mlrnet")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=stderr_console(), show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose or os.environ.get("MLRNET_DEBUG") else logging.INFO)
+    logger.propagate = False
+
+
+def progress() -> Any:
+    from mlrnet_cli.progress import RichProgress
+
+    return RichProgress(stderr_console())
+
+
+def emit(paths: dict[str, Path | str | None], summary: dict[str, Any] | None, as_json: bool) -> None:
+    """stdout carries data: the artifact paths one per line, or one JSON object with ``--json``."""
+    if as_json:
+        payload = {"artifacts": {k: str(v) for k, v in paths.items() if v is not None}}
+        payload.update(summary or {})
+        typer.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        for v in paths.values():
+            if v is not None:
+                typer.echo(str(v))
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mlrnet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """mlrnet command-line interface."""
+
+
+def not_built(command: str, issue: str) -> None:
+    from mlrnet_cli.errors import UsageError
+
+    raise UsageError(f"`mlrnet {command}` is not built yet ({issue})")

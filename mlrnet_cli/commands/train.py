@@ -1,0 +1,10 @@
+"""`mlrnet train` (not built yet)."""
+
+from __future__ import annotations
+
+from mlrnet_cli.commands._app import app, not_built
+
+
+@app.command("train", help="[not built yet] This stage is not implemented in this release.")
+def train_cmd() -> None:
+    not_built("train", "planned")

@@ -1,0 +1,90 @@
+"""Progress reporting that library code can call without printing: the CLI decides where it goes.
+
+Library functions take ``progress: Progress | None``; the CLI passes :class:`RichProgress` on stderr,
+which shows nothing when stderr is not a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1, **fields: Any) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Task]: ...
+
+
+class _NullTask:
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        return None
+
+
+class NullProgress:
+    """Reports nothing (the default inside the library and in tests)."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        yield _NullTask()
+
+
+def _speed_column() -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:,.1f}/s" if task.speed else "", style="cyan")
+
+    return SpeedColumn()
+
+
+class RichProgress:
+    """A Rich progress bar on stderr with samples/s and the latest loss; silent off a terminal."""
+
+    def __init__(self, console: Any = None, enabled: bool | None = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.enabled = self.console.is_terminal if enabled is None else enabled
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        if not self.enabled:
+            yield _NullTask()
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as _Progress
+
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _speed_column(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with _Progress(*columns, console=self.console, transient=False) as bar:
+            tid = bar.add_task(description, total=total, info="")
+
+            class _T:
+                def advance(self, n: int = 1, **fields: Any) -> None:
+                    info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+                    bar.update(tid, advance=n, **({"info": info} if fields else {}))
+
+            yield _T()
+
+
+def get(progress: Progress | None) -> Progress:
+    return progress if progress is not None else NullProgress()
