@@ -1,0 +1,427 @@
+"""Stage 0, `mlrnet corrupt`: turn a clean labelled text set into the paper's biased training set (§4.2).
+
+Order of operations (each documented in ``docs/corrupt.md``):
+
+1. A **clean pool** of ``meta_pool_per_class`` true-labelled rows per class is set aside first (or read
+   from ``clean_data``); it never overlaps the training rows.
+2. **Imbalance** on the remaining rows, by true label: the class at rank ``i`` (rank 0 is the head) keeps
+   ``round_half_up(n_max * F ** (-i / (C - 1)))`` rows, so the head keeps ``n_max`` and the tail ``n_max / F``.
+   With ``F = 1`` and no ``n_max`` every row is kept (real noisy data keeps its own profile).
+3. **Noise** on the kept rows: each observed label is drawn from row ``true_label`` of the corruption
+   matrix ``T`` (``uniform``, ``flip`` or ``pair``); the realised matrix and rates are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mlrnet_cli.artifacts import guard_output, make_meta, write_json, write_table
+from mlrnet_cli.data import (
+    LabelMap,
+    Source,
+    build_label_map,
+    has_hub_split,
+    joined_text,
+    load_source,
+    raw_labels,
+    resolve_text_columns,
+)
+from mlrnet_cli.errors import ConfigError, DataError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger("mlrnet")
+
+NOISE_KINDS = ("none", "uniform", "flip", "pair")
+RESERVED = ("sample_id", "text", "label", "true_label", "is_noisy")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """``none``, ``uniform:P``, ``flip:P`` or ``pair:P`` with P in [0, 1]."""
+
+    kind: str = "none"
+    p: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> NoiseSpec:
+        s = spec.strip().lower()
+        if s in ("none", "0", ""):
+            return cls()
+        m = re.fullmatch(r"([a-z]+):([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", s)
+        if not m:
+            raise ConfigError(f"bad noise spec {spec!r}", "use none, uniform:P, flip:P or pair:P, e.g. uniform:0.4")
+        kind, p = m.group(1), float(m.group(2))
+        if kind not in NOISE_KINDS[1:]:
+            raise ConfigError(f"unknown noise kind {kind!r} in {spec!r}", "use uniform, flip or pair")
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"noise probability {p} in {spec!r} is outside [0, 1]")
+        return cls(kind, p)
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.p:g}"
+
+
+@dataclass(frozen=True)
+class CorruptConfig:
+    """How to bias the data. Defaults leave it untouched apart from setting the clean pool aside."""
+
+    imbalance: float = 1.0
+    """Imbalance factor F ≥ 1: head rows / tail rows."""
+    n_max: int | None = None
+    """Rows the head class keeps; default: the smallest class's available rows (exact profile)."""
+    class_order: str = "given"
+    """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    meta_pool_per_class: int = 500
+    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection."""
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["noise"] = str(self.noise)
+        return d
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the data comes from and which columns hold text and labels."""
+
+    data: str | None = None
+    split: str = "train"
+    test_data: str | None = None
+    test_split: str = "test"
+    clean_data: str | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    true_label_column: str | None = None
+
+
+@dataclass
+class CorruptResult:
+    paths: dict[str, Path]
+    manifest: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's bias setup, as pure functions
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def imbalance_profile(n_max: int, imbalance: float, num_classes: int) -> list[int]:
+    """Rows kept per class rank: ``round(n_max * F^(-i/(C-1)))`` (§4.2, ``n = n_i μ^i``)."""
+    if imbalance < 1:
+        raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {imbalance:g}")
+    if num_classes < 2:
+        raise DataError("need at least 2 classes")
+    return [round_half_up(n_max * imbalance ** (-i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def corruption_matrix(noise: NoiseSpec, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """The C×C matrix T with T[i, j] = P(observed j | true i) (§4.2)."""
+    c, p = num_classes, noise.p
+    eye = np.eye(c)
+    if noise.kind == "none" or p == 0:
+        return eye
+    if noise.kind == "uniform":
+        # Redrawn from all C classes, so it may stay the same: realised rate p(C-1)/C, as MW-Net's `unif`.
+        return (1 - p) * eye + p / c * np.ones((c, c))
+    if noise.kind == "pair":
+        targets = [(i + 1) % c for i in range(c)]
+    elif noise.kind == "flip":
+        targets = [int(rng.choice([j for j in range(c) if j != i])) for i in range(c)]
+    else:  # pragma: no cover - NoiseSpec.parse guards this
+        raise ConfigError(f"unknown noise kind {noise.kind}")
+    t = (1 - p) * eye
+    for i, j in enumerate(targets):
+        t[i, j] += p
+    return t
+
+
+def apply_noise(true_labels: np.ndarray, matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw each observed label from row ``true_label`` of ``matrix``."""
+    if len(true_labels) == 0:
+        return true_labels.copy()
+    cdf = np.cumsum(matrix, axis=1)
+    cdf[:, -1] = 1.0  # guard float round-off so every draw lands in a class
+    u = rng.random(len(true_labels))
+    return (u[:, None] >= cdf[true_labels]).sum(axis=1).astype(np.int64)
+
+
+def realised_noise(true_labels: np.ndarray, observed: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Realised corruption matrix (rows normalised; an empty class's row is the identity) and rates."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (true_labels, observed), 1)
+    rows = counts.sum(axis=1, keepdims=True)
+    matrix = np.where(rows > 0, counts / np.maximum(rows, 1), np.eye(num_classes))
+    per_class = [float(1 - matrix[i, i]) if rows[i, 0] else 0.0 for i in range(num_classes)]
+    overall = float((true_labels != observed).mean()) if len(true_labels) else 0.0
+    return {"counts": counts.tolist(), "matrix": matrix.tolist(), "per_class_rate": per_class, "rate": overall}
+
+
+def resolve_class_order(order: str, label_map: LabelMap, rng: np.random.Generator) -> list[int]:
+    """Class ids from head to tail."""
+    c = label_map.num_classes
+    if order == "given":
+        return list(range(c))
+    if order == "shuffle":
+        return [int(i) for i in rng.permutation(c)]
+    items = [s.strip() for s in order.split(",") if s.strip()]
+    lookup = {str(n): i for i, n in enumerate(label_map.names)} | {str(v): i for i, v in enumerate(label_map.values)}
+    ids = []
+    for s in items:
+        if s not in lookup:
+            raise ConfigError(f"--class-order names unknown class {s!r}", f"classes: {', '.join(label_map.names)}")
+        ids.append(lookup[s])
+    if sorted(ids) != list(range(c)):
+        raise ConfigError(f"--class-order must list each of the {c} classes once, got {order!r}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def corrupt(
+    config: CorruptConfig,
+    inputs: InputSpec,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> CorruptResult:
+    """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
+    if config.meta_pool_per_class < 0:
+        raise ConfigError("--meta-pool-per-class must be ≥ 0")
+    if config.n_max is not None and config.n_max < 1:
+        raise ConfigError("--n-max must be ≥ 1")
+    if config.imbalance < 1 or not math.isfinite(config.imbalance):
+        raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {config.imbalance:g}")
+    rng = np.random.default_rng(config.seed)
+    out_dir = Path(out_dir)
+
+    src = load_source(inputs.data, inputs.split)
+    if src.table.num_rows == 0:
+        raise DataError(f"{src.origin} has no rows")
+    text_cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
+    texts = joined_text(src.table, text_cols, src.origin)
+    observed_raw = raw_labels(src.table, inputs.label_column, src.origin)
+    truth_raw = raw_labels(src.table, inputs.true_label_column, src.origin) if inputs.true_label_column else None
+    label_map = build_label_map(observed_raw + (truth_raw or []), src.class_names, src.origin)
+    c = label_map.num_classes
+    given = np.asarray(label_map.encode(observed_raw, src.origin), dtype=np.int64)
+    known_truth = np.asarray(label_map.encode(truth_raw, src.origin), dtype=np.int64) if truth_raw else None
+    # Synthetic corruption assumes the source labels are the truth; real noisy data brings its own.
+    true_source = known_truth if known_truth is not None else given
+    truth_known = known_truth is not None or config.noise.kind != "none" or config.imbalance > 1
+    if inputs.true_label_column and config.noise.kind != "none":
+        raise UsageError("--true-label-column marks data that is already noisy: use it with --noise none")
+
+    available = np.bincount(true_source, minlength=c)
+    order = resolve_class_order(config.class_order, label_map, rng)
+
+    # 1. clean pool, before any corruption
+    clean_src: Source | None = None
+    if inputs.clean_data is not None:
+        clean_src = load_source(inputs.clean_data, inputs.split)
+        clean_cols = resolve_text_columns(clean_src.table, list(inputs.text_columns), clean_src.origin)
+        clean_texts = joined_text(clean_src.table, clean_cols, clean_src.origin)
+        clean_labels = np.asarray(
+            label_map.encode(raw_labels(clean_src.table, inputs.label_column, clean_src.origin), clean_src.origin),
+            dtype=np.int64,
+        )
+        pool_counts = np.bincount(clean_labels, minlength=c)
+        short = [label_map.names[i] for i in range(c) if pool_counts[i] < config.meta_pool_per_class]
+        if short:
+            raise DataError(
+                f"--clean-data has fewer than {config.meta_pool_per_class} rows for class(es) {', '.join(short[:5])}",
+                "lower --meta-pool-per-class or add clean rows",
+            )
+        pool_idx = np.zeros(0, dtype=np.int64)
+    else:
+        pool_parts = []
+        for k in range(c):
+            rows = np.flatnonzero(true_source == k)
+            if known_truth is not None:  # only rows whose given label is right can be trusted
+                rows = rows[given[rows] == k]
+            if len(rows) < config.meta_pool_per_class:
+                raise DataError(
+                    f"class {label_map.names[k]!r} has {len(rows)} rows, fewer than the clean pool's "
+                    f"{config.meta_pool_per_class}",
+                    "lower --meta-pool-per-class or pass --clean-data",
+                )
+            pool_parts.append(rng.choice(rows, size=config.meta_pool_per_class, replace=False))
+        pool_idx = np.sort(np.concatenate(pool_parts)) if pool_parts else np.zeros(0, dtype=np.int64)
+
+    if clean_src is None and not truth_known:
+        log.warning("no --clean-data: the clean pool is drawn from --data itself, whose labels are taken as right")
+
+    # 2. imbalance on the rest, by true label
+    in_pool = np.zeros(len(texts), dtype=bool)
+    in_pool[pool_idx] = True
+    remaining = [np.flatnonzero((true_source == k) & ~in_pool) for k in range(c)]
+    left = np.array([len(r) for r in remaining])
+    if config.imbalance == 1 and config.n_max is None:
+        # Nothing to imbalance: keep every row (real noisy data keeps its own class profile).
+        n_max, profile = int(left.max()), None
+        keep = {k: int(left[k]) for k in range(c)}
+    else:
+        n_max = config.n_max if config.n_max is not None else int(left.min())
+        profile = imbalance_profile(n_max, config.imbalance, c)
+        keep = {order[rank]: n for rank, n in enumerate(profile)}
+    if profile is not None and profile[-1] < 1:
+        raise ConfigError(
+            f"--imbalance {config.imbalance:g} with a head of {n_max} leaves the tail class with 0 rows",
+            f"use --imbalance ≤ {2 * n_max - 1} or a larger --n-max",
+        )
+    short = [(label_map.names[k], keep[k], int(left[k])) for k in range(c) if left[k] < keep[k]]
+    if short:
+        name, want, have = short[0]
+        raise DataError(
+            f"class {name!r} needs {want} training rows but has {have} left after the clean pool",
+            "lower --n-max or --meta-pool-per-class",
+        )
+    train_idx = np.sort(np.concatenate([rng.choice(remaining[k], size=keep[k], replace=False) for k in range(c)]))
+
+    # 3. noise on the kept rows
+    matrix = corruption_matrix(config.noise, c, rng)
+    true_train = true_source[train_idx]
+    observed = apply_noise(true_train, matrix, rng) if known_truth is None else given[train_idx]
+    realised = realised_noise(true_train, observed, c)
+
+    # tables
+    meta_cfg = config.to_json() | {"inputs": asdict(inputs)}
+    fps = {"data": src.fingerprint}
+    if clean_src is not None:
+        fps["clean_data"] = clean_src.fingerprint
+    test_src = _load_test(inputs)
+    if test_src is not None:
+        fps["test_data"] = test_src.fingerprint
+
+    extra_cols = _extra_columns(src.table, text_cols, inputs)
+    train_tbl = _make_table(
+        ids=train_idx,
+        texts=[texts[i] for i in train_idx],
+        labels=observed,
+        true_labels=true_train if truth_known else None,
+        extra=extra_cols,
+        rows=train_idx,
+    )
+    if clean_src is not None:
+        clean_ids = np.arange(len(texts), len(texts) + clean_src.table.num_rows, dtype=np.int64)
+        clean_tbl = _make_table(
+            clean_ids, clean_texts, clean_labels, clean_labels,
+            _extra_columns(clean_src.table, clean_cols, inputs), np.arange(clean_src.table.num_rows),
+        )
+        clean_counts = np.bincount(clean_labels, minlength=c)
+    else:
+        clean_tbl = _make_table(pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx],
+                                true_source[pool_idx], extra_cols, pool_idx)
+        clean_counts = np.bincount(true_source[pool_idx], minlength=c)
+    test_tbl = None
+    if test_src is not None:
+        t_cols = resolve_text_columns(test_src.table, list(inputs.text_columns), test_src.origin)
+        t_labels = np.asarray(
+            label_map.encode(raw_labels(test_src.table, inputs.label_column, test_src.origin), test_src.origin),
+            dtype=np.int64,
+        )
+        t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
+        test_tbl = _make_table(t_rows, joined_text(test_src.table, t_cols, test_src.origin), t_labels, t_labels,
+                               _extra_columns(test_src.table, t_cols, inputs), t_rows)
+
+    paths = {
+        "train": out_dir / "train.arrow",
+        "clean": out_dir / "clean.arrow",
+        "test": out_dir / "test.arrow",
+        "manifest": out_dir / "manifest.json",
+    }
+    if test_tbl is None:
+        paths.pop("test")
+    metas = {k: make_meta("corrupt", k, meta_cfg, config.seed, fps) for k in paths}
+    local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
+    for k, p in paths.items():
+        guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
+
+    names = {"label": list(label_map.names), "true_label": list(label_map.names)}
+    out_fps = {"train": write_table(paths["train"], train_tbl, metas["train"], class_names=names)}
+    out_fps["clean"] = write_table(paths["clean"], clean_tbl, metas["clean"], class_names=names)
+    if test_tbl is not None:
+        out_fps["test"] = write_table(paths["test"], test_tbl, metas["test"], class_names=names)
+
+    observed_counts = np.bincount(observed, minlength=c)
+    true_counts = np.bincount(true_train, minlength=c)
+    manifest = {
+        "mlrnet": metas["manifest"],
+        "num_classes": c,
+        "class_names": list(label_map.names),
+        "label_values": list(label_map.values),
+        "class_order": [label_map.names[k] for k in order],
+        "text_columns": text_cols,
+        "truth_known": bool(truth_known),
+        "source": {"train": src.origin, "clean": clean_src.origin if clean_src else None,
+                   "test": test_src.origin if test_src else None},
+        "n_max": n_max,
+        "profile": profile,
+        "counts": {
+            "source": available.tolist(),
+            "clean": clean_counts.tolist(),
+            "train_true": true_counts.tolist(),
+            "train_observed": observed_counts.tolist(),
+            "test": (np.bincount(t_labels, minlength=c).tolist() if test_tbl is not None else None),
+        },
+        "noise": {"spec": str(config.noise), "matrix": matrix.tolist(), "realised": realised}
+        if truth_known
+        else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
+        "fingerprints": out_fps,
+    }
+    write_json(paths["manifest"], manifest)
+    return CorruptResult(paths, manifest)
+
+
+def _load_test(inputs: InputSpec) -> Source | None:
+    if inputs.test_data is not None:
+        return load_source(inputs.test_data, inputs.test_split)
+    if has_hub_split(inputs.data, inputs.test_split):
+        return load_source(inputs.data, inputs.test_split)
+    return None
+
+
+def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> dict[str, pa.ChunkedArray]:
+    """The source's other columns, kept so users can trace rows; ours win a name clash (theirs get ``orig_``)."""
+    used = {inputs.label_column, inputs.true_label_column, *(text_cols if len(text_cols) == 1 else [])}
+    out = {}
+    for name in table.column_names:
+        if name in used:
+            continue
+        out[f"orig_{name}" if name in RESERVED else name] = table.column(name)
+    return out
+
+
+def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
+    import pyarrow as pa
+
+    n = len(ids)
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {
+        "sample_id": pa.array(np.asarray(ids, dtype=np.int64)),
+        "text": pa.array(texts, type=pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+    }
+    if true_labels is not None:
+        cols["true_label"] = pa.array(np.asarray(true_labels, dtype=np.int64))
+        cols["is_noisy"] = pa.array(np.asarray(labels) != np.asarray(true_labels))
+    else:
+        cols["true_label"] = pa.nulls(n, pa.int64())
+        cols["is_noisy"] = pa.nulls(n, pa.bool_())
+    take = pa.array(np.asarray(rows, dtype=np.int64))
+    for name, col in extra.items():
+        cols[name] = col.take(take)
+    return pa.table(cols)
