@@ -222,7 +222,8 @@ def corrupt(
     known_truth = np.asarray(label_map.encode(truth_raw, src.origin), dtype=np.int64) if truth_raw else None
     # Synthetic corruption assumes the source labels are the truth; real noisy data brings its own.
     true_source = known_truth if known_truth is not None else given
-    truth_known = known_truth is not None or config.noise.kind != "none" or config.imbalance > 1
+    # Truth is unknown only for data declared noisy (a trusted --clean-data given) that we did not corrupt.
+    truth_known = known_truth is not None or config.noise.kind != "none" or inputs.clean_data is None
     if inputs.true_label_column and config.noise.kind != "none":
         raise UsageError("--true-label-column marks data that is already noisy: use it with --noise none")
 
@@ -262,7 +263,7 @@ def corrupt(
             pool_parts.append(rng.choice(rows, size=config.meta_pool_per_class, replace=False))
         pool_idx = np.sort(np.concatenate(pool_parts)) if pool_parts else np.zeros(0, dtype=np.int64)
 
-    if clean_src is None and not truth_known:
+    if clean_src is None and known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
         log.warning("no --clean-data: the clean pool is drawn from --data itself, whose labels are taken as right")
 
     # 2. imbalance on the rest, by true label

@@ -70,3 +70,58 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+TOPIC_WORDS = [
+    ["world", "war", "peace", "minister", "election"],
+    ["sports", "game", "team", "score", "coach"],
+    ["business", "stock", "market", "profit", "bank"],
+    ["science", "space", "computer", "software", "research"],
+]
+
+
+def write_synthetic_source(path: Path, per_class: int = 40, num_classes: int = 4, seed: int = 0) -> Path:
+    """A small learnable text table: each class has its own topic words (Parquet, ints as labels)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for k in range(num_classes):
+        words = TOPIC_WORDS[k % len(TOPIC_WORDS)]
+        for j in range(per_class):
+            picks = rng.choice(words, size=3)
+            texts.append(f"{' '.join(picks)} item {j}")
+            labels.append(k)
+    order = rng.permutation(len(texts))
+    pq.write_table(pa.table({"text": [texts[i] for i in order], "label": [labels[i] for i in order]}), path)
+    return path
+
+
+def make_workspace(
+    root: Path,
+    *,
+    per_class: int = 40,
+    imbalance: float = 4.0,
+    noise: str = "uniform:0.4",
+    pool: int = 12,
+    seed: int = 0,
+) -> Path:
+    """Run `corrupt` on a synthetic source into ``root`` (a workspace folder) and return ``root``."""
+    from mlrnet_cli.corrupt import CorruptConfig, InputSpec, NoiseSpec, corrupt
+
+    src = write_synthetic_source(root.parent / f"{root.name}-source.parquet", per_class=per_class, seed=seed)
+    test = write_synthetic_source(root.parent / f"{root.name}-test.parquet", per_class=10, seed=seed + 1)
+    corrupt(
+        CorruptConfig(imbalance=imbalance, noise=NoiseSpec.parse(noise), meta_pool_per_class=pool, seed=seed),
+        InputSpec(data=str(src), test_data=str(test)),
+        root / "data",
+    )
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A fresh workspace after `corrupt` (4 classes, imbalance 4, uniform:0.4, pool 12 per class)."""
+    return make_workspace(tmp_path / "ws")
