@@ -1,0 +1,401 @@
+"""Loading classifiers safely and reading the [CLS]/pooled features their heads consume.
+
+Every stage that runs a Hugging Face ``AutoModelForSequenceClassification`` goes through this module:
+
+- :func:`select_device`, :func:`autocast_context` (bf16 autocast + TF32 on CUDA, nothing on CPU);
+- :func:`load_tokenizer`, :func:`load_classifier`: safetensors only unless ``allow_pickle``, never remote code
+  unless ``trust_remote_code``, one-line :class:`~mlrnet_cli.errors.ModelError` /
+  :class:`~mlrnet_cli.errors.HubUnavailableError` for anything that cannot be loaded;
+- :func:`head_module`, :func:`features_and_logits`, :func:`head_logits`: the head input (the feature the
+  MLRNet meta-net reads, paper §3.3/§4.3) and the logits from one forward, and the head alone on cached
+  features (``--freeze-encoder``);
+- :func:`model_fingerprint` for cache keys and provenance; :func:`math_attention` for double backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from mlrnet_cli.artifacts import fingerprint_bytes
+from mlrnet_cli.errors import ConfigError, HubUnavailableError, ModelError
+
+log = logging.getLogger("mlrnet")
+
+#: Files whose bytes define a local model + tokenizer (the rest, e.g. README.md, do not change results).
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
+_IGNORED_MODEL_FILES = {"history.json", "mlrnet.json", "README.md"}
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; ConfigError if unusable."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"unknown device {spec!r}", "use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available", "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {spec!r} does not exist", f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {spec!r}", "use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def enable_tf32() -> None:
+    """Let fp32 matmuls use TF32 tensor cores on CUDA (Ampere+); a no-op elsewhere."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU.
+
+    Losses should be computed from ``logits.float()`` outside or inside this context alike.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    enable_tf32()
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def math_attention() -> contextlib.AbstractContextManager[Any]:
+    """Force the math SDPA kernel: the CPU flash kernel has no double backward and no forward-mode AD."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _is_local(name_or_path: str | os.PathLike[str]) -> bool:
+    s = str(name_or_path)
+    return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover - very old huggingface_hub
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_unavailable(name: str) -> HubUnavailableError:
+    return HubUnavailableError(
+        f"cannot load model {name!r}: it is not a local folder and the model hub is unreachable "
+        "(offline machine, or not in the local cache)",
+        "pass --model PATH to a local model folder (one that holds config.json and the weights)",
+    )
+
+
+def _check_hub_access(name: str, loader: Any) -> None:
+    """For a hub id: fine if cached locally; otherwise the hub must be reachable."""
+    try:
+        loader(local_files_only=True)
+        return
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise _hub_unavailable(name)
+
+
+def _check_model_folder(path: Path, *, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model path {path} is not a folder", "pass a folder made by save_pretrained or a hub id")
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"{path} is not a model folder (no config.json)", "pass a folder made by save_pretrained or a hub id"
+        )
+    has_st = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    has_pickle = any(path.glob("pytorch_model*.bin"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise ModelError(
+            f"{path} holds only pickle weights (pytorch_model.bin), which can run code when loaded",
+            "convert it to safetensors, or pass --allow-pickle if you trust its source",
+        )
+    if not has_st and not has_pickle:
+        raise ModelError(f"{path} has no model weights (no *.safetensors)", "pass a folder made by save_pretrained")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+    """A *fast* tokenizer for a local folder or hub id; HubUnavailableError (naming ``--model PATH``) offline."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    name = str(name_or_path)
+    local = _is_local(name)
+    if local:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
+    else:
+        _check_hub_access(
+            name,
+            lambda **kw: AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=trust_remote_code, **kw),
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(Path(name).expanduser()) if local else name, use_fast=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        if not local and "connect" in str(e).lower():
+            raise _hub_unavailable(name) from e
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"{name!r} has no fast tokenizer", "use a model with a tokenizer.json")
+    return tok
+
+
+def load_classifier(
+    name_or_path: str | os.PathLike[str],
+    num_labels: int,
+    class_names: Sequence[str] | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    init_seed: int | None = None,
+) -> torch.nn.Module:
+    """An ``AutoModelForSequenceClassification`` in fp32 with ``num_labels`` outputs, loaded safely.
+
+    Weights load from safetensors only unless ``allow_pickle``; remote code runs only with
+    ``trust_remote_code``. A checkpoint that already has a trained classification head must have
+    ``num_labels`` outputs (ModelError otherwise); a checkpoint without one gets a new head,
+    initialised from ``init_seed`` when given (so the same seed gives the same model).
+    ``id2label``/``label2id`` come from ``class_names``.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    if num_labels < 2:
+        raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
+    name = str(name_or_path)
+    local = _is_local(name)
+    if local:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
+        _check_model_folder(path, allow_pickle=allow_pickle)
+        name = str(path)
+    else:
+        _check_hub_access(
+            name, lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if not local and "connect" in str(e).lower():
+            raise _hub_unavailable(name) from e
+        raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{name!r} is not a model this transformers version knows: {_first_line(e)}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if has_head and config.num_labels != num_labels:
+        raise ModelError(
+            f"model {name!r} has a trained {config.num_labels}-label classification head but the data has "
+            f"{num_labels} classes",
+            "use the base model (without a classification head) or data with the same classes",
+        )
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if class_names is not None:  # otherwise keep the checkpoint's own names
+        names = [str(n) for n in class_names]
+        if len(names) != num_labels:
+            raise ConfigError(f"{len(names)} class names for {num_labels} labels")
+        kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    kwargs |= {
+        "dtype": torch.float32,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": None if allow_pickle else True,
+    }
+    rng = torch.random.fork_rng(devices=[]) if init_seed is not None else contextlib.nullcontext()
+    try:
+        with rng:
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+    except OSError as e:
+        msg = str(e)
+        if "safetensors" in msg and not allow_pickle:
+            raise ModelError(
+                f"{name!r} has no safetensors weights (only pickle files, which can run code when loaded)",
+                "pass --allow-pickle if you trust its source",
+            ) from e
+        if not local and "connect" in msg.lower():
+            raise _hub_unavailable(name) from e
+        raise ModelError(f"cannot load model {name!r}: {_first_line(e)}") from e
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
+    # which weights were new (random, from init_seed): see encoder_cache_id
+    model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
+    return model
+
+
+def encoder_cache_id(model: torch.nn.Module, model_fp: str, init_seed: int | None) -> str:
+    """The ``model_id`` for feature caches: the checkpoint fingerprint, plus the init seed only when
+    :func:`load_classifier` had to initialise non-head weights (e.g. a missing pooler) at random."""
+    prefix = head_name(model) + "."
+    new = [k for k in getattr(model, "_mlrnet_new_weights", []) if not k.startswith(prefix)]
+    return f"{model_fp}/init-seed-{init_seed}" if new else model_fp
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_fingerprint(name_or_path: str | os.PathLike[str], revision: str = "main") -> str:
+    """Cache key of a model: a local folder's config/weights/tokenizer bytes, or ``hub:<id>@<revision>``."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES and f.name not in _IGNORED_MODEL_FILES:
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        h.update(chunk)
+        return "dir:" + h.hexdigest()[:16]
+    return "hub:" + fingerprint_bytes(f"{name}@{revision}".encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# the head and its input
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The classification head (``model.classifier`` for BERT/RoBERTa/DeBERTa/DistilBERT/ELECTRA-style models)."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ModelError(
+            f"{type(model).__name__} has no `classifier` head module",
+            "use a BERT-family encoder (BERT, RoBERTa, DeBERTa, DistilBERT, ELECTRA, MiniLM)",
+        )
+    return head
+
+
+def head_name(model: torch.nn.Module) -> str:
+    """The head's attribute path in ``model.named_parameters()`` (``"classifier"``)."""
+    head = head_module(model)
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name
+    raise ModelError(f"cannot locate the classification head of {type(model).__name__}")  # pragma: no cover
+
+
+def _model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def features_and_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: (the head's input feature [B, H], the logits [B, C]) (paper §4.3, the [CLS] feature of DF_i).
+
+    The feature is captured with a forward pre-hook on :func:`head_module`, so it is exactly what the head
+    consumes (for BERT: the pooled [CLS] vector after the pooler and, in train mode, dropout; for heads that
+    take the token sequence, its first position). It is not detached: detach it for a stop-gradient.
+    With ``params``, the forward runs through ``torch.func.functional_call(model, params, ...)``.
+    """
+    head = head_module(model)
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        model._mlrnet_head_takes_sequence = x.dim() == 3  # type: ignore[assignment]
+        captured.append(x[:, 0] if x.dim() == 3 else x)
+
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        inputs = _model_inputs(input_ids, attention_mask)
+        if params is None:
+            out = model(**inputs)
+        else:
+            out = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ModelError(f"the head of {type(model).__name__} was not called in the forward")  # pragma: no cover
+    return captured[-1], out.logits
+
+
+def head_takes_sequence(model: torch.nn.Module) -> bool:
+    """True for heads that read the token sequence themselves (RoBERTa-style ``features[:, 0, :]``)."""
+    seen = getattr(model, "_mlrnet_head_takes_sequence", None)
+    if seen is not None:
+        return bool(seen)
+    head = head_module(model)
+    return not isinstance(head, torch.nn.Linear) and hasattr(head, "dense") and hasattr(head, "out_proj")
+
+
+def head_logits(
+    model: torch.nn.Module, features: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training).
+
+    ``params`` (names as in ``model.named_parameters()``, e.g. ``classifier.weight``) run it through
+    ``torch.func.functional_call``.
+    """
+    head = head_module(model)
+    x = features[:, None, :] if head_takes_sequence(model) else features
+    if params is None:
+        return head(x)
+    prefix = head_name(model) + "."
+    sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+    return torch.func.functional_call(head, sub, (x,))
+
+
+def head_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the head, names as in ``model.named_parameters()``."""
+    prefix = head_name(model) + "."
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            yield name, p
