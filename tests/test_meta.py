@@ -1,0 +1,254 @@
+"""The meta-nets and the bi-level meta step: exact θ gradients (finite differences in fp64), shapes, ranges."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlrnet_cli.errors import ConfigError
+from mlrnet_cli.meta import (
+    ClassifierFns,
+    StepBatch,
+    meta_step,
+    parse_meta_params,
+    resolve_meta_params,
+    weight_coefficients,
+)
+from mlrnet_cli.metanet import MLRNetMetaNet, MWNet, build_meta_net
+
+C, T1 = 3, 4
+
+
+def _bert(dropout: float = 0.0, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=C,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        classifier_dropout=dropout,
+    )
+    model = BertForSequenceClassification(cfg).double()
+    model.train(dropout > 0)
+    return model
+
+
+def _forward(m, inputs):
+    out = m.bert(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    feats = m.dropout(out.pooler_output)
+    return feats, m.classifier(feats)
+
+
+def _head(m, feats):
+    return m.classifier(feats)
+
+
+FNS = ClassifierFns(forward=_forward, head=_head, head_prefix="classifier.")
+FROZEN = ClassifierFns(
+    forward=lambda m, inp: (inp["features"], _head(m, inp["features"])), head=_head, head_prefix="classifier."
+)
+
+
+def _batch(n: int, seed: int, curves: bool = True) -> StepBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (n, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    labels = torch.randint(0, C, (n,), generator=g)
+    cur = torch.randn(n, T1, generator=g, dtype=torch.float64) if curves else None
+    return StepBatch({"input_ids": ids, "attention_mask": mask}, labels, cur)
+
+
+def _meta_net(kind: str, seed: int = 1):
+    torch.manual_seed(seed)
+    net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8) if kind == "mlrnet" else MWNet(hidden=10)
+    return net.double()
+
+
+def _theta_grad(model, net, batch, meta, *, alpha, names, normalize, fns=FNS, mode="jvp"):
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    out = meta_step(
+        model, net, opt, batch, meta, alpha=alpha, meta_params=names, normalize_weights=normalize, fns=fns, mode=mode
+    )
+    return torch.cat([p.grad.reshape(-1) for p in net.parameters()]), out
+
+
+def _meta_loss_reference(model, net, batch, meta, *, alpha, names, normalize):
+    """L_meta(ŵ(θ)) computed the plain way: real parameter copies, no functional_call."""
+    feats, logits = _forward(model, batch.inputs)
+    losses = F.cross_entropy(logits, batch.labels, reduction="none")
+    v = net(feats.detach(), batch.labels, batch.curves, losses.detach()).detach()
+    c = weight_coefficients(v, normalize)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad((c * losses).sum(), [params[n] for n in names])
+    stepped = copy.deepcopy(model)
+    sp = dict(stepped.named_parameters())
+    with torch.no_grad():
+        for n, g in zip(names, grads, strict=True):
+            sp[n].sub_(alpha * g)
+    _, mlogits = _forward(stepped, meta.inputs)
+    return F.cross_entropy(mlogits, meta.labels).item()
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "normalize", "mode"),
+    [
+        ("mlrnet", "all", False, "jvp"),
+        ("mlrnet", "all", True, "jvp"),
+        ("mlrnet", "last-1", False, "jvp"),
+        ("mlrnet", "head", True, "jvp"),
+        ("mwnet", "all", False, "jvp"),
+        ("mlrnet", "all", False, "unrolled"),
+        ("mwnet", "head", True, "unrolled"),
+    ],
+)
+def test_theta_gradient_matches_central_finite_differences(kind, spec, normalize, mode):
+    model = _bert()
+    net = _meta_net(kind)
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    alpha = 3.0
+    names = resolve_meta_params(model, spec, "classifier.")
+    grad, _ = _theta_grad(model, net, batch, meta, alpha=alpha, names=names, normalize=normalize, mode=mode)
+    assert grad.abs().max() > 1e-6  # a live meta-net, not a vacuous comparison
+    theta = list(net.parameters())
+    gen = torch.Generator().manual_seed(7)
+    eps = 1e-5
+    for _ in range(3):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in theta]
+        vals = []
+        for sign in (1, -1):
+            net2 = copy.deepcopy(net)
+            with torch.no_grad():
+                for p, dp in zip(net2.parameters(), d, strict=True):
+                    p.add_(sign * eps * dp)
+            vals.append(_meta_loss_reference(model, net2, batch, meta, alpha=alpha, names=names, normalize=normalize))
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        analytic = float(grad @ torch.cat([x.reshape(-1) for x in d]))
+        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_jvp_and_unrolled_agree_with_dropout_on():
+    """The forward-mode pass replays the training forward's dropout masks, so both modes give one gradient."""
+    batch, meta = _batch(6, 3), _batch(5, 4, curves=False)
+    grads = []
+    for mode in ("jvp", "unrolled"):
+        model, net = _bert(dropout=0.2), _meta_net("mlrnet")
+        names = resolve_meta_params(model, "all", "classifier.")
+        torch.manual_seed(123)
+        g, _ = _theta_grad(model, net, batch, meta, alpha=2.0, names=names, normalize=False, mode=mode)
+        grads.append(g)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+def test_meta_params_agree_when_only_the_head_trains():
+    model = _bert()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("classifier."))
+    g = torch.Generator().manual_seed(5)
+    batch = StepBatch(
+        {"features": torch.randn(6, 16, generator=g, dtype=torch.float64)},
+        torch.randint(0, C, (6,), generator=g),
+        torch.randn(6, T1, generator=g, dtype=torch.float64),
+    )
+    meta = StepBatch(
+        {"features": torch.randn(4, 16, generator=g, dtype=torch.float64)}, torch.randint(0, C, (4,), generator=g)
+    )
+    grads = {}
+    for spec in ("all", "head", "last-1"):
+        names = resolve_meta_params(model, spec, "classifier.")
+        assert names == ["classifier.weight", "classifier.bias"]
+        grads[spec], _ = _theta_grad(
+            model, _meta_net("mlrnet"), batch, meta, alpha=2.0, names=names, normalize=True, fns=FROZEN
+        )
+    assert grads["all"].abs().max() > 0
+    assert torch.equal(grads["all"], grads["head"]) and torch.equal(grads["all"], grads["last-1"])
+
+
+def test_meta_step_leaves_classifier_grads_alone_and_returns_the_weighted_loss():
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    names = resolve_meta_params(model, "all", "classifier.")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in net.parameters()]
+    out = meta_step(model, net, opt, batch, meta, alpha=1.0, meta_params=names, normalize_weights=False, fns=FNS)
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # θ moved
+    with torch.no_grad():
+        feats, logits = _forward(model, batch.inputs)
+        losses = F.cross_entropy(logits, batch.labels, reduction="none")
+        v = net(feats, batch.labels, batch.curves, losses)  # the *updated* θ (eq. 9)
+    assert torch.allclose(out.weights, v)
+    assert out.loss.item() == pytest.approx((v * losses).mean().item(), rel=1e-12)
+    assert out.losses.shape == (6,) and out.meta_loss is not None
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+
+
+def test_no_meta_update_between_intervals():
+    model, net = _bert(), _meta_net("mwnet")
+    batch = _batch(4, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    out = meta_step(
+        model, net, None, batch, None, alpha=1.0, meta_params=[], normalize_weights=True, fns=FNS, update_meta=False
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert out.meta_loss is None
+    assert out.loss.item() == pytest.approx((out.weights / out.weights.sum() * out.losses).sum().item())
+
+
+@pytest.mark.parametrize("kind", ["mlrnet", "mwnet"])
+def test_weights_are_in_unit_interval_with_one_per_sample(kind):
+    net = _meta_net(kind).float()
+    g = torch.Generator().manual_seed(0)
+    feats = 50 * torch.randn(64, 16, generator=g)
+    labels = torch.randint(0, C, (64,), generator=g)
+    curves = 50 * torch.randn(64, T1, generator=g)
+    losses = 30 * torch.rand(64, generator=g)
+    w = net(feats, labels, curves, losses)
+    assert w.shape == (64,)
+    assert bool(((w >= 0) & (w <= 1)).all())
+    if kind == "mlrnet":
+        assert net.discriminative_features(feats, labels, curves).shape == (64, 8)
+    rebuilt = build_meta_net(net.spec())
+    assert type(rebuilt) is type(net)
+
+
+def test_mlrnet_meta_net_structure_follows_section_4_3():
+    net = MLRNetMetaNet(feature_dim=768, num_classes=4, curve_len=11)
+    assert tuple(net.label_embedding.weight.shape) == (4, 128)
+    linears = lambda s: [m for m in s if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert [tuple(m.weight.shape) for m in linears(net.feature_branch)] == [(128, 896), (128, 128)]
+    assert [tuple(m.weight.shape) for m in linears(net.curve_branch)] == [(128, 11), (128, 128), (128, 128)]
+    assert len(linears(net.feed_forward)) == 3
+    assert sum(isinstance(m, torch.nn.Tanh) for m in net.modules()) == 8
+
+
+def test_resolve_meta_params():
+    model = _bert()
+    names = [n for n, _ in model.named_parameters()]
+    assert resolve_meta_params(model, "all", "classifier.") == names
+    assert resolve_meta_params(model, "head", "classifier.") == ["classifier.weight", "classifier.bias"]
+    last1 = resolve_meta_params(model, "last-1", "classifier.")
+    assert last1[0].startswith("bert.encoder.layer.1.") and "bert.pooler.dense.weight" in last1
+    assert not any(n.startswith("bert.encoder.layer.0.") for n in last1)
+    assert resolve_meta_params(model, "last-9", "classifier.")[0] == "bert.encoder.layer.0.attention.self.query.weight"
+    for bad in ("last-0", "some", "last-x"):
+        with pytest.raises(ConfigError):
+            parse_meta_params(bad)
+
+
+def test_weight_coefficients():
+    w = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    assert torch.allclose(weight_coefficients(w, False), w / 4)
+    assert torch.allclose(weight_coefficients(w, True), w)
+    assert torch.equal(weight_coefficients(torch.zeros(3), True), torch.zeros(3))

@@ -1,0 +1,191 @@
+"""`mlrnet train` end to end on a tiny BERT: every method, resume, the meta set, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_workspace
+from typer.testing import CliRunner
+
+from mlrnet_cli import artifacts
+from mlrnet_cli.cli import app
+from mlrnet_cli.collect import normalized_curves
+from mlrnet_cli.errors import DataError
+from mlrnet_cli.train import TrainConfig, split_clean_pool, train
+
+runner = CliRunner()
+FAST = ["--epochs", "1", "--batch-size", "16", "--max-length", "24", "--meta-per-class", "4"]
+
+
+def write_losses(
+    ws: Path, model_dir: Path, epochs: int = 2, *, ids_shift: int = 0, train_fp: str | None = None
+) -> Path:
+    """A stand-in for `collect-losses`: curves [N, T+1] and the metadata `train` checks."""
+    table = artifacts.read_table(ws / "data" / "train.arrow")
+    ids = torch.tensor(table.column("sample_id").to_pylist(), dtype=torch.int64) + ids_shift
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(len(ids), epochs + 1, generator=g) * 2
+    meta = artifacts.make_meta(
+        "collect-losses",
+        "losses",
+        config={"model": str(model_dir), "epochs": epochs},
+        seed=0,
+        inputs={"train": train_fp or artifacts.fingerprint_file(ws / "data" / "train.arrow")},
+    )
+    return Path(
+        artifacts.write_tensors(ws / "losses.safetensors", {"losses": losses, "sample_id": ids}, meta)
+        and ws / "losses.safetensors"
+    )
+
+
+@pytest.fixture
+def ws(workspace: Path, tiny_model_dir: Path) -> Path:
+    write_losses(workspace, tiny_model_dir)
+    return workspace
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "mlrnet"],
+        ["--method", "mwnet", "--meta-params", "last-1", "--no-normalize-weights", "--meta-mode", "unrolled"],
+        ["--method", "plain"],
+        ["--method", "plain-meta"],
+        ["--method", "meta-only"],
+        ["--method", "mlrnet", "--freeze-encoder", "--meta-params", "head", "--meta-interval", "2"],
+    ],
+)
+def test_every_method_runs_from_the_cli(ws: Path, args: list[str]) -> None:
+    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, *args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    best = Path(out["artifacts"]["best"])
+    assert (best / "model.safetensors").is_file() and (best / "config.json").is_file()
+    assert (best / "tokenizer.json").is_file() or (best / "vocab.txt").is_file()
+    meta_method = args[1] in ("mlrnet", "mwnet")
+    assert (best / "meta_net.safetensors").is_file() == meta_method
+    hist = artifacts.read_table(out["artifacts"]["history"]).to_pylist()
+    assert [h["epoch"] for h in hist] == [1]
+    assert 0.0 <= hist[0]["dev_accuracy"] <= 1.0 and np.isfinite(hist[0]["train_loss"])
+    if meta_method:
+        assert 0.0 < hist[0]["weight_mean"] < 1.0 and hist[0]["weight_std"] >= 0
+        assert hist[0]["weight_mean_noisy"] is not None and hist[0]["weight_mean_clean"] is not None
+        tensors, meta = artifacts.read_tensors(best / "meta_net.safetensors")
+        assert meta["meta_net"]["kind"] == args[1]
+    else:
+        assert hist[0]["weight_mean"] is None
+    assert artifacts.read_json(best / "mlrnet.json")["mlrnet"]["stage"] == "train"
+    assert out["dev_size"] == 8 and out["meta_size"] == 16
+
+
+class _Interrupt:
+    """A progress sink that stops the run when epoch ``at`` starts (after the previous epoch's state is saved)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def task(self, description: str, total: int | None):
+        if description.startswith(f"epoch {self.at}/"):
+            raise KeyboardInterrupt
+        from mlrnet_cli.progress import NullProgress
+
+        return NullProgress().task(description, total)
+
+
+def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = TrainConfig(
+        method="mlrnet", epochs=2, batch_size=16, max_length=24, meta_per_class=4, device="cpu", meta_params="last-1"
+    )
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    full = train(cfg, workdir=roots[0])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=roots[1], progress=_Interrupt(2))
+    assert (roots[1] / "model" / "state" / "state.pt").is_file()
+    resumed = train(cfg, workdir=roots[1])
+    assert resumed.resumed_from == 1 and full.resumed_from == 0
+    for f in ("last/model.safetensors", "last/meta_net.safetensors", "best/model.safetensors"):
+        assert (roots[0] / "model" / f).read_bytes() == (roots[1] / "model" / f).read_bytes(), f
+    h0 = artifacts.read_table(roots[0] / "model" / "history.arrow").drop(["seconds"])
+    h1 = artifacts.read_table(roots[1] / "model" / "history.arrow").drop(["seconds"])
+    assert h0.equals(h1)
+    # a finished run is not redone; a different run is refused without --overwrite
+    again = train(cfg, workdir=roots[1])
+    assert again.epochs_run == 0
+    r = runner.invoke(app, ["train", "--workdir", str(roots[1]), *FAST])
+    assert r.exit_code == 1 and "different" in r.stderr
+
+
+def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
+    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "plain"])
+    assert r.exit_code == 0, r.output
+    saved = artifacts.read_json(ws / "model" / "best" / "train_config.json")
+    meta_ids = set(saved["meta_sample_ids"])
+    train_ids = set(artifacts.read_table(ws / "data" / "train.arrow").column("sample_id").to_pylist())
+    clean = artifacts.read_table(ws / "data" / "clean.arrow").to_pydict()
+    label_of = dict(zip(clean["sample_id"], clean["label"], strict=True))
+    assert meta_ids.isdisjoint(train_ids)
+    assert sorted(np.bincount([label_of[i] for i in meta_ids]).tolist()) == [4, 4, 4, 4]
+
+    labels = np.repeat(np.arange(3), 10)
+    meta, dev = split_clean_pool(labels, 3, 5, 0.2, seed=1)
+    assert np.bincount(labels[meta]).tolist() == [5, 5, 5] and np.bincount(labels[dev]).tolist() == [2, 2, 2]
+    assert not set(meta) & set(dev)
+    meta2, dev2 = split_clean_pool(labels, 3, 7, 0.2, seed=1)
+    assert np.array_equal(dev, dev2)  # the dev part does not move with --meta-per-class
+    assert np.array_equal(split_clean_pool(labels, 3, 5, 0.2, seed=1)[0], meta)
+    with pytest.raises(DataError):
+        split_clean_pool(labels, 3, 9, 0.2, seed=1)
+
+
+def test_normalized_curves_subtract_the_class_mean() -> None:
+    losses = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    labels = torch.tensor([0, 0, 1])
+    expected = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(normalized_curves(losses, labels), expected)
+
+
+def _one_line_error(r, code: int, *needles: str) -> None:
+    assert r.exit_code == code, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlrnet: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(workspace: Path, tiny_model_dir: Path) -> None:
+    base = ["train", "--workdir", str(workspace), *FAST]
+    write_losses(workspace, tiny_model_dir, ids_shift=100_000)
+    _one_line_error(runner.invoke(app, base), 1, "do not match")
+    write_losses(workspace, tiny_model_dir, train_fp="0123456789abcdef")
+    _one_line_error(runner.invoke(app, base), 1, "different training table")
+    write_losses(workspace, tiny_model_dir)
+    _one_line_error(runner.invoke(app, [*base, "--meta-per-class", "50"]), 1, "--meta-per-class 50")
+    _one_line_error(runner.invoke(app, [*base, "--method", "bogus"]), 2, "--method")
+    _one_line_error(runner.invoke(app, [*base, "--meta-params", "middle"]), 1, "--meta-params")
+    shutil.rmtree(workspace / "model", ignore_errors=True)
+    (workspace / "losses.safetensors").unlink()
+    _one_line_error(runner.invoke(app, base), 1, "collect-losses")
+    assert not (workspace / "model" / "history.arrow").exists()
+
+
+def test_chains_after_real_collect_losses(workspace: Path, tiny_model_dir: Path) -> None:
+    """`collect-losses` then `train` with only size options: the model comes from the curves' metadata."""
+    r = runner.invoke(
+        app,
+        ["collect-losses", "-w", str(workspace), "--model", str(tiny_model_dir), "--epochs", "1", "--max-length", "24"],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "-w", str(workspace), *FAST, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["model"] == str(tiny_model_dir)
+    assert (
+        artifacts.read_tensors(Path(out["artifacts"]["best"]) / "meta_net.safetensors")[1]["meta_net"]["curve_len"] == 2
+    )
