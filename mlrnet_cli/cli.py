@@ -8,6 +8,7 @@ import sys
 from mlrnet_cli.commands import (  # noqa: F401  (each module registers its command)
     collect_losses,
     corrupt,
+    eval,
     train,
     weights,
 )

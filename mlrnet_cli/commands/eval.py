@@ -1,10 +1,88 @@
-"""`mlrnet eval` (not built yet)."""
+"""`mlrnet eval`: accuracy, F1 and the confusion matrix of a trained classifier on a labelled table."""
 
 from __future__ import annotations
 
-from mlrnet_cli.commands._app import app, not_built
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app
+
+HELP = """Evaluate a classifier: accuracy (the paper's metric), macro/micro-F1, per-class scores, confusion matrix.
+
+Reads WORKDIR/model/best (or --model: any folder saved by train/collect-losses, or a hub model id) and
+WORKDIR/data/test.arrow (or --data: Arrow/Parquet/CSV/JSONL with text and label columns; string labels
+are mapped to the workspace's class names). Writes WORKDIR/eval/metrics.json and, with --predictions,
+WORKDIR/eval/predictions.arrow. stdout: a table of the metrics, or JSON with --json.
+"""
 
 
-@app.command("eval", help="[not built yet] This stage is not implemented in this release.")
-def eval_cmd() -> None:
-    not_built("eval", "planned")
+@app.command("eval", help=HELP)
+def eval_cmd(
+    model: str | None = typer.Option(
+        None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best]."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Labelled table \\[default: WORKDIR/data/test.arrow]."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Text column \\[default: text]."),
+    label_column: str = typer.Option("label", "--label-column", help="Label column (ids or class names)."),
+    predictions: bool = typer.Option(
+        False, "--predictions", help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities)."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in float32 on CUDA too."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/eval]."),
+    workdir: Path | None = WorkdirOption,
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli.evaluate import EvalConfig, evaluate
+
+    setup_logging()
+    config = EvalConfig(
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        bf16=not no_bf16,
+        text_column=text_column,
+        label_column=label_column,
+    )
+    result = evaluate(
+        config, workdir=workdir, model=model, data=data, predictions=predictions, out_dir=out,
+        overwrite=overwrite, progress=progress(),
+    )
+    if as_json:
+        import json
+
+        payload = {"artifacts": {k: str(v) for k, v in result.paths.items()}} | result.metrics
+        typer.echo(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        _print_table(result.metrics)
+
+
+def _print_table(m: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()  # stdout: the metrics are this command's data
+    table = Table(
+        title=f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   micro-F1 {m['micro_f1']:.4f}"
+        f"   ({m['num_rows']} rows)",
+        box=None,
+    )
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in m["per_class"]:
+        table.add_row(row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      str(row["support"]))
+    console.print(table)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)", box=None)
+    cm.add_column("")
+    for name in m["class_names"]:
+        cm.add_column(name[:12], justify="right")
+    for name, row in zip(m["class_names"], m["confusion_matrix"], strict=True):
+        cm.add_row(name, *map(str, row))
+    console.print(cm)

@@ -1,10 +1,91 @@
-"""`mlrnet weights` (not built yet)."""
+"""`mlrnet weights`: which training rows the trained meta-net distrusts, and whether it is right."""
 
 from __future__ import annotations
 
-from mlrnet_cli.commands._app import app, not_built
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit
+
+HELP = """Weight every training row with the trained meta-net and rank the rows it distrusts (lowest weight first).
+
+Reads WORKDIR/model/best (classifier + meta_net.safetensors, from `mlrnet train --method mlrnet` or
+`--method mwnet`), WORKDIR/data/train.arrow and WORKDIR/losses.safetensors; writes WORKDIR/weights.arrow
+(sample_id, text, label, weight, rank, predicted, probability, ... and true_label/is_noisy when known).
+
+Summary on stderr: weight mean and quartiles by group (clean/noisy x head/tail; a head class has at least
+the median number of training rows) and, when the truth is known, how well a low weight finds the noisy
+rows (ROC-AUC, average precision, precision@k with k = the number of noisy rows). stdout: the artifact
+paths, or everything as JSON with --json.
+"""
 
 
-@app.command("weights", help="[not built yet] This stage is not implemented in this release.")
-def weights_cmd() -> None:
-    not_built("weights", "planned")
+@app.command("weights", help=HELP)
+def weights_cmd(
+    top: int = typer.Option(10, "--top", help="List the K most distrusted rows (lowest weight) for relabelling."),
+    export_relabel: Path | None = typer.Option(
+        None, "--export-relabel", help="Write the --top rows as CSV (with an empty new_label column)."
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="PNG: weight histograms and mean loss curves per group (needs mlrnet\\[plot])."
+    ),
+    model: Path | None = typer.Option(None, "--model", help="Model folder \\[default: WORKDIR/model/best]."),
+    train: Path | None = typer.Option(None, "--train", help="Training table \\[default: WORKDIR/data/train.arrow]."),
+    losses: Path | None = typer.Option(
+        None, "--losses", help="Stage-1 loss curves \\[default: WORKDIR/losses.safetensors]."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per classifier forward pass."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens (as in training)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    no_bf16: bool = typer.Option(False, "--no-bf16", help="Run the classifier in float32 on CUDA too."),
+    workdir: Path | None = WorkdirOption,
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    from mlrnet_cli.commands._app import progress, setup_logging, stderr_console
+    from mlrnet_cli.weights import WeightsConfig, compute_weights
+
+    setup_logging()
+    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=not no_bf16)
+    result = compute_weights(
+        config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
+        plot=plot, overwrite=overwrite, progress=progress(),
+    )
+    _print_summary(result.summary, result.top, stderr_console())
+    emit(result.paths, {"summary": result.summary, "top": result.top}, as_json)
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)", box=None)
+    for col in ("group", "rows", "mean", "q25", "median", "q75"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for name, s in summary["groups"].items():
+        if s.get("count"):
+            t.add_row(name, str(s["count"]), _fmt(s["mean"]), _fmt(s["q25"]), _fmt(s["median"]), _fmt(s["q75"]))
+    console.print(t)
+    console.print(f"head classes: {', '.join(summary['head_classes'])}; tail: {', '.join(summary['tail_classes'])}")
+    det = summary.get("noise_detection")
+    if det:
+        console.print(
+            f"low weight finds noisy rows: ROC-AUC {_fmt(det['roc_auc'])}, average precision "
+            f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
+            f"(noise rate {_fmt(det['base_rate'])})"
+        )
+    if top:
+        tt = Table(title=f"{len(top)} most distrusted rows", box=None)
+        for col in ("rank", "weight", "label", "predicted", "text"):
+            tt.add_column(col, justify="right" if col in ("rank", "weight") else "left")
+        for r in top:
+            text = r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."
+            tt.add_row(str(r["rank"]), f"{r['weight']:.4f}", r["label_name"],
+                       f"{r['predicted_name']} ({r['probability']:.2f})", text)
+        console.print(tt)

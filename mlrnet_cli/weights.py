@@ -1,0 +1,449 @@
+"""`mlrnet weights`: the trained meta-net's weight v_i for every training row, ranked, and how well it finds noise.
+
+The weight of row i is ``V(DF(h(x_i), Y_emb(y_i), I_i); θ)`` (eqs. 7-9) for an MLRNet model, or ``V(L_i; θ)``
+(eq. 2) for an MW-Net model, computed with the final classifier w and meta-net θ of ``model/best``:
+``h(x_i)`` and ``L_i`` come from one no-grad pass of the classifier over the training rows, ``I_i`` is the
+row's normalised stage-1 loss curve from ``losses.safetensors`` (joined by ``sample_id``).
+
+Groups (the paper's Figure 1): *clean* / *noisy* by ``is_noisy`` (when the table knows the truth) ×
+*head* / *tail* by the row's observed class: a class is a head class when its number of training rows is
+at least the median over classes (:func:`head_classes`). A low weight means "distrusted", so the ranking
+metrics score ``1 − v_i`` against ``is_noisy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mlrnet_cli import metrics, modeling
+from mlrnet_cli.artifacts import (
+    atomic_path,
+    fingerprint_file,
+    guard_output,
+    make_meta,
+    read_json,
+    read_table,
+    read_tensors,
+    require_columns,
+    write_table,
+)
+from mlrnet_cli.collect import normalized_curves
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
+from mlrnet_cli.evaluate import Inference, load_tokenizer, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.progress import Progress
+from mlrnet_cli.tokens import encode_features, tokenize_table
+from mlrnet_cli.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger("mlrnet")
+
+META_NET_FILE = "meta_net.safetensors"
+DEAD_META_NET_STD = 1e-4
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Settings of `mlrnet weights` (inference settings do not change the weights beyond float rounding)."""
+
+    top: int = 10
+    """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
+    batch_size: int = 64
+    """Rows per classifier forward pass."""
+    max_length: int = 128
+    """Token truncation, as in training."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
+
+
+@dataclass
+class WeightsResult:
+    """The weights table (train order), the summary (as printed with --json), the top rows and files written."""
+
+    table: pa.Table
+    summary: dict[str, Any]
+    top: list[dict[str, Any]]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces that need no model
+
+
+def head_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Boolean mask over classes: head = at least the median number of training rows (by observed label)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return counts >= np.median(counts)
+
+
+def row_groups(labels: np.ndarray, is_noisy: np.ndarray | None, head: np.ndarray) -> np.ndarray:
+    """Group name per row: ``clean/head`` … ``noisy/tail``, or ``head`` / ``tail`` without the truth."""
+    ht = np.where(head[np.asarray(labels, dtype=np.int64)], "head", "tail").astype(object)
+    if is_noisy is None:
+        return ht
+    return np.where(np.asarray(is_noisy, dtype=bool), "noisy/", "clean/").astype(object) + ht
+
+
+def group_summary(weights: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+    """Count, mean, quartiles, min and max of the weight for every row and for each group."""
+
+    def stats(w: np.ndarray) -> dict[str, float]:
+        if w.size == 0:
+            return {"count": 0}
+        q = np.quantile(w, [0.0, 0.25, 0.5, 0.75, 1.0])
+        return {"count": int(w.size), "mean": float(w.mean()), "std": float(w.std()), "min": float(q[0]),
+                "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
+
+    out = {"all": stats(weights)}
+    for g in sorted(set(groups.tolist())):
+        out[str(g)] = stats(weights[groups == g])
+    return out
+
+
+def rank_lowest_first(weights: np.ndarray) -> np.ndarray:
+    """Rank 1 = lowest weight (most distrusted); ties keep table order."""
+    order = np.argsort(weights, kind="stable")
+    rank = np.empty(weights.size, dtype=np.int64)
+    rank[order] = np.arange(1, weights.size + 1)
+    return rank
+
+
+def join_curves(sample_ids: np.ndarray, curve_ids: np.ndarray, losses: np.ndarray, where: str) -> np.ndarray:
+    """Rows of ``losses`` in the order of ``sample_ids``; every training row needs exactly one curve."""
+    curve_ids = np.asarray(curve_ids, dtype=np.int64)
+    if np.unique(curve_ids).size != curve_ids.size:
+        raise ArtifactError(f"{where} holds some sample_id more than once")
+    index = {int(s): i for i, s in enumerate(curve_ids)}
+    missing = [int(s) for s in sample_ids if int(s) not in index]
+    if missing:
+        raise FingerprintMismatchError(
+            f"{where} has no loss curve for {len(missing)} training row(s) (e.g. sample_id {missing[0]})",
+            "rerun `mlrnet collect-losses` on this train.arrow",
+        )
+    return losses[np.fromiter((index[int(s)] for s in sample_ids), dtype=np.int64, count=len(sample_ids))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the meta-net
+
+
+def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Rebuild the meta-net saved by `train` beside the classifier: (net, its spec, the train config)."""
+    from mlrnet_cli.metanet import build_meta_net
+
+    path = model_dir / META_NET_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{model_dir} has no {META_NET_FILE}: it was not trained with a meta-net",
+            "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
+        )
+    tensors, meta = read_tensors(path, "meta-net")
+    spec = _find_spec(meta) or _find_spec_in_folder(model_dir)
+    if spec is None:
+        raise ArtifactError(f"{path} does not say which meta-net it holds (no spec in its metadata)")
+    net = build_meta_net(spec)
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path} does not match its meta-net spec: {str(e).splitlines()[0]}") from e
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return net.float().eval(), spec, config
+
+
+def _find_spec(obj: Any) -> dict[str, Any] | None:
+    """The first dict with a meta-net ``kind`` anywhere inside ``obj`` (saved metadata nests it)."""
+    stack = [obj]
+    while stack:
+        cur = stack.pop(0)
+        if isinstance(cur, dict):
+            if cur.get("kind") in ("mlrnet", "mwnet") and ("curve_len" in cur or "hidden" in cur):
+                return cur
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+    return None
+
+
+def _find_spec_in_folder(folder: Path) -> dict[str, Any] | None:
+    for f in sorted(folder.glob("*.json")):
+        try:
+            spec = _find_spec(read_json(f))
+        except ArtifactError:
+            continue
+        if spec is not None:
+            return spec
+    return None
+
+
+@torch.no_grad()
+def meta_net_weights(
+    net: torch.nn.Module,
+    features: np.ndarray | None,
+    labels: np.ndarray,
+    curves: np.ndarray | None,
+    losses: np.ndarray,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """v_i = V(·; θ) for every row, in float32 on CPU (the meta-net is small)."""
+    n = labels.shape[0]
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        sl = slice(s, s + batch_size)
+        v = net(
+            None if features is None else torch.as_tensor(features[sl], dtype=torch.float32),
+            torch.as_tensor(labels[sl], dtype=torch.long),
+            None if curves is None else torch.as_tensor(curves[sl], dtype=torch.float32),
+            torch.as_tensor(losses[sl], dtype=torch.float32),
+        )
+        out[sl] = v.reshape(-1).float().numpy()
+    return out
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample cross-entropy L_i of the observed label (float64 log-sum-exp)."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return (lse - z[np.arange(z.shape[0]), labels]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_weights(
+    config: WeightsConfig,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    train: str | os.PathLike[str] | None = None,
+    losses: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    export_relabel: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> WeightsResult:
+    """Weight every training row with the trained meta-net; write ``weights.arrow`` (+ CSV, + PNG)."""
+    import pyarrow as pa
+
+    if config.top < 0:
+        raise ConfigError(f"--top must be ≥ 0, got {config.top}")
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    if plot is not None:
+        from mlrnet_cli.plot import require_matplotlib
+
+        require_matplotlib()
+    ws = Workspace.at(workdir)
+    model_id = resolve_model(model, ws)
+    model_dir = Path(model_id)
+    if not model_dir.is_dir():
+        raise ModelError(f"--model {model_id} is not a folder saved by `mlrnet train`")
+    train_path = Path(train) if train is not None else ws.train
+    losses_path = Path(losses) if losses is not None else ws.losses
+    out_path = Path(out) if out is not None else ws.weights
+
+    net, spec, train_cfg = load_meta_net(model_dir)
+    kind = spec["kind"]
+
+    tbl = read_table(train_path, "training table")
+    require_columns(tbl, ["sample_id", "text", "label"], train_path)
+    if tbl.num_rows == 0:
+        raise DataError(f"{train_path} has no rows")
+    sample_ids = tbl.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    if np.unique(sample_ids).size != sample_ids.size:
+        raise DataError(f"{train_path} has duplicate sample_id values")
+    labels = tbl.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    texts = [str(t) for t in tbl.column("text").to_pylist()]
+    is_noisy = _known_column(tbl, "is_noisy")
+    true_label = _known_column(tbl, "true_label")
+
+    inputs = {"train": fingerprint_file(train_path), "model": modeling.model_fingerprint(model_id)}
+    curves = None
+    if losses_path.is_file():
+        ltensors, lmeta = read_tensors(losses_path, "loss curves")
+        if "losses" not in ltensors or "sample_id" not in ltensors:
+            raise ArtifactError(f"{losses_path} lacks the tensors 'losses' and 'sample_id'")
+        raw = join_curves(sample_ids, ltensors["sample_id"].numpy(), ltensors["losses"].float().numpy(),
+                          str(losses_path))
+        curves = normalized_curves(torch.as_tensor(raw), torch.as_tensor(labels)).numpy()
+        inputs["losses"] = fingerprint_file(losses_path)
+        recorded = (lmeta.get("inputs") or {}).get("train")
+        if recorded and recorded != inputs["train"]:
+            raise FingerprintMismatchError(
+                f"{losses_path} was collected on a different train.arrow than {train_path}",
+                "rerun `mlrnet collect-losses`",
+            )
+    elif kind == "mlrnet":
+        raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
+    if kind == "mlrnet" and curves is not None and curves.shape[1] != int(spec.get("curve_len", curves.shape[1])):
+        raise FingerprintMismatchError(
+            f"{losses_path} has curves of length {curves.shape[1]}, the meta-net expects {spec['curve_len']}"
+        )
+
+    # only what changes the table's content: display and speed settings may differ between reruns
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device")}
+    meta = make_meta("weights", "weights", cfg | {"model": model_id, "method": kind}, None, inputs)
+    paths: dict[str, Path] = {"weights": out_path}
+    if export_relabel is not None:
+        paths["relabel"] = Path(export_relabel)
+    if plot is not None:
+        paths["plot"] = Path(plot)
+    guard_output(out_path, meta, inputs=[train_path, losses_path, model_dir], overwrite=overwrite)
+    for p in paths.values():
+        if p != out_path:
+            guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
+
+    device = modeling.select_device(config.device)
+    clf, class_names, _ = load_trained_classifier(model_id, ws, device)
+    num_classes = len(class_names)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{train_path} has labels outside 0..{num_classes - 1} of the model")
+    tokenizer = load_tokenizer(model_id)
+    # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
+    base = train_cfg.get("model")
+    tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else inputs["model"]
+    tokens = tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=tbl)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if train_cfg.get("freeze_encoder"):
+        inf = _frozen_encoder_pass(clf, tokens, train_cfg, model_dir, ws, pad_id, config.batch_size, device, progress)
+    else:
+        inf = run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
+                             bf16=config.bf16, with_features=kind == "mlrnet", progress=progress,
+                             description="weights")
+    probs = inf.probabilities
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    row_loss = cross_entropy(inf.logits, labels)
+    weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
+    if weight.std() < DEAD_META_NET_STD:
+        log.warning("every training row gets the same weight (std %.2g): the meta-net learned nothing", weight.std())
+
+    head = head_classes(labels, num_classes)
+    groups = row_groups(labels, is_noisy, head)
+    rank = rank_lowest_first(weight)
+
+    cols: dict[str, Any] = {
+        "sample_id": pa.array(sample_ids),
+        "text": pa.array(texts, pa.string()),
+        "label": pa.array(labels),
+        "weight": pa.array(weight),
+        "rank": pa.array(rank),
+        "predicted": pa.array(predicted),
+        "probability": pa.array(probs[np.arange(len(predicted)), predicted].astype(np.float32)),
+        "label_probability": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
+        "loss": pa.array(row_loss),
+        "group": pa.array(groups.tolist(), pa.string()),
+    }
+    if true_label is not None:
+        cols["true_label"] = pa.array(true_label.astype(np.int64))
+    if is_noisy is not None:
+        cols["is_noisy"] = pa.array(is_noisy.astype(bool))
+    table = pa.table(cols)
+
+    summary: dict[str, Any] = {
+        "method": kind,
+        "model": model_id,
+        "num_rows": int(weight.size),
+        "head_classes": [class_names[i] for i in np.flatnonzero(head)],
+        "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
+        "groups": group_summary(weight, groups),
+        "noise_detection": (
+            metrics.detection_report(1.0 - weight.astype(np.float64), is_noisy) if is_noisy is not None else None
+        ),
+    }
+    top = _top_rows(table, config.top, class_names)
+    write_table(out_path, table, meta, class_names={"label": class_names, "predicted": class_names,
+                                                    **({"true_label": class_names} if true_label is not None else {})})
+    if export_relabel is not None:
+        _write_relabel_csv(paths["relabel"], top)
+    if plot is not None:
+        from mlrnet_cli.plot import plot_weights
+
+        plot_weights(table, curves, paths["plot"])
+    return WeightsResult(table, summary, top, paths)
+
+
+@torch.no_grad()
+def _frozen_encoder_pass(
+    clf: Any, tokens: Any, train_cfg: dict[str, Any], model_dir: Path, ws: Workspace, pad_id: int, batch_size: int,
+    device: torch.device, progress: Progress | None,
+) -> Inference:
+    """``--freeze-encoder`` models: the encoder is the frozen one `train` cached features of; reuse them."""
+    init_path = str(train_cfg.get("model"))
+    if train_cfg.get("init_from") == "stage1":
+        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+    saved = model_dir / "train_config.json"
+    enc_id = read_json(saved).get("encoder_cache_id") if saved.is_file() else None
+    if not enc_id:
+        enc_id = modeling.encoder_cache_id(clf, modeling.model_fingerprint(init_path), train_cfg.get("seed"))
+    feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id,
+                            batch_size=batch_size, device=device, progress=progress)
+    logits = torch.cat([
+        modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)
+    ])
+    return Inference(logits.numpy(), feats.numpy())
+
+
+def _known_column(tbl: pa.Table, name: str) -> np.ndarray | None:
+    """A column's values when the table has it with no nulls (the truth is known), else None."""
+    if name not in tbl.column_names:
+        return None
+    col = tbl.column(name)
+    if col.null_count:
+        return None
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str, Any]]:
+    """The k lowest-weight rows, most distrusted first, with class names for a human reader."""
+    if k == 0:
+        return []
+    rank = table.column("rank").to_numpy()
+    take = np.argsort(rank)[:k]
+    rows = table.take(take).to_pylist()
+    out = []
+    for r in rows:
+        row = {
+            "rank": r["rank"],
+            "sample_id": r["sample_id"],
+            "weight": r["weight"],
+            "label": r["label"],
+            "label_name": class_names[r["label"]],
+            "predicted": r["predicted"],
+            "predicted_name": class_names[r["predicted"]],
+            "probability": r["probability"],
+            "text": r["text"],
+        }
+        if "true_label" in r:
+            row["true_label"] = r["true_label"]
+            row["is_noisy"] = r["is_noisy"]
+        out.append(row)
+    return out
+
+
+def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """CSV of the distrusted rows with an empty ``new_label`` column for the human relabeller."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    keys = ["rank", "sample_id", "weight", "label", "label_name", "predicted", "predicted_name", "probability",
+            "text"]
+    cols = {k: [r[k] for r in rows] for k in keys}
+    cols["new_label"] = [None] * len(rows)
+    schema = pa.schema([
+        ("rank", pa.int64()), ("sample_id", pa.int64()), ("weight", pa.float32()), ("label", pa.int64()),
+        ("label_name", pa.string()), ("predicted", pa.int64()), ("predicted_name", pa.string()),
+        ("probability", pa.float32()), ("text", pa.string()), ("new_label", pa.string()),
+    ])
+    with atomic_path(path) as tmp:
+        pcsv.write_csv(pa.table(cols, schema=schema), tmp)
