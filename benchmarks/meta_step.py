@@ -30,11 +30,15 @@ VARIANTS = {
 }
 
 
-def _model():
+def _model(tiny: bool = False):
     import torch
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     torch.manual_seed(0)
+    if tiny:
+        cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, num_labels=4)
+        return AutoModelForSequenceClassification.from_config(cfg), "tiny BERT (hidden 32, 2 layers)"
     try:
         import pathlib
 
@@ -49,7 +53,7 @@ def _model():
         return AutoModelForSequenceClassification.from_config(cfg), "MiniLM-L6 shape (random init)"
 
 
-def child(variant: str, steps: int, threads: int) -> dict:
+def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
     import torch
 
     from mlrnet_cli import modeling
@@ -57,13 +61,13 @@ def child(variant: str, steps: int, threads: int) -> dict:
     from mlrnet_cli.metanet import MLRNetMetaNet
 
     torch.set_num_threads(threads)
-    model, what = _model()
+    model, what = _model(tiny)
     model.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
 
     def batch(n: int) -> StepBatch:
-        ids = torch.randint(1000, vocab, (n, 64), generator=g)
+        ids = torch.randint(min(1000, vocab // 2), vocab, (n, 64), generator=g)
         return StepBatch(
             {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
             torch.randint(0, 4, (n,), generator=g),
@@ -117,10 +121,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants (best is kept)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
+    ap.add_argument("--tiny", action="store_true", help="a tiny random-init BERT instead of MiniLM-L6 size")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.tiny)))
         return
     variants = ["plain", *[v for v in args.variants if v != "plain"]]
     results: dict[str, dict] = {}
@@ -128,7 +133,8 @@ def main() -> None:
     for rnd in range(args.rounds):
         for v in variants:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--threads", str(args.threads)],
+                [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--threads", str(args.threads),
+                 *(["--tiny"] if args.tiny else [])],
                 check=True,
                 capture_output=True,
                 text=True,

