@@ -95,7 +95,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ArtifactError(f"cannot create folder {path.parent}: {e.strerror}") from e
+        raise ArtifactError(
+            f"cannot create folder {path.parent}: {e.strerror}", "choose another output path or check permissions"
+        ) from e
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -133,14 +135,32 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
 
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove temp files left by a killed writer (they never look like artifacts, but take space)."""
+    """Remove temp files and folders left by a killed writer (they never look like artifacts, but take space)."""
+    import shutil
+
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.rglob(TMP_PREFIX + "*") if p.is_file()]
+    stale = [p for p in folder.rglob(TMP_PREFIX + "*") if not any(a.name.startswith(TMP_PREFIX) for a in p.parents)]
     for p in stale:
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail before the work, not after it: ``path``'s first existing ancestor must be a writable folder."""
+    path = Path(path).absolute()
+    for anc in (path, *path.parents):
+        if not anc.exists():
+            continue
+        if anc != path and not anc.is_dir():
+            raise ArtifactError(f"cannot create {path}: {anc} is a file, not a folder", "choose another output path")
+        folder = anc if anc.is_dir() else anc.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ArtifactError(
+                f"cannot write {path}: {folder} is not writable", "check permissions or choose another output path"
+            )
+        return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,14 +289,18 @@ def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
     """Write tensors atomically with ``meta`` as safetensors metadata; return the file's fingerprint."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
-        )
+        try:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                str(tmp),
+                metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)},
+            )
+        except SafetensorError as e:  # safetensors reports I/O errors (a full disk) as its own type
+            raise ArtifactError(f"cannot write {path}: {e}", "check free space and permissions") from e
     return fingerprint_file(path)
 
 

@@ -280,6 +280,9 @@ def _load_state(
     losses: torch.Tensor,
     device: torch.device,
 ) -> tuple[int, list[dict[str, Any]]]:
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     try:
@@ -295,8 +298,9 @@ def _load_state(
         if device.type == "cuda" and trainer["cuda_rng"].numel():
             torch.cuda.set_rng_state(trainer["cuda_rng"], device)
         generator.set_state(trainer["shuffle_rng"])
-    except (KeyError, ValueError, RuntimeError, OSError) as e:
-        raise ArtifactError(f"resume state {state_dir} is unreadable: {e}", "pass --overwrite to start again") from e
+    except (KeyError, ValueError, RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's pickle refusal spans many lines
+        raise ArtifactError(f"resume state {state_dir} is unreadable: {why}", "pass --overwrite to start again") from e
     losses[:, : epoch + 1] = saved["losses"].to(losses.device)
     return epoch, list(info.get("history", []))
 
@@ -371,6 +375,8 @@ def collect_losses(
     train_path, losses_path, stage1_dir = Path(train_path), Path(losses_path), Path(stage1_dir)
     manifest_path = Path(manifest_path) if manifest_path is not None else None
     cache_dir = Path(cache_dir)
+    for target in (losses_path, stage1_dir, cache_dir):
+        artifacts.check_writable(target)  # now, not after the first epoch
     data = _read_inputs(train_path, manifest_path)
     n, t_epochs = len(data.labels), config.epochs
 

@@ -20,6 +20,7 @@ import torch
 
 from mlrnet_cli import metrics, modeling
 from mlrnet_cli.artifacts import (
+    check_writable,
     fingerprint_file,
     guard_output,
     make_meta,
@@ -330,6 +331,7 @@ def evaluate(
     for k, p in paths.items():
         guard_output(p, metas[k], inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
                      overwrite=overwrite)
+        check_writable(p)
 
     device = modeling.select_device(config.device)
     clf, class_names, label_values = load_trained_classifier(model_id, ws, device)

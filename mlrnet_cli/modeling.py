@@ -168,6 +168,11 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
         path = Path(name).expanduser()
         if not path.is_dir():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
+        if not any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+            raise ModelError(
+                f"{path} is not a model folder (no config.json, no tokenizer)",
+                "pass --model a folder made by save_pretrained or a hub id",
+            )
     else:
         _check_hub_access(
             name,
@@ -205,6 +210,7 @@ def load_classifier(
     initialised from ``init_seed`` when given (so the same seed gives the same model).
     ``id2label``/``label2id`` come from ``class_names``.
     """
+    from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -265,7 +271,7 @@ def load_classifier(
         if not local and "connect" in msg.lower():
             raise _hub_unavailable(name) from e
         raise ModelError(f"cannot load model {name!r}: {_first_line(e)}") from e
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
     # which weights were new (random, from init_seed): see encoder_cache_id
     model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]

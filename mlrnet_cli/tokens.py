@@ -107,6 +107,10 @@ def tokenize_table(
     sample_ids = np.array(table.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
 
     pieces: list[list[int]] = []
+    # a fast tokenizer keeps a call's truncation/padding in its state, and save_pretrained writes that state
+    # into tokenizer.json: restore it, so a saved tokenizer has the same bytes whether this cache was hit or not
+    backend = getattr(tokenizer, "_tokenizer", None)
+    saved = (backend.truncation, backend.padding) if backend is not None else None
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         enc = tokenizer(
             texts[start : start + _TOKENIZE_CHUNK],
@@ -117,6 +121,10 @@ def tokenize_table(
             return_token_type_ids=False,
         )
         pieces.extend(enc["input_ids"])
+    if saved is not None:
+        trunc, pad = saved
+        backend.no_truncation() if trunc is None else backend.enable_truncation(**trunc)
+        backend.no_padding() if pad is None else backend.enable_padding(**pad)
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

@@ -131,6 +131,8 @@ class _Rows:
 
 
 def _read_rows(path: Path, what: str) -> tuple[Any, _Rows]:
+    import pyarrow as pa
+
     table = artifacts.read_table(path, what)
     artifacts.require_columns(table, ["sample_id", "text", "label"], path)
     if table.num_rows == 0:
@@ -141,6 +143,11 @@ def _read_rows(path: Path, what: str) -> tuple[Any, _Rows]:
     labels_col = table.column("label")
     if labels_col.null_count:
         raise DataError(f"{what} {path} has rows without a label")
+    if not pa.types.is_integer(labels_col.type):
+        raise DataError(
+            f"{what} {path}: column label must hold class ids (integers), it holds {labels_col.type}",
+            "use the tables `mlrnet corrupt` writes (it maps class names to ids)",
+        )
     labels = np.array(labels_col.to_numpy(zero_copy_only=False), dtype=np.int64)
     noisy = None
     if "is_noisy" in table.column_names and table.column("is_noisy").null_count == 0:
@@ -183,17 +190,25 @@ def _save_model_dir(
     target: Path, model: torch.nn.Module, tokenizer: Any, meta_net: torch.nn.Module | None, meta: dict, extra: dict
 ) -> None:
     """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
+    from safetensors import SafetensorError
+
     tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if meta_net is not None:
-        artifacts.write_tensors(
-            tmp / "meta_net.safetensors", meta_net.state_dict(), {**meta, "meta_net": meta_net.spec()}
-        )
-    artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
-    artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if meta_net is not None:
+            artifacts.write_tensors(
+                tmp / "meta_net.safetensors", meta_net.state_dict(), {**meta, "meta_net": meta_net.spec()}
+            )
+        artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
+        artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
+    except (OSError, SafetensorError, ArtifactError) as e:  # a full disk, mostly
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"cannot write {target}: {e}", "check free space and permissions") from e
     old = target.parent / f"{artifacts.TMP_PREFIX}{target.name}-old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -333,9 +348,19 @@ def train(
     artifacts.guard_output(
         history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
     )
+    artifacts.check_writable(out)  # now, not after the first epoch
+    for folder in (out, ws.cache):  # what a killed run left half-written (never read as artifacts)
+        artifacts.clean_stale_temps(folder)
     state: dict[str, Any] | None = None
     if (state_dir / STATE_FILE).is_file():
-        state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            # weights_only: a state file is data, never code (a crafted pickle is refused, not run)
+            state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, a truncated zip, ...: all mean "not a state we wrote"
+            raise ArtifactError(
+                f"resume state {state_dir / STATE_FILE} is unreadable or not mlrnet's: {type(e).__name__}",
+                "pass --overwrite to start again",
+            ) from e
         if state.get("provenance") != artifacts.provenance(meta):
             if not overwrite:
                 raise artifacts.ArtifactExistsError(

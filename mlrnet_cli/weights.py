@@ -25,6 +25,7 @@ import torch
 from mlrnet_cli import metrics, modeling
 from mlrnet_cli.artifacts import (
     atomic_path,
+    check_writable,
     fingerprint_file,
     guard_output,
     make_meta,
@@ -303,6 +304,7 @@ def compute_weights(
     for p in paths.values():
         if p != out_path:
             guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
+        check_writable(p)  # now, not after the classifier pass
 
     device = modeling.select_device(config.device)
     clf, class_names, _ = load_trained_classifier(model_id, ws, device)

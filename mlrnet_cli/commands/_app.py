@@ -25,7 +25,7 @@ class MlrnetGroup(TyperGroup):
         except MlrnetError as e:
             if os.environ.get("MLRNET_DEBUG"):
                 raise
-            click.echo(f"mlrnet: error: {e}", err=True)
+            click.echo(f"mlrnet: error: {' '.join(str(e).splitlines())}", err=True)  # one line, always
             ctx.exit(e.exit_code)
 
 
