@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlrnet_cli import artifacts
+from mlrnet_cli import artifacts, distributed
 from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, ConfigError, DataError, UsageError
 from mlrnet_cli.modeling import (
     autocast_context,
@@ -32,8 +32,9 @@ from mlrnet_cli.modeling import (
     load_tokenizer,
     model_fingerprint,
     select_device,
+    to_device,
 )
-from mlrnet_cli.progress import Progress
+from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, tokenize_table
 
@@ -43,7 +44,10 @@ STAGE = "collect-losses"
 RECORD_MODES = ("train", "eval")
 _STATE_DIR = "state"
 _EPOCH_PREFIX = "epoch-"
-_RUNTIME_FIELDS = ("device", "allow_pickle", "trust_remote_code")  # don't change results: not in provenance
+# don't change results (compile: up to float rounding): not in provenance
+_RUNTIME_FIELDS = ("device", "allow_pickle", "trust_remote_code", "compile")
+#: the training loop reads the loss back for the progress bar only every this many steps (a host sync)
+_PROGRESS_LOSS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class CollectConfig:
     device: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    compile: bool = False  #: torch.compile the training forward (plain fine-tuning: no double backward here)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -310,45 +315,57 @@ def _load_state(
 
 
 class _Stats:
-    """Running loss/accuracy sums against observed and (where known) true labels."""
+    """Running loss/accuracy sums against observed and (where known) true labels, kept on the device.
 
-    def __init__(self) -> None:
-        self.n = self.loss = self.correct = 0.0
-        self.tn = self.tloss = self.tcorrect = 0.0
-        self.noisy_n = self.noisy_loss = self.clean_n = self.clean_loss = 0.0
+    Nothing is read back until :meth:`row` (once per epoch), and under torchrun the sums are added over the
+    ranks there. On CPU the float sums use the boolean-indexed rows, exactly as before; on CUDA they use
+    masked sums instead (boolean indexing would sync with the host every step): equal up to rounding.
+    """
+
+    _FIELDS = ("loss", "correct", "tn", "tloss", "tcorrect", "noisy_n", "noisy_loss", "clean_n", "clean_loss")
+
+    def __init__(self, device: torch.device, sync_free: bool | None = None) -> None:
+        self.n = 0
+        self.sums = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
+        self.sync_free = device.type == "cuda" if sync_free is None else sync_free
 
     def add(self, logits: torch.Tensor, per: torch.Tensor, y: torch.Tensor, yt: torch.Tensor | None) -> None:
         pred = logits.argmax(-1)
         self.n += len(y)
-        self.loss += per.sum().item()
-        self.correct += (pred == y).sum().item()
+        vals = [per.sum(), (pred == y).sum()]
         if yt is not None:
             known = yt >= 0
-            if known.any():
+            noisy = known & (yt != y)
+            clean = known & (yt == y)
+            if self.sync_free:
+                tl = F.cross_entropy(logits, yt.clamp_min(0), reduction="none")
+                tloss, noisy_loss = torch.where(known, tl, 0.0).sum(), torch.where(noisy, per, 0.0).sum()
+                clean_loss = torch.where(clean, per, 0.0).sum()
+            else:
                 tl = F.cross_entropy(logits[known], yt[known], reduction="none")
-                self.tn += known.sum().item()
-                self.tloss += tl.sum().item()
-                self.tcorrect += (pred[known] == yt[known]).sum().item()
-                noisy = known & (yt != y)
-                clean = known & (yt == y)
-                self.noisy_n += noisy.sum().item()
-                self.noisy_loss += per[noisy].sum().item()
-                self.clean_n += clean.sum().item()
-                self.clean_loss += per[clean].sum().item()
+                tloss, noisy_loss, clean_loss = tl.sum(), per[noisy].sum(), per[clean].sum()
+            vals += [known.sum(), tloss, (known & (pred == yt)).sum(), noisy.sum(), noisy_loss, clean.sum(), clean_loss]
+        part = torch.stack([v.to(torch.float64) for v in vals])
+        self.sums[: len(vals)] += part
 
     def row(self, epoch: int, source: str) -> dict[str, Any]:
+        sums = distributed.all_reduce_sum(self.sums)
+        n = self.n
+        if distributed.is_distributed():
+            n = int(distributed.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64)).item())
+        loss, correct, tn, tloss, tcorrect, noisy_n, noisy_loss, clean_n, clean_loss = sums.tolist()
         row: dict[str, Any] = {
             "epoch": epoch,
             "source": source,
-            "loss": self.loss / max(self.n, 1),
-            "accuracy": self.correct / max(self.n, 1),
+            "loss": loss / max(n, 1),
+            "accuracy": correct / max(n, 1),
         }
-        if self.tn:
-            row.update(true_loss=self.tloss / self.tn, true_accuracy=self.tcorrect / self.tn)
-        if self.noisy_n:
-            row["noisy_loss"] = self.noisy_loss / self.noisy_n
-        if self.clean_n:
-            row["clean_loss"] = self.clean_loss / self.clean_n
+        if tn:
+            row.update(true_loss=tloss / tn, true_accuracy=tcorrect / tn)
+        if noisy_n:
+            row["noisy_loss"] = noisy_loss / noisy_n
+        if clean_n:
+            row["clean_loss"] = clean_loss / clean_n
         return row
 
 
@@ -400,9 +417,11 @@ def collect_losses(
         class_names=data.class_names,
     )
     input_paths = [train_path] + ([manifest_path] if manifest_path else [])
-    _clean_stale(stage1_dir, losses_path, cache_dir)
-    if stage1_dir.is_dir() and not any(stage1_dir.iterdir()):
-        stage1_dir.rmdir()  # an empty folder (a run killed before its first epoch ended) holds nothing to guard
+    if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
+        _clean_stale(stage1_dir, losses_path, cache_dir)
+        if stage1_dir.is_dir() and not any(stage1_dir.iterdir()):
+            stage1_dir.rmdir()  # an empty folder (a run killed before its first epoch ended) holds nothing to guard
+    distributed.barrier()
     artifacts.guard_output(losses_path, meta, inputs=input_paths, overwrite=overwrite)
     artifacts.guard_output(
         stage1_dir, dict(meta, kind="stage1"), inputs=input_paths, overwrite=overwrite, read_meta=_stage1_meta_reader
@@ -412,13 +431,17 @@ def collect_losses(
         if done is not None:
             log.info("collect-losses: %s is up to date (same inputs and config)", losses_path)
             return done
-    elif (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
-        # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
-        shutil.rmtree(stage1_dir)
+    distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
+    if overwrite and distributed.is_main():
+        if (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
+            # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
+            shutil.rmtree(stage1_dir)
+    distributed.barrier()
 
-    device = select_device(config.device)
+    device = select_device(distributed.resolve_device(config.device))
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    token_cache = tokenize_table(train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table)
+    with distributed.main_first():  # rank 0 fills the token cache, the others read it
+        token_cache = tokenize_table(train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table)
     if not np.array_equal(token_cache.sample_ids, data.sample_ids.numpy()):  # pragma: no cover - same table
         raise ArtifactError(f"token cache {token_cache.path} does not match {train_path}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -433,7 +456,8 @@ def collect_losses(
 
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(config.seed)
+        # one dropout stream per rank (rank 0's is the single-process one)
+        torch.manual_seed(config.seed + distributed.rank())
         run = _Run(config, data, token_cache, model, device, pad_id, cache_dir, model_fp, progress)
         resumed_from = run.train(stage1_dir, meta)
     losses_cpu = run.losses.cpu()
@@ -441,10 +465,13 @@ def collect_losses(
         raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
 
     # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
-    stage1_meta = dict(meta, kind="stage1")
-    _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta)
-    fp = artifacts.write_tensors(losses_path, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
-    shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
+    fp = None
+    if distributed.is_main():
+        stage1_meta = dict(meta, kind="stage1")
+        _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta)
+        fp = artifacts.write_tensors(losses_path, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
+        shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
+    fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
     seconds = time.perf_counter() - t_start
     return CollectResult(
         losses_path=losses_path,
@@ -511,6 +538,13 @@ def _write_stage1(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _classifier_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a batch: the head on cached features (``--freeze-encoder``), else the whole classifier."""
+    if "features" in inputs:
+        return head_logits(model, inputs["features"])
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
 class _Run:
     """The training loop of one collect-losses run (full fine-tuning, or head only on cached features)."""
 
@@ -528,7 +562,7 @@ class _Run:
     ) -> None:
         self.config, self.data, self.tokens, self.model, self.device = config, data, tokens, model, device
         self.pad_id = pad_id
-        self.progress = get_progress(progress)
+        self.progress = get_progress(progress) if distributed.is_main() else NullProgress()
         self.n = len(data.labels)
         self.labels = data.labels.to(device)
         self.true = data.true_labels.to(device) if data.true_labels is not None else None
@@ -539,15 +573,16 @@ class _Run:
         self.feature_cache: Path | None = None
         if config.freeze_encoder:
             encoder_id = encoder_cache_id(model, model_fp, config.seed)
-            self.features = encode_features(
-                model,
-                tokens,
-                model_id=encoder_id,
-                cache_dir=cache_dir,
-                pad_id=pad_id,
-                device=device,
-                progress=progress,
-            ).to(device)
+            with distributed.main_first():
+                self.features = encode_features(
+                    model,
+                    tokens,
+                    model_id=encoder_id,
+                    cache_dir=cache_dir,
+                    pad_id=pad_id,
+                    device=device,
+                    progress=self.progress,
+                ).to(device)
             from mlrnet_cli.tokens import features_key
 
             key = features_key(encoder_id, tokens.key)
@@ -560,63 +595,89 @@ class _Run:
         self.optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr)
         from transformers import get_linear_schedule_with_warmup
 
-        steps = config.epochs * math.ceil(self.n / config.batch_size)
+        # global steps: batches of batch_size rows per rank (batch_size x world in all)
+        steps = config.epochs * distributed.num_steps(self.n, config.batch_size)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * steps), steps)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # the real step's forward: the model itself, or DDP (gradient all-reduce) / torch.compile around it
+        self.train_forward = distributed.training_forward(
+            model, _classifier_logits, device, compile_forward=config.compile
+        )
 
-    def _logits(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _inputs(self, idx: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         if self.features is not None:
-            rows = torch.as_tensor(idx, device=self.device)
-            return head_logits(self.model, self.features[rows])
+            return {"features": self.features[torch.as_tensor(idx, device=self.device)]}
         ids, mask = self.tokens.batch(idx, self.pad_id)
-        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return {"input_ids": to_device(ids, self.device), "attention_mask": to_device(mask, self.device)}
 
     def _true(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self.true[rows] if self.true is not None else None
 
     @torch.no_grad()
     def eval_pass(self, epoch: int) -> None:
-        """Losses of every sample in eval mode (no dropout) into column ``epoch``."""
+        """Losses of every sample in eval mode (no dropout) into column ``epoch`` (ranks split the batches)."""
         self.model.eval()
-        stats = _Stats()
+        stats = _Stats(self.device)
         bs = max(self.config.batch_size, 64)
-        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=self.n) as task:
-            for idx in length_grouped_batches(self.tokens.lengths, bs):
-                rows = torch.from_numpy(idx).to(self.device)
+        batches = length_grouped_batches(self.tokens.lengths, bs)
+        own = batches[distributed.rank() :: distributed.world_size()]
+        total = sum(len(b) for b in own)
+        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=total) as task:
+            for idx in own:
+                rows = to_device(torch.from_numpy(idx), self.device)
                 with autocast_context(self.device):
-                    logits = self._logits(idx)
+                    logits = _classifier_logits(self.model, self._inputs(idx))
                 logits = logits.float()
                 per = F.cross_entropy(logits, self.labels[rows], reduction="none")
                 self.losses[rows, epoch] = per
                 stats.add(logits, per, self.labels[rows], self._true(rows))
                 task.advance(len(idx))
+        if distributed.is_distributed():
+            self._gather_column(epoch, [torch.from_numpy(b) for b in own])
         self.history.append(stats.row(epoch, "eval"))
+
+    def _gather_column(self, epoch: int, own_rows: list[torch.Tensor]) -> None:
+        """Every rank's recorded losses of this epoch into column ``epoch`` (row order = sample_id order)."""
+        rows = (torch.cat(own_rows) if own_rows else torch.zeros(0, dtype=torch.int64)).to(self.device)
+        self.losses[:, epoch] = distributed.gather_rows(rows, self.losses[rows, epoch], self.n)
 
     def train_epoch(self, epoch: int) -> float:
         cfg = self.config
         self.model.train()
-        stats = _Stats()
+        stats = _Stats(self.device)
         perm = torch.randperm(self.n, generator=self.generator)
+        shards = distributed.shard_batches(perm, cfg.batch_size)
+        multi = distributed.is_distributed()
+        own_rows: list[torch.Tensor] = []
         t0 = time.perf_counter()
         with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=self.n) as task:
-            for start in range(0, self.n, cfg.batch_size):
-                idx = perm[start : start + cfg.batch_size]
-                rows = idx.to(self.device)
+            for k, shard in enumerate(shards):
+                idx = shard.rows
+                rows = to_device(idx, self.device)
                 y = self.labels[rows]
                 with autocast_context(self.device):
-                    logits = self._logits(idx.numpy())
+                    logits = self.train_forward(self._inputs(idx.numpy()))
                 # per-sample CE against the observed label (the HF `labels=` path only returns the mean)
                 per = F.cross_entropy(logits.float(), y, reduction="none")
-                per.mean().backward()
+                if multi:
+                    # DDP averages the ranks' gradients: scaling by share makes that the global batch's mean
+                    (per.sum() * (shard.share / len(idx))).backward()
+                else:
+                    per.mean().backward()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if cfg.record == "train":
+                if cfg.record == "train" and not shard.is_placeholder:
                     self.losses[rows, epoch] = per.detach()
                     stats.add(logits.detach().float(), per.detach(), y, self._true(rows))
-                task.advance(len(idx), loss=float(per.detach().mean()))
+                    own_rows.append(idx)
+                # reading the loss back syncs with the device: only now and then, for the progress bar
+                shown = k % _PROGRESS_LOSS_EVERY == 0 or k == len(shards) - 1
+                task.advance(shard.global_size, **({"loss": float(per.detach().mean())} if shown else {}))
         seconds = time.perf_counter() - t0
         if cfg.record == "train":
+            if multi:
+                self._gather_column(epoch, own_rows)
             self.history.append(stats.row(epoch, "train"))
         else:
             self.eval_pass(epoch)
@@ -655,6 +716,8 @@ class _Run:
                 f", true accuracy {last['true_accuracy']:.3f}" if "true_accuracy" in last else "",
             )
             # also after the last epoch: a kill while the outputs are written loses no training
+            if not distributed.is_main():
+                continue
             _save_state(
                 stage1_dir,
                 epoch,

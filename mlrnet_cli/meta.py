@@ -69,7 +69,7 @@ class MetaStepOutput:
     loss: torch.Tensor
     losses: torch.Tensor
     weights: torch.Tensor
-    meta_loss: float | None
+    meta_loss: torch.Tensor | None  #: detached 0-d tensor (no host sync per step); ``float()`` it when needed
 
 
 def parse_meta_params(spec: str) -> tuple[str, int]:
@@ -130,8 +130,9 @@ def weight_coefficients(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return weights / weights.numel()
     total = weights.sum()
-    # MW-Net's guard: an all-zero batch keeps its zeros rather than dividing by zero
-    return weights / total if bool(total > 0) else weights
+    # MW-Net's guard: an all-zero batch keeps its zeros rather than dividing by zero. torch.where on the
+    # divisor (not on the quotient: that would leak NaN gradients) keeps it on the device, no host sync.
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -236,24 +237,32 @@ def meta_step(
     fns: ClassifierFns,
     update_meta: bool = True,
     mode: str = "jvp",
+    real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
     ``meta_params`` are parameter names (see :func:`resolve_meta_params`). With ``update_meta=False``
     (between ``--meta-interval`` steps) only the weighted loss is computed. The caller backpropagates
     ``output.loss`` and steps its own optimiser; the classifier's ``.grad`` is never touched here.
+
+    ``real_forward(inputs)`` runs the training forward whose graph ``output.loss`` carries (default
+    ``fns.forward(model, inputs)``); under torchrun it is the DistributedDataParallel-wrapped forward, so the
+    caller's backward all-reduces the classifier's gradients, while ŵ and the meta loss use ``model`` itself.
+    ``reduce_meta_grads(grads)`` may change the θ gradients in place before the meta optimiser steps (e.g.
+    average them across ranks; each rank's virtual step ran on its own shard).
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
     device = batch.labels.device
     rng = _rng_snapshot(device)
     with math_attention():
-        features, logits = fns.forward(model, batch.inputs)
+        features, logits = real_forward(batch.inputs) if real_forward is not None else fns.forward(model, batch.inputs)
     losses = per_sample_loss(logits, batch.labels)
     feats = features.detach()
     loss_in = losses.detach()
 
-    meta_loss_value: float | None = None
+    meta_loss_value: torch.Tensor | None = None
     if update_meta and meta_batch is not None and meta_opt is not None:
         params = dict(model.named_parameters())
         names = list(meta_params)
@@ -294,8 +303,10 @@ def meta_step(
         meta_opt.zero_grad(set_to_none=True)
         for p, g in zip(theta, theta_grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g.detach()
+        if reduce_meta_grads is not None:
+            reduce_meta_grads([p.grad for p in theta])
         meta_opt.step()
-        meta_loss_value = float(meta_loss.detach())
+        meta_loss_value = meta_loss.detach()
 
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()

@@ -79,6 +79,14 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[
     return contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host→device copy of a batch: through pinned memory and ``non_blocking`` on CUDA (the copy overlaps
+    the running kernels, no sync); ``t`` itself on CPU."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def math_attention() -> contextlib.AbstractContextManager[Any]:
     """Force the math SDPA kernel: the CPU flash kernel has no double backward and no forward-mode AD."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

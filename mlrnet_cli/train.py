@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlrnet_cli import artifacts
+from mlrnet_cli import artifacts, distributed
 from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError
 from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, parse_meta_params, per_sample_loss, resolve_meta_params
 from mlrnet_cli.metanet import MLRNetMetaNet, MWNet
-from mlrnet_cli.progress import Progress
+from mlrnet_cli.modeling import to_device as modeling_to_device
+from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.workspace import Workspace
 
@@ -33,6 +34,8 @@ log = logging.getLogger("mlrnet")
 METHODS = ("mlrnet", "mwnet", "plain", "plain-meta", "meta-only")
 META_METHODS = ("mlrnet", "mwnet")
 STATE_FILE = "state.pt"
+#: the training loop reads the loss back for the progress bar only every this many steps (a host sync)
+_PROGRESS_LOSS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class TrainConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     meta_mode: str = "jvp"  # jvp (forward-mode, less memory) | unrolled (create_graph); both exact
+    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
+    # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
+    compile: bool = False
 
     def validate(self) -> None:
         from mlrnet_cli.errors import UsageError
@@ -342,15 +348,17 @@ def train(
     if len(dev_pos) == 0:
         log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
 
-    meta = artifacts.make_meta("train", "model", config=asdict(config), seed=config.seed, inputs=inputs)
+    provenance_config = {k: v for k, v in asdict(config).items() if k != "compile"}  # compile: runtime only
+    meta = artifacts.make_meta("train", "model", config=provenance_config, seed=config.seed, inputs=inputs)
     history_path = out / "history.arrow"
     state_dir = out / "state"
     artifacts.guard_output(
         history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
     )
     artifacts.check_writable(out)  # now, not after the first epoch
-    for folder in (out, ws.cache):  # what a killed run left half-written (never read as artifacts)
-        artifacts.clean_stale_temps(folder)
+    if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
+        for folder in (out, ws.cache):  # what a killed run left half-written (never read as artifacts)
+            artifacts.clean_stale_temps(folder)
     state: dict[str, Any] | None = None
     if (state_dir / STATE_FILE).is_file():
         try:
@@ -368,11 +376,13 @@ def train(
                     "pass --overwrite to start again, or choose another --workdir",
                 )
             state = None
-    if overwrite and state is None:
+    distributed.barrier()  # every rank has read the old state before rank 0 removes it
+    if overwrite and state is None and distributed.is_main():
         shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.barrier()
 
     # model, tokens, features
-    device = modeling.select_device(config.device)
+    device = modeling.select_device(distributed.resolve_device(config.device))
     init_path = config.model
     if config.init_from == "stage1":
         init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
@@ -387,11 +397,16 @@ def train(
     ).to(device)
     tok_id = modeling.model_fingerprint(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_tok = tokens.tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table)
-    clean_tok = tokens.tokenize_table(clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table)
-    dev_tok = clean_tok
-    if dev_table is not None:
-        dev_tok = tokens.tokenize_table(dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table)
+    with distributed.main_first():  # rank 0 fills the caches, the others read them
+        train_tok = tokens.tokenize_table(
+            train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table
+        )
+        clean_tok = tokens.tokenize_table(
+            clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table
+        )
+        dev_tok = clean_tok
+        if dev_table is not None:
+            dev_tok = tokens.tokenize_table(dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table)
     head_prefix = modeling.head_name(model) + "."
 
     feats: dict[str, torch.Tensor] = {}
@@ -399,10 +414,12 @@ def train(
     if config.freeze_encoder:
         # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
         enc_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
+        quiet = progress if distributed.is_main() else NullProgress()
         for key, tc in (("train", train_tok), ("clean", clean_tok), ("dev", dev_tok)):
-            feats[key] = tokens.encode_features(
-                model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=progress
-            )
+            with distributed.main_first():
+                feats[key] = tokens.encode_features(
+                    model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=quiet
+                )
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(head_prefix))
 
@@ -418,10 +435,10 @@ def train(
 
     def inputs_of(source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
         if config.freeze_encoder:
-            return {"features": feats[source][torch.from_numpy(positions)].to(device)}
+            return {"features": modeling.to_device(feats[source][torch.from_numpy(positions)], device)}
         tc = {"train": train_tok, "clean": clean_tok, "dev": dev_tok}[source]
         ids, mask = tc.batch(positions, pad_id)
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        return {"input_ids": modeling.to_device(ids, device), "attention_mask": modeling.to_device(mask, device)}
 
     # meta-net
     torch.manual_seed(config.seed)
@@ -443,6 +460,7 @@ def train(
     names: list[str] = []
     if meta_net is not None:
         meta_net.to(device)
+        distributed.broadcast_module_(meta_net)  # every rank starts from rank 0's θ (same seed anyway)
         meta_opt = torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=1e-4)
         names = resolve_meta_params(model, config.meta_params, head_prefix)
 
@@ -454,7 +472,8 @@ def train(
     else:
         parts = [("train", np.arange(len(train_rows.sample_ids)))]
     items = [(src, int(p)) for src, ps in parts for p in ps]
-    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    # global steps: batches of batch_size rows per rank (batch_size x world in all)
+    steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -479,52 +498,85 @@ def train(
     labels_clean = torch.from_numpy(clean_rows.labels)
     noisy = train_rows.is_noisy
     mbs = min(config.meta_batch_size or config.batch_size, len(meta_pos))
-    bar = get_progress(progress)
+    bar = get_progress(progress) if distributed.is_main() else NullProgress()
     extra = {"class_names": class_names, "meta_sample_ids": clean_rows.sample_ids[meta_pos].tolist(),
              "encoder_cache_id": enc_id}
+    multi = distributed.is_distributed()
+    if config.compile and meta_net is not None:
+        log.warning(
+            "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
+            "which torch.compile does not support; it runs eagerly",
+            config.method,
+        )
+    # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
+    # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
+    real_forward = distributed.training_forward(
+        model, forward, device, compile_forward=config.compile and meta_net is None
+    )
+    n_train = len(train_rows.sample_ids)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(config.seed * 7919 + epoch)  # dropout masks: same per epoch on resume
-        order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0)).tolist()
+        # dropout masks: same per epoch on resume, one stream per rank (rank 0's is the single-process one)
+        torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * distributed.rank())
+        order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0))
+        shards = distributed.shard_batches(order, config.batch_size)
         meta_gen = _epoch_generator(config.seed, epoch, 1)
+        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
+        meta_slot = torch.arange(mbs) + distributed.rank() * mbs
         model.train()
-        loss_sum, n_seen = 0.0, 0
-        w_sum = np.zeros(len(train_rows.sample_ids))
-        w_cnt = np.zeros(len(train_rows.sample_ids))
-        meta_losses: list[float] = []
+        # running sums stay on the device: read back once per epoch (no host sync per step)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_seen = 0
+        w_sum = torch.zeros(n_train, dtype=torch.float64, device=device)
+        w_cnt = torch.zeros(n_train, dtype=torch.float64, device=device)
+        meta_losses: list[torch.Tensor] = []
         with bar.task(f"epoch {epoch + 1}/{config.epochs}", total=len(items)) as task:
-            for b in range(steps_per_epoch):
-                chunk = [items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
+            for b, shard in enumerate(shards):
+                chunk = [items[i] for i in shard.rows.tolist()]
                 srcs = {s for s, _ in chunk}
+                reduce_meta = None
+                if multi:
+
+                    def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
+                        distributed.all_reduce_mean_(grads, share)
+
                 if len(srcs) > 1:  # plain-meta mixes tables: run each part and concatenate
                     ins = [inputs_of(s, np.array([p for s2, p in chunk if s2 == s])) for s in sorted(srcs)]
-                    labs = torch.cat(
-                        [
-                            (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
-                            for s in sorted(srcs)
-                        ]
-                    ).to(device)
-                    logits = torch.cat([forward(model, i)[1] for i in ins])
+                    labs = modeling.to_device(
+                        torch.cat(
+                            [
+                                (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
+                                for s in sorted(srcs)
+                            ]
+                        ),
+                        device,
+                    )
+                    logits = real_forward(ins)[1]
                     loss = per_sample_loss(logits, labs).mean()
                     losses_b = None
                 else:
                     src = chunk[0][0]
                     pos = np.array([p for _, p in chunk])
-                    labs = (labels_train if src == "train" else labels_clean)[torch.from_numpy(pos)].to(device)
+                    pos_t = torch.from_numpy(pos)
+                    labs = modeling.to_device((labels_train if src == "train" else labels_clean)[pos_t], device)
                     batch = StepBatch(
                         inputs_of(src, pos),
                         labs,
-                        curves_all[torch.from_numpy(pos)].to(device)
+                        modeling.to_device(curves_all[pos_t], device)
                         if curves_all is not None and src == "train"
                         else None,
                     )
                     if meta_net is None:
-                        _, logits = forward(model, batch.inputs)
+                        _, logits = real_forward(batch.inputs)
                         loss = per_sample_loss(logits, labs).mean()
                     else:
-                        mpos = meta_pos[torch.randperm(len(meta_pos), generator=meta_gen)[:mbs].numpy()]
-                        mb = StepBatch(inputs_of("clean", mpos), labels_clean[torch.from_numpy(mpos)].to(device))
+                        mperm = torch.randperm(len(meta_pos), generator=meta_gen)
+                        mpos = meta_pos[mperm[meta_slot % len(meta_pos)].numpy()]
+                        mb = StepBatch(
+                            inputs_of("clean", mpos),
+                            modeling.to_device(labels_clean[torch.from_numpy(mpos)], device),
+                        )
                         res = meta_step(
                             model,
                             meta_net,
@@ -537,23 +589,37 @@ def train(
                             fns=fns,
                             update_meta=step % config.meta_interval == 0,
                             mode=config.meta_mode,
+                            real_forward=real_forward,
+                            reduce_meta_grads=reduce_meta,
                         )
                         loss = res.loss
-                        w_sum[pos] += res.weights.double().cpu().numpy()
-                        w_cnt[pos] += 1
-                        if res.meta_loss is not None:
-                            meta_losses.append(res.meta_loss)
+                        if not shard.is_placeholder:
+                            pos_d = modeling.to_device(pos_t, device)
+                            w_sum.index_add_(0, pos_d, res.weights.double())
+                            w_cnt.index_add_(0, pos_d, torch.ones_like(w_sum[pos_d]))
+                            if res.meta_loss is not None:
+                                meta_losses.append(res.meta_loss)
                         losses_b = res.losses
+                batch_loss = losses_b.mean() if meta_net is not None else loss.detach()
+                if multi:
+                    # DDP averages the ranks' gradients; the share makes that a row-weighted mean
+                    loss = loss * shard.share
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
-                batch_loss = float(losses_b.mean()) if meta_net is not None else float(loss.detach())
-                loss_sum += batch_loss * len(chunk)
-                n_seen += len(chunk)
-                task.advance(len(chunk), loss=batch_loss)
+                if not shard.is_placeholder:
+                    loss_sum += batch_loss.double() * len(chunk)
+                    n_seen += len(chunk)
+                # reading the loss back syncs with the device: only now and then, for the progress bar
+                shown = b % _PROGRESS_LOSS_EVERY == 0 or b == len(shards) - 1
+                task.advance(shard.global_size, **({"loss": float(batch_loss)} if shown else {}))
 
+        if multi:
+            loss_sum = distributed.all_reduce_sum(loss_sum)
+            n_seen = int(distributed.all_reduce_sum(torch.tensor([float(n_seen)], dtype=torch.float64)).item())
+            w_sum, w_cnt = distributed.all_reduce_sum(w_sum), distributed.all_reduce_sum(w_cnt)
         dev_acc = _accuracy(
             model,
             forward,
@@ -564,14 +630,26 @@ def train(
             config.batch_size * 2,
             device,
         )
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "dev_accuracy": dev_acc}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / max(n_seen, 1),
+            "dev_accuracy": dev_acc,
+        }
         if meta_net is not None:
-            seen = w_cnt > 0
-            w = w_sum[seen] / w_cnt[seen]
+            w_sum_np, w_cnt_np = w_sum.cpu().numpy(), w_cnt.cpu().numpy()
+            seen = w_cnt_np > 0
+            w = w_sum_np[seen] / w_cnt_np[seen]
+            meta_loss_mean = None
+            if multi:
+                ml = torch.stack(meta_losses).double().sum() if meta_losses else torch.zeros((), dtype=torch.float64)
+                tot = distributed.all_reduce_sum(torch.stack([ml.cpu(), torch.tensor(float(len(meta_losses)))]))
+                meta_loss_mean = float(tot[0] / tot[1]) if float(tot[1]) else None
+            elif meta_losses:
+                meta_loss_mean = float(np.mean(torch.stack(meta_losses).double().cpu().numpy()))
             row.update(
                 weight_mean=float(w.mean()),
                 weight_std=float(w.std()),
-                meta_loss=float(np.mean(meta_losses)) if meta_losses else None,
+                meta_loss=meta_loss_mean,
             )
             if noisy is not None:
                 nz = noisy[seen]
@@ -595,29 +673,33 @@ def train(
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
 
-        model_meta = {**meta, "epoch": epoch + 1}
-        _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
         better = dev_acc is None or dev_acc > best_acc
         if better:
             best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
-            _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-        artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
-        new_state = {
-            "provenance": artifacts.provenance(meta),
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
-            "history": history,
-            "best_acc": best_acc,
-            "best_epoch": best_epoch,
-        }
-        if meta_net is not None:
-            new_state["meta_net"] = meta_net.state_dict()
-            new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
-        with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
-            torch.save(new_state, tmp)
+        # only rank 0 writes (every rank holds the same model, meta-net and history)
+        if distributed.is_main():
+            model_meta = {**meta, "epoch": epoch + 1}
+            _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+            if better:
+                _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+            artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
+            new_state = {
+                "provenance": artifacts.provenance(meta),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "history": history,
+                "best_acc": best_acc,
+                "best_epoch": best_epoch,
+            }
+            if meta_net is not None:
+                new_state["meta_net"] = meta_net.state_dict()
+                new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
+            with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
+                torch.save(new_state, tmp)
 
+    distributed.barrier()  # the others return once rank 0 has written everything
     return TrainResult(
         best_dir=out / "best",
         last_dir=out / "last",
@@ -634,15 +716,21 @@ def train(
 
 
 def _accuracy(model, forward, inputs_of, source, positions, labels, batch_size, device) -> float | None:  # noqa: ANN001
-    """Accuracy on the dev rows (eval mode, no dropout, no gradients)."""
+    """Accuracy on the dev rows (eval mode, no dropout, no gradients); under torchrun each rank scores a part."""
     if len(positions) == 0:
         return None
+    total = len(positions)
+    labels = np.asarray(labels)
+    if distributed.is_distributed():
+        part = distributed.split_evenly(total).numpy()
+        positions, labels = positions[part], labels[part]
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device, read once
     with torch.no_grad():
         for i in range(0, len(positions), batch_size):
             pos = positions[i : i + batch_size]
             _, logits = forward(model, inputs_of(source, pos))
-            correct += int((logits.argmax(-1).cpu() == torch.from_numpy(np.asarray(labels[i : i + batch_size]))).sum())
+            y = modeling_to_device(torch.from_numpy(labels[i : i + batch_size]), device)
+            correct += (logits.argmax(-1) == y).sum()
     model.train()
-    return correct / len(positions)
+    return int(distributed.all_reduce_sum(correct).item()) / total

@@ -81,6 +81,11 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
+def quiet_logging() -> None:
+    """Non-zero ranks of a torchrun job: only errors reach stderr (rank 0 reports for everyone)."""
+    logging.getLogger("mlrnet").setLevel(logging.ERROR)
+
+
 def progress() -> Any:
     from mlrnet_cli.progress import RichProgress
 

@@ -60,11 +60,17 @@ def collect_losses_cmd(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Run the model repository's own code: only for models you trust."
     ),
+    compile_forward: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the training forward (stage 1 is plain fine-tuning, so all of it; worth it on GPU).",
+    ),
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
+    from mlrnet_cli import distributed
     from mlrnet_cli.collect import CollectConfig, collect_losses
-    from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli.commands._app import progress, quiet_logging, setup_logging
     from mlrnet_cli.workspace import Workspace
 
     setup_logging()
@@ -91,15 +97,21 @@ def collect_losses_cmd(
         device=device,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        compile=compile_forward,
     )
-    result = collect_losses(
-        config,
-        train_path=train_path,
-        manifest_path=manifest_path,
-        losses_path=out or ws.losses,
-        stage1_dir=stage1_dir or ws.stage1,
-        cache_dir=ws.cache,
-        overwrite=overwrite,
-        progress=progress(),
-    )
-    emit({"losses": result.losses_path, "stage1": result.stage1_dir}, result.summary(), as_json)
+    # under torchrun (WORLD_SIZE > 1): join the process group; one process: nothing changes
+    with distributed.session():
+        if not distributed.is_main():
+            quiet_logging()
+        result = collect_losses(
+            config,
+            train_path=train_path,
+            manifest_path=manifest_path,
+            losses_path=out or ws.losses,
+            stage1_dir=stage1_dir or ws.stage1,
+            cache_dir=ws.cache,
+            overwrite=overwrite,
+            progress=progress() if distributed.is_main() else None,
+        )
+        if distributed.is_main():  # one result on stdout, from rank 0
+            emit({"losses": result.losses_path, "stage1": result.stage1_dir}, result.summary(), as_json)

@@ -81,12 +81,19 @@ def train_cmd(
         None, "--manifest", help="Manifest [default: WORKDIR/data/manifest.json]."
     ),
     out: Path | None = typer.Option(None, "--out", help="Output folder [default: WORKDIR/model]."),
+    compile_forward: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the training forward of plain, plain-meta and meta-only. mlrnet and mwnet run "
+        "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
+    ),
     seed: int = SeedOption,
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli import distributed
+    from mlrnet_cli.commands._app import progress, quiet_logging, setup_logging
     from mlrnet_cli.train import TrainConfig, train
 
     setup_logging()
@@ -116,21 +123,27 @@ def train_cmd(
         model=model,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        compile=compile_forward,
     )
-    result = train(
-        config,
-        workdir=workdir,
-        train_path=train_path,
-        clean_path=clean_path,
-        losses_path=losses_path,
-        manifest_path=manifest_path,
-        dev_path=dev,
-        out_dir=out,
-        overwrite=overwrite,
-        progress=progress(),
-    )
-    emit(
-        {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},
-        result.summary(),
-        as_json,
-    )
+    # under torchrun (WORLD_SIZE > 1): join the process group; one process: nothing changes
+    with distributed.session():
+        if not distributed.is_main():
+            quiet_logging()
+        result = train(
+            config,
+            workdir=workdir,
+            train_path=train_path,
+            clean_path=clean_path,
+            losses_path=losses_path,
+            manifest_path=manifest_path,
+            dev_path=dev,
+            out_dir=out,
+            overwrite=overwrite,
+            progress=progress() if distributed.is_main() else None,
+        )
+        if distributed.is_main():  # one result on stdout, from rank 0
+            emit(
+                {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},
+                result.summary(),
+                as_json,
+            )
