@@ -431,20 +431,9 @@ def collect_losses(
         if done is not None:
             log.info("collect-losses: %s is up to date (same inputs and config)", losses_path)
             return done
-    distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
-    if overwrite and distributed.is_main():
-        if (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
-            # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
-            shutil.rmtree(stage1_dir)
-    distributed.barrier()
 
     device = select_device(distributed.resolve_device(config.device))
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    with distributed.main_first():  # rank 0 fills the token cache, the others read it
-        token_cache = tokenize_table(train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table)
-    if not np.array_equal(token_cache.sample_ids, data.sample_ids.numpy()):  # pragma: no cover - same table
-        raise ArtifactError(f"token cache {token_cache.path} does not match {train_path}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = load_classifier(
         config.model,
         data.num_classes,
@@ -453,6 +442,18 @@ def collect_losses(
         trust_remote_code=config.trust_remote_code,
         init_seed=config.seed,
     ).to(device)
+    # only once the model loaded: a bad --model with --overwrite must leave the old outputs alone
+    distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
+    if overwrite and distributed.is_main():
+        if (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
+            # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
+            shutil.rmtree(stage1_dir)
+    distributed.barrier()
+    with distributed.main_first():  # rank 0 fills the token cache, the others read it
+        token_cache = tokenize_table(train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table)
+    if not np.array_equal(token_cache.sample_ids, data.sample_ids.numpy()):  # pragma: no cover - same table
+        raise ArtifactError(f"token cache {token_cache.path} does not match {train_path}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):

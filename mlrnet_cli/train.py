@@ -376,10 +376,6 @@ def train(
                     "pass --overwrite to start again, or choose another --workdir",
                 )
             state = None
-    distributed.barrier()  # every rank has read the old state before rank 0 removes it
-    if overwrite and state is None and distributed.is_main():
-        shutil.rmtree(state_dir, ignore_errors=True)
-    distributed.barrier()
 
     # model, tokens, features
     device = modeling.select_device(distributed.resolve_device(config.device))
@@ -395,6 +391,11 @@ def train(
         trust_remote_code=config.trust_remote_code,
         init_seed=config.seed,
     ).to(device)
+    # only once the model loaded: a bad --model with --overwrite must leave the old state alone
+    distributed.barrier()  # every rank has read the old state before rank 0 removes it
+    if overwrite and state is None and distributed.is_main():
+        shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.barrier()
     tok_id = modeling.model_fingerprint(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with distributed.main_first():  # rank 0 fills the caches, the others read them

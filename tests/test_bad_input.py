@@ -487,3 +487,19 @@ def test_loaders_are_safe_by_construction() -> None:
     assert all(w.startswith("modeling.py") for w in model_builders), model_builders
     src = (pkg / "modeling.py").read_text()
     assert '"use_safetensors": None if allow_pickle else True' in src
+
+
+@pytest.mark.parametrize("command", ["collect-losses", "train"])
+def test_overwrite_with_a_bad_model_keeps_the_old_outputs(
+    command: str, tmp_path: Path, done_ws: Path, tiny_model_dir: Path
+) -> None:
+    """`--overwrite` replaces outputs only once the new run can start: a bad --model deletes nothing."""
+    ws = tmp_path / "ws"
+    shutil.copytree(done_ws, ws)
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "readme.txt").write_text("hello")
+    extra = COLLECT if command == "collect-losses" else TRAIN
+    before = snapshot(ws)
+    r = runner.invoke(app, [command, "-w", str(ws), "--model", str(tmp_path / "not-a-model"), *extra, "--overwrite"])
+    check_one_line_error(r, 1, "not-a-model")
+    assert snapshot(ws) == before
