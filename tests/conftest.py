@@ -20,6 +20,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: faster for tiny models on shared cores, and the same as OMP_NUM_THREADS=1
+    subprocesses (so in-process and subprocess runs give the same numerics)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_workdir_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLRNET_WORKDIR", raising=False)

@@ -21,21 +21,14 @@ from typer.testing import CliRunner
 from mlrnet_cli import artifacts
 from mlrnet_cli.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # same numerics as the subprocesses
+
 runner = CliRunner()
 SIZE = ["--max-length", "24", "--device", "cpu"]
 COLLECT = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", *SIZE]
 TRAIN = ["--epochs", "1", "--batch-size", "16", "--meta-per-class", "4", "--meta-params", "last-1", *SIZE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for tiny models on shared cores, and the same in the subprocesses."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,12 @@ from typer.testing import CliRunner
 from mlrnet_cli import artifacts
 from mlrnet_cli.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # same numerics as the subprocesses
+
 runner = CliRunner()
 SIZE = ["--batch-size", "16", "--max-length", "24", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for tiny models on shared cores, and the same in the subprocesses."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pipeline(root: Path, model: Path) -> Path:

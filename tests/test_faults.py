@@ -28,6 +28,8 @@ from typer.testing import CliRunner
 from mlrnet_cli import artifacts
 from mlrnet_cli.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # same numerics as the subprocesses
+
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--batch-size", "16", "--max-length", "24", "--device", "cpu"]
@@ -39,15 +41,6 @@ COLLECT_MILESTONES = ["", "cache/tokens-*", "stage1/state/epoch-0001", "stage1/s
 TRAIN_MILESTONES = ["", "model/last", "model/state/state.pt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for tiny models on shared cores, and the same in the subprocesses."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -80,7 +73,7 @@ def cli(args: list[str]) -> None:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TERM="dumb")
-    env["OMP_NUM_THREADS"] = "1"  # as in this process (see _one_thread): the same numerics
+    env["OMP_NUM_THREADS"] = "1"  # as in this process (see the one_thread fixture): the same numerics
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.pop("MLRNET_DEBUG", None)
     return env
