@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import typer
@@ -14,6 +15,8 @@ from typer.core import TyperGroup
 
 from mlrnet_cli import __version__
 from mlrnet_cli.errors import MlrnetError
+
+T = TypeVar("T")
 
 
 class MlrnetGroup(TyperGroup):
@@ -90,6 +93,22 @@ def progress() -> Any:
     from mlrnet_cli.progress import RichProgress
 
     return RichProgress(stderr_console())
+
+
+def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
+    """Run ``work(progress)`` in a torchrun session (one process: nothing changes); rank 0 alone reports.
+
+    Other ranks get no progress and log errors only, so a job prints one result however many processes it has.
+    """
+    from mlrnet_cli import distributed
+
+    with distributed.session():
+        main = distributed.is_main()
+        if not main:
+            quiet_logging()
+        result = work(progress() if main else None)
+        if main:
+            report(result)
 
 
 def emit(paths: dict[str, Path | str | None], summary: dict[str, Any] | None, as_json: bool) -> None:

@@ -68,9 +68,8 @@ def collect_losses_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli import distributed
     from mlrnet_cli.collect import CollectConfig, collect_losses
-    from mlrnet_cli.commands._app import progress, quiet_logging, setup_logging
+    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
     from mlrnet_cli.workspace import Workspace
 
     setup_logging()
@@ -99,11 +98,8 @@ def collect_losses_cmd(
         trust_remote_code=trust_remote_code,
         compile=compile_forward,
     )
-    # under torchrun (WORLD_SIZE > 1): join the process group; one process: nothing changes
-    with distributed.session():
-        if not distributed.is_main():
-            quiet_logging()
-        result = collect_losses(
+    run_on_ranks(
+        lambda prog: collect_losses(
             config,
             train_path=train_path,
             manifest_path=manifest_path,
@@ -111,7 +107,7 @@ def collect_losses_cmd(
             stage1_dir=stage1_dir or ws.stage1,
             cache_dir=ws.cache,
             overwrite=overwrite,
-            progress=progress() if distributed.is_main() else None,
-        )
-        if distributed.is_main():  # one result on stdout, from rank 0
-            emit({"losses": result.losses_path, "stage1": result.stage1_dir}, result.summary(), as_json)
+            progress=prog,
+        ),
+        lambda result: emit({"losses": result.losses_path, "stage1": result.stage1_dir}, result.summary(), as_json),
+    )

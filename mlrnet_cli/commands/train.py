@@ -92,8 +92,7 @@ def train_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli import distributed
-    from mlrnet_cli.commands._app import progress, quiet_logging, setup_logging
+    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
     from mlrnet_cli.train import TrainConfig, train
 
     setup_logging()
@@ -125,11 +124,8 @@ def train_cmd(
         trust_remote_code=trust_remote_code,
         compile=compile_forward,
     )
-    # under torchrun (WORLD_SIZE > 1): join the process group; one process: nothing changes
-    with distributed.session():
-        if not distributed.is_main():
-            quiet_logging()
-        result = train(
+    run_on_ranks(
+        lambda prog: train(
             config,
             workdir=workdir,
             train_path=train_path,
@@ -139,11 +135,11 @@ def train_cmd(
             dev_path=dev,
             out_dir=out,
             overwrite=overwrite,
-            progress=progress() if distributed.is_main() else None,
-        )
-        if distributed.is_main():  # one result on stdout, from rank 0
-            emit(
-                {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},
-                result.summary(),
-                as_json,
-            )
+            progress=prog,
+        ),
+        lambda result: emit(
+            {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},
+            result.summary(),
+            as_json,
+        ),
+    )
