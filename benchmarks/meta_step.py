@@ -26,6 +26,8 @@ VARIANTS = {
     "last-1": ("last-1", "jvp"),
     "head": ("head", "jvp"),
     "all-unrolled": ("all", "unrolled"),
+    # --meta-interval 2: θ is updated every other step, so this is the mean over a meta step and a plain-cost one
+    "all-interval-2": ("all", "jvp", 2),
     "last-1-unrolled": ("last-1", "unrolled"),
 }
 
@@ -87,6 +89,9 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
         meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3)
         names = resolve_meta_params(model, spec[0], fns.head_prefix)
     times = []
+    interval = spec[2] if spec is not None and len(spec) > 2 else 1
+    if interval > 1:
+        steps *= interval  # whole meta cycles, so the mean covers each kind of step equally
     for i in range(steps + 1):
         b, mb = batch(16), batch(16)
         t0 = time.perf_counter()
@@ -105,6 +110,7 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
                 normalize_weights=True,
                 fns=fns,
                 mode=spec[1],
+                update_meta=i % interval == 0,
             ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +118,9 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
         if i > 0:  # the first step warms up allocators and optimiser state
             times.append(time.perf_counter() - t0)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "model": what, "step_s": min(times), "peak_rss_mib": rss_mib, "threads": threads}
+    # one meta cycle = `interval` consecutive steps; its mean is the cost per training step
+    cycles = [sum(times[j : j + interval]) / interval for j in range(0, len(times) - interval + 1, interval)]
+    return {"variant": variant, "model": what, "step_s": min(cycles), "peak_rss_mib": rss_mib, "threads": threads}
 
 
 def main() -> None:

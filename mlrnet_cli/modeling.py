@@ -104,6 +104,19 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _hf_errors_only() -> Iterator[None]:
+    """transformers' multi-line load report would flood stderr; :func:`load_classifier` logs one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def _is_local(name_or_path: str | os.PathLike[str]) -> bool:
     s = str(name_or_path)
     return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep)
@@ -265,7 +278,7 @@ def load_classifier(
     }
     rng = torch.random.fork_rng(devices=[]) if init_seed is not None else contextlib.nullcontext()
     try:
-        with rng:
+        with rng, _hf_errors_only():
             if init_seed is not None:
                 torch.manual_seed(init_seed)
             model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
@@ -283,6 +296,16 @@ def load_classifier(
         raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
     # which weights were new (random, from init_seed): see encoder_cache_id
     model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
+    new = model._mlrnet_new_weights
+    head = head_name(model) + "."
+    if any(not k.startswith(head) for k in new):  # a missing encoder weight changes results: say so loudly
+        log.warning(
+            "%s: %d weight(s) not in the checkpoint, initialised at random: %s", name, len(new), ", ".join(new[:6])
+        )
+    elif new:
+        log.debug("%s: new classification head (%s)", name, ", ".join(new))
+    if info.get("unexpected_keys"):
+        log.debug("%s: unused checkpoint weights: %s", name, ", ".join(sorted(info["unexpected_keys"])[:6]))
     return model
 
 

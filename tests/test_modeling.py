@@ -164,3 +164,23 @@ def test_tokenize_rejects_missing_text(tmp_path: Path, tiny) -> None:
     artifacts.write_table(path, pa.table({"sample_id": pa.array([1, 2], pa.int64()), "text": ["a", None]}), {})
     with pytest.raises(DataError, match="no text"):
         tokens.tokenize_table(path, tok, "tok", 8, tmp_path / "cache")
+
+
+def test_load_report_is_one_line(tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A new head is routine (debug); a missing encoder weight is a warning that names it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    caplog.set_level("DEBUG", logger="mlrnet")
+    modeling.load_classifier(tiny_model_dir, 4, init_seed=0)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    broken = tmp_path / "no-pooler"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, broken / "model.safetensors", {"format": "pt"})
+    caplog.clear()
+    modeling.load_classifier(broken, 4, init_seed=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "pooler.dense.weight" in warnings[0] and "initialised at random" in warnings[0]
