@@ -677,6 +677,15 @@ def train(
         better = dev_acc is None or dev_acc > best_acc
         if better:
             best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
+        log.info(
+            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
+            epoch + 1,
+            config.epochs,
+            row["train_loss"],
+            "n/a" if dev_acc is None else f"{dev_acc:.4f}",
+            " (best)" if better and dev_acc is not None else "",
+            row["seconds"],
+        )
         # only rank 0 writes (every rank holds the same model, meta-net and history)
         if distributed.is_main():
             model_meta = {**meta, "epoch": epoch + 1}

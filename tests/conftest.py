@@ -105,3 +105,18 @@ def make_workspace(
 def workspace(tmp_path: Path) -> Path:
     """A fresh workspace after `corrupt` (4 classes, imbalance 4, uniform:0.4, pool 12 per class)."""
     return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def mlrnet_logs(caplog: pytest.LogCaptureFixture):
+    """Records of the ``mlrnet`` logger. The CLI's setup_logging stops propagation to the root logger (where
+    caplog listens), so caplog's handler is attached to the logger itself."""
+    import logging
+
+    logger = logging.getLogger("mlrnet")
+    before = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.DEBUG)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(before)

@@ -166,21 +166,20 @@ def test_tokenize_rejects_missing_text(tmp_path: Path, tiny) -> None:
         tokens.tokenize_table(path, tok, "tok", 8, tmp_path / "cache")
 
 
-def test_load_report_is_one_line(tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_report_is_one_line(tiny_model_dir: Path, tmp_path: Path, mlrnet_logs: pytest.LogCaptureFixture) -> None:
     """A new head is routine (debug); a missing encoder weight is a warning that names it."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    caplog.set_level("DEBUG", logger="mlrnet")
     modeling.load_classifier(tiny_model_dir, 4, init_seed=0)
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not [r for r in mlrnet_logs.records if r.levelname == "WARNING"]
 
     broken = tmp_path / "no-pooler"
     shutil.copytree(tiny_model_dir, broken)
     weights = load_file(broken / "model.safetensors")
     save_file({k: v for k, v in weights.items() if "pooler" not in k}, broken / "model.safetensors", {"format": "pt"})
-    caplog.clear()
+    mlrnet_logs.clear()
     modeling.load_classifier(broken, 4, init_seed=0)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in mlrnet_logs.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "pooler.dense.weight" in warnings[0] and "initialised at random" in warnings[0]

@@ -60,7 +60,7 @@ def ws(workspace: Path, tiny_model_dir: Path) -> Path:
         ["--method", "mlrnet", "--freeze-encoder", "--meta-params", "head", "--meta-interval", "2"],
     ],
 )
-def test_every_method_runs_from_the_cli(ws: Path, args: list[str]) -> None:
+def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: pytest.LogCaptureFixture) -> None:
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, *args, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -72,6 +72,9 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str]) -> None:
     hist = artifacts.read_table(out["artifacts"]["history"]).to_pylist()
     assert [h["epoch"] for h in hist] == [1]
     assert 0.0 <= hist[0]["dev_accuracy"] <= 1.0 and np.isfinite(hist[0]["train_loss"])
+    # one progress line per epoch on stderr, with the numbers the history holds
+    line = f"epoch 1/1: train loss {hist[0]['train_loss']:.4f}, dev accuracy {hist[0]['dev_accuracy']:.4f} (best)"
+    assert any(rec.getMessage().startswith(line) for rec in mlrnet_logs.records)
     if meta_method:
         assert 0.0 < hist[0]["weight_mean"] < 1.0 and hist[0]["weight_std"] >= 0
         assert hist[0]["weight_mean_noisy"] is not None and hist[0]["weight_mean_clean"] is not None
