@@ -1,0 +1,61 @@
+"""The benchmark scripts' own logic: grid layout, the report table, the meta-step timing child."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import fidelity  # noqa: E402
+import meta_step  # noqa: E402
+
+
+def test_grids_share_corrupted_data_only_where_meant() -> None:
+    g = fidelity.grids(3)
+    head = g["headline"]
+    assert sorted({(c.name, c.seed) for c in head}) == sorted((c.name, c.seed) for c in head)  # no repeats
+    # the meta-set sweep (m10, m100) reuses seed 0's corrupted data and loss curves; other settings do not
+    sweep = {c.base_key for c in head if c.name.startswith("IF20-u0.4") and c.seed == 0}
+    assert sweep == {"if20-uniform0.4-s0"}
+    assert len({c.base_key for c in head}) == 5
+    frozen = {c.base_key for c in g["table1-frozen"]}
+    assert all(k.endswith("-frozen") for k in frozen) and not frozen & {c.base_key for c in head}
+    cic = g["cic"]
+    assert [c.base_key for c in cic] == ["cic-s0", "cic-s1", "cic-s2"]
+    assert all(c.noise == "none" and c.imbalance == 1 and c.n_max is None for c in cic)
+
+
+def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    rows = [
+        {"cell": "A", "method": "plain", "seed": 0, "accuracy": 0.60, "macro_f1": 0.50},
+        {"cell": "A", "method": "plain", "seed": 1, "accuracy": 0.70, "macro_f1": 0.60},
+        {"cell": "A", "method": "mlrnet", "seed": 0, "accuracy": 0.80, "macro_f1": 0.75, "weight_auroc": 0.9},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = fidelity.report(tmp_path).splitlines()
+    assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | 55.00 ± 7.07 | - |"
+    assert table[3] == "| A | mlrnet | 1 | 80.00 | 75.00 | 0.900 |"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --meta-interval 2, θ is updated on every other step (the warm-up step included), on a tiny BERT."""
+    import mlrnet_cli.meta as meta
+
+    calls: list[bool] = []
+    real = meta.meta_step
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["update_meta"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "meta_step", counting)
+    r = meta_step.child("all-interval-2", steps=2, threads=1, tiny=True)
+    # warm-up + 2 cycles of 2 steps: meta, plain-cost, meta, plain-cost, meta
+    assert calls == [True, False, True, False, True]
+    assert r["variant"] == "all-interval-2" and r["step_s"] > 0 and r["peak_rss_mib"] > 0
