@@ -84,7 +84,8 @@ def grids(seeds: int) -> dict[str, list[Cell]]:
     # so the meta set is 1 row a class and itself noisy; test_public.json (>= 95 % correct) is the test set.
     cic = [
         Cell("CIC-real-noise", 1, "none", 1, s, n_max=None, dataset="cic",
-             extra_corrupt=("--text-column", "sentence", "--meta-pool-per-class", "1"))
+             extra_corrupt=("--text-column", "sentence", "--meta-pool-per-class", "1",
+                            "--clean-data", str(SHARED / "dataclue_cic" / "dev.json")))
         for s in range(seeds)
     ]
     smoke = [Cell("smoke", 4, "uniform:0.4", 5, 0, n_max=40, methods=("plain", "mwnet", "mlrnet"))]
@@ -122,7 +123,7 @@ def prepare_data(out: Path, budget: Budget) -> tuple[Path, Path]:
     return train_p, test_p
 
 
-def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, Path, str]:
+def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, str]:
     """DataCLUE CIC tables and a BERT built from a config with the bert-base-chinese vocabulary (not pretrained:
     no Chinese weights are reachable offline). Small (4 layers, hidden 256) so that it trains on a CPU."""
     import torch
@@ -137,7 +138,7 @@ def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, Path, str]:
         torch.manual_seed(seed)
         BertModel(cfg).save_pretrained(str(folder))  # encoder only: every run adds its own 118-way head
         tok.save_pretrained(str(folder))
-    return cic / "train.json", cic / "test_public.json", cic / "dev.json", str(folder)
+    return cic / "train.json", cic / "test_public.json", str(folder)
 
 
 def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path) -> list[dict]:
@@ -151,8 +152,6 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
         cmd = [*mlrnet, "corrupt", "--workdir", str(base), "--data", str(train_p), "--test-data", str(test_p),
                "--imbalance", f"{cell.imbalance:g}", "--noise", cell.noise,
                "--meta-pool-per-class", str(budget.meta_pool_per_class), *common, *cell.extra_corrupt]
-        if cell.dataset == "cic":
-            cmd += ["--clean-data", str(SHARED / "dataclue_cic" / "dev.json")]
         if cell.n_max:
             cmd += ["--n-max", str(cell.n_max)]
         run(cmd, log, env)
@@ -242,7 +241,7 @@ def main() -> None:
         test_rows=args.test_rows,
     )
     if cic:
-        train_p, test_p, _, built = prepare_cic(args.out)
+        train_p, test_p, built = prepare_cic(args.out)
         model = args.model or built
     else:
         model = args.model or minilm_path()

@@ -28,6 +28,8 @@ def test_grids_share_corrupted_data_only_where_meant() -> None:
     cic = g["cic"]
     assert [c.base_key for c in cic] == ["cic-s0", "cic-s1", "cic-s2"]
     assert all(c.noise == "none" and c.imbalance == 1 and c.n_max is None for c in cic)
+    # real noise: the clean pool comes from DataCLUE's dev table, never from the training rows
+    assert all(c.extra_corrupt[c.extra_corrupt.index("--clean-data") + 1].endswith("dev.json") for c in cic)
 
 
 def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
