@@ -239,6 +239,7 @@ def meta_step(
     mode: str = "jvp",
     real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
+    meta_grad_scale: float = 1.0,
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
@@ -251,6 +252,7 @@ def meta_step(
     caller's backward all-reduces the classifier's gradients, while ŵ and the meta loss use ``model`` itself.
     ``reduce_meta_grads(grads)`` may change the θ gradients in place before the meta optimiser steps (e.g.
     average them across ranks; each rank's virtual step ran on its own shard).
+    ``meta_grad_scale`` multiplies the θ gradients before that (``train`` passes 1/α, see below).
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
@@ -302,7 +304,7 @@ def meta_step(
             )
         meta_opt.zero_grad(set_to_none=True)
         for p, g in zip(theta, theta_grads, strict=True):
-            p.grad = torch.zeros_like(p) if g is None else g.detach()
+            p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
         if reduce_meta_grads is not None:
             reduce_meta_grads([p.grad for p in theta])
         meta_opt.step()

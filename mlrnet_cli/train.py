@@ -48,8 +48,8 @@ class TrainConfig:
     lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
     batch_size: int = 30  # training mini-batch n (paper: 30)
     meta_batch_size: int | None = None  # meta mini-batch m; None = batch_size
-    meta_lr: float = 1e-3  # Adam learning rate of the meta-net θ (MW-Net's 1e-3)
-    alpha: float = 1.0  # virtual-step rate α of eqs. 4/8 (0.1 left the meta-net dead in a probe; 1-10 worked)
+    meta_lr: float = 1e-4  # Adam lr of θ; MW-Net's 1e-3 swung full fine-tuning to extreme weights (docs/results.md)
+    alpha: float | None = None  # virtual-step rate α of eqs. 4/8; None = lr (the paper's α steps both eqs. 4 and 6)
     meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
     meta_interval: int = 1  # update θ every K classifier steps
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
@@ -71,6 +71,11 @@ class TrainConfig:
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
 
+    @property
+    def virtual_lr(self) -> float:
+        """α of eqs. 4/8 as used: ``alpha``, or the classifier's ``lr`` when unset."""
+        return self.lr if self.alpha is None else self.alpha
+
     def validate(self) -> None:
         from mlrnet_cli.errors import UsageError
 
@@ -90,7 +95,7 @@ class TrainConfig:
             raise ConfigError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or self.meta_lr <= 0 or self.alpha <= 0:
+        if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
@@ -584,7 +589,7 @@ def train(
                             meta_opt,
                             batch,
                             mb,
-                            alpha=config.alpha,
+                            alpha=config.virtual_lr,
                             meta_params=names,
                             normalize_weights=config.normalize_weights,
                             fns=fns,
@@ -592,6 +597,10 @@ def train(
                             mode=config.meta_mode,
                             real_forward=real_forward,
                             reduce_meta_grads=reduce_meta,
+                            # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below
+                            # Adam's eps and under its coupled weight decay, which then shrinks θ to a constant
+                            # weight. Divided by α, Adam sees the α-free first-order term -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
+                            meta_grad_scale=1.0 / config.virtual_lr,
                         )
                         loss = res.loss
                         if not shard.is_placeholder:
@@ -667,7 +676,7 @@ def train(
             if row["weight_std"] < 1e-4:
                 log.warning(
                     "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "
-                    "nothing; try a larger --alpha or --meta-lr",
+                    "nothing; try a larger --meta-lr",
                     epoch + 1,
                     row["weight_std"],
                 )

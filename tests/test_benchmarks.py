@@ -25,6 +25,9 @@ def test_grids_share_corrupted_data_only_where_meant() -> None:
     assert len({c.base_key for c in head}) == 5
     frozen = {c.base_key for c in g["table1-frozen"]}
     assert all(k.endswith("-frozen") for k in frozen) and not frozen & {c.base_key for c in head}
+    # the frozen cells keep the meta step their recorded results used; the full cells take the CLI defaults
+    assert all(c.extra_train == ("--alpha", "1", "--meta-lr", "1e-3") for c in g["table1-frozen"])
+    assert all("--alpha" not in c.extra_train and "--meta-lr" not in c.extra_train for c in head)
     cic = g["cic"]
     assert [c.base_key for c in cic] == ["cic-s0", "cic-s1", "cic-s2"]
     assert all(c.noise == "none" and c.imbalance == 1 and c.n_max is None for c in cic)

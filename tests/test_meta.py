@@ -194,6 +194,32 @@ def test_meta_step_leaves_classifier_grads_alone_and_returns_the_weighted_loss()
     assert model.classifier.weight.grad is not None
 
 
+def _theta_update(alpha: float, scale: float) -> torch.Tensor:
+    """θ_after - θ_before for one Adam step with MW-Net's coupled weight decay 1e-4 (what `train` uses)."""
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    names = resolve_meta_params(model, "all", "classifier.")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in net.parameters()])
+    meta_step(model, net, opt, batch, meta, alpha=alpha, meta_params=names, normalize_weights=True, fns=FNS,
+              meta_grad_scale=scale)
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before
+
+
+def test_meta_grad_scale_makes_the_theta_step_independent_of_a_small_alpha():
+    # At a fine-tuning α the raw θ gradient is O(α): below Adam's eps and under the weight decay, so the
+    # step mostly shrinks θ (a meta-net that ends up giving every row the same weight).
+    theta = torch.cat([p.detach().reshape(-1) for p in _meta_net("mlrnet").parameters()])
+    nz = theta.abs() > 1e-2  # where 1e-4·θ is well above Adam's eps
+    raw = _theta_update(1e-9, 1.0)
+    assert torch.allclose(raw[nz], -1e-3 * theta[nz].sign(), atol=1e-5)  # Adam's first step on the decay alone
+    # Divided by α, the step is the same for any small α, and it is not the weight decay's.
+    a, b = _theta_update(1e-6, 1e6), _theta_update(1e-8, 1e8)
+    assert F.cosine_similarity(a, b, dim=0) > 0.999
+    shrinks = (a[nz].sign() == -theta[nz].sign()).double().mean()
+    assert 0.2 < shrinks < 0.8
+
+
 def test_no_meta_update_between_intervals():
     model, net = _bert(), _meta_net("mwnet")
     batch = _batch(4, 1)

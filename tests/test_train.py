@@ -162,6 +162,11 @@ def _one_line_error(r, code: int, *needles: str) -> None:
         assert n in lines[0]
 
 
+def test_alpha_defaults_to_the_classifier_lr() -> None:
+    assert TrainConfig(lr=3e-5).virtual_lr == 3e-5  # the paper's α steps both eqs. 4 and 6
+    assert TrainConfig(lr=3e-5, alpha=0.5).virtual_lr == 0.5
+
+
 def test_bad_inputs_give_one_line_errors(workspace: Path, tiny_model_dir: Path) -> None:
     base = ["train", "--workdir", str(workspace), *FAST]
     write_losses(workspace, tiny_model_dir, ids_shift=100_000)
@@ -172,6 +177,7 @@ def test_bad_inputs_give_one_line_errors(workspace: Path, tiny_model_dir: Path) 
     _one_line_error(runner.invoke(app, [*base, "--meta-per-class", "50"]), 1, "--meta-per-class 50")
     _one_line_error(runner.invoke(app, [*base, "--method", "bogus"]), 2, "--method")
     _one_line_error(runner.invoke(app, [*base, "--meta-params", "middle"]), 1, "--meta-params")
+    _one_line_error(runner.invoke(app, [*base, "--alpha", "0"]), 1, "--alpha")
     shutil.rmtree(workspace / "model", ignore_errors=True)
     (workspace / "losses.safetensors").unlink()
     _one_line_error(runner.invoke(app, base), 1, "collect-losses")

@@ -17,7 +17,8 @@ they use the same clean rows the meta methods get.
 
 [bold]Meta step[/bold]: virtual step w^ = w - alpha * sum_i c_i grad L_i(w) over --meta-params, with
 c_i = v_i / sum(v) (--normalize-weights, default) or v_i / n (paper); meta loss on a clean mini-batch at w^;
-Adam step on the meta-net; then the real step with the new weights. The meta-net gradient is exact for every
+Adam step on the meta-net (its gradient divided by alpha, which is O(alpha) otherwise); then the real step
+with the new weights. The meta-net gradient is exact for every
 --meta-params; 'all' differentiates through every classifier parameter (the paper), 'head' and 'last-K' hold
 the others constant (cheaper approximations).
 
@@ -37,9 +38,12 @@ def train_cmd(
     meta_batch_size: int | None = typer.Option(
         None, "--meta-batch-size", help="Meta mini-batch m [default: --batch-size]."
     ),
-    meta_lr: float = typer.Option(1e-3, "--meta-lr", help="Adam learning rate of the meta-net."),
-    alpha: float = typer.Option(
-        1.0, "--alpha", help="Virtual-step rate alpha of eqs. 4/8 (0.1 can leave the meta-net dead; 1-10 works)."
+    meta_lr: float = typer.Option(1e-4, "--meta-lr", help="Adam learning rate of the meta-net."),
+    alpha: float | None = typer.Option(
+        None,
+        "--alpha",
+        help="Virtual-step rate alpha of eqs. 4/8 [default: --lr, as in the paper]. Keep it small: the meta "
+        "gradient is a first-order one, and Adam on the meta-net sees it divided by alpha.",
     ),
     meta_params: str = typer.Option(
         "all", "--meta-params", help="Parameters the virtual step differentiates through: all, head or last-K."
