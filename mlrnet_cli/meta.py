@@ -252,7 +252,7 @@ def meta_step(
     caller's backward all-reduces the classifier's gradients, while ŵ and the meta loss use ``model`` itself.
     ``reduce_meta_grads(grads)`` may change the θ gradients in place before the meta optimiser steps (e.g.
     average them across ranks; each rank's virtual step ran on its own shard).
-    ``meta_grad_scale`` multiplies the θ gradients before that (``train`` passes 1/α, see below).
+    ``meta_grad_scale`` multiplies the θ gradients before that (``train`` passes 1/α: the raw gradient is O(α)).
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
