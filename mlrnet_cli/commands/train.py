@@ -42,7 +42,7 @@ def train_cmd(
     alpha: float | None = typer.Option(
         None,
         "--alpha",
-        help="Virtual-step rate alpha of eqs. 4/8 [default: --lr, as in the paper]. Keep it small: the meta "
+        help="Virtual-step rate alpha of eqs. 4/8 (default: --lr, as in the paper). Keep it small: the meta "
         "gradient is a first-order one, and Adam on the meta-net sees it divided by alpha.",
     ),
     meta_params: str = typer.Option(
