@@ -162,9 +162,23 @@ def _one_line_error(r, code: int, *needles: str) -> None:
         assert n in lines[0]
 
 
-def test_alpha_defaults_to_the_classifier_lr() -> None:
-    assert TrainConfig(lr=3e-5).virtual_lr == 3e-5  # the paper's α steps both eqs. 4 and 6
-    assert TrainConfig(lr=3e-5, alpha=0.5).virtual_lr == 0.5
+@pytest.mark.parametrize(("args", "alpha"), [([], 3e-5), (["--alpha", "0.5"], 0.5)])
+def test_train_steps_at_alpha_and_hands_adam_the_gradient_over_alpha(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], alpha: float
+) -> None:
+    import mlrnet_cli.train as train_mod
+
+    seen: list[tuple[float, float]] = []
+    real = train_mod.meta_step
+
+    def spy(*a, **kw):
+        seen.append((kw["alpha"], kw["meta_grad_scale"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "meta_step", spy)
+    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--lr", "3e-5", *args])
+    assert r.exit_code == 0, r.output
+    assert seen and all(s == (alpha, pytest.approx(1 / alpha)) for s in seen)  # default α = lr (eqs. 4 and 6)
 
 
 def test_bad_inputs_give_one_line_errors(workspace: Path, tiny_model_dir: Path) -> None:
