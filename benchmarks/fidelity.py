@@ -64,7 +64,8 @@ class Cell:
 class Budget:
     """What makes the grid fit this 2-core machine (written into every result line)."""
 
-    epochs: int = 3
+    epochs: int = 5  # stage 2; 3 left MLRNet two thirds of training with near-uniform weights (docs/results.md)
+    stage1_epochs: int = 3  # the loss curves' length; stage 2's epochs do not depend on it
     max_length: int = 64
     lr: float = 5e-5
     batch_size: int = 16
@@ -144,7 +145,10 @@ def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, str]:
     return cic / "train.json", cic / "test_public.json", str(folder)
 
 
-def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path) -> list[dict]:
+def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path,
+             methods: tuple[str, ...] | None = None, results: Path | None = None) -> list[dict]:
+    """Run ``methods`` (default: the cell's) on one cell; each finished method's row is appended to ``results``
+    at once, so an interrupted cell resumes at the method it was in."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     mlrnet = [sys.executable, "-m", "mlrnet_cli"]
     base = out / "work" / cell.base_key
@@ -158,14 +162,17 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
         if cell.n_max:
             cmd += ["--n-max", str(cell.n_max)]
         run(cmd, log, env)
-    stage = ["--model", model, "--epochs", str(budget.epochs), "--max-length", str(budget.max_length),
-             "--lr", str(budget.lr), "--batch-size", str(budget.batch_size)]
+    stage = ["--model", model, "--max-length", str(budget.max_length), "--lr", str(budget.lr),
+             "--batch-size", str(budget.batch_size)]
     if cell.freeze_encoder:
         stage.append("--freeze-encoder")
-    if not (base / "losses.safetensors").exists():
-        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, *common, "--json"], log, env)
+    methods = methods or cell.methods
+    # only MLRNet reads the stage-1 curves (the others get --model), so skip stage 1 when it does not run
+    if "mlrnet" in methods and not (base / "losses.safetensors").exists():
+        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, "--epochs", str(budget.stage1_epochs),
+             *common, "--json"], log, env)
     rows = []
-    for method in cell.methods:
+    for method in methods:
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method}"
         ws.mkdir(parents=True, exist_ok=True)
         for name in ("data", "cache", "losses.safetensors", "stage1"):
@@ -174,7 +181,8 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
                 link.symlink_to((base / name).resolve())
         t0 = time.perf_counter()
         run([*mlrnet, "train", "--workdir", str(ws), "--method", method, "--meta-per-class",
-             str(cell.meta_per_class), *stage, *common, *cell.extra_train, "--json"], log, env)
+             str(cell.meta_per_class), *stage, "--epochs", str(budget.epochs), *common, *cell.extra_train, "--json"],
+            log, env)
         train_s = time.perf_counter() - t0
         metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
         row = {"cell": cell.name, "method": method, "seed": cell.seed, "train_s": round(train_s, 1),
@@ -187,6 +195,9 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
             groups = (w.get("summary") or {}).get("groups") or {}
             row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
         rows.append(row)
+        if results is not None:
+            with open(results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -221,8 +232,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-work/fidelity"))
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
     ap.add_argument("--only", default=None, help="run only cells whose name contains this")
+    ap.add_argument("--seed", type=int, default=None, help="run only this seed (e.g. one seed per process)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="run only these methods, in this order [default: all five]")
     ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
-    ap.add_argument("--epochs", type=int, default=None, help="default: 3 (full), 10 (frozen), 6 (cic)")
+    ap.add_argument("--epochs", type=int, default=None, help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]")
+    ap.add_argument("--stage1-epochs", type=int, default=None,
+                    help="collect-losses [default: 3 (full); --epochs elsewhere]")
     ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 2e-4 (cic)")
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
@@ -239,6 +255,7 @@ def main() -> None:
     # cic: a from-scratch encoder wants a larger lr; its sentences are ~11 characters (so ~13 tokens)
     budget = Budget(
         epochs=args.epochs or (10 if frozen else 6 if cic else Budget.epochs),
+        stage1_epochs=args.stage1_epochs or args.epochs or (10 if frozen else 6 if cic else Budget.stage1_epochs),
         lr=args.lr or (1e-2 if frozen else 2e-4 if cic else Budget.lr),
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
@@ -250,20 +267,21 @@ def main() -> None:
         model = args.model or minilm_path()
         train_p, test_p = prepare_data(args.out, budget)
     results = args.out / "results.jsonl"
-    done = set()
+    done: set[tuple[str, int, str]] = set()
     if results.exists():
-        done = {(json.loads(x)["cell"], json.loads(x)["seed"]) for x in results.read_text().splitlines() if x}
+        for line in results.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["cell"], r["seed"], r["method"]))
     for cell in grids(args.seeds)[args.grid]:
-        if args.only and args.only not in cell.name:
+        if (args.only and args.only not in cell.name) or (args.seed is not None and cell.seed != args.seed):
             continue
-        if (cell.name, cell.seed) in done:
+        todo = tuple(m for m in (args.methods or cell.methods) if (cell.name, cell.seed, m) not in done)
+        if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        rows = run_cell(cell, args.out, budget, model, train_p, test_p)
-        with open(results, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        rows = run_cell(cell, args.out, budget, model, train_p, test_p, methods=todo, results=results)
         print(f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
               + ", ".join(f"{r['method']} {100 * (r['accuracy'] or 0):.2f}" for r in rows), file=sys.stderr)
     print(report(args.out))

@@ -47,6 +47,47 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert table[3] == "| A | mlrnet | 1 | 80.00 | 75.00 | 0.900 |"
 
 
+def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        calls.append([sub, *cmd[cmd.index("mlrnet_cli") + 2:]])
+        if sub == "eval":
+            return {"accuracy": 0.5, "macro_f1": 0.4}
+        if sub == "weights":
+            return {"summary": {"noise_detection": {"roc_auc": 0.8}, "groups": {"noisy": {"mean": 0.1}}}}
+        return {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(fidelity, "prepare_data", lambda out, budget: (out / "train.pq", out / "test.pq"))
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    done = {"cell": "IF20-u0.4-m20", "method": "plain", "seed": 1, "accuracy": 0.6, "macro_f1": 0.5}
+    (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
+    base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--seed", "1",
+            "--out", str(tmp_path)]
+
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mwnet"])
+    fidelity.main()
+    trains = [c for c in calls if c[0] == "train"]
+    assert [c[c.index("--method") + 1] for c in trains] == ["mwnet"]  # plain was done: skipped
+    assert all("-s1" in c[c.index("--workdir") + 1] for c in calls)  # --seed 1: seed 0 never runs
+    assert not [c for c in calls if c[0] == "collect-losses"]  # no method that reads the curves
+    assert trains[0][trains[0].index("--epochs") + 1] == "5"
+
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "mwnet", "mlrnet"])
+    fidelity.main()
+    assert [c[0] for c in calls if c[0] in ("collect-losses", "train")] == ["collect-losses", "train"]
+    stage1 = next(c for c in calls if c[0] == "collect-losses")
+    assert stage1[stage1.index("--epochs") + 1] == "3"  # the curves keep their recorded length
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in lines] == [("plain", 1), ("mwnet", 1), ("mlrnet", 1)]
+    assert lines[2]["weight_auroc"] == 0.8 and lines[2]["budget"]["stage1_epochs"] == 3
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
     """With --meta-interval 2, θ is updated on every other step (the warm-up step included), on a tiny BERT."""
