@@ -202,12 +202,15 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
 
 
 def report(out: Path) -> str:
+    if not (out / "results.jsonl").is_file():
+        raise SystemExit(f"no results yet: {out / 'results.jsonl'} does not exist")
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     by: dict[tuple[str, str], list[dict]] = {}
     for r in lines:
         by.setdefault((r["cell"], r["method"]), []).append(r)
     cells = list(dict.fromkeys(r["cell"] for r in lines))
-    md = ["| cell | method | seeds | accuracy % | macro-F1 % | weight AUROC |", "|---|---|---|---|---|---|"]
+    md = ["| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
+          "|---|---|---|---|---|---|---|"]
 
     def ms(vals: list[float]) -> str:
         vals = [100 * v for v in vals if v is not None]
@@ -217,13 +220,27 @@ def report(out: Path) -> str:
 
     for c in cells:
         for m in METHODS:
-            rs = by.get((c, m))
+            rs = sorted(by.get((c, m), []), key=lambda r: r["seed"])
             if not rs:
                 continue
             au = [r.get("weight_auroc") for r in rs if r.get("weight_auroc") is not None]
-            md.append(f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | "
+            seeds = " / ".join(f"s{r['seed']} {100 * r['accuracy']:.2f}" for r in rs if r["accuracy"] is not None)
+            md.append(f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
                       f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |")
-    return "\n".join(md)
+    # the targets compare methods on the same corrupted data, so compare them seed by seed
+    others = [m for m in METHODS if m != "mlrnet"]
+    paired = ["", "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):", "",
+              "| cell | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+    for c in cells:
+        mine = {r["seed"]: r["accuracy"] for r in by.get((c, "mlrnet"), []) if r["accuracy"] is not None}
+        row = []
+        for m in others:
+            theirs = {r["seed"]: r["accuracy"] for r in by.get((c, m), []) if r["accuracy"] is not None}
+            diffs = [100 * (mine[k] - theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
+            row.append(f"{statistics.mean(diffs):+.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "-")
+        if mine:
+            paired.append(f"| {c} | " + " | ".join(row) + " |")
+    return "\n".join(md + (paired if len(paired) > 5 else []))
 
 
 def main() -> None:

@@ -43,8 +43,10 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = fidelity.report(tmp_path).splitlines()
-    assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | 55.00 ± 7.07 | - |"
-    assert table[3] == "| A | mlrnet | 1 | 80.00 | 75.00 | 0.900 |"
+    assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | - |"
+    assert table[3] == "| A | mlrnet | 1 | 80.00 | s0 80.00 | 75.00 | 0.900 |"
+    # paired on the seeds both ran: only seed 0 has both, 80 - 60
+    assert table[-1] == "| A | +20.00 (1/1) | - | - | - |"
 
 
 def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
