@@ -70,6 +70,8 @@ class Budget:
     lr: float = 5e-5
     batch_size: int = 16
     test_rows: int = 2000
+    # meta-only sees 80 rows, i.e. 5 steps an epoch: at the shared epoch budget it gets 1/20 of plain's steps
+    meta_only_epochs: int | None = None  # None = epochs
     meta_pool_per_class: int = 200
 
 
@@ -179,9 +181,10 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
             link = ws / name
             if not link.exists() and (base / name).exists():
                 link.symlink_to((base / name).resolve())
+        epochs = budget.meta_only_epochs if method == "meta-only" and budget.meta_only_epochs else budget.epochs
         t0 = time.perf_counter()
         run([*mlrnet, "train", "--workdir", str(ws), "--method", method, "--meta-per-class",
-             str(cell.meta_per_class), *stage, "--epochs", str(budget.epochs), *common, *cell.extra_train, "--json"],
+             str(cell.meta_per_class), *stage, "--epochs", str(epochs), *common, *cell.extra_train, "--json"],
             log, env)
         train_s = time.perf_counter() - t0
         metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
@@ -258,6 +261,8 @@ def main() -> None:
                     help="collect-losses [default: 3 (full); --epochs elsewhere]")
     ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 2e-4 (cic)")
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
+    ap.add_argument("--meta-only-epochs", type=int, default=None,
+                    help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain")
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
     ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
@@ -276,6 +281,7 @@ def main() -> None:
         lr=args.lr or (1e-2 if frozen else 2e-4 if cic else Budget.lr),
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
+        meta_only_epochs=args.meta_only_epochs,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out)

@@ -89,6 +89,12 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     assert [(r["method"], r["seed"]) for r in lines] == [("plain", 1), ("mwnet", 1), ("mlrnet", 1)]
     assert lines[2]["weight_auroc"] == 0.8 and lines[2]["budget"]["stage1_epochs"] == 3
 
+    calls.clear()  # meta-only alone can get plain's number of steps; the other methods keep the shared budget
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "meta-only", "plain-meta", "--meta-only-epochs", "100"])
+    fidelity.main()
+    epochs = {c[c.index("--method") + 1]: c[c.index("--epochs") + 1] for c in calls if c[0] == "train"}
+    assert epochs == {"meta-only": "100", "plain-meta": "5"}
+
 
 @pytest.mark.usefixtures("one_thread")
 def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
