@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
     ap.add_argument("--epochs", type=int, default=None, help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]")
     ap.add_argument("--stage1-epochs", type=int, default=None,
-                    help="collect-losses [default: 3 (full); --epochs elsewhere]")
+                    help="collect-losses [default: --epochs if given, else 3 (full), 10 (frozen), 6 (cic)]")
     ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 2e-4 (cic)")
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
     ap.add_argument("--meta-only-epochs", type=int, default=None,
