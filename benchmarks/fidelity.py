@@ -204,10 +204,15 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
     return rows
 
 
+def read_results(path: Path) -> list[dict]:
+    """One dict per finished method (``run_cell`` appends a line as each method ends)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def report(out: Path) -> str:
     if not (out / "results.jsonl").is_file():
         raise SystemExit(f"no results yet: {out / 'results.jsonl'} does not exist")
-    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_results(out / "results.jsonl")
     by: dict[tuple[str, str], list[dict]] = {}
     for r in lines:
         by.setdefault((r["cell"], r["method"]), []).append(r)
@@ -275,9 +280,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     frozen, cic = args.grid == "table1-frozen", args.grid == "cic"
     # cic: a from-scratch encoder wants a larger lr; its sentences are ~11 characters (so ~13 tokens)
+    grid_epochs = 10 if frozen else 6 if cic else None  # the frozen and CIC grids use one count for both stages
     budget = Budget(
-        epochs=args.epochs or (10 if frozen else 6 if cic else Budget.epochs),
-        stage1_epochs=args.stage1_epochs or args.epochs or (10 if frozen else 6 if cic else Budget.stage1_epochs),
+        epochs=args.epochs or grid_epochs or Budget.epochs,
+        stage1_epochs=args.stage1_epochs or args.epochs or grid_epochs or Budget.stage1_epochs,
         lr=args.lr or (1e-2 if frozen else 2e-4 if cic else Budget.lr),
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
@@ -290,12 +296,7 @@ def main() -> None:
         model = args.model or minilm_path()
         train_p, test_p = prepare_data(args.out, budget)
     results = args.out / "results.jsonl"
-    done: set[tuple[str, int, str]] = set()
-    if results.exists():
-        for line in results.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["cell"], r["seed"], r["method"]))
+    done = {(r["cell"], r["seed"], r["method"]) for r in read_results(results)}
     for cell in grids(args.seeds)[args.grid]:
         if (args.only and args.only not in cell.name) or (args.seed is not None and cell.seed != args.seed):
             continue
