@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -98,6 +99,13 @@ def grids(seeds: int) -> dict[str, list[Cell]]:
     return {"headline": headline, "table1-frozen": frozen, "cic": cic, "smoke": smoke}
 
 
+def method_label(method: str, budget: dict) -> str:
+    """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
+    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``."""
+    own = budget.get("meta_only_epochs")
+    return f"{method}-e{own}" if method == "meta-only" and own and own != budget.get("epochs") else method
+
+
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
     """Run one mlrnet command with --json; its stderr goes to the cell's log."""
     with open(log, "a") as fh:
@@ -175,7 +183,7 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
              *common, "--json"], log, env)
     rows = []
     for method in methods:
-        ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method}"
+        ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method_label(method, asdict(budget))}"
         ws.mkdir(parents=True, exist_ok=True)
         for name in ("data", "cache", "losses.safetensors", "stage1"):
             link = ws / name
@@ -215,8 +223,10 @@ def report(out: Path) -> str:
     lines = read_results(out / "results.jsonl")
     by: dict[tuple[str, str], list[dict]] = {}
     for r in lines:
-        by.setdefault((r["cell"], r["method"]), []).append(r)
+        by.setdefault((r["cell"], method_label(r["method"], r.get("budget", {}))), []).append(r)
     cells = list(dict.fromkeys(r["cell"] for r in lines))
+    # METHODS order, each method's own-budget variants after it
+    labels = sorted({k[1] for k in by} | set(METHODS), key=lambda x: (METHODS.index(re.sub(r"-e\d+$", "", x)), x))
     md = ["| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
           "|---|---|---|---|---|---|---|"]
 
@@ -227,7 +237,7 @@ def report(out: Path) -> str:
         return f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
 
     for c in cells:
-        for m in METHODS:
+        for m in labels:
             rs = sorted(by.get((c, m), []), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -236,7 +246,7 @@ def report(out: Path) -> str:
             md.append(f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
                       f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |")
     # the issue's targets compare methods on the same corrupted data, so compare them seed by seed
-    others = [m for m in METHODS if m != "mlrnet"]
+    others = [m for m in labels if m != "mlrnet"]
     paired = ["", "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):", "",
               "| cell | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
     for c in cells:
@@ -296,11 +306,12 @@ def main() -> None:
         model = args.model or minilm_path()
         train_p, test_p = prepare_data(args.out, budget)
     results = args.out / "results.jsonl"
-    done = {(r["cell"], r["seed"], r["method"]) for r in read_results(results)}
+    done = {(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))) for r in read_results(results)}
     for cell in grids(args.seeds)[args.grid]:
         if (args.only and args.only not in cell.name) or (args.seed is not None and cell.seed != args.seed):
             continue
-        todo = tuple(m for m in (args.methods or cell.methods) if (cell.name, cell.seed, m) not in done)
+        todo = tuple(m for m in (args.methods or cell.methods)
+                     if (cell.name, cell.seed, method_label(m, asdict(budget))) not in done)
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue

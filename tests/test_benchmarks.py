@@ -94,6 +94,16 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     fidelity.main()
     epochs = {c[c.index("--method") + 1]: c[c.index("--epochs") + 1] for c in calls if c[0] == "train"}
     assert epochs == {"meta-only": "100", "plain-meta": "5"}
+    assert any(c[c.index("--workdir") + 1].endswith("-m20-meta-only-e100") for c in calls if c[0] == "train")
+
+    calls.clear()  # the shared-budget meta-only is another baseline: not skipped, and in its own workspace
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "meta-only", "plain-meta"])
+    fidelity.main()
+    trains = [c for c in calls if c[0] == "train"]
+    assert [(c[c.index("--method") + 1], c[c.index("--epochs") + 1]) for c in trains] == [("meta-only", "5")]
+    assert trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-meta-only")
+    table = fidelity.report(tmp_path)
+    assert "| IF20-u0.4-m20 | meta-only | 1 |" in table and "| IF20-u0.4-m20 | meta-only-e100 | 1 |" in table
 
 
 @pytest.mark.usefixtures("one_thread")
