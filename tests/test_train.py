@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,18 @@ def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
     assert np.array_equal(split_clean_pool(labels, 3, 5, 0.2, seed=1)[0], meta)
     with pytest.raises(DataError):
         split_clean_pool(labels, 3, 9, 0.2, seed=1)
+
+
+def test_plain_does_not_depend_on_meta_per_class(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """plain never reads the meta set and its dev rows do not move, so a --meta-per-class sweep shares one run."""
+    cfg = TrainConfig(method="plain", epochs=1, batch_size=16, max_length=24, meta_per_class=2, device="cpu",
+                      model=str(tiny_model_dir))
+    roots = [make_workspace(tmp_path / "a"), make_workspace(tmp_path / "b")]
+    runs = [train(cfg, workdir=roots[0]), train(replace(cfg, meta_per_class=5), workdir=roots[1])]
+    assert [r.meta_size for r in runs] == [8, 20] and runs[0].dev_size == runs[1].dev_size > 0
+    weights = [(r / "model" / "best" / "model.safetensors").read_bytes() for r in roots]
+    assert weights[0] == weights[1]
+    assert runs[0].best_dev_accuracy == runs[1].best_dev_accuracy
 
 
 def test_normalized_curves_subtract_the_class_mean() -> None:
