@@ -16,6 +16,8 @@ in its own workspace that links the base's data, caches and loss curves, then ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,6 +158,33 @@ def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, str]:
     return cic / "train.json", cic / "test_public.json", str(folder)
 
 
+@contextlib.contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """Processes that share a base workspace take turns preparing it: the second waits, then finds it done
+    (``mlrnet collect-losses`` itself refuses a second writer instead of waiting)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _prepare_base(cell: Cell, base: Path, budget: Budget, stage: list[str], train_p: Path, test_p: Path,
+                  methods: tuple[str, ...], log: Path, env: dict[str, str], mlrnet: list[str],
+                  common: list[str]) -> None:
+    """``corrupt``, and ``collect-losses`` when MLRNet is to run, into the cell's base workspace (once)."""
+    if not (base / "data" / "manifest.json").exists():
+        cmd = [*mlrnet, "corrupt", "--workdir", str(base), "--data", str(train_p), "--test-data", str(test_p),
+               "--imbalance", f"{cell.imbalance:g}", "--noise", cell.noise,
+               "--meta-pool-per-class", str(budget.meta_pool_per_class), *common, *cell.extra_corrupt]
+        if cell.n_max:
+            cmd += ["--n-max", str(cell.n_max)]
+        run(cmd, log, env)
+    # only MLRNet reads the stage-1 curves (the others get --model), so skip stage 1 when it does not run
+    if "mlrnet" in methods and not (base / "losses.safetensors").exists():
+        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, "--epochs", str(budget.stage1_epochs),
+             *common, "--json"], log, env)
+
+
 def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path,
              methods: tuple[str, ...] | None = None, results: Path | None = None) -> list[dict]:
     """Run ``methods`` (default: the cell's) on one cell; each finished method's row is appended to ``results``
@@ -165,24 +195,14 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
     log = out / "logs" / f"{cell.base_key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     common = ["--seed", str(cell.seed)]
-    if not (base / "data" / "manifest.json").exists():
-        cmd = [*mlrnet, "corrupt", "--workdir", str(base), "--data", str(train_p), "--test-data", str(test_p),
-               "--imbalance", f"{cell.imbalance:g}", "--noise", cell.noise,
-               "--meta-pool-per-class", str(budget.meta_pool_per_class), *common, *cell.extra_corrupt]
-        if cell.n_max:
-            cmd += ["--n-max", str(cell.n_max)]
-        run(cmd, log, env)
     stage = ["--model", model, "--max-length", str(budget.max_length), "--lr", str(budget.lr),
              "--batch-size", str(budget.batch_size)]
     if cell.freeze_encoder:
         stage.append("--freeze-encoder")
-    methods = methods or cell.methods
-    # only MLRNet reads the stage-1 curves (the others get --model), so skip stage 1 when it does not run
-    if "mlrnet" in methods and not (base / "losses.safetensors").exists():
-        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, "--epochs", str(budget.stage1_epochs),
-             *common, "--json"], log, env)
+    with _waiting_lock(out / "work" / f".{cell.base_key}.lock"):
+        _prepare_base(cell, base, budget, stage, train_p, test_p, methods or cell.methods, log, env, mlrnet, common)
     rows = []
-    for method in methods:
+    for method in methods or cell.methods:
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method_label(method, asdict(budget))}"
         ws.mkdir(parents=True, exist_ok=True)
         for name in ("data", "cache", "losses.safetensors", "stage1"):

@@ -8,6 +8,7 @@ curves ``I_i`` that the MLRNet meta-net reads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlrnet_cli import artifacts, distributed
+from mlrnet_cli import artifacts, distributed, locks
 from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, ConfigError, DataError, UsageError
 from mlrnet_cli.modeling import (
     autocast_context,
@@ -211,11 +212,13 @@ def _clean_stale(stage1_dir: Path, losses_path: Path, cache_dir: Path) -> None:
             stale += [p for p in folder.iterdir() if p.name.startswith(artifacts.TMP_PREFIX)]
     if losses_path.parent.is_dir():
         stale += list(losses_path.parent.glob(f"{artifacts.TMP_PREFIX}{losses_path.name}.*"))
-    if cache_dir.is_dir():
-        for kind in ("tokens-", "features-"):
-            stale += list(cache_dir.glob(f"{artifacts.TMP_PREFIX}{kind}*"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    with locks.if_unused(cache_dir) as unused:  # a cache may be shared: a temp there may be a live run's
+        if unused:
+            for kind in ("tokens-", "features-"):
+                for p in cache_dir.glob(f"{artifacts.TMP_PREFIX}{kind}*"):
+                    p.unlink(missing_ok=True)
 
 
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
@@ -387,13 +390,39 @@ def collect_losses(
     progress: Progress | None = None,
 ) -> CollectResult:
     """Fine-tune on the biased set and write the per-sample loss curves L_i = [L_i^0 ... L_i^T] (paper §3.3)."""
-    t_start = time.perf_counter()
     config.validate()
+    for target in (losses_path, stage1_dir, cache_dir):
+        artifacts.check_writable(target)  # now, not after the first epoch
+    # one writer per workspace (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
+    outputs = [Path(losses_path).parent, Path(stage1_dir).parent]
+    with locks.exclusive(outputs, "collect-losses") if distributed.is_main() else contextlib.nullcontext():
+        return _collect_losses(
+            config,
+            train_path=train_path,
+            manifest_path=manifest_path,
+            losses_path=losses_path,
+            stage1_dir=stage1_dir,
+            cache_dir=cache_dir,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+
+def _collect_losses(
+    config: CollectConfig,
+    *,
+    train_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str] | None,
+    losses_path: str | os.PathLike[str],
+    stage1_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    overwrite: bool,
+    progress: Progress | None,
+) -> CollectResult:
+    t_start = time.perf_counter()
     train_path, losses_path, stage1_dir = Path(train_path), Path(losses_path), Path(stage1_dir)
     manifest_path = Path(manifest_path) if manifest_path is not None else None
     cache_dir = Path(cache_dir)
-    for target in (losses_path, stage1_dir, cache_dir):
-        artifacts.check_writable(target)  # now, not after the first epoch
     data = _read_inputs(train_path, manifest_path)
     n, t_epochs = len(data.labels), config.epochs
 

@@ -49,3 +49,7 @@ class ModelError(MlrnetError):
 
 class HubUnavailableError(MlrnetError):
     """The model/dataset hub could not be reached (offline machine)."""
+
+
+class WorkspaceBusyError(MlrnetError):
+    """Another run is writing the same outputs (its lock is held)."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlrnet_cli import artifacts
+from mlrnet_cli import artifacts, locks
 from mlrnet_cli.errors import ArtifactError, DataError
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
@@ -141,7 +141,8 @@ def tokenize_table(
         inputs={"table": table_fp},
         key=key,
     )
-    artifacts.write_table(path, out, meta)
+    with locks.shared(path.parent):  # a cleaner in a shared cache leaves our temp file alone
+        artifacts.write_table(path, out, meta)
     log.debug("tokenized %d rows into %s", len(pieces), path)
     return TokenCache(path=path, key=key, sample_ids=sample_ids, offsets=offsets, values=values)
 
@@ -242,5 +243,6 @@ def encode_features(
     meta = artifacts.make_meta(
         "encode", "features", config={"model": model_id}, inputs={"tokens": token_cache.key}, key=key
     )
-    artifacts.write_tensors(path, {"features": feats_out, "sample_id": torch.tensor(token_cache.sample_ids)}, meta)
+    with locks.shared(path.parent):
+        artifacts.write_tensors(path, {"features": feats_out, "sample_id": torch.tensor(token_cache.sample_ids)}, meta)
     return feats_out

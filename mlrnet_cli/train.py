@@ -8,6 +8,7 @@ holding out a dev part of the pool for model selection, trains, and writes ``mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlrnet_cli import artifacts, distributed
+from mlrnet_cli import artifacts, distributed, locks
 from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError
 from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, parse_meta_params, per_sample_loss, resolve_meta_params
@@ -267,17 +268,48 @@ def train(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Run stage 2 and write ``model/{best,last,history.arrow,state}``; resumes an interrupted identical run."""
+    config.validate()
+    out = Path(out_dir or Workspace.at(workdir).model)
+    artifacts.check_writable(out)  # now, not after the first epoch
+    # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
+    with locks.exclusive(out.parent, "train") if distributed.is_main() else contextlib.nullcontext():
+        return _train(
+            config,
+            workdir=workdir,
+            train_path=train_path,
+            clean_path=clean_path,
+            losses_path=losses_path,
+            manifest_path=manifest_path,
+            dev_path=dev_path,
+            out_dir=out,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+
+def _train(
+    config: TrainConfig,
+    *,
+    workdir: str | os.PathLike[str] | None,
+    train_path: str | os.PathLike[str] | None,
+    clean_path: str | os.PathLike[str] | None,
+    losses_path: str | os.PathLike[str] | None,
+    manifest_path: str | os.PathLike[str] | None,
+    dev_path: str | os.PathLike[str] | None,
+    out_dir: Path,
+    overwrite: bool,
+    progress: Progress | None,
+) -> TrainResult:
     import time
 
     from mlrnet_cli import modeling, tokens
 
-    config.validate()
     ws = Workspace.at(workdir)
     train_path = Path(train_path or ws.train)
     clean_path = Path(clean_path or ws.clean)
     losses_path = Path(losses_path or ws.losses)
     manifest_path = Path(manifest_path or ws.manifest)
-    out = Path(out_dir or ws.model)
+    out = out_dir
 
     manifest = artifacts.read_json(manifest_path, "manifest")
     try:
@@ -360,10 +392,11 @@ def train(
     artifacts.guard_output(
         history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
     )
-    artifacts.check_writable(out)  # now, not after the first epoch
     if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
-        for folder in (out, ws.cache):  # what a killed run left half-written (never read as artifacts)
-            artifacts.clean_stale_temps(folder)
+        artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
+        with locks.if_unused(ws.cache) as unused:  # a cache may be shared: a temp there may be a live run's
+            if unused:
+                artifacts.clean_stale_temps(ws.cache)
     state: dict[str, Any] | None = None
     if (state_dir / STATE_FILE).is_file():
         try:
@@ -665,14 +698,11 @@ def train(
                 nz = noisy[seen]
                 row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
                 row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
-            log.info(
-                "epoch %d: weight mean %.4f std %.4f (noisy %s, clean %s)",
-                epoch + 1,
-                row["weight_mean"],
-                row["weight_std"],
-                row.get("weight_mean_noisy"),
-                row.get("weight_mean_clean"),
-            )
+            line = f"epoch {epoch + 1}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
+            if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
+                means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
+                line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
+            log.info("%s", line)
             if row["weight_std"] < 1e-4:
                 log.warning(
                     "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "

@@ -106,6 +106,39 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     assert "| IF20-u0.4-m20 | meta-only | 1 |" in table and "| IF20-u0.4-m20 | meta-only-e100 | 1 |" in table
 
 
+def test_two_processes_on_one_cell_prepare_its_base_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fidelity processes that share a cell's base (e.g. the m10 and m100 cells) run stage 1 once: the
+    second waits for the first instead of starting a second `collect-losses` on the same workspace."""
+    import threading
+    import time
+
+    calls: list[str] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        calls.append(sub)
+        ws = Path(cmd[cmd.index("--workdir") + 1])
+        if sub == "corrupt":
+            (ws / "data").mkdir(parents=True)
+            (ws / "data" / "manifest.json").write_text("{}")
+        elif sub == "collect-losses":
+            time.sleep(0.5)  # both processes are past their own "no curves yet" check by now, without the lock
+            (ws / "losses.safetensors").write_bytes(b"")
+        return {"accuracy": 0.5, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    cells = [c for c in fidelity.grids(1)["headline"] if c.name in ("IF20-u0.4-m10", "IF20-u0.4-m100")]
+    budget = fidelity.Budget()
+    threads = [threading.Thread(target=fidelity.run_cell, args=(c, tmp_path, budget, "m", tmp_path, tmp_path),
+                                kwargs={"methods": ("mlrnet",)}) for c in cells]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls.count("corrupt") == 1 and calls.count("collect-losses") == 1
+    assert calls.count("train") == 2
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
     """With --meta-interval 2, θ is updated on every other step (the warm-up step included), on a tiny BERT."""

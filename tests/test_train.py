@@ -79,6 +79,10 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: 
     if meta_method:
         assert 0.0 < hist[0]["weight_mean"] < 1.0 and hist[0]["weight_std"] >= 0
         assert hist[0]["weight_mean_noisy"] is not None and hist[0]["weight_mean_clean"] is not None
+        h = hist[0]
+        weights = (f"epoch 1: weight mean {h['weight_mean']:.4f} std {h['weight_std']:.4f} "
+                   f"(noisy rows {h['weight_mean_noisy']:.4f}, clean rows {h['weight_mean_clean']:.4f})")
+        assert weights in [rec.getMessage() for rec in mlrnet_logs.records]
         tensors, meta = artifacts.read_tensors(best / "meta_net.safetensors")
         assert meta["meta_net"]["kind"] == args[1]
     else:

@@ -1,0 +1,91 @@
+"""Two runs on one workspace: the second fails at once with one line; a shared cache keeps live temp files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlrnet_cli import artifacts, locks
+from mlrnet_cli.cli import app
+from mlrnet_cli.errors import WorkspaceBusyError
+
+runner = CliRunner()
+TRAIN = ["--epochs", "1", "--batch-size", "16", "--max-length", "24", "--meta-per-class", "4", "--device", "cpu"]
+
+
+def test_exclusive_names_the_holder_and_releases(tmp_path: Path) -> None:
+    folder = tmp_path / "ws"
+    folder.mkdir()
+    with locks.exclusive(folder, "train"):
+        with pytest.raises(WorkspaceBusyError, match=rf"in use by mlrnet train \(pid {os.getpid()}\)"):
+            with locks.exclusive([folder, tmp_path / "other"], "collect-losses"):
+                pass  # pragma: no cover
+        assert not (tmp_path / "other").exists()  # the failed run left no folder behind
+        with locks.if_unused(folder) as unused:
+            assert not unused
+    assert (folder / locks.LOCK_NAME).read_text() == ""  # released: it names nobody
+    with locks.exclusive(folder, "collect-losses"), locks.if_unused(tmp_path / "missing") as unused:
+        assert not unused
+    with locks.shared(folder), locks.shared(folder), locks.if_unused(folder) as unused:
+        assert not unused  # two writers may share; a cleaner waits for neither
+    with locks.if_unused(folder) as unused:
+        assert unused
+
+
+def test_a_lock_held_by_another_process_is_seen_and_dies_with_it(tmp_path: Path) -> None:
+    folder = tmp_path / "ws"
+    code = (
+        "import sys, time; from pathlib import Path; from mlrnet_cli import locks\n"
+        "with locks.exclusive(Path(sys.argv[1]), 'train'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusyError, match=rf"pid {proc.pid}\)"):
+            with locks.exclusive(folder, "train"):
+                pass  # pragma: no cover
+    finally:
+        proc.kill()
+        proc.wait()
+    with locks.exclusive(folder, "train"):  # the kernel dropped the killed holder's lock
+        pass
+
+
+def test_a_second_run_on_a_busy_workspace_fails_with_one_line(workspace: Path, tiny_model_dir: Path) -> None:
+    before = sorted(p.name for p in workspace.iterdir())
+    with locks.exclusive(workspace, "collect-losses"):
+        for args in (["collect-losses", "--model", str(tiny_model_dir), "--epochs", "1"],
+                     ["train", "--model", str(tiny_model_dir), *TRAIN]):
+            r = runner.invoke(app, [args[0], "-w", str(workspace), *args[1:]])
+            assert r.exit_code == 1, r.output
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "is in use by mlrnet collect-losses" in lines[0], r.stderr
+    assert sorted(p.name for p in workspace.iterdir()) == sorted([*before, locks.LOCK_NAME])  # nothing else
+
+
+def test_train_cleans_the_cache_only_when_no_one_else_uses_it(workspace: Path, tiny_model_dir: Path) -> None:
+    cache = workspace / "cache"
+    cache.mkdir(exist_ok=True)
+    live = cache / f"{artifacts.TMP_PREFIX}tokens-another-run.arrow.x1"
+    live.write_bytes(b"half written")
+    args = ["train", "-w", str(workspace), "--model", str(tiny_model_dir), *TRAIN, "--method", "plain"]
+    with locks.shared(cache):  # another workspace's run, writing into this (linked) cache
+        r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert live.exists()
+    r = runner.invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert not live.exists()  # nobody held the cache: a killed run's temp file
+
+
+def test_a_run_that_fails_early_creates_no_workspace(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    r = runner.invoke(app, ["train", "-w", str(missing), *TRAIN])
+    assert r.exit_code == 1 and "manifest" in r.stderr
+    assert not missing.exists()
