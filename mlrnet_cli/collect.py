@@ -396,126 +396,109 @@ def collect_losses(
     # one writer per workspace (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     outputs = [Path(losses_path).parent, Path(stage1_dir).parent]
     with locks.exclusive(outputs, "collect-losses") if distributed.is_main() else contextlib.nullcontext():
-        return _collect_losses(
-            config,
-            train_path=train_path,
-            manifest_path=manifest_path,
+        t_start = time.perf_counter()
+        train_path, losses_path, stage1_dir = Path(train_path), Path(losses_path), Path(stage1_dir)
+        manifest_path = Path(manifest_path) if manifest_path is not None else None
+        cache_dir = Path(cache_dir)
+        data = _read_inputs(train_path, manifest_path)
+        n, t_epochs = len(data.labels), config.epochs
+
+        model_path = Path(config.model).expanduser()
+        if model_path.exists() and stage1_dir.exists() and model_path.resolve() == stage1_dir.resolve():
+            raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
+        train_fp = artifacts.fingerprint_file(train_path)
+        model_fp = model_fingerprint(config.model)
+        inputs = {"train": train_fp, "model": model_fp}
+        meta = artifacts.make_meta(
+            STAGE,
+            "losses",
+            config=config.provenance_config(),
+            seed=config.seed,
+            inputs=inputs,
+            model=config.model,
+            epochs=t_epochs,
+            lr=config.lr,
+            record=config.record,
+            num_classes=data.num_classes,
+            class_names=data.class_names,
+        )
+        input_paths = [train_path] + ([manifest_path] if manifest_path else [])
+        if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
+            _clean_stale(stage1_dir, losses_path, cache_dir)
+            if stage1_dir.is_dir() and not any(stage1_dir.iterdir()):
+                stage1_dir.rmdir()  # an empty folder (a run killed before its first epoch ended) holds nothing to guard
+        distributed.barrier()
+        artifacts.guard_output(losses_path, meta, inputs=input_paths, overwrite=overwrite)
+        artifacts.guard_output(
+            stage1_dir,
+            dict(meta, kind="stage1"),
+            inputs=input_paths,
+            overwrite=overwrite,
+            read_meta=_stage1_meta_reader,
+        )
+        if not overwrite:
+            done = _finished_result(losses_path, stage1_dir, meta, n, t_epochs)
+            if done is not None:
+                log.info("collect-losses: %s is up to date (same inputs and config)", losses_path)
+                return done
+
+        device = select_device(distributed.resolve_device(config.device))
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        model = load_classifier(
+            config.model,
+            data.num_classes,
+            data.class_names,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+            init_seed=config.seed,
+        ).to(device)
+        # only once the model loaded: a bad --model with --overwrite must leave the old outputs alone
+        distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
+        if overwrite and distributed.is_main():
+            if (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
+                # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
+                shutil.rmtree(stage1_dir)
+        distributed.barrier()
+        with distributed.main_first():  # rank 0 fills the token cache, the others read it
+            token_cache = tokenize_table(
+                train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table
+            )
+        if not np.array_equal(token_cache.sample_ids, data.sample_ids.numpy()):  # pragma: no cover - same table
+            raise ArtifactError(f"token cache {token_cache.path} does not match {train_path}")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            # one dropout stream per rank (rank 0's is the single-process one)
+            torch.manual_seed(config.seed + distributed.rank())
+            run = _Run(config, data, token_cache, model, device, pad_id, cache_dir, model_fp, progress)
+            resumed_from = run.train(stage1_dir, meta)
+        losses_cpu = run.losses.cpu()
+        if not torch.isfinite(losses_cpu).all():
+            raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
+
+        # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
+        fp = None
+        if distributed.is_main():
+            stage1_meta = dict(meta, kind="stage1")
+            _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta)
+            fp = artifacts.write_tensors(losses_path, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
+            shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
+        fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
+        seconds = time.perf_counter() - t_start
+        return CollectResult(
             losses_path=losses_path,
             stage1_dir=stage1_dir,
-            cache_dir=cache_dir,
-            overwrite=overwrite,
-            progress=progress,
+            num_samples=n,
+            epochs=t_epochs,
+            history=run.history,
+            fingerprint=fp,
+            resumed_from=resumed_from,
+            seconds=seconds,
+            samples_per_second=run.samples_per_second,
+            token_cache=token_cache.path,
+            feature_cache=run.feature_cache,
         )
-
-
-def _collect_losses(
-    config: CollectConfig,
-    *,
-    train_path: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str] | None,
-    losses_path: str | os.PathLike[str],
-    stage1_dir: str | os.PathLike[str],
-    cache_dir: str | os.PathLike[str],
-    overwrite: bool,
-    progress: Progress | None,
-) -> CollectResult:
-    t_start = time.perf_counter()
-    train_path, losses_path, stage1_dir = Path(train_path), Path(losses_path), Path(stage1_dir)
-    manifest_path = Path(manifest_path) if manifest_path is not None else None
-    cache_dir = Path(cache_dir)
-    data = _read_inputs(train_path, manifest_path)
-    n, t_epochs = len(data.labels), config.epochs
-
-    model_path = Path(config.model).expanduser()
-    if model_path.exists() and stage1_dir.exists() and model_path.resolve() == stage1_dir.resolve():
-        raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
-    train_fp = artifacts.fingerprint_file(train_path)
-    model_fp = model_fingerprint(config.model)
-    inputs = {"train": train_fp, "model": model_fp}
-    meta = artifacts.make_meta(
-        STAGE,
-        "losses",
-        config=config.provenance_config(),
-        seed=config.seed,
-        inputs=inputs,
-        model=config.model,
-        epochs=t_epochs,
-        lr=config.lr,
-        record=config.record,
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-    )
-    input_paths = [train_path] + ([manifest_path] if manifest_path else [])
-    if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
-        _clean_stale(stage1_dir, losses_path, cache_dir)
-        if stage1_dir.is_dir() and not any(stage1_dir.iterdir()):
-            stage1_dir.rmdir()  # an empty folder (a run killed before its first epoch ended) holds nothing to guard
-    distributed.barrier()
-    artifacts.guard_output(losses_path, meta, inputs=input_paths, overwrite=overwrite)
-    artifacts.guard_output(
-        stage1_dir, dict(meta, kind="stage1"), inputs=input_paths, overwrite=overwrite, read_meta=_stage1_meta_reader
-    )
-    if not overwrite:
-        done = _finished_result(losses_path, stage1_dir, meta, n, t_epochs)
-        if done is not None:
-            log.info("collect-losses: %s is up to date (same inputs and config)", losses_path)
-            return done
-
-    device = select_device(distributed.resolve_device(config.device))
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = load_classifier(
-        config.model,
-        data.num_classes,
-        data.class_names,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-        init_seed=config.seed,
-    ).to(device)
-    # only once the model loaded: a bad --model with --overwrite must leave the old outputs alone
-    distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
-    if overwrite and distributed.is_main():
-        if (stage1_dir / "mlrnet.json").is_file() or _state_root(stage1_dir).exists():
-            # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
-            shutil.rmtree(stage1_dir)
-    distributed.barrier()
-    with distributed.main_first():  # rank 0 fills the token cache, the others read it
-        token_cache = tokenize_table(train_path, tokenizer, model_fp, config.max_length, cache_dir, table=data.table)
-    if not np.array_equal(token_cache.sample_ids, data.sample_ids.numpy()):  # pragma: no cover - same table
-        raise ArtifactError(f"token cache {token_cache.path} does not match {train_path}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        # one dropout stream per rank (rank 0's is the single-process one)
-        torch.manual_seed(config.seed + distributed.rank())
-        run = _Run(config, data, token_cache, model, device, pad_id, cache_dir, model_fp, progress)
-        resumed_from = run.train(stage1_dir, meta)
-    losses_cpu = run.losses.cpu()
-    if not torch.isfinite(losses_cpu).all():
-        raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
-
-    # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
-    fp = None
-    if distributed.is_main():
-        stage1_meta = dict(meta, kind="stage1")
-        _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta)
-        fp = artifacts.write_tensors(losses_path, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
-        shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
-    fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
-    seconds = time.perf_counter() - t_start
-    return CollectResult(
-        losses_path=losses_path,
-        stage1_dir=stage1_dir,
-        num_samples=n,
-        epochs=t_epochs,
-        history=run.history,
-        fingerprint=fp,
-        resumed_from=resumed_from,
-        seconds=seconds,
-        samples_per_second=run.samples_per_second,
-        token_cache=token_cache.path,
-        feature_cache=run.feature_cache,
-    )
 
 
 def _finished_result(

@@ -268,500 +268,481 @@ def train(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Run stage 2 and write ``model/{best,last,history.arrow,state}``; resumes an interrupted identical run."""
-    config.validate()
-    out = Path(out_dir or Workspace.at(workdir).model)
-    artifacts.check_writable(out)  # now, not after the first epoch
-    # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
-    with locks.exclusive(out.parent, "train") if distributed.is_main() else contextlib.nullcontext():
-        return _train(
-            config,
-            workdir=workdir,
-            train_path=train_path,
-            clean_path=clean_path,
-            losses_path=losses_path,
-            manifest_path=manifest_path,
-            dev_path=dev_path,
-            out_dir=out,
-            overwrite=overwrite,
-            progress=progress,
-        )
-
-
-def _train(
-    config: TrainConfig,
-    *,
-    workdir: str | os.PathLike[str] | None,
-    train_path: str | os.PathLike[str] | None,
-    clean_path: str | os.PathLike[str] | None,
-    losses_path: str | os.PathLike[str] | None,
-    manifest_path: str | os.PathLike[str] | None,
-    dev_path: str | os.PathLike[str] | None,
-    out_dir: Path,
-    overwrite: bool,
-    progress: Progress | None,
-) -> TrainResult:
     import time
 
     from mlrnet_cli import modeling, tokens
 
+    config.validate()
     ws = Workspace.at(workdir)
-    train_path = Path(train_path or ws.train)
-    clean_path = Path(clean_path or ws.clean)
-    losses_path = Path(losses_path or ws.losses)
-    manifest_path = Path(manifest_path or ws.manifest)
-    out = out_dir
+    out = Path(out_dir or ws.model)
+    artifacts.check_writable(out)  # now, not after the first epoch
+    # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
+    with locks.exclusive(out.parent, "train") if distributed.is_main() else contextlib.nullcontext():
+        train_path = Path(train_path or ws.train)
+        clean_path = Path(clean_path or ws.clean)
+        losses_path = Path(losses_path or ws.losses)
+        manifest_path = Path(manifest_path or ws.manifest)
 
-    manifest = artifacts.read_json(manifest_path, "manifest")
-    try:
-        num_classes = int(manifest["num_classes"])
-        class_names = list(manifest.get("class_names") or [str(i) for i in range(num_classes)])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"manifest {manifest_path} has no num_classes") from e
-    train_table, train_rows = _read_rows(train_path, "training table")
-    clean_table, clean_rows = _read_rows(clean_path, "clean table")
-    for name, rows in (("training", train_rows), ("clean", clean_rows)):
-        if rows.labels.min() < 0 or rows.labels.max() >= num_classes:
-            raise DataError(f"the {name} table has labels outside 0..{num_classes - 1} (the manifest's classes)")
-    train_fp = artifacts.fingerprint_file(train_path)
-    inputs = {"train": train_fp, "clean": artifacts.fingerprint_file(clean_path)}
-
-    # stage-1 curves: the default model, and I_i for MLRNet
-    curves_all: torch.Tensor | None = None
-    model_name = config.model
-    if losses_path.is_file():
-        tensors, lmeta = artifacts.read_tensors(losses_path, "loss curves")
-        artifacts.require_meta(lmeta, losses_path)
-        recorded = (lmeta.get("inputs") or {}).get("train")
-        if recorded is not None and recorded != train_fp:
-            raise FingerprintMismatchError(
-                f"{losses_path} was collected on a different training table (fingerprint {recorded}, "
-                f"{train_path} is {train_fp})",
-                "rerun collect-losses on this training table",
-            )
-        model_name = model_name or (lmeta.get("config") or {}).get("model") or lmeta.get("model")
-        if "losses" not in tensors or "sample_id" not in tensors:
-            raise ArtifactError(f"{losses_path} lacks the `losses` or `sample_id` tensor")
-        lids = tensors["sample_id"].numpy().astype(np.int64)
-        pos = {int(s): i for i, s in enumerate(lids)}
-        missing = [int(s) for s in train_rows.sample_ids if int(s) not in pos]
-        if missing or len(lids) != len(train_rows.sample_ids):
-            raise FingerprintMismatchError(
-                f"the loss curves in {losses_path} do not match the training rows "
-                f"({len(missing)} training sample_id(s) without a curve, {len(lids)} curves for "
-                f"{len(train_rows.sample_ids)} rows)",
-                "rerun collect-losses on this training table",
-            )
-        order = torch.tensor([pos[int(s)] for s in train_rows.sample_ids], dtype=torch.long)
-        raw = tensors["losses"].float()[order]
-        if raw.ndim != 2 or not torch.isfinite(raw).all():
-            raise DataError(f"{losses_path}: the `losses` tensor must be a finite [N, T+1] matrix")
-        curves_all = normalized_curves(raw, torch.from_numpy(train_rows.labels))
-        inputs["losses"] = artifacts.fingerprint_file(losses_path)
-    elif config.method == "mlrnet":
-        raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
-    if not model_name:
-        raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
-    config = replace(config, model=str(model_name))
-
-    # clean pool: drop rows that are also training rows, hold out dev, draw the meta set
-    overlap = np.isin(clean_rows.sample_ids, train_rows.sample_ids)
-    if overlap.any():
-        log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
-    pool = np.flatnonzero(~overlap)
-    dev_table = None
-    if dev_path is not None:
-        dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
-        inputs["dev"] = artifacts.fingerprint_file(dev_path)
-        meta_pos, _ = split_clean_pool(clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed)
-        dev_pos = np.arange(dev_rows.labels.shape[0])
-        dev_labels = dev_rows.labels
-    else:
-        meta_pos, dev_pos = split_clean_pool(
-            clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
-        )
-        dev_pos = pool[dev_pos]
-        dev_labels = clean_rows.labels[dev_pos]
-    meta_pos = pool[meta_pos]
-    if len(dev_pos) == 0:
-        log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
-
-    provenance_config = {k: v for k, v in asdict(config).items() if k != "compile"}  # compile: runtime only
-    meta = artifacts.make_meta("train", "model", config=provenance_config, seed=config.seed, inputs=inputs)
-    history_path = out / "history.arrow"
-    state_dir = out / "state"
-    artifacts.guard_output(
-        history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
-    )
-    if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
-        artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
-        with locks.if_unused(ws.cache) as unused:  # a cache may be shared: a temp there may be a live run's
-            if unused:
-                artifacts.clean_stale_temps(ws.cache)
-    state: dict[str, Any] | None = None
-    if (state_dir / STATE_FILE).is_file():
+        manifest = artifacts.read_json(manifest_path, "manifest")
         try:
-            # weights_only: a state file is data, never code (a crafted pickle is refused, not run)
-            state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError, a truncated zip, ...: all mean "not a state we wrote"
-            raise ArtifactError(
-                f"resume state {state_dir / STATE_FILE} is unreadable or not mlrnet's: {type(e).__name__}",
-                "pass --overwrite to start again",
-            ) from e
-        if state.get("provenance") != artifacts.provenance(meta):
-            if not overwrite:
-                raise artifacts.ArtifactExistsError(
-                    f"{state_dir} holds the state of a different training run",
-                    "pass --overwrite to start again, or choose another --workdir",
+            num_classes = int(manifest["num_classes"])
+            class_names = list(manifest.get("class_names") or [str(i) for i in range(num_classes)])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"manifest {manifest_path} has no num_classes") from e
+        train_table, train_rows = _read_rows(train_path, "training table")
+        clean_table, clean_rows = _read_rows(clean_path, "clean table")
+        for name, rows in (("training", train_rows), ("clean", clean_rows)):
+            if rows.labels.min() < 0 or rows.labels.max() >= num_classes:
+                raise DataError(f"the {name} table has labels outside 0..{num_classes - 1} (the manifest's classes)")
+        train_fp = artifacts.fingerprint_file(train_path)
+        inputs = {"train": train_fp, "clean": artifacts.fingerprint_file(clean_path)}
+
+        # stage-1 curves: the default model, and I_i for MLRNet
+        curves_all: torch.Tensor | None = None
+        model_name = config.model
+        if losses_path.is_file():
+            tensors, lmeta = artifacts.read_tensors(losses_path, "loss curves")
+            artifacts.require_meta(lmeta, losses_path)
+            recorded = (lmeta.get("inputs") or {}).get("train")
+            if recorded is not None and recorded != train_fp:
+                raise FingerprintMismatchError(
+                    f"{losses_path} was collected on a different training table (fingerprint {recorded}, "
+                    f"{train_path} is {train_fp})",
+                    "rerun collect-losses on this training table",
                 )
-            state = None
-
-    # model, tokens, features
-    device = modeling.select_device(distributed.resolve_device(config.device))
-    init_path = config.model
-    if config.init_from == "stage1":
-        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
-    tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = modeling.load_classifier(
-        init_path,
-        num_classes,
-        class_names,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-        init_seed=config.seed,
-    ).to(device)
-    # only once the model loaded: a bad --model with --overwrite must leave the old state alone
-    distributed.barrier()  # every rank has read the old state before rank 0 removes it
-    if overwrite and state is None and distributed.is_main():
-        shutil.rmtree(state_dir, ignore_errors=True)
-    distributed.barrier()
-    tok_id = modeling.model_fingerprint(config.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with distributed.main_first():  # rank 0 fills the caches, the others read them
-        train_tok = tokens.tokenize_table(
-            train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table
-        )
-        clean_tok = tokens.tokenize_table(
-            clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table
-        )
-        dev_tok = clean_tok
-        if dev_table is not None:
-            dev_tok = tokens.tokenize_table(dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table)
-    head_prefix = modeling.head_name(model) + "."
-
-    feats: dict[str, torch.Tensor] = {}
-    enc_id: str | None = None
-    if config.freeze_encoder:
-        # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
-        enc_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
-        quiet = progress if distributed.is_main() else NullProgress()
-        for key, tc in (("train", train_tok), ("clean", clean_tok), ("dev", dev_tok)):
-            with distributed.main_first():
-                feats[key] = tokens.encode_features(
-                    model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=quiet
+            model_name = model_name or (lmeta.get("config") or {}).get("model") or lmeta.get("model")
+            if "losses" not in tensors or "sample_id" not in tensors:
+                raise ArtifactError(f"{losses_path} lacks the `losses` or `sample_id` tensor")
+            lids = tensors["sample_id"].numpy().astype(np.int64)
+            pos = {int(s): i for i, s in enumerate(lids)}
+            missing = [int(s) for s in train_rows.sample_ids if int(s) not in pos]
+            if missing or len(lids) != len(train_rows.sample_ids):
+                raise FingerprintMismatchError(
+                    f"the loss curves in {losses_path} do not match the training rows "
+                    f"({len(missing)} training sample_id(s) without a curve, {len(lids)} curves for "
+                    f"{len(train_rows.sample_ids)} rows)",
+                    "rerun collect-losses on this training table",
                 )
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(head_prefix))
+            order = torch.tensor([pos[int(s)] for s in train_rows.sample_ids], dtype=torch.long)
+            raw = tensors["losses"].float()[order]
+            if raw.ndim != 2 or not torch.isfinite(raw).all():
+                raise DataError(f"{losses_path}: the `losses` tensor must be a finite [N, T+1] matrix")
+            curves_all = normalized_curves(raw, torch.from_numpy(train_rows.labels))
+            inputs["losses"] = artifacts.fingerprint_file(losses_path)
+        elif config.method == "mlrnet":
+            raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
+        if not model_name:
+            raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
+        config = replace(config, model=str(model_name))
 
-        def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return inp["features"], modeling.head_logits(m, inp["features"])
-    else:
-
-        def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            with modeling.autocast_context(device):
-                return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
-
-    fns = ClassifierFns(forward=forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=head_prefix)
-
-    def inputs_of(source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        if config.freeze_encoder:
-            return {"features": modeling.to_device(feats[source][torch.from_numpy(positions)], device)}
-        tc = {"train": train_tok, "clean": clean_tok, "dev": dev_tok}[source]
-        ids, mask = tc.batch(positions, pad_id)
-        return {"input_ids": modeling.to_device(ids, device), "attention_mask": modeling.to_device(mask, device)}
-
-    # meta-net
-    torch.manual_seed(config.seed)
-    meta_net: torch.nn.Module | None = None
-    if config.method == "mwnet":
-        meta_net = MWNet()
-    elif config.method == "mlrnet":
-        assert curves_all is not None
-        with torch.no_grad():
-            probe_f, _ = forward(model, inputs_of("train", np.array([0])))
-        meta_net = MLRNetMetaNet(
-            probe_f.shape[-1],
-            num_classes,
-            curves_all.shape[1],
-            label_emb_dim=config.label_emb_dim,
-            df_dim=config.df_dim,
-        )
-    meta_opt = None
-    names: list[str] = []
-    if meta_net is not None:
-        meta_net.to(device)
-        distributed.broadcast_module_(meta_net)  # every rank starts from rank 0's θ (same seed anyway)
-        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=1e-4)
-        names = resolve_meta_params(model, config.meta_params, head_prefix)
-
-    # what each method trains on: ("train", positions) or ("clean", positions)
-    if config.method == "plain-meta":
-        parts = [("train", np.arange(len(train_rows.sample_ids))), ("clean", meta_pos)]
-    elif config.method == "meta-only":
-        parts = [("clean", meta_pos)]
-    else:
-        parts = [("train", np.arange(len(train_rows.sample_ids)))]
-    items = [(src, int(p)) for src, ps in parts for p in ps]
-    # global steps: batches of batch_size rows per rank (batch_size x world in all)
-    steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    from transformers import get_linear_schedule_with_warmup
-
-    sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
-
-    history: list[dict[str, Any]] = []
-    best_acc, best_epoch, start_epoch = -1.0, 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        if meta_net is not None:
-            meta_net.load_state_dict(state["meta_net"])
-            meta_opt.load_state_dict(state["meta_opt"])  # type: ignore[union-attr]
-        history = [dict(r) for r in state["history"]]
-        best_acc, best_epoch, start_epoch = float(state["best_acc"]), int(state["best_epoch"]), int(state["epoch"])
-        log.info("resuming from epoch %d/%d", start_epoch, config.epochs)
-
-    labels_train = torch.from_numpy(train_rows.labels)
-    labels_clean = torch.from_numpy(clean_rows.labels)
-    noisy = train_rows.is_noisy
-    mbs = min(config.meta_batch_size or config.batch_size, len(meta_pos))
-    bar = get_progress(progress) if distributed.is_main() else NullProgress()
-    extra = {"class_names": class_names, "meta_sample_ids": clean_rows.sample_ids[meta_pos].tolist(),
-             "encoder_cache_id": enc_id}
-    multi = distributed.is_distributed()
-    if config.compile and meta_net is not None:
-        log.warning(
-            "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
-            "which torch.compile does not support; it runs eagerly",
-            config.method,
-        )
-    # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
-    # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
-    real_forward = distributed.training_forward(
-        model, forward, device, compile_forward=config.compile and meta_net is None
-    )
-    n_train = len(train_rows.sample_ids)
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        # dropout masks: same per epoch on resume, one stream per rank (rank 0's is the single-process one)
-        torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * distributed.rank())
-        order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0))
-        shards = distributed.shard_batches(order, config.batch_size)
-        meta_gen = _epoch_generator(config.seed, epoch, 1)
-        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
-        meta_slot = torch.arange(mbs) + distributed.rank() * mbs
-        model.train()
-        # running sums stay on the device: read back once per epoch (no host sync per step)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_seen = 0
-        w_sum = torch.zeros(n_train, dtype=torch.float64, device=device)
-        w_cnt = torch.zeros(n_train, dtype=torch.float64, device=device)
-        meta_losses: list[torch.Tensor] = []
-        with bar.task(f"epoch {epoch + 1}/{config.epochs}", total=len(items)) as task:
-            for b, shard in enumerate(shards):
-                chunk = [items[i] for i in shard.rows.tolist()]
-                srcs = {s for s, _ in chunk}
-                reduce_meta = None
-                if multi:
-
-                    def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
-                        distributed.all_reduce_mean_(grads, share)
-
-                if len(srcs) > 1:  # plain-meta mixes tables: run each part and concatenate
-                    ins = [inputs_of(s, np.array([p for s2, p in chunk if s2 == s])) for s in sorted(srcs)]
-                    labs = modeling.to_device(
-                        torch.cat(
-                            [
-                                (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
-                                for s in sorted(srcs)
-                            ]
-                        ),
-                        device,
-                    )
-                    logits = real_forward(ins)[1]
-                    loss = per_sample_loss(logits, labs).mean()
-                    losses_b = None
-                else:
-                    src = chunk[0][0]
-                    pos = np.array([p for _, p in chunk])
-                    pos_t = torch.from_numpy(pos)
-                    labs = modeling.to_device((labels_train if src == "train" else labels_clean)[pos_t], device)
-                    batch = StepBatch(
-                        inputs_of(src, pos),
-                        labs,
-                        modeling.to_device(curves_all[pos_t], device)
-                        if curves_all is not None and src == "train"
-                        else None,
-                    )
-                    if meta_net is None:
-                        _, logits = real_forward(batch.inputs)
-                        loss = per_sample_loss(logits, labs).mean()
-                    else:
-                        mperm = torch.randperm(len(meta_pos), generator=meta_gen)
-                        mpos = meta_pos[mperm[meta_slot % len(meta_pos)].numpy()]
-                        mb = StepBatch(
-                            inputs_of("clean", mpos),
-                            modeling.to_device(labels_clean[torch.from_numpy(mpos)], device),
-                        )
-                        res = meta_step(
-                            model,
-                            meta_net,
-                            meta_opt,
-                            batch,
-                            mb,
-                            alpha=config.virtual_lr,
-                            meta_params=names,
-                            normalize_weights=config.normalize_weights,
-                            fns=fns,
-                            update_meta=step % config.meta_interval == 0,
-                            mode=config.meta_mode,
-                            real_forward=real_forward,
-                            reduce_meta_grads=reduce_meta,
-                            # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below
-                            # Adam's eps and under its coupled weight decay, which then shrinks θ to a constant
-                            # weight. Divided by α, Adam sees the α-free first-order term -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
-                            meta_grad_scale=1.0 / config.virtual_lr,
-                        )
-                        loss = res.loss
-                        if not shard.is_placeholder:
-                            pos_d = modeling.to_device(pos_t, device)
-                            w_sum.index_add_(0, pos_d, res.weights.double())
-                            w_cnt.index_add_(0, pos_d, torch.ones_like(w_sum[pos_d]))
-                            if res.meta_loss is not None:
-                                meta_losses.append(res.meta_loss)
-                        losses_b = res.losses
-                batch_loss = losses_b.mean() if meta_net is not None else loss.detach()
-                if multi:
-                    # DDP averages the ranks' gradients; the share makes that a row-weighted mean
-                    loss = loss * shard.share
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                if not shard.is_placeholder:
-                    loss_sum += batch_loss.double() * len(chunk)
-                    n_seen += len(chunk)
-                # reading the loss back syncs with the device: only now and then, for the progress bar
-                shown = b % _PROGRESS_LOSS_EVERY == 0 or b == len(shards) - 1
-                task.advance(shard.global_size, **({"loss": float(batch_loss)} if shown else {}))
-
-        if multi:
-            loss_sum = distributed.all_reduce_sum(loss_sum)
-            n_seen = int(distributed.all_reduce_sum(torch.tensor([float(n_seen)], dtype=torch.float64)).item())
-            w_sum, w_cnt = distributed.all_reduce_sum(w_sum), distributed.all_reduce_sum(w_cnt)
-        dev_acc = _accuracy(
-            model,
-            forward,
-            inputs_of,
-            "clean" if dev_table is None else "dev",
-            dev_pos,
-            dev_labels,
-            config.batch_size * 2,
-            device,
-        )
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(n_seen, 1),
-            "dev_accuracy": dev_acc,
-        }
-        if meta_net is not None:
-            w_sum_np, w_cnt_np = w_sum.cpu().numpy(), w_cnt.cpu().numpy()
-            seen = w_cnt_np > 0
-            w = w_sum_np[seen] / w_cnt_np[seen]
-            meta_loss_mean = None
-            if multi:
-                ml = torch.stack(meta_losses).double().sum() if meta_losses else torch.zeros((), dtype=torch.float64)
-                tot = distributed.all_reduce_sum(torch.stack([ml.cpu(), torch.tensor(float(len(meta_losses)))]))
-                meta_loss_mean = float(tot[0] / tot[1]) if float(tot[1]) else None
-            elif meta_losses:
-                meta_loss_mean = float(np.mean(torch.stack(meta_losses).double().cpu().numpy()))
-            row.update(
-                weight_mean=float(w.mean()),
-                weight_std=float(w.std()),
-                meta_loss=meta_loss_mean,
+        # clean pool: drop rows that are also training rows, hold out dev, draw the meta set
+        overlap = np.isin(clean_rows.sample_ids, train_rows.sample_ids)
+        if overlap.any():
+            log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
+        pool = np.flatnonzero(~overlap)
+        dev_table = None
+        if dev_path is not None:
+            dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
+            inputs["dev"] = artifacts.fingerprint_file(dev_path)
+            meta_pos, _ = split_clean_pool(
+                clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed
             )
-            if noisy is not None:
-                nz = noisy[seen]
-                row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
-                row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
-            line = f"epoch {epoch + 1}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
-            if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
-                means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
-                line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
-            log.info("%s", line)
-            if row["weight_std"] < 1e-4:
-                log.warning(
-                    "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "
-                    "nothing; try a larger --meta-lr",
-                    epoch + 1,
-                    row["weight_std"],
-                )
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
+            dev_pos = np.arange(dev_rows.labels.shape[0])
+            dev_labels = dev_rows.labels
+        else:
+            meta_pos, dev_pos = split_clean_pool(
+                clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
+            )
+            dev_pos = pool[dev_pos]
+            dev_labels = clean_rows.labels[dev_pos]
+        meta_pos = pool[meta_pos]
+        if len(dev_pos) == 0:
+            log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
 
-        better = dev_acc is None or dev_acc > best_acc
-        if better:
-            best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
-        log.info(
-            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
-            epoch + 1,
-            config.epochs,
-            row["train_loss"],
-            "n/a" if dev_acc is None else f"{dev_acc:.4f}",
-            " (best)" if better and dev_acc is not None else "",
-            row["seconds"],
+        provenance_config = {k: v for k, v in asdict(config).items() if k != "compile"}  # compile: runtime only
+        meta = artifacts.make_meta("train", "model", config=provenance_config, seed=config.seed, inputs=inputs)
+        history_path = out / "history.arrow"
+        state_dir = out / "state"
+        artifacts.guard_output(
+            history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
         )
-        # only rank 0 writes (every rank holds the same model, meta-net and history)
-        if distributed.is_main():
-            model_meta = {**meta, "epoch": epoch + 1}
-            _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-            if better:
-                _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-            artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
-            new_state = {
-                "provenance": artifacts.provenance(meta),
+        if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
+            artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
+            with locks.if_unused(ws.cache) as unused:  # a cache may be shared: a temp there may be a live run's
+                if unused:
+                    artifacts.clean_stale_temps(ws.cache)
+        state: dict[str, Any] | None = None
+        if (state_dir / STATE_FILE).is_file():
+            try:
+                # weights_only: a state file is data, never code (a crafted pickle is refused, not run)
+                state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError, a truncated zip, ...: all mean "not a state we wrote"
+                raise ArtifactError(
+                    f"resume state {state_dir / STATE_FILE} is unreadable or not mlrnet's: {type(e).__name__}",
+                    "pass --overwrite to start again",
+                ) from e
+            if state.get("provenance") != artifacts.provenance(meta):
+                if not overwrite:
+                    raise artifacts.ArtifactExistsError(
+                        f"{state_dir} holds the state of a different training run",
+                        "pass --overwrite to start again, or choose another --workdir",
+                    )
+                state = None
+
+        # model, tokens, features
+        device = modeling.select_device(distributed.resolve_device(config.device))
+        init_path = config.model
+        if config.init_from == "stage1":
+            init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+        tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        model = modeling.load_classifier(
+            init_path,
+            num_classes,
+            class_names,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+            init_seed=config.seed,
+        ).to(device)
+        # only once the model loaded: a bad --model with --overwrite must leave the old state alone
+        distributed.barrier()  # every rank has read the old state before rank 0 removes it
+        if overwrite and state is None and distributed.is_main():
+            shutil.rmtree(state_dir, ignore_errors=True)
+        distributed.barrier()
+        tok_id = modeling.model_fingerprint(config.model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        with distributed.main_first():  # rank 0 fills the caches, the others read them
+            train_tok = tokens.tokenize_table(
+                train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table
+            )
+            clean_tok = tokens.tokenize_table(
+                clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table
+            )
+            dev_tok = clean_tok
+            if dev_table is not None:
+                dev_tok = tokens.tokenize_table(
+                    dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table
+                )
+        head_prefix = modeling.head_name(model) + "."
+
+        feats: dict[str, torch.Tensor] = {}
+        enc_id: str | None = None
+        if config.freeze_encoder:
+            # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
+            enc_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
+            quiet = progress if distributed.is_main() else NullProgress()
+            for key, tc in (("train", train_tok), ("clean", clean_tok), ("dev", dev_tok)):
+                with distributed.main_first():
+                    feats[key] = tokens.encode_features(
+                        model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=quiet
+                    )
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.startswith(head_prefix))
+
+            def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                return inp["features"], modeling.head_logits(m, inp["features"])
+        else:
+
+            def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                with modeling.autocast_context(device):
+                    return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
+
+        fns = ClassifierFns(forward=forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=head_prefix)
+
+        def inputs_of(source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
+            if config.freeze_encoder:
+                return {"features": modeling.to_device(feats[source][torch.from_numpy(positions)], device)}
+            tc = {"train": train_tok, "clean": clean_tok, "dev": dev_tok}[source]
+            ids, mask = tc.batch(positions, pad_id)
+            return {"input_ids": modeling.to_device(ids, device), "attention_mask": modeling.to_device(mask, device)}
+
+        # meta-net
+        torch.manual_seed(config.seed)
+        meta_net: torch.nn.Module | None = None
+        if config.method == "mwnet":
+            meta_net = MWNet()
+        elif config.method == "mlrnet":
+            assert curves_all is not None
+            with torch.no_grad():
+                probe_f, _ = forward(model, inputs_of("train", np.array([0])))
+            meta_net = MLRNetMetaNet(
+                probe_f.shape[-1],
+                num_classes,
+                curves_all.shape[1],
+                label_emb_dim=config.label_emb_dim,
+                df_dim=config.df_dim,
+            )
+        meta_opt = None
+        names: list[str] = []
+        if meta_net is not None:
+            meta_net.to(device)
+            distributed.broadcast_module_(meta_net)  # every rank starts from rank 0's θ (same seed anyway)
+            meta_opt = torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=1e-4)
+            names = resolve_meta_params(model, config.meta_params, head_prefix)
+
+        # what each method trains on: ("train", positions) or ("clean", positions)
+        if config.method == "plain-meta":
+            parts = [("train", np.arange(len(train_rows.sample_ids))), ("clean", meta_pos)]
+        elif config.method == "meta-only":
+            parts = [("clean", meta_pos)]
+        else:
+            parts = [("train", np.arange(len(train_rows.sample_ids)))]
+        items = [(src, int(p)) for src, ps in parts for p in ps]
+        # global steps: batches of batch_size rows per rank (batch_size x world in all)
+        steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        from transformers import get_linear_schedule_with_warmup
+
+        sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
+
+        history: list[dict[str, Any]] = []
+        best_acc, best_epoch, start_epoch = -1.0, 0, 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            if meta_net is not None:
+                meta_net.load_state_dict(state["meta_net"])
+                meta_opt.load_state_dict(state["meta_opt"])  # type: ignore[union-attr]
+            history = [dict(r) for r in state["history"]]
+            best_acc, best_epoch, start_epoch = float(state["best_acc"]), int(state["best_epoch"]), int(state["epoch"])
+            log.info("resuming from epoch %d/%d", start_epoch, config.epochs)
+
+        labels_train = torch.from_numpy(train_rows.labels)
+        labels_clean = torch.from_numpy(clean_rows.labels)
+        noisy = train_rows.is_noisy
+        mbs = min(config.meta_batch_size or config.batch_size, len(meta_pos))
+        bar = get_progress(progress) if distributed.is_main() else NullProgress()
+        extra = {"class_names": class_names, "meta_sample_ids": clean_rows.sample_ids[meta_pos].tolist(),
+                 "encoder_cache_id": enc_id}
+        multi = distributed.is_distributed()
+        if config.compile and meta_net is not None:
+            log.warning(
+                "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
+                "which torch.compile does not support; it runs eagerly",
+                config.method,
+            )
+        # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
+        # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
+        real_forward = distributed.training_forward(
+            model, forward, device, compile_forward=config.compile and meta_net is None
+        )
+        n_train = len(train_rows.sample_ids)
+        step = start_epoch * steps_per_epoch
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            # dropout masks: same per epoch on resume, one stream per rank (rank 0's is the single-process one)
+            torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * distributed.rank())
+            order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0))
+            shards = distributed.shard_batches(order, config.batch_size)
+            meta_gen = _epoch_generator(config.seed, epoch, 1)
+            # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
+            meta_slot = torch.arange(mbs) + distributed.rank() * mbs
+            model.train()
+            # running sums stay on the device: read back once per epoch (no host sync per step)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            n_seen = 0
+            w_sum = torch.zeros(n_train, dtype=torch.float64, device=device)
+            w_cnt = torch.zeros(n_train, dtype=torch.float64, device=device)
+            meta_losses: list[torch.Tensor] = []
+            with bar.task(f"epoch {epoch + 1}/{config.epochs}", total=len(items)) as task:
+                for b, shard in enumerate(shards):
+                    chunk = [items[i] for i in shard.rows.tolist()]
+                    srcs = {s for s, _ in chunk}
+                    reduce_meta = None
+                    if multi:
+
+                        def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
+                            distributed.all_reduce_mean_(grads, share)
+
+                    if len(srcs) > 1:  # plain-meta mixes tables: run each part and concatenate
+                        ins = [inputs_of(s, np.array([p for s2, p in chunk if s2 == s])) for s in sorted(srcs)]
+                        labs = modeling.to_device(
+                            torch.cat(
+                                [
+                                    (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
+                                    for s in sorted(srcs)
+                                ]
+                            ),
+                            device,
+                        )
+                        logits = real_forward(ins)[1]
+                        loss = per_sample_loss(logits, labs).mean()
+                        losses_b = None
+                    else:
+                        src = chunk[0][0]
+                        pos = np.array([p for _, p in chunk])
+                        pos_t = torch.from_numpy(pos)
+                        labs = modeling.to_device((labels_train if src == "train" else labels_clean)[pos_t], device)
+                        batch = StepBatch(
+                            inputs_of(src, pos),
+                            labs,
+                            modeling.to_device(curves_all[pos_t], device)
+                            if curves_all is not None and src == "train"
+                            else None,
+                        )
+                        if meta_net is None:
+                            _, logits = real_forward(batch.inputs)
+                            loss = per_sample_loss(logits, labs).mean()
+                        else:
+                            mperm = torch.randperm(len(meta_pos), generator=meta_gen)
+                            mpos = meta_pos[mperm[meta_slot % len(meta_pos)].numpy()]
+                            mb = StepBatch(
+                                inputs_of("clean", mpos),
+                                modeling.to_device(labels_clean[torch.from_numpy(mpos)], device),
+                            )
+                            res = meta_step(
+                                model,
+                                meta_net,
+                                meta_opt,
+                                batch,
+                                mb,
+                                alpha=config.virtual_lr,
+                                meta_params=names,
+                                normalize_weights=config.normalize_weights,
+                                fns=fns,
+                                update_meta=step % config.meta_interval == 0,
+                                mode=config.meta_mode,
+                                real_forward=real_forward,
+                                reduce_meta_grads=reduce_meta,
+                                # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls
+                                # below Adam's eps and under its coupled weight decay, which then shrinks θ to a
+                                # constant weight. Divided by α, Adam sees the α-free first-order term
+                                # -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
+                                meta_grad_scale=1.0 / config.virtual_lr,
+                            )
+                            loss = res.loss
+                            if not shard.is_placeholder:
+                                pos_d = modeling.to_device(pos_t, device)
+                                w_sum.index_add_(0, pos_d, res.weights.double())
+                                w_cnt.index_add_(0, pos_d, torch.ones_like(w_sum[pos_d]))
+                                if res.meta_loss is not None:
+                                    meta_losses.append(res.meta_loss)
+                            losses_b = res.losses
+                    batch_loss = losses_b.mean() if meta_net is not None else loss.detach()
+                    if multi:
+                        # DDP averages the ranks' gradients; the share makes that a row-weighted mean
+                        loss = loss * shard.share
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    if not shard.is_placeholder:
+                        loss_sum += batch_loss.double() * len(chunk)
+                        n_seen += len(chunk)
+                    # reading the loss back syncs with the device: only now and then, for the progress bar
+                    shown = b % _PROGRESS_LOSS_EVERY == 0 or b == len(shards) - 1
+                    task.advance(shard.global_size, **({"loss": float(batch_loss)} if shown else {}))
+
+            if multi:
+                loss_sum = distributed.all_reduce_sum(loss_sum)
+                n_seen = int(distributed.all_reduce_sum(torch.tensor([float(n_seen)], dtype=torch.float64)).item())
+                w_sum, w_cnt = distributed.all_reduce_sum(w_sum), distributed.all_reduce_sum(w_cnt)
+            dev_acc = _accuracy(
+                model,
+                forward,
+                inputs_of,
+                "clean" if dev_table is None else "dev",
+                dev_pos,
+                dev_labels,
+                config.batch_size * 2,
+                device,
+            )
+            row: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "history": history,
-                "best_acc": best_acc,
-                "best_epoch": best_epoch,
+                "train_loss": float(loss_sum) / max(n_seen, 1),
+                "dev_accuracy": dev_acc,
             }
             if meta_net is not None:
-                new_state["meta_net"] = meta_net.state_dict()
-                new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
-            with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
-                torch.save(new_state, tmp)
+                w_sum_np, w_cnt_np = w_sum.cpu().numpy(), w_cnt.cpu().numpy()
+                seen = w_cnt_np > 0
+                w = w_sum_np[seen] / w_cnt_np[seen]
+                meta_loss_mean = None
+                if multi:
+                    ml = (
+                        torch.stack(meta_losses).double().sum()
+                        if meta_losses
+                        else torch.zeros((), dtype=torch.float64)
+                    )
+                    tot = distributed.all_reduce_sum(torch.stack([ml.cpu(), torch.tensor(float(len(meta_losses)))]))
+                    meta_loss_mean = float(tot[0] / tot[1]) if float(tot[1]) else None
+                elif meta_losses:
+                    meta_loss_mean = float(np.mean(torch.stack(meta_losses).double().cpu().numpy()))
+                row.update(
+                    weight_mean=float(w.mean()),
+                    weight_std=float(w.std()),
+                    meta_loss=meta_loss_mean,
+                )
+                if noisy is not None:
+                    nz = noisy[seen]
+                    row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
+                    row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
+                line = f"epoch {epoch + 1}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
+                if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
+                    means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
+                    line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
+                log.info("%s", line)
+                if row["weight_std"] < 1e-4:
+                    log.warning(
+                        "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "
+                        "nothing; try a larger --meta-lr",
+                        epoch + 1,
+                        row["weight_std"],
+                    )
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
 
-    distributed.barrier()  # the others return once rank 0 has written everything
-    return TrainResult(
-        best_dir=out / "best",
-        last_dir=out / "last",
-        history_path=history_path,
-        best_epoch=best_epoch,
-        best_dev_accuracy=best_acc if best_acc >= 0 else None,
-        epochs_run=config.epochs - start_epoch,
-        resumed_from=start_epoch,
-        meta_size=len(meta_pos),
-        dev_size=len(dev_pos),
-        model=str(config.model),
-        history=history,
-    )
+            better = dev_acc is None or dev_acc > best_acc
+            if better:
+                best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
+            log.info(
+                "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
+                epoch + 1,
+                config.epochs,
+                row["train_loss"],
+                "n/a" if dev_acc is None else f"{dev_acc:.4f}",
+                " (best)" if better and dev_acc is not None else "",
+                row["seconds"],
+            )
+            # only rank 0 writes (every rank holds the same model, meta-net and history)
+            if distributed.is_main():
+                model_meta = {**meta, "epoch": epoch + 1}
+                _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+                if better:
+                    _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+                artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
+                new_state = {
+                    "provenance": artifacts.provenance(meta),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "history": history,
+                    "best_acc": best_acc,
+                    "best_epoch": best_epoch,
+                }
+                if meta_net is not None:
+                    new_state["meta_net"] = meta_net.state_dict()
+                    new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
+                with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
+                    torch.save(new_state, tmp)
+
+        distributed.barrier()  # the others return once rank 0 has written everything
+        return TrainResult(
+            best_dir=out / "best",
+            last_dir=out / "last",
+            history_path=history_path,
+            best_epoch=best_epoch,
+            best_dev_accuracy=best_acc if best_acc >= 0 else None,
+            epochs_run=config.epochs - start_epoch,
+            resumed_from=start_epoch,
+            meta_size=len(meta_pos),
+            dev_size=len(dev_pos),
+            model=str(config.model),
+            history=history,
+        )
 
 
 def _accuracy(model, forward, inputs_of, source, positions, labels, batch_size, device) -> float | None:  # noqa: ANN001
