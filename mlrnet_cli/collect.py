@@ -393,8 +393,8 @@ def collect_losses(
     config.validate()
     for target in (losses_path, stage1_dir, cache_dir):
         artifacts.check_writable(target)  # now, not after the first epoch
-    # one writer per workspace (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
-    outputs = [Path(losses_path).parent, Path(stage1_dir).parent]
+    # one writer per output (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
+    outputs = [Path(losses_path), Path(stage1_dir)]
     with locks.exclusive(outputs, "collect-losses") if distributed.is_main() else contextlib.nullcontext():
         t_start = time.perf_counter()
         train_path, losses_path, stage1_dir = Path(train_path), Path(losses_path), Path(stage1_dir)

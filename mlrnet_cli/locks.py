@@ -1,12 +1,15 @@
-"""Advisory folder locks, so two runs never write the same outputs or delete each other's temp files.
+"""Advisory locks, so two runs never write the same outputs or delete each other's temp files.
 
-A writing stage (``collect-losses``, ``train``) holds its output folder's lock for the whole run: a second
-run on the same workspace fails at once with one line, instead of crashing later or mixing the two runs'
-files. A cache folder can be shared by many runs (the benchmarks link one cache into several workspaces):
-writers hold it shared while they write, and temp files a killed run left there are removed only when
-nobody else holds it. The locks are ``flock`` locks on a ``.mlrnet-lock`` file in the folder: the kernel
-drops them when a process dies, so a killed run never leaves a folder locked. Where ``fcntl`` does not
-exist (Windows) the locks do nothing.
+A writing stage (``collect-losses``, ``train``) holds a lock on each output it writes (``losses.safetensors``,
+``stage1/``, ``model/``) for the whole run: a second run writing the same output fails at once with one line,
+instead of crashing later or mixing the two runs' files. Runs writing different outputs never wait, even in
+one workspace (e.g. ``train --out-dir model-plain`` beside ``train --out-dir model-mlrnet``). The lock of an
+output is a ``flock`` on ``.mlrnet-lock.<name>`` beside it.
+
+A cache folder can be shared by many runs (the benchmarks link one cache into several workspaces): writers
+hold its ``.mlrnet-lock`` shared while they write, and temp files a killed run left there are removed only when
+nobody else holds it. The kernel drops ``flock`` locks when a process dies, so a killed run never leaves
+anything locked and the lock files can stay. Where ``fcntl`` does not exist (Windows) the locks do nothing.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ except ImportError:  # pragma: no cover - Windows
 LOCK_NAME = ".mlrnet-lock"
 
 
-def _open(folder: Path) -> int:
+def _open(path: Path) -> int:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ArtifactError(
-            f"cannot create {folder / LOCK_NAME}: {e.strerror or e}", "choose another output path or check permissions"
+            f"cannot create {path}: {e.strerror or e}", "choose another output path or check permissions"
         ) from e
 
 
@@ -44,37 +47,44 @@ def _holder(fd: int) -> str:
     return text or "another mlrnet run"
 
 
+def lock_file(output: Path) -> Path:
+    """Where the lock of ``output`` (a file or folder a stage writes) lives: beside it."""
+    return output.parent / f"{LOCK_NAME}.{output.name}"
+
+
+def _remove_if_only_locks(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        entries = list(folder.iterdir())
+        if entries and all(p.name.startswith(LOCK_NAME) for p in entries):
+            for p in entries:
+                p.unlink()
+            folder.rmdir()
+
+
 @contextlib.contextmanager
-def exclusive(folders: Path | list[Path], what: str) -> Iterator[None]:
-    """Hold the lock of every folder in ``folders`` for ``what`` (e.g. ``train``), or raise WorkspaceBusyError."""
+def exclusive(outputs: Path | list[Path], what: str) -> Iterator[None]:
+    """Hold the lock of every output in ``outputs`` for ``what`` (e.g. ``train``), or raise WorkspaceBusyError."""
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    unique = sorted({Path(f).absolute() for f in ([folders] if isinstance(folders, Path) else folders)})
+    unique = sorted({Path(o).absolute() for o in ([outputs] if isinstance(outputs, Path) else outputs)})
     with contextlib.ExitStack() as stack:
-        for folder in unique:
-            if not folder.exists():  # a run that fails early leaves no empty folder behind
-                stack.callback(_remove_if_only_lock, folder)
-            fd = _open(folder)
+        for output in unique:
+            if not output.parent.exists():  # a run that fails early leaves no empty folder behind
+                stack.callback(_remove_if_only_locks, output.parent)
+            fd = _open(lock_file(output))
             stack.callback(os.close, fd)  # closing the file releases its lock
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise WorkspaceBusyError(
-                    f"{folder} is in use by {_holder(fd)}",
-                    "wait for it to finish, or give this run another --workdir",
+                    f"{output} is being written by {_holder(fd)}",
+                    "wait for it to finish, or write to another --workdir or output path",
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"mlrnet {what} (pid {os.getpid()})\n".encode(), 0)
             stack.callback(os.ftruncate, fd, 0)  # runs before the close: a released lock names nobody
         yield
-
-
-def _remove_if_only_lock(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            (folder / LOCK_NAME).unlink()
-            folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -83,7 +93,7 @@ def shared(folder: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    fd = _open(Path(folder))
+    fd = _open(Path(folder) / LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -100,7 +110,7 @@ def if_unused(folder: Path) -> Iterator[bool]:
     if not Path(folder).is_dir():
         yield False
         return
-    fd = _open(Path(folder))
+    fd = _open(Path(folder) / LOCK_NAME)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -277,7 +277,7 @@ def train(
     out = Path(out_dir or ws.model)
     artifacts.check_writable(out)  # now, not after the first epoch
     # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
-    with locks.exclusive(out.parent, "train") if distributed.is_main() else contextlib.nullcontext():
+    with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
         train_path = Path(train_path or ws.train)
         clean_path = Path(clean_path or ws.clean)
         losses_path = Path(losses_path or ws.losses)

@@ -19,54 +19,67 @@ TRAIN = ["--epochs", "1", "--batch-size", "16", "--max-length", "24", "--meta-pe
 
 
 def test_exclusive_names_the_holder_and_releases(tmp_path: Path) -> None:
-    folder = tmp_path / "ws"
-    folder.mkdir()
-    with locks.exclusive(folder, "train"):
-        with pytest.raises(WorkspaceBusyError, match=rf"in use by mlrnet train \(pid {os.getpid()}\)"):
-            with locks.exclusive([folder, tmp_path / "other"], "collect-losses"):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    model = ws / "model"
+    with locks.exclusive(model, "train"):
+        with pytest.raises(WorkspaceBusyError, match=rf"being written by mlrnet train \(pid {os.getpid()}\)"):
+            with locks.exclusive([model, tmp_path / "new" / "losses.safetensors"], "collect-losses"):
                 pass  # pragma: no cover
-        assert not (tmp_path / "other").exists()  # the failed run left no folder behind
-        with locks.if_unused(folder) as unused:
-            assert not unused
-    assert (folder / locks.LOCK_NAME).read_text() == ""  # released: it names nobody
-    with locks.exclusive(folder, "collect-losses"), locks.if_unused(tmp_path / "missing") as unused:
+        assert not (tmp_path / "new").exists()  # the failed run left no folder behind
+        with locks.exclusive(ws / "model-b", "train"):  # another output in the same workspace: no wait
+            pass
+    assert locks.lock_file(model).read_text() == ""  # released: it names nobody
+    with locks.if_unused(tmp_path / "missing") as unused:
         assert not unused
-    with locks.shared(folder), locks.shared(folder), locks.if_unused(folder) as unused:
+    with locks.shared(ws), locks.shared(ws), locks.if_unused(ws) as unused:
         assert not unused  # two writers may share; a cleaner waits for neither
-    with locks.if_unused(folder) as unused:
+    with locks.if_unused(ws) as unused:
         assert unused
 
 
 def test_a_lock_held_by_another_process_is_seen_and_dies_with_it(tmp_path: Path) -> None:
-    folder = tmp_path / "ws"
+    model = tmp_path / "ws" / "model"
     code = (
         "import sys, time; from pathlib import Path; from mlrnet_cli import locks\n"
         "with locks.exclusive(Path(sys.argv[1]), 'train'):\n"
         "    print('held', flush=True); time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(model)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         with pytest.raises(WorkspaceBusyError, match=rf"pid {proc.pid}\)"):
-            with locks.exclusive(folder, "train"):
+            with locks.exclusive(model, "train"):
                 pass  # pragma: no cover
     finally:
         proc.kill()
         proc.wait()
-    with locks.exclusive(folder, "train"):  # the kernel dropped the killed holder's lock
+    with locks.exclusive(model, "train"):  # the kernel dropped the killed holder's lock
         pass
 
 
-def test_a_second_run_on_a_busy_workspace_fails_with_one_line(workspace: Path, tiny_model_dir: Path) -> None:
+def test_a_second_run_on_the_same_outputs_fails_with_one_line(workspace: Path, tiny_model_dir: Path) -> None:
     before = sorted(p.name for p in workspace.iterdir())
-    with locks.exclusive(workspace, "collect-losses"):
-        for args in (["collect-losses", "--model", str(tiny_model_dir), "--epochs", "1"],
-                     ["train", "--model", str(tiny_model_dir), *TRAIN]):
+    runs = {
+        "losses.safetensors": ["collect-losses", "--model", str(tiny_model_dir), "--epochs", "1"],
+        "model": ["train", "--model", str(tiny_model_dir), *TRAIN],
+    }
+    for output, args in runs.items():
+        with locks.exclusive(workspace / output, "running-stage"):
             r = runner.invoke(app, [args[0], "-w", str(workspace), *args[1:]])
-            assert r.exit_code == 1, r.output
-            lines = r.stderr.strip().splitlines()
-            assert len(lines) == 1 and "is in use by mlrnet collect-losses" in lines[0], r.stderr
-    assert sorted(p.name for p in workspace.iterdir()) == sorted([*before, locks.LOCK_NAME])  # nothing else
+        assert r.exit_code == 1, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{output} is being written by mlrnet running-stage" in lines[0], r.stderr
+    locks_left = sorted(locks.lock_file(workspace / o).name for o in runs)
+    assert sorted(p.name for p in workspace.iterdir()) == sorted([*before, *locks_left])  # nothing else
+
+
+def test_runs_writing_other_outputs_in_one_workspace_do_not_wait(workspace: Path, tiny_model_dir: Path) -> None:
+    with locks.exclusive(workspace / "model", "train"):  # e.g. `mlrnet train &` still running
+        r = runner.invoke(app, ["train", "-w", str(workspace), "--model", str(tiny_model_dir), *TRAIN,
+                                "--method", "plain", "--out", str(workspace / "model-plain")])
+    assert r.exit_code == 0, r.output
+    assert (workspace / "model-plain" / "best" / "model.safetensors").is_file()
 
 
 def test_train_cleans_the_cache_only_when_no_one_else_uses_it(workspace: Path, tiny_model_dir: Path) -> None:
