@@ -240,7 +240,9 @@ def read_results(path: Path) -> list[dict]:
 def report(out: Path) -> str:
     if not (out / "results.jsonl").is_file():
         raise SystemExit(f"no results yet: {out / 'results.jsonl'} does not exist")
-    lines = read_results(out / "results.jsonl")
+    # a method rerun on a finished workspace appends the same row again: keep each (cell, seed, method) once
+    lines = list({(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))): r
+                  for r in read_results(out / "results.jsonl")}.values())
     by: dict[tuple[str, str], list[dict]] = {}
     for r in lines:
         by.setdefault((r["cell"], method_label(r["method"], r.get("budget", {}))), []).append(r)
@@ -286,7 +288,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=["headline", "table1-frozen", "cic", "smoke"], default="headline")
     ap.add_argument("--out", type=Path, default=Path("bench-work/fidelity"))
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
-    ap.add_argument("--only", default=None, help="run only cells whose name contains this")
+    ap.add_argument("--only", default=None, help="run only the cell of this name, or else those whose name contains it")
     ap.add_argument("--seed", type=int, default=None, help="run only this seed (e.g. one seed per process)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="run only these methods, in this order [default: all five]")
@@ -326,10 +328,16 @@ def main() -> None:
         model = args.model or minilm_path()
         train_p, test_p = prepare_data(args.out, budget)
     results = args.out / "results.jsonl"
-    done = {(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))) for r in read_results(results)}
-    for cell in grids(args.seeds)[args.grid]:
-        if (args.only and args.only not in cell.name) or (args.seed is not None and cell.seed != args.seed):
+    cells = grids(args.seeds)[args.grid]
+    # --only NAME: that cell if one has exactly this name (IF20-u0.4-m10 is not IF20-u0.4-m100), else a substring
+    exact = args.only in {c.name for c in cells}
+    for cell in cells:
+        if args.only and (cell.name != args.only if exact else args.only not in cell.name):
             continue
+        if args.seed is not None and cell.seed != args.seed:
+            continue
+        # read again for every cell: another process may have finished some of its methods meanwhile
+        done = {(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))) for r in read_results(results)}
         todo = tuple(m for m in (args.methods or cell.methods)
                      if (cell.name, cell.seed, method_label(m, asdict(budget))) not in done)
         if not todo:

@@ -41,6 +41,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
         {"cell": "A", "method": "plain", "seed": 1, "accuracy": 0.70, "macro_f1": 0.60},
         {"cell": "A", "method": "mlrnet", "seed": 0, "accuracy": 0.80, "macro_f1": 0.75, "weight_auroc": 0.9},
     ]
+    rows.append(rows[0])  # a method rerun on its finished workspace appends the same row: counted once
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = fidelity.report(tmp_path).splitlines()
     assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | - |"
@@ -104,6 +105,25 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     assert trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-meta-only")
     table = fidelity.report(tmp_path)
     assert "| IF20-u0.4-m20 | meta-only | 1 |" in table and "| IF20-u0.4-m20 | meta-only-e100 | 1 |" in table
+
+
+def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    workdirs: list[str] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        if cmd[cmd.index("mlrnet_cli") + 1] == "train":
+            workdirs.append(cmd[cmd.index("--workdir") + 1])
+        return {"accuracy": 0.5, "macro_f1": 0.5}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(fidelity, "prepare_data", lambda out, budget: (out / "train.pq", out / "test.pq"))
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    for only, cells in (("IF20-u0.4-m10", ["m10"]), ("IF20-u0.4-m1", ["m10", "m100"])):
+        workdirs.clear()
+        argv = ["fidelity.py", "--only", only, "--seeds", "1", "--methods", "meta-only", "--out", str(tmp_path / only)]
+        monkeypatch.setattr(sys, "argv", argv)
+        fidelity.main()
+        assert sorted(w.rsplit("-s0-", 1)[1].split("-")[0] for w in workdirs) == cells
 
 
 def test_two_processes_on_one_cell_prepare_its_base_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
