@@ -3,7 +3,7 @@
 A writing stage (``collect-losses``, ``train``) holds a lock on each output it writes (``losses.safetensors``,
 ``stage1/``, ``model/``) for the whole run: a second run writing the same output fails at once with one line,
 instead of crashing later or mixing the two runs' files. Runs writing different outputs never wait, even in
-one workspace (e.g. ``train --out-dir model-plain`` beside ``train --out-dir model-mlrnet``). The lock of an
+one workspace (e.g. ``train --out model-plain`` beside ``train --out model-mlrnet``). The lock of an
 output is a ``flock`` on ``.mlrnet-lock.<name>`` beside it.
 
 A cache folder can be shared by many runs (the benchmarks link one cache into several workspaces): writers
