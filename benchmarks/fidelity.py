@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -102,11 +101,22 @@ def grids(seeds: int) -> dict[str, list[Cell]]:
     return {"headline": headline, "table1-frozen": frozen, "cic": cic, "smoke": smoke}
 
 
+def method_epochs(method: str, budget: dict) -> int | None:
+    """Stage-2 epochs of ``method``: meta-only may have its own count (``--meta-only-epochs``)."""
+    own = budget.get("meta_only_epochs") if method == "meta-only" else None
+    return own or budget.get("epochs")
+
+
 def method_label(method: str, budget: dict) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
     (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``."""
-    own = budget.get("meta_only_epochs")
-    return f"{method}-e{own}" if method == "meta-only" and own and own != budget.get("epochs") else method
+    epochs = method_epochs(method, budget)
+    return f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+
+
+def row_key(row: dict) -> tuple[str, int, str]:
+    """What identifies a finished run in results.jsonl: (cell, seed, method label)."""
+    return row["cell"], row["seed"], method_label(row["method"], row.get("budget", {}))
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
@@ -209,7 +219,7 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
             link = ws / name
             if not link.exists() and (base / name).exists():
                 link.symlink_to((base / name).resolve())
-        epochs = budget.meta_only_epochs if method == "meta-only" and budget.meta_only_epochs else budget.epochs
+        epochs = method_epochs(method, asdict(budget))
         t0 = time.perf_counter()
         run([*mlrnet, "train", "--workdir", str(ws), "--method", method, "--meta-per-class",
              str(cell.meta_per_class), *stage, "--epochs", str(epochs), *common, *cell.extra_train, "--json"],
@@ -241,14 +251,16 @@ def report(out: Path) -> str:
     if not (out / "results.jsonl").is_file():
         raise SystemExit(f"no results yet: {out / 'results.jsonl'} does not exist")
     # a method rerun on a finished workspace appends the same row again: keep each (cell, seed, method) once
-    lines = list({(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))): r
-                  for r in read_results(out / "results.jsonl")}.values())
+    lines = list({row_key(r): r for r in read_results(out / "results.jsonl")}.values())
     by: dict[tuple[str, str], list[dict]] = {}
+    method_of = {m: m for m in METHODS}
     for r in lines:
-        by.setdefault((r["cell"], method_label(r["method"], r.get("budget", {}))), []).append(r)
+        cell, _, label = row_key(r)
+        by.setdefault((cell, label), []).append(r)
+        method_of[label] = r["method"]
     cells = list(dict.fromkeys(r["cell"] for r in lines))
     # METHODS order, each method's own-budget variants after it
-    labels = sorted({k[1] for k in by} | set(METHODS), key=lambda x: (METHODS.index(re.sub(r"-e\d+$", "", x)), x))
+    labels = sorted(method_of, key=lambda x: (METHODS.index(method_of[x]), x))
     md = ["| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
           "|---|---|---|---|---|---|---|"]
 
@@ -337,9 +349,10 @@ def main() -> None:
         if args.seed is not None and cell.seed != args.seed:
             continue
         # read again for every cell: another process may have finished some of its methods meanwhile
-        done = {(r["cell"], r["seed"], method_label(r["method"], r.get("budget", {}))) for r in read_results(results)}
-        todo = tuple(m for m in (args.methods or cell.methods)
-                     if (cell.name, cell.seed, method_label(m, asdict(budget))) not in done)
+        done = {row_key(r) for r in read_results(results)}
+        planned = ({"cell": cell.name, "seed": cell.seed, "method": m, "budget": asdict(budget)}
+                   for m in (args.methods or cell.methods))
+        todo = tuple(r["method"] for r in planned if row_key(r) not in done)
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue

@@ -37,7 +37,7 @@ from mlrnet_cli.modeling import (
 )
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
-from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, tokenize_table
+from mlrnet_cli.tokens import TokenCache, clean_cache, encode_features, length_grouped_batches, tokenize_table
 
 log = logging.getLogger("mlrnet")
 
@@ -214,11 +214,7 @@ def _clean_stale(stage1_dir: Path, losses_path: Path, cache_dir: Path) -> None:
         stale += list(losses_path.parent.glob(f"{artifacts.TMP_PREFIX}{losses_path.name}.*"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    with locks.if_unused(cache_dir) as unused:  # a cache may be shared: a temp there may be a live run's
-        if unused:
-            for kind in ("tokens-", "features-"):
-                for p in cache_dir.glob(f"{artifacts.TMP_PREFIX}{kind}*"):
-                    p.unlink(missing_ok=True)
+    clean_cache(cache_dir)
 
 
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:

@@ -70,6 +70,14 @@ def tokens_key(tokenizer_id: str, max_length: int, table_fingerprint: str) -> st
     return artifacts.fingerprint_obj({"tokenizer": tokenizer_id, "max_length": max_length, "table": table_fingerprint})
 
 
+def clean_cache(cache_dir: str | os.PathLike[str]) -> None:
+    """Remove temp files a killed run left in ``cache_dir``, unless another run holds the cache (it may be shared
+    across workspaces, and a temp file there may be a live writer's: writers hold the cache shared)."""
+    with locks.if_unused(Path(cache_dir)) as unused:
+        if unused:
+            artifacts.clean_stale_temps(cache_dir)
+
+
 def tokenize_table(
     table_path: str | os.PathLike[str],
     tokenizer: Any,

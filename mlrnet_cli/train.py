@@ -368,9 +368,7 @@ def train(
         )
         if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
             artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
-            with locks.if_unused(ws.cache) as unused:  # a cache may be shared: a temp there may be a live run's
-                if unused:
-                    artifacts.clean_stale_temps(ws.cache)
+            tokens.clean_cache(ws.cache)
         state: dict[str, Any] | None = None
         if (state_dir / STATE_FILE).is_file():
             try:
