@@ -638,7 +638,7 @@ def train(
                 loss_sum = distributed.all_reduce_sum(loss_sum)
                 n_seen = int(distributed.all_reduce_sum(torch.tensor([float(n_seen)], dtype=torch.float64)).item())
                 w_sum, w_cnt = distributed.all_reduce_sum(w_sum), distributed.all_reduce_sum(w_cnt)
-            dev_acc = _accuracy(
+            dev_acc, dev_predicted = _accuracy(
                 model,
                 forward,
                 inputs_of,
@@ -647,6 +647,7 @@ def train(
                 dev_labels,
                 config.batch_size * 2,
                 device,
+                num_classes,
             )
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -704,6 +705,19 @@ def train(
                 " (best)" if better and dev_acc is not None else "",
                 row["seconds"],
             )
+            collapse = one_class_collapse(dev_predicted, dev_labels) if dev_predicted is not None else None
+            if collapse is not None:
+                top, share, true_share = collapse
+                log.warning(
+                    "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
+                    epoch + 1,
+                    class_names[top],
+                    100 * share,
+                    100 * true_share,
+                    f"the meta-net may be learning too fast: try --meta-lr {config.meta_lr / 10:g}"
+                    if meta_net is not None
+                    else f"try a smaller --lr than {config.lr:g}",
+                )
             # only rank 0 writes (every rank holds the same model, meta-net and history)
             if distributed.is_main():
                 model_meta = {**meta, "epoch": epoch + 1}
@@ -743,22 +757,46 @@ def train(
         )
 
 
-def _accuracy(model, forward, inputs_of, source, positions, labels, batch_size, device) -> float | None:  # noqa: ANN001
-    """Accuracy on the dev rows (eval mode, no dropout, no gradients); under torchrun each rank scores a part."""
+def _accuracy(  # noqa: ANN001
+    model, forward, inputs_of, source, positions, labels, batch_size, device, num_classes
+) -> tuple[float | None, np.ndarray | None]:
+    """Accuracy on the dev rows and how often each class was predicted (eval mode, no dropout, no gradients);
+    under torchrun each rank scores a part."""
     if len(positions) == 0:
-        return None
+        return None, None
     total = len(positions)
     labels = np.asarray(labels)
     if distributed.is_distributed():
         part = distributed.split_evenly(total).numpy()
         positions, labels = positions[part], labels[part]
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device, read once
+    # summed on the device, read once: [correct, predictions of class 0, 1, ...]
+    counts = torch.zeros(1 + num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in range(0, len(positions), batch_size):
             pos = positions[i : i + batch_size]
             _, logits = forward(model, inputs_of(source, pos))
             y = modeling_to_device(torch.from_numpy(labels[i : i + batch_size]), device)
-            correct += (logits.argmax(-1) == y).sum()
+            pred = logits.argmax(-1)
+            counts[0] += (pred == y).sum()
+            counts[1:] += torch.bincount(pred, minlength=num_classes)[:num_classes]
     model.train()
-    return int(distributed.all_reduce_sum(correct).item()) / total
+    counts = distributed.all_reduce_sum(counts).cpu().numpy()
+    return int(counts[0]) / total, counts[1:]
+
+
+def one_class_collapse(predicted: np.ndarray, labels: np.ndarray) -> tuple[int, float, float] | None:
+    """``(class, its share of the predictions, its share of the labels)`` when the classifier predicts one
+    class for more than half of the dev rows and at least twice as often as that class occurs, else None.
+
+    The meta methods' known failure (a meta-net that learns too fast puts all weight on a few rows) ends
+    there; a dev accuracy that merely falls does not tell it from overfitting."""
+    total = int(predicted.sum())
+    if total == 0:
+        return None
+    top = int(np.argmax(predicted))
+    share = float(predicted[top]) / total
+    true_share = float(np.count_nonzero(np.asarray(labels) == top)) / total
+    if share > 0.5 and share >= 2 * true_share:
+        return top, share, true_share
+    return None

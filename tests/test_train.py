@@ -14,10 +14,11 @@ from conftest import make_workspace
 from typer.testing import CliRunner
 
 from mlrnet_cli import artifacts
+from mlrnet_cli import train as train_mod
 from mlrnet_cli.cli import app
 from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import DataError
-from mlrnet_cli.train import TrainConfig, split_clean_pool, train
+from mlrnet_cli.train import TrainConfig, one_class_collapse, split_clean_pool, train
 
 runner = CliRunner()
 FAST = ["--epochs", "1", "--batch-size", "16", "--max-length", "24", "--meta-per-class", "4"]
@@ -89,6 +90,44 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: 
         assert hist[0]["weight_mean"] is None
     assert artifacts.read_json(best / "mlrnet.json")["mlrnet"]["stage"] == "train"
     assert out["dev_size"] == 8 and out["meta_size"] == 16
+
+
+def test_one_class_collapse_needs_a_majority_and_twice_the_true_share() -> None:
+    balanced = np.repeat(np.arange(4), 25)
+    assert one_class_collapse(np.array([87, 5, 5, 3]), balanced) == (0, 0.87, 0.25)
+    assert one_class_collapse(np.array([10, 10, 60, 20]), balanced) == (2, 0.6, 0.25)
+    assert one_class_collapse(np.array([50, 20, 20, 10]), balanced) is None  # not more than half
+    skewed = np.array([0] * 70 + [1] * 30)
+    assert one_class_collapse(np.array([90, 10]), skewed) is None  # 0.9 < 2 x 0.7: the labels are skewed too
+    assert one_class_collapse(np.zeros(4, dtype=np.int64), balanced) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "hint"),
+    [
+        ("mlrnet", "the meta-net may be learning too fast: try --meta-lr 1e-05"),
+        ("plain", "try a smaller --lr than 1e-05"),
+    ],
+)
+def test_a_one_class_classifier_is_warned_about(
+    ws: Path, method: str, hint: str, mlrnet_logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def collapsed(predicted: np.ndarray, labels: np.ndarray) -> tuple[int, float, float]:
+        seen.append((predicted.copy(), np.asarray(labels).copy()))
+        return 1, 0.875, 0.25
+
+    monkeypatch.setattr(train_mod, "one_class_collapse", collapsed)
+    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", method, "--meta-lr", "1e-4"])
+    assert r.exit_code == 0, r.output
+    # the real dev predictions reach the check: one count per class, summing to the 8 dev rows
+    (predicted, labels), = seen
+    assert predicted.shape == (4,) and predicted.sum() == 8 and labels.shape == (8,)
+    warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
+    names = artifacts.read_json(ws / "data" / "manifest.json")["class_names"]
+    line = f"epoch 1: the classifier predicts {names[1]!r} for 88% of the dev rows (25% of their labels); {hint}"
+    assert line in warnings, warnings
 
 
 class _Interrupt:
