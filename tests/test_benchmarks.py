@@ -176,3 +176,41 @@ def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch
     # warm-up + 2 cycles of 2 steps: meta, plain-cost, meta, plain-cost, meta
     assert calls == [True, False, True, False, True]
     assert r["variant"] == "all-interval-2" and r["step_s"] > 0 and r["peak_rss_mib"] > 0
+
+
+def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """benchmarks/gpu.sh end to end on the CPU (no GPU is lent to CI): the table it prints is the eval results."""
+    import os
+    import subprocess
+
+    from conftest import write_synthetic_source
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_synthetic_source(data / "train.parquet", per_class=60, seed=0)
+    write_synthetic_source(data / "test.parquet", per_class=10, seed=1)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(out), "DEVICE": "cpu",
+        "EPOCHS": "1", "NMAX": "40", "POOL": "12", "META": "4", "MAXLEN": "24", "BATCH": "16",
+        "METHODS": "plain mlrnet",
+    }
+    r = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| plain") or
+            line.startswith("| mlrnet")]
+    assert [c[0].strip() for c in rows] == ["plain", "mlrnet"]
+    for cells in rows:
+        m = cells[0].strip()
+        e = json.loads((out / f"{m}-eval.json").read_text())
+        assert e["num_rows"] == 40  # the whole test table
+        assert cells[1].strip() == f"{100 * e['accuracy']:.2f}" and cells[2].strip() == f"{100 * e['macro_f1']:.2f}"
+    auroc = rows[1][3].strip()
+    assert rows[0][3].strip() == "-" and 0.0 <= float(auroc) <= 1.0  # MLRNet's weights were scored against the truth
+    # the corrupted set has the paper's profile: imbalance 20 from a head of 40
+    manifest = json.loads((out / "base" / "data" / "manifest.json").read_text())
+    assert manifest["profile"][0] == 40 and manifest["profile"][-1] == 2
+    assert manifest["counts"]["train_true"] == manifest["profile"]
