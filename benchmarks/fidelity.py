@@ -114,9 +114,14 @@ def method_label(method: str, budget: dict) -> str:
     return f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
 
 
+def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
+    """What identifies a run, planned or finished: (cell, seed, method label)."""
+    return cell, seed, method_label(method, budget)
+
+
 def row_key(row: dict) -> tuple[str, int, str]:
-    """What identifies a finished run in results.jsonl: (cell, seed, method label)."""
-    return row["cell"], row["seed"], method_label(row["method"], row.get("budget", {}))
+    """The run_key of a results.jsonl row."""
+    return run_key(row["cell"], row["seed"], row["method"], row.get("budget", {}))
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
@@ -352,9 +357,8 @@ def main() -> None:
             continue
         # read again for every cell: another process may have finished some of its methods meanwhile
         done = {row_key(r) for r in read_results(results)}
-        planned = ({"cell": cell.name, "seed": cell.seed, "method": m, "budget": asdict(budget)}
-                   for m in (args.methods or cell.methods))
-        todo = tuple(r["method"] for r in planned if row_key(r) not in done)
+        todo = tuple(m for m in (args.methods or cell.methods)
+                     if run_key(cell.name, cell.seed, m, asdict(budget)) not in done)
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue
