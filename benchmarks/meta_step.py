@@ -29,6 +29,9 @@ VARIANTS = {
     # --meta-interval 2: θ is updated every other step, so this is the mean over a meta step and a plain-cost one
     "all-interval-2": ("all", "jvp", 2),
     "last-1-unrolled": ("last-1", "unrolled"),
+    # the meta loss (eq. 5) taken with dropout on, as in MW-Net's code (--meta-dropout; the default is eval mode)
+    "all-meta-dropout": ("all", "jvp", 1, True),
+    "head-meta-dropout": ("head", "jvp", 1, True),
 }
 
 
@@ -90,6 +93,7 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
         names = resolve_meta_params(model, spec[0], fns.head_prefix)
     times = []
     interval = spec[2] if spec is not None and len(spec) > 2 else 1
+    meta_dropout = spec[3] if spec is not None and len(spec) > 3 else False
     if interval > 1:
         steps *= interval  # whole meta cycles, so the mean covers each kind of step equally
     for i in range(steps + 1):
@@ -111,6 +115,7 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
                 fns=fns,
                 mode=spec[1],
                 update_meta=i % interval == 0,
+                meta_dropout=meta_dropout,
             ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -181,17 +181,38 @@ def _head_only(names: Sequence[str], fns: ClassifierFns) -> bool:
     return fns.head is not None and bool(fns.head_prefix) and all(n.startswith(fns.head_prefix) for n in names)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with every submodule in eval mode (no dropout), restoring each module's own flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def _meta_logits(
-    model: nn.Module, fns: ClassifierFns, params: Mapping[str, torch.Tensor], meta: StepBatch, head_only: bool
+    model: nn.Module,
+    fns: ClassifierFns,
+    params: Mapping[str, torch.Tensor],
+    meta: StepBatch,
+    head_only: bool,
+    dropout: bool,
 ) -> torch.Tensor:
-    """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph."""
-    if head_only:
-        assert fns.head is not None
-        with torch.no_grad():
-            features, _ = fns.forward(model, meta.inputs)
-        return _call_with(model, fns.head, params, features.detach())
-    _, logits = _call_with(model, fns.forward, params, meta.inputs)
-    return logits
+    """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
+
+    ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
+    """
+    with contextlib.nullcontext() if dropout else _eval_mode(model):
+        if head_only:
+            assert fns.head is not None
+            with torch.no_grad():
+                features, _ = fns.forward(model, meta.inputs)
+            return _call_with(model, fns.head, params, features.detach())
+        _, logits = _call_with(model, fns.forward, params, meta.inputs)
+        return logits
 
 
 def _directional_losses(
@@ -240,6 +261,7 @@ def meta_step(
     real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
     meta_grad_scale: float = 1.0,
+    meta_dropout: bool = False,
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
@@ -253,12 +275,19 @@ def meta_step(
     ``reduce_meta_grads(grads)`` may change the θ gradients in place before the meta optimiser steps (e.g.
     average them across ranks; each rank's virtual step ran on its own shard).
     ``meta_grad_scale`` multiplies the θ gradients before that (``train`` passes 1/α: the raw gradient is O(α)).
+    The meta loss (eq. 5) is taken with the classifier in eval mode: no dropout noise in the estimate of ŵ's clean
+    loss, and a cheaper meta forward (no dropout masks to draw). ``meta_dropout=True`` keeps the classifier's own
+    mode there, as MW-Net's reference code does.
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
     device = batch.labels.device
     rng = _rng_snapshot(device)
-    with math_attention():
+    head_only = _head_only(meta_params, fns)
+    # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
+    # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
+    attention = contextlib.nullcontext if head_only else math_attention
+    with attention():
         features, logits = real_forward(batch.inputs) if real_forward is not None else fns.forward(model, batch.inputs)
     losses = per_sample_loss(logits, batch.labels)
     feats = features.detach()
@@ -269,21 +298,20 @@ def meta_step(
         params = dict(model.named_parameters())
         names = list(meta_params)
         selected = [params[n] for n in names]
-        head_only = _head_only(names, fns)
         theta = [p for p in meta_net.parameters() if p.requires_grad]
         coeffs = weight_coefficients(meta_net(feats, batch.labels, batch.curves, loss_in), normalize_weights)
         if mode == "unrolled":
-            with math_attention():
+            with attention():
                 grads = torch.autograd.grad(
                     losses, selected, grad_outputs=coeffs, create_graph=True, retain_graph=True, allow_unused=True
                 )
                 w_hat = {n: p if g is None else p - alpha * g for n, p, g in zip(names, selected, grads, strict=True)}
                 meta_loss = F.cross_entropy(
-                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only)), meta_batch.labels
+                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
                 )
                 theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
         else:
-            with math_attention():
+            with attention():
                 grads = torch.autograd.grad(
                     losses, selected, grad_outputs=coeffs.detach(), retain_graph=True, allow_unused=True
                 )
@@ -292,7 +320,7 @@ def meta_step(
                     for n, p, g in zip(names, selected, grads, strict=True)
                 }
                 meta_loss = F.cross_entropy(
-                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only)), meta_batch.labels
+                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
                 )
                 g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
                 g_meta = [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]

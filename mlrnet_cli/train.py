@@ -68,6 +68,9 @@ class TrainConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     meta_mode: str = "jvp"  # jvp (forward-mode, less memory) | unrolled (create_graph); both exact
+    # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
+    # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
+    meta_dropout: bool = False
     # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
@@ -602,6 +605,7 @@ def train(
                                 fns=fns,
                                 update_meta=step % config.meta_interval == 0,
                                 mode=config.meta_mode,
+                                meta_dropout=config.meta_dropout,
                                 real_forward=real_forward,
                                 reduce_meta_grads=reduce_meta,
                                 # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls

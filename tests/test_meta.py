@@ -75,16 +75,28 @@ def _meta_net(kind: str, seed: int = 1):
     return net.double()
 
 
-def _theta_grad(model, net, batch, meta, *, alpha, names, normalize, fns=FNS, mode="jvp"):
+def _theta_grad(model, net, batch, meta, *, alpha, names, normalize, fns=FNS, mode="jvp", meta_dropout=False):
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     out = meta_step(
-        model, net, opt, batch, meta, alpha=alpha, meta_params=names, normalize_weights=normalize, fns=fns, mode=mode
+        model,
+        net,
+        opt,
+        batch,
+        meta,
+        alpha=alpha,
+        meta_params=names,
+        normalize_weights=normalize,
+        fns=fns,
+        mode=mode,
+        meta_dropout=meta_dropout,
     )
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()]), out
 
 
-def _meta_loss_reference(model, net, batch, meta, *, alpha, names, normalize):
+def _meta_loss_reference(model, net, batch, meta, *, alpha, names, normalize, seed=None, meta_eval=False):
     """L_meta(ŵ(θ)) computed the plain way: real parameter copies, no functional_call."""
+    if seed is not None:  # the training forward's dropout masks, as meta_step draws them after the same seed
+        torch.manual_seed(seed)
     feats, logits = _forward(model, batch.inputs)
     losses = F.cross_entropy(logits, batch.labels, reduction="none")
     v = net(feats.detach(), batch.labels, batch.curves, losses.detach()).detach()
@@ -96,8 +108,21 @@ def _meta_loss_reference(model, net, batch, meta, *, alpha, names, normalize):
     with torch.no_grad():
         for n, g in zip(names, grads, strict=True):
             sp[n].sub_(alpha * g)
+    stepped.train(not meta_eval and model.training)
     _, mlogits = _forward(stepped, meta.inputs)
     return F.cross_entropy(mlogits, meta.labels).item()
+
+
+def _fd_along(model, net, batch, meta, d, eps=1e-5, **reference):
+    """Central finite difference of L_meta(ŵ(θ)) along the θ direction ``d`` (see _meta_loss_reference)."""
+    vals = []
+    for sign in (1, -1):
+        net2 = copy.deepcopy(net)
+        with torch.no_grad():
+            for p, dp in zip(net2.parameters(), d, strict=True):
+                p.add_(sign * eps * dp)
+        vals.append(_meta_loss_reference(model, net2, batch, meta, **reference))
+    return (vals[0] - vals[1]) / (2 * eps)
 
 
 @pytest.mark.parametrize(
@@ -122,22 +147,15 @@ def test_theta_gradient_matches_central_finite_differences(kind, spec, normalize
     assert grad.abs().max() > 1e-6  # a live meta-net, not a vacuous comparison
     theta = list(net.parameters())
     gen = torch.Generator().manual_seed(7)
-    eps = 1e-5
     for _ in range(3):
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in theta]
-        vals = []
-        for sign in (1, -1):
-            net2 = copy.deepcopy(net)
-            with torch.no_grad():
-                for p, dp in zip(net2.parameters(), d, strict=True):
-                    p.add_(sign * eps * dp)
-            vals.append(_meta_loss_reference(model, net2, batch, meta, alpha=alpha, names=names, normalize=normalize))
-        fd = (vals[0] - vals[1]) / (2 * eps)
+        fd = _fd_along(model, net, batch, meta, d, alpha=alpha, names=names, normalize=normalize)
         analytic = float(grad @ torch.cat([x.reshape(-1) for x in d]))
         assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
-def test_jvp_and_unrolled_agree_with_dropout_on():
+@pytest.mark.parametrize("meta_dropout", [False, True])
+def test_jvp_and_unrolled_agree_with_dropout_on(meta_dropout):
     """The forward-mode pass replays the training forward's dropout masks, so both modes give one gradient."""
     batch, meta = _batch(6, 3), _batch(5, 4, curves=False)
     grads = []
@@ -145,9 +163,31 @@ def test_jvp_and_unrolled_agree_with_dropout_on():
         model, net = _bert(dropout=0.2), _meta_net("mlrnet")
         names = resolve_meta_params(model, "all", "classifier.")
         torch.manual_seed(123)
-        g, _ = _theta_grad(model, net, batch, meta, alpha=2.0, names=names, normalize=False, mode=mode)
+        g, _ = _theta_grad(model, net, batch, meta, alpha=2.0, names=names, normalize=False, mode=mode,
+                           meta_dropout=meta_dropout)
         grads.append(g)
     assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(("spec", "mode"), [("all", "jvp"), ("all", "unrolled"), ("head", "jvp")])
+def test_the_meta_loss_is_taken_in_eval_mode_by_default(spec, mode):
+    """With dropout on, the default θ gradient is that of the meta loss of the eval-mode ŵ (eq. 5)."""
+    batch, meta = _batch(6, 5), _batch(5, 6, curves=False)
+    model, net = _bert(dropout=0.3), _meta_net("mlrnet")
+    model.bert.embeddings.eval()  # a submodule's own mode must survive the meta step
+    names = resolve_meta_params(model, spec, "classifier.")
+    alpha, seed = 3.0, 123
+    torch.manual_seed(seed)
+    grad, _ = _theta_grad(model, net, batch, meta, alpha=alpha, names=names, normalize=True, mode=mode)
+    assert model.training and model.bert.encoder.training and not model.bert.embeddings.training
+    torch.manual_seed(seed)
+    with_dropout, _ = _theta_grad(model, copy.deepcopy(net), batch, meta, alpha=alpha, names=names, normalize=True,
+                                  mode=mode, meta_dropout=True)
+    assert not torch.allclose(grad, with_dropout)  # the meta forward's dropout does change the gradient
+    theta = list(net.parameters())
+    d = [torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype) for p in theta]
+    fd = _fd_along(model, net, batch, meta, d, alpha=alpha, names=names, normalize=True, seed=seed, meta_eval=True)
+    assert float(grad @ torch.cat([x.reshape(-1) for x in d])) == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
 def test_meta_params_agree_when_only_the_head_trains():

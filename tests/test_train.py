@@ -55,7 +55,8 @@ def ws(workspace: Path, tiny_model_dir: Path) -> Path:
     "args",
     [
         ["--method", "mlrnet"],
-        ["--method", "mwnet", "--meta-params", "last-1", "--no-normalize-weights", "--meta-mode", "unrolled"],
+        ["--method", "mwnet", "--meta-params", "last-1", "--no-normalize-weights", "--meta-mode", "unrolled",
+         "--meta-dropout"],
         ["--method", "plain"],
         ["--method", "plain-meta"],
         ["--method", "meta-only"],
@@ -88,7 +89,9 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: 
         assert meta["meta_net"]["kind"] == args[1]
     else:
         assert hist[0]["weight_mean"] is None
-    assert artifacts.read_json(best / "mlrnet.json")["mlrnet"]["stage"] == "train"
+    recorded = artifacts.read_json(best / "mlrnet.json")["mlrnet"]
+    assert recorded["stage"] == "train"
+    assert recorded["config"]["meta_dropout"] is ("--meta-dropout" in args)
     assert out["dev_size"] == 8 and out["meta_size"] == 16
 
 

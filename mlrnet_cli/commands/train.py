@@ -51,6 +51,12 @@ def train_cmd(
     meta_mode: str = typer.Option(
         "jvp", "--meta-mode", help="How the exact meta gradient is taken: jvp (forward mode, less memory) or unrolled."
     ),
+    meta_dropout: bool = typer.Option(
+        False,
+        "--meta-dropout/--no-meta-dropout",
+        help="Dropout in the meta batch's forward at w-hat (eq. 5), as in MW-Net's code. Off (default): the meta "
+        "loss is taken in eval mode, like the dev evaluation.",
+    ),
     meta_interval: int = typer.Option(1, "--meta-interval", help="Update the meta-net every K steps."),
     normalize_weights: bool = typer.Option(
         True, "--normalize-weights/--no-normalize-weights", help="Normalise weights in the batch: v_i / sum(v)."
@@ -112,6 +118,7 @@ def train_cmd(
         meta_params=meta_params,
         meta_interval=meta_interval,
         meta_mode=meta_mode,
+        meta_dropout=meta_dropout,
         normalize_weights=normalize_weights,
         label_emb_dim=label_emb_dim,
         df_dim=df_dim,
