@@ -91,6 +91,28 @@ def test_sync_free_stats_match_exact_stats() -> None:
 # 2 processes
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "stdout", "stderr"),
+    [
+        (["--version"], 0, "mlrnet ", ""),
+        # WORLD_SIZE without torchrun's other variables: the one-line usage error, exit 2
+        (["collect-losses", "-w", "nowhere"], 2, "", "mlrnet: error: WORLD_SIZE > 1 but"),
+    ],
+)
+def test_a_torchrun_worker_exits_with_its_code_and_flushed_output(
+    tmp_path: Path, args: list[str], code: int, stdout: str, stderr: str
+) -> None:
+    """Under WORLD_SIZE > 1 main() ends with os._exit (no interpreter finalisation, where gloo could abort):
+    the exit code, stdout and the error line must still come out."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", HF_HUB_OFFLINE="1", MLRNET_DEBUG="")
+    proc = subprocess.run([sys.executable, "-m", "mlrnet_cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.startswith(stdout)
+    assert stderr in proc.stderr
+
+
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MLRNET_DEBUG="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
@@ -178,6 +200,8 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
             },
             Path(out) / f"rank{rank}.pt",
         )
+    # leave as the CLI's torchrun workers do (cli._leave_torchrun_worker): gloo can abort in interpreter shutdown
+    os._exit(0)
 
 
 def test_two_rank_train_runs_and_keeps_ranks_identical(tmp_path: Path, tiny_model_dir: Path) -> None:
