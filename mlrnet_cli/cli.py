@@ -27,7 +27,7 @@ def _leave_torchrun_worker(code: object) -> None:
 
     With gloo, a worker that finished its work, left the process group and wrote every artifact could still
     abort while the interpreter shut down ("terminate called without an active exception": a C++ thread torn
-    down at exit), and torchrun then reported the whole run failed (3 runs in 24 on a loaded 2-core CPU).
+    down at exit), and torchrun then reported the whole run failed (3 runs in 32 on a loaded 2-core CPU).
     Nothing is left to run at that point but finalisation, so logs and streams are flushed and the process ends.
     """
     import logging
