@@ -19,19 +19,30 @@ import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
-VARIANTS = {
+
+class Variant(NamedTuple):
+    """One meta-step setting: the train options it stands for."""
+
+    meta_params: str  # --meta-params
+    mode: str = "jvp"  # --meta-mode
+    interval: int = 1  # --meta-interval
+    meta_dropout: bool = False  # --meta-dropout
+
+
+VARIANTS: dict[str, Variant | None] = {
     "plain": None,
-    "all": ("all", "jvp"),
-    "last-1": ("last-1", "jvp"),
-    "head": ("head", "jvp"),
-    "all-unrolled": ("all", "unrolled"),
+    "all": Variant("all"),
+    "last-1": Variant("last-1"),
+    "head": Variant("head"),
+    "all-unrolled": Variant("all", "unrolled"),
     # --meta-interval 2: θ is updated every other step, so this is the mean over a meta step and a plain-cost one
-    "all-interval-2": ("all", "jvp", 2),
-    "last-1-unrolled": ("last-1", "unrolled"),
-    # the meta loss (eq. 5) taken with dropout on, as in MW-Net's code (--meta-dropout; the default is eval mode)
-    "all-meta-dropout": ("all", "jvp", 1, True),
-    "head-meta-dropout": ("head", "jvp", 1, True),
+    "all-interval-2": Variant("all", interval=2),
+    "last-1-unrolled": Variant("last-1", "unrolled"),
+    # the meta loss (eq. 5) taken with dropout on, as in MW-Net's code (the default is eval mode)
+    "all-meta-dropout": Variant("all", meta_dropout=True),
+    "head-meta-dropout": Variant("head", meta_dropout=True),
 }
 
 
@@ -90,10 +101,9 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
     if spec is not None:
         meta_net = MLRNetMetaNet(model.config.hidden_size, 4, 11)
         meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3)
-        names = resolve_meta_params(model, spec[0], fns.head_prefix)
+        names = resolve_meta_params(model, spec.meta_params, fns.head_prefix)
     times = []
-    interval = spec[2] if spec is not None and len(spec) > 2 else 1
-    meta_dropout = spec[3] if spec is not None and len(spec) > 3 else False
+    interval = spec.interval if spec is not None else 1
     if interval > 1:
         steps *= interval  # whole meta cycles, so the mean covers each kind of step equally
     for i in range(steps + 1):
@@ -113,9 +123,9 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
                 meta_params=names,
                 normalize_weights=True,
                 fns=fns,
-                mode=spec[1],
+                mode=spec.mode,
                 update_meta=i % interval == 0,
-                meta_dropout=meta_dropout,
+                meta_dropout=spec.meta_dropout,
             ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

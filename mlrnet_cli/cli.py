@@ -32,13 +32,7 @@ def _leave_torchrun_worker(code: object) -> None:
     """
     import logging
 
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:  # sys.exit("message"): Python prints it and exits 1
-        sys.stderr.write(f"{code}\n")
-        status = 1
+    status = code if isinstance(code, int) else 0 if code is None else 1  # click exits with ints; else as SystemExit
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlrnet_cli.errors import ConfigError
-from mlrnet_cli.modeling import math_attention
+from mlrnet_cli.modeling import eval_mode, math_attention
 
 #: forward(model, inputs) -> (head-input features [B, H], logits [B, C]), one pass.
 ForwardFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -181,18 +181,6 @@ def _head_only(names: Sequence[str], fns: ClassifierFns) -> bool:
     return fns.head is not None and bool(fns.head_prefix) and all(n.startswith(fns.head_prefix) for n in names)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run with every submodule in eval mode (no dropout), restoring each module's own flag after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _meta_logits(
     model: nn.Module,
     fns: ClassifierFns,
@@ -205,7 +193,7 @@ def _meta_logits(
 
     ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
     """
-    with contextlib.nullcontext() if dropout else _eval_mode(model):
+    with contextlib.nullcontext() if dropout else eval_mode(model):
         if head_only:
             assert fns.head is not None
             with torch.no_grad():

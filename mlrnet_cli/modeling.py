@@ -87,6 +87,18 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run with every submodule in eval mode (no dropout), then give each module back its own train/eval flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def math_attention() -> contextlib.AbstractContextManager[Any]:
     """Force the math SDPA kernel: the CPU flash kernel has no double backward and no forward-mode AD."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -214,7 +214,7 @@ def encode_features(
     ``cache_dir/features-<key>.safetensors`` and is shared by ``collect-losses``, ``train`` and ``weights``.
     Runs in eval mode without gradients (no dropout); the model's train/eval mode is restored.
     """
-    from mlrnet_cli.modeling import autocast_context, features_and_logits
+    from mlrnet_cli.modeling import autocast_context, eval_mode, features_and_logits
 
     key = features_key(model_id, token_cache.key)
     path = Path(cache_dir) / f"features-{key}.safetensors"
@@ -230,23 +230,18 @@ def encode_features(
             log.warning("feature cache %s is unreadable (%s): encoding again", path, e)
 
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     n = len(token_cache)
     feats_out: torch.Tensor | None = None
-    try:
-        with get_progress(progress).task("encoding features", total=n) as task, torch.no_grad():
-            for idx in length_grouped_batches(token_cache.lengths, batch_size):
-                ids, mask = token_cache.batch(idx, pad_id)
-                with autocast_context(device):
-                    f, _ = features_and_logits(model, ids.to(device), mask.to(device))
-                f = f.float().cpu()
-                if feats_out is None:
-                    feats_out = torch.empty((n, f.shape[1]), dtype=torch.float32)
-                feats_out[torch.from_numpy(idx)] = f
-                task.advance(len(idx))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), get_progress(progress).task("encoding features", total=n) as task, torch.no_grad():
+        for idx in length_grouped_batches(token_cache.lengths, batch_size):
+            ids, mask = token_cache.batch(idx, pad_id)
+            with autocast_context(device):
+                f, _ = features_and_logits(model, ids.to(device), mask.to(device))
+            f = f.float().cpu()
+            if feats_out is None:
+                feats_out = torch.empty((n, f.shape[1]), dtype=torch.float32)
+            feats_out[torch.from_numpy(idx)] = f
+            task.advance(len(idx))
     assert feats_out is not None  # n >= 1: empty tables are refused upstream
     meta = artifacts.make_meta(
         "encode", "features", config={"model": model_id}, inputs={"tokens": token_cache.key}, key=key

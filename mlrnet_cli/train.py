@@ -25,6 +25,7 @@ from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError
 from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, parse_meta_params, per_sample_loss, resolve_meta_params
 from mlrnet_cli.metanet import MLRNetMetaNet, MWNet
+from mlrnet_cli.modeling import eval_mode
 from mlrnet_cli.modeling import to_device as modeling_to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
@@ -773,10 +774,9 @@ def _accuracy(  # noqa: ANN001
     if distributed.is_distributed():
         part = distributed.split_evenly(total).numpy()
         positions, labels = positions[part], labels[part]
-    model.eval()
     # summed on the device, read once: [correct, predictions of class 0, 1, ...]
     counts = torch.zeros(1 + num_classes, dtype=torch.int64, device=device)
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(0, len(positions), batch_size):
             pos = positions[i : i + batch_size]
             _, logits = forward(model, inputs_of(source, pos))
@@ -784,7 +784,6 @@ def _accuracy(  # noqa: ANN001
             pred = logits.argmax(-1)
             counts[0] += (pred == y).sum()
             counts[1:] += torch.bincount(pred, minlength=num_classes)[:num_classes]
-    model.train()
     counts = distributed.all_reduce_sum(counts).cpu().numpy()
     return int(counts[0]) / total, counts[1:]
 

@@ -114,9 +114,12 @@ def mlrnet_logs(caplog: pytest.LogCaptureFixture):
     import logging
 
     logger = logging.getLogger("mlrnet")
-    before = logger.level
+    before, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.DEBUG)
+    # caplog also listens on the root logger: without this, a test run before any CLI call saw every record twice
+    logger.propagate = False
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.setLevel(before)
+    logger.propagate = propagate

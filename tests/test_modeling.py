@@ -183,3 +183,15 @@ def test_load_report_is_one_line(tiny_model_dir: Path, tmp_path: Path, mlrnet_lo
     modeling.load_classifier(broken, 4, init_seed=0)
     warnings = [r.getMessage() for r in mlrnet_logs.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "pooler.dense.weight" in warnings[0] and "initialised at random" in warnings[0]
+
+
+def test_eval_mode_gives_every_module_its_own_flag_back_even_after_an_error() -> None:
+    from mlrnet_cli.modeling import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout()))
+    net.train()
+    net[2].eval()
+    with pytest.raises(RuntimeError), eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == [True, True, True, False, False]
