@@ -1,6 +1,6 @@
 """Throughput of `mlrnet eval`'s inference loop (one run) against two references, on MiniLM-L6.
 
-* ``tool``: :func:`mlrnet_cli.evaluate.run_classifier` (length-grouped batches, dynamic padding, no grad,
+* ``tool``: :func:`mlrnet_cli.inference.run_classifier` (length-grouped batches, dynamic padding, no grad,
   per-row gather of logits), timed from token ids to probabilities;
 * ``bare``: a bare ``model(**batch)`` loop over the very same (pre-built) batches: what the tool adds;
 * ``pad128``: the same rows in input order, every batch padded to max length 128.
@@ -38,16 +38,9 @@ def main() -> None:
     import torch
 
     from mlrnet_cli.data import embedded_dir
-    from mlrnet_cli.evaluate import (
-        autocast_context,
-        iter_batches,
-        load_tokenizer,
-        pad_batch,
-        run_classifier,
-        tokenize,
-    )
-    from mlrnet_cli.modeling import select_device
-    from mlrnet_cli.tokens import length_grouped_batches
+    from mlrnet_cli.inference import autocast_context, iter_batches, run_classifier, tokenize
+    from mlrnet_cli.modeling import load_tokenizer, select_device
+    from mlrnet_cli.tokens import length_grouped_batches, pad_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,6 @@ kernel with no double backward and no forward-mode AD.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from mlrnet_cli.configs import parse_meta_params
 from mlrnet_cli.errors import ConfigError
 from mlrnet_cli.modeling import eval_mode, math_attention
 
@@ -41,7 +41,6 @@ ForwardFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor
 #: head(model, features) -> logits: the classification head alone on head-input features.
 HeadFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
-_LAST_K = re.compile(r"^last-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -70,16 +69,6 @@ class MetaStepOutput:
     losses: torch.Tensor
     weights: torch.Tensor
     meta_loss: torch.Tensor | None  #: detached 0-d tensor (no host sync per step); ``float()`` it when needed
-
-
-def parse_meta_params(spec: str) -> tuple[str, int]:
-    """Validate ``--meta-params``: ``all``, ``head`` or ``last-K`` (K ≥ 1) → (kind, K)."""
-    if spec in ("all", "head"):
-        return spec, 0
-    m = _LAST_K.match(spec)
-    if m and int(m.group(1)) >= 1:
-        return "last", int(m.group(1))
-    raise ConfigError(f"--meta-params {spec!r} is not one of all, head, last-K (K >= 1)")
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -13,6 +13,17 @@ import torch
 from torch import nn
 
 
+def normalized_curves(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """I_i (paper §3.3): each epoch's loss minus the mean loss of the sample's observed class at that epoch."""
+    if losses.dim() != 2 or labels.dim() != 1 or losses.shape[0] != labels.shape[0]:
+        raise ValueError(f"losses [N, T+1] and labels [N] expected, got {tuple(losses.shape)}, {tuple(labels.shape)}")
+    labels = labels.long()
+    c = int(labels.max().item()) + 1 if labels.numel() else 0
+    sums = torch.zeros((c, losses.shape[1]), dtype=losses.dtype, device=losses.device).index_add_(0, labels, losses)
+    counts = torch.bincount(labels, minlength=c).to(losses.dtype).clamp_min(1)
+    return losses - (sums / counts[:, None])[labels]
+
+
 class MWNet(nn.Module):
     """Meta-Weight-Net (Shu et al. 2019): weight = sigmoid(MLP(loss)), an MLP 1 → hidden → 1 with ReLU."""
 

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from mlrnet_cli.artifacts import fingerprint_bytes
-from mlrnet_cli.errors import ConfigError, HubUnavailableError, ModelError
+from mlrnet_cli.artifacts import fingerprint_bytes, read_json
+from mlrnet_cli.errors import ArtifactError, ConfigError, HubUnavailableError, ModelError
 
 log = logging.getLogger("mlrnet")
 
@@ -191,7 +191,40 @@ def _check_model_folder(path: Path, *, allow_pickle: bool) -> None:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
-    """A *fast* tokenizer for a local folder or hub id; HubUnavailableError (naming ``--model PATH``) offline."""
+    """A *fast* tokenizer for a local folder or hub id; HubUnavailableError (naming ``--model PATH``) offline.
+
+    A model folder saved without a tokenizer gets the one of the pretrained model its metadata names."""
+    try:
+        return _load_fast_tokenizer(name_or_path, trust_remote_code)
+    except ModelError:
+        path = Path(name_or_path)
+        base = _base_model_name(path) if path.is_dir() else None
+        if base is None or base == str(name_or_path):
+            raise
+        log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
+        return _load_fast_tokenizer(base, trust_remote_code)
+
+
+def _base_model_name(folder: Path) -> str | None:
+    """The pretrained model a stage recorded in its folder's metadata (for a folder saved without a tokenizer)."""
+    for f in sorted(folder.glob("*.json")):
+        if f.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            continue
+        try:
+            stack = [read_json(f)]
+        except ArtifactError:
+            continue
+        while stack:
+            cur = stack.pop(0)
+            if isinstance(cur, dict):
+                for key in ("base_model", "model", "model_name", "pretrained"):
+                    if isinstance(cur.get(key), str):
+                        return cur[key]
+                stack.extend(v for v in cur.values() if isinstance(v, dict))
+    return None
+
+
+def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     _quiet_transformers()

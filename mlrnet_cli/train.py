@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,90 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlrnet_cli import artifacts, distributed, locks
-from mlrnet_cli.collect import normalized_curves
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError
-from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, parse_meta_params, per_sample_loss, resolve_meta_params
-from mlrnet_cli.metanet import MLRNetMetaNet, MWNet
-from mlrnet_cli.modeling import eval_mode
-from mlrnet_cli.modeling import to_device as modeling_to_device
+from mlrnet_cli import artifacts, distributed, engine, locks, seeding, stageio
+from mlrnet_cli.configs import Method, TrainConfig
+from mlrnet_cli.distributed import Shard
+from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
+from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, per_sample_loss, resolve_meta_params
+from mlrnet_cli.metanet import MLRNetMetaNet, MWNet, normalized_curves
+from mlrnet_cli.modeling import eval_mode, to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
+from mlrnet_cli.tokens import clean_cache
 from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
 
-METHODS = ("mlrnet", "mwnet", "plain", "plain-meta", "meta-only")
-META_METHODS = ("mlrnet", "mwnet")
-STATE_FILE = "state.pt"
-#: the training loop reads the loss back for the progress bar only every this many steps (a host sync)
-_PROGRESS_LOSS_EVERY = 10
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
-
-    method: str = "mlrnet"  # mlrnet | mwnet | plain | plain-meta | meta-only
-    meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
-    epochs: int = 10  # paper: 10 on AG News
-    lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
-    batch_size: int = 30  # training mini-batch n (paper: 30)
-    meta_batch_size: int | None = None  # meta mini-batch m; None = batch_size
-    meta_lr: float = 1e-4  # Adam lr of θ; MW-Net's 1e-3 swung full fine-tuning to extreme weights (docs/results.md)
-    alpha: float | None = None  # virtual-step rate α of eqs. 4/8; None = lr (the paper's α steps both eqs. 4 and 6)
-    meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
-    meta_interval: int = 1  # update θ every K classifier steps
-    normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
-    label_emb_dim: int = 128  # §4.3: label embedding (C, 128)
-    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i
-    init_from: str = "pretrained"  # pretrained | stage1
-    freeze_encoder: bool = False  # cached encoder features, head-only training
-    dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
-    max_length: int = 128
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay
-    weight_decay: float = 0.0
-    device: str = "auto"
-    seed: int = 0
-    model: str | None = None  # None = the model collect-losses recorded in the curves' metadata
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    meta_mode: str = "jvp"  # jvp (forward-mode, less memory) | unrolled (create_graph); both exact
-    # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
-    # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
-    meta_dropout: bool = False
-    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
-    # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
-    compile: bool = False
-
-    @property
-    def virtual_lr(self) -> float:
-        """α of eqs. 4/8 as used: ``alpha``, or the classifier's ``lr`` when unset."""
-        return self.lr if self.alpha is None else self.alpha
-
-    def validate(self) -> None:
-        from mlrnet_cli.errors import UsageError
-
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}", f"choose one of {', '.join(METHODS)}")
-        if self.init_from not in ("pretrained", "stage1"):
-            raise UsageError(f"unknown --init-from {self.init_from!r}", "choose pretrained or stage1")
-        parse_meta_params(self.meta_params)
-        if self.meta_mode not in ("jvp", "unrolled"):
-            raise ConfigError(f"unknown meta mode {self.meta_mode!r}")
-        for name in ("meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.meta_batch_size is not None and self.meta_batch_size < 1:
-            raise ConfigError(f"--meta-batch-size must be >= 1, got {self.meta_batch_size}")
-        if not 0.0 <= self.dev_fraction < 1.0:
-            raise ConfigError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
-            raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+METHODS = tuple(m.value for m in Method)
 
 
 @dataclass
@@ -139,44 +72,12 @@ class TrainResult:
 # data
 
 
-@dataclass
-class _Rows:
-    sample_ids: np.ndarray
-    labels: np.ndarray
-    is_noisy: np.ndarray | None  # bool, None when the truth is unknown
-
-
-def _read_rows(path: Path, what: str) -> tuple[Any, _Rows]:
-    import pyarrow as pa
-
-    table = artifacts.read_table(path, what)
-    artifacts.require_columns(table, ["sample_id", "text", "label"], path)
-    if table.num_rows == 0:
-        raise DataError(f"{what} {path} has no rows")
-    ids = np.asarray(table.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise DataError(f"{what} {path} has duplicate sample_id values")
-    labels_col = table.column("label")
-    if labels_col.null_count:
-        raise DataError(f"{what} {path} has rows without a label")
-    if not pa.types.is_integer(labels_col.type):
-        raise DataError(
-            f"{what} {path}: column label must hold class ids (integers), it holds {labels_col.type}",
-            "use the tables `mlrnet corrupt` writes (it maps class names to ids)",
-        )
-    labels = np.array(labels_col.to_numpy(zero_copy_only=False), dtype=np.int64)
-    noisy = None
-    if "is_noisy" in table.column_names and table.column("is_noisy").null_count == 0:
-        noisy = np.asarray(table.column("is_noisy").to_numpy(zero_copy_only=False), dtype=bool)
-    return table, _Rows(ids, labels, noisy)
-
-
 def split_clean_pool(
     labels: np.ndarray, num_classes: int, meta_per_class: int, dev_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row positions of (meta set, dev set): per class, a seeded shuffle; dev = the first round(n·fraction),
     meta = the next ``meta_per_class``. The dev part does not depend on ``meta_per_class``."""
-    rng = np.random.default_rng([seed, 20240])
+    rng = seeding.clean_pool_split_rng(seed)
     meta, dev = [], []
     for c in range(num_classes):
         rows = np.flatnonzero(labels == c)
@@ -194,43 +95,8 @@ def split_clean_pool(
     return np.sort(np.concatenate(meta)), np.sort(np.concatenate(dev))
 
 
-def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch * 101 + stream)
-
-
 # ---------------------------------------------------------------------------------------------
 # saving
-
-
-def _save_model_dir(
-    target: Path, model: torch.nn.Module, tokenizer: Any, meta_net: torch.nn.Module | None, meta: dict, extra: dict
-) -> None:
-    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
-    from safetensors import SafetensorError
-
-    tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if meta_net is not None:
-            artifacts.write_tensors(
-                tmp / "meta_net.safetensors", meta_net.state_dict(), {**meta, "meta_net": meta_net.spec()}
-            )
-        artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
-        artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
-    except (OSError, SafetensorError, ArtifactError) as e:  # a full disk, mostly
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, ArtifactError):
-            raise
-        raise ArtifactError(f"cannot write {target}: {e}", "check free space and permissions") from e
-    old = target.parent / f"{artifacts.TMP_PREFIX}{target.name}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _history_table(rows: list[dict[str, Any]]) -> Any:
@@ -248,6 +114,456 @@ def _history_table(rows: list[dict[str, Any]]) -> Any:
         ("seconds", pa.float64()),
     ]
     return pa.table({n: pa.array([r.get(n) for r in rows], t) for n, t in cols})
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What stage 2 reads, checked: the tables, the manifest, the curves I_i (train row order) and the split."""
+
+    train: stageio.Rows
+    clean: stageio.Rows
+    dev: stageio.Rows | None
+    manifest: stageio.Manifest
+    curves: torch.Tensor | None
+    fingerprints: dict[str, str]
+    meta_pos: np.ndarray  #: clean-table rows of the meta set
+    dev_pos: np.ndarray  #: rows of the dev source (the dev table, else the clean table)
+    dev_labels: np.ndarray
+
+    @property
+    def dev_source(self) -> str:
+        return "clean" if self.dev is None else "dev"
+
+
+def _read_inputs(config: TrainConfig, paths: dict[str, Path | None]) -> tuple[TrainConfig, _Inputs]:
+    """Read the workspace's tables and curves; the config with its model resolved (from the curves' metadata)."""
+    manifest = stageio.read_manifest(paths["manifest"])
+    train_rows = stageio.read_rows(paths["train"], "training table", manifest.num_classes)
+    clean_rows = stageio.read_rows(paths["clean"], "clean table", manifest.num_classes)
+    fingerprints = {"train": train_rows.fingerprint(), "clean": clean_rows.fingerprint()}
+    curves, model_name = None, config.model
+    if paths["losses"].is_file():  # stage-1 curves: the default model, and I_i for MLRNet
+        read = stageio.read_curves(paths["losses"], train_rows)
+        model_name = model_name or read.model
+        curves = normalized_curves(read.losses, torch.from_numpy(train_rows.labels))
+        fingerprints["losses"] = read.fingerprint
+    elif config.method == "mlrnet":
+        raise ArtifactError(f"loss curves not found: {paths['losses']}", "run `mlrnet collect-losses` first")
+    if not model_name:
+        raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
+    config = replace(config, model=str(model_name))
+    dev_rows = None
+    if paths["dev"] is not None:
+        dev_rows = stageio.read_rows(paths["dev"], "dev table", manifest.num_classes)
+        fingerprints["dev"] = dev_rows.fingerprint()
+    meta_pos, dev_pos, dev_labels = _split(config, train_rows, clean_rows, dev_rows, manifest.num_classes)
+    inputs = _Inputs(train_rows, clean_rows, dev_rows, manifest, curves, fingerprints, meta_pos, dev_pos, dev_labels)
+    return config, inputs
+
+
+def _split(
+    config: TrainConfig, train: stageio.Rows, clean: stageio.Rows, dev: stageio.Rows | None, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clean pool without training rows: (meta rows, dev rows, dev labels); dev from ``dev`` when given."""
+    overlap = np.isin(clean.sample_ids, train.sample_ids)
+    if overlap.any():
+        log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
+    pool = np.flatnonzero(~overlap)
+    fraction = 0.0 if dev is not None else config.dev_fraction
+    meta_pos, dev_pos = split_clean_pool(clean.labels[pool], num_classes, config.meta_per_class, fraction, config.seed)
+    if dev is not None:
+        dev_pos, dev_labels = np.arange(len(dev)), dev.labels
+    else:
+        dev_pos = pool[dev_pos]
+        dev_labels = clean.labels[dev_pos]
+    if len(dev_pos) == 0:
+        log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
+    return pool[meta_pos], dev_pos, dev_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# the classifier and its inputs
+
+
+class _Batches:
+    """The rows as classifier inputs: token ids from the token cache, or the frozen encoder's cached features
+    (``--freeze-encoder``), for the sources ``train``, ``clean`` and ``dev``."""
+
+    def __init__(
+        self, config: TrainConfig, ws: Workspace, inp: _Inputs, model: torch.nn.Module, tokenizer: Any,
+        device: torch.device, init_path: str, progress: Progress | None,
+    ) -> None:
+        from mlrnet_cli import modeling, tokens
+
+        self.config, self.device = config, device
+        tok_id = modeling.model_fingerprint(config.model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tables = {"train": inp.train, "clean": inp.clean, **({"dev": inp.dev} if inp.dev is not None else {})}
+        with distributed.main_first():  # rank 0 fills the caches, the others read them
+            self.tokens = {
+                k: tokens.tokenize_table(r.path, tokenizer, tok_id, config.max_length, ws.cache, table=r.table)
+                for k, r in tables.items()
+            }
+        self.tokens.setdefault("dev", self.tokens["clean"])
+        self.head_prefix = modeling.head_name(model) + "."
+        self.features: dict[str, torch.Tensor] = {}
+        self.encoder_id: str | None = None
+        if config.freeze_encoder:
+            # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
+            self.encoder_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
+            quiet = progress if distributed.is_main() else NullProgress()
+            for key, tc in self.tokens.items():
+                with distributed.main_first():
+                    self.features[key] = tokens.encode_features(
+                        model, tc, model_id=self.encoder_id, cache_dir=ws.cache, pad_id=self.pad_id, device=device,
+                        progress=quiet,
+                    )
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.startswith(self.head_prefix))
+        self.fns = ClassifierFns(
+            forward=self.forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=self.head_prefix
+        )
+
+    def forward(self, m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head-input features, logits) of one batch."""
+        from mlrnet_cli import modeling
+
+        if "features" in inp:
+            return inp["features"], modeling.head_logits(m, inp["features"])
+        with modeling.autocast_context(self.device):
+            return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
+
+    def inputs_of(self, source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.config.freeze_encoder:
+            return {"features": to_device(self.features[source][torch.from_numpy(positions)], self.device)}
+        ids, mask = self.tokens[source].batch(positions, self.pad_id)
+        return {"input_ids": to_device(ids, self.device), "attention_mask": to_device(mask, self.device)}
+
+
+def _load_model(
+    config: TrainConfig, ws: Workspace, manifest: stageio.Manifest
+) -> tuple[torch.nn.Module, Any, torch.device, str]:
+    """(classifier on its device, tokenizer, device, the path its weights came from)."""
+    from mlrnet_cli import modeling
+
+    device = modeling.select_device(distributed.resolve_device(config.device))
+    init_path = config.model
+    if config.init_from == "stage1":
+        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+    tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = modeling.load_classifier(
+        init_path,
+        manifest.num_classes,
+        manifest.class_names,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+        init_seed=seeding.init_seed(config.seed),
+    ).to(device)
+    return model, tokenizer, device, init_path
+
+
+def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches: _Batches) -> torch.nn.Module | None:
+    """θ of the method's meta-net (MW-Net's V(L_i), or MLRNet's V(DF(h, Y_emb, I))), the same on every rank."""
+    torch.manual_seed(seeding.init_seed(config.seed))
+    if config.method == "mwnet":
+        meta_net: torch.nn.Module = MWNet()
+    elif config.method == "mlrnet":
+        assert inp.curves is not None
+        with torch.no_grad():
+            probe_f, _ = batches.forward(model, batches.inputs_of("train", np.array([0])))
+        meta_net = MLRNetMetaNet(
+            probe_f.shape[-1],
+            inp.manifest.num_classes,
+            inp.curves.shape[1],
+            label_emb_dim=config.label_emb_dim,
+            df_dim=config.df_dim,
+        )
+    else:
+        return None
+    meta_net.to(batches.device)
+    distributed.broadcast_module_(meta_net)  # every rank starts from rank 0's θ (same seed anyway)
+    return meta_net
+
+
+# ---------------------------------------------------------------------------------------------
+# one step per method
+
+
+@dataclass
+class _Epoch:
+    """Running sums of an epoch, on the device (read back once, in end_epoch: no host sync per step)."""
+
+    loss_sum: torch.Tensor
+    w_sum: torch.Tensor
+    w_cnt: torch.Tensor
+    n_seen: int = 0
+    meta_losses: list[torch.Tensor] = field(default_factory=list)
+    meta_gen: torch.Generator | None = None
+    t0: float = 0.0
+
+
+class _Run:
+    """One training run: what every step reads (items, labels, curves, the classifier's inputs) and the epoch's
+    running sums. ``items`` are the rows a method trains on, ``("train" | "clean", position)``."""
+
+    def __init__(
+        self, config: TrainConfig, inp: _Inputs, batches: _Batches, model: torch.nn.Module,
+        meta_net: torch.nn.Module | None, items: list[tuple[str, int]],
+    ) -> None:
+        self.config, self.inp, self.batches, self.model, self.meta_net = config, inp, batches, model, meta_net
+        self.items, self.device = items, batches.device
+        self.labels = {"train": torch.from_numpy(inp.train.labels), "clean": torch.from_numpy(inp.clean.labels)}
+        # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
+        # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
+        self.real_forward = distributed.training_forward(
+            model, batches.forward, self.device, compile_forward=config.compile and meta_net is None
+        )
+        self.epoch: _Epoch | None = None
+
+    def new_epoch(self, meta_gen: torch.Generator) -> None:
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
+        n = len(self.inp.train)
+        self.epoch = _Epoch(zeros(()), zeros(n), zeros(n), meta_gen=meta_gen, t0=time.perf_counter())
+
+    def chunk(self, shard: Shard) -> list[tuple[str, int]]:
+        return [self.items[i] for i in shard.rows.tolist()]
+
+    def finish(self, shard: Shard, n_rows: int, loss: torch.Tensor, batch_loss: torch.Tensor) -> StepOutput:
+        """Count the batch (a stand-in row counts nothing); under DDP, scale the loss by the shard's share
+        (DDP averages the ranks' gradients: the share makes that a row-weighted mean)."""
+        if not shard.is_placeholder:
+            self.epoch.loss_sum += batch_loss.double() * n_rows
+            self.epoch.n_seen += n_rows
+        if distributed.is_distributed():
+            loss = loss * shard.share
+        return StepOutput(loss, batch_loss)
+
+
+class PlainStep:
+    """Cross-entropy on rows of one table (``plain`` on the training rows, ``meta-only`` on the meta set)."""
+
+    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        self.run = run
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, chunk = self.run, self.run.chunk(shard)
+        src, pos = chunk[0][0], torch.tensor([p for _, p in chunk])
+        labels = to_device(run.labels[src][pos], run.device)
+        _, logits = run.real_forward(run.batches.inputs_of(src, pos.numpy()))
+        loss = per_sample_loss(logits, labels).mean()
+        return run.finish(shard, len(chunk), loss, loss.detach())
+
+
+class MixedStep(PlainStep):
+    """``plain-meta``: a batch may mix training and meta rows; each table's part runs, the logits concatenate."""
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, chunk = self.run, self.run.chunk(shard)
+        sources = sorted({s for s, _ in chunk})
+        if len(sources) == 1:
+            return super().__call__(shard, index)
+        pos = {s: np.array([p for s2, p in chunk if s2 == s]) for s in sources}
+        ins = [run.batches.inputs_of(s, pos[s]) for s in sources]
+        labels = to_device(torch.cat([run.labels[s][pos[s].tolist()] for s in sources]), run.device)
+        logits = run.real_forward(ins)[1]
+        loss = per_sample_loss(logits, labels).mean()
+        return run.finish(shard, len(chunk), loss, loss.detach())
+
+
+class MetaStep:
+    """``mlrnet`` / ``mwnet``: Algorithm 1's bi-level step (:func:`mlrnet_cli.meta.meta_step`) on the training
+    rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics."""
+
+    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        cfg = run.config
+        self.run = run
+        self.optimizer = torch.optim.Adam(run.meta_net.parameters(), lr=cfg.meta_lr, weight_decay=1e-4)
+        self.names = resolve_meta_params(run.model, cfg.meta_params, run.batches.head_prefix)
+        self.mbs = min(cfg.meta_batch_size or cfg.batch_size, len(run.inp.meta_pos))
+        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
+        self.meta_slot = torch.arange(self.mbs) + distributed.rank() * self.mbs
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, cfg = self.run, self.run.config
+        chunk = run.chunk(shard)
+        pos = np.array([p for _, p in chunk])
+        pos_t = torch.from_numpy(pos)
+        curves = to_device(run.inp.curves[pos_t], run.device) if run.inp.curves is not None else None
+        labels = to_device(run.labels["train"][pos_t], run.device)
+        batch = StepBatch(run.batches.inputs_of("train", pos), labels, curves)
+        meta_pos = run.inp.meta_pos
+        mperm = torch.randperm(len(meta_pos), generator=run.epoch.meta_gen)
+        mpos = meta_pos[mperm[self.meta_slot % len(meta_pos)].numpy()]
+        mb = StepBatch(run.batches.inputs_of("clean", mpos), to_device(run.labels["clean"][mpos], run.device))
+        reduce_meta = None
+        if distributed.is_distributed():
+
+            def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
+                distributed.all_reduce_mean_(grads, share)
+
+        res = meta_step(
+            run.model, run.meta_net, self.optimizer, batch, mb,
+            alpha=cfg.virtual_lr,
+            meta_params=self.names,
+            normalize_weights=cfg.normalize_weights,
+            fns=run.batches.fns,
+            update_meta=index % cfg.meta_interval == 0,
+            mode=cfg.meta_mode,
+            meta_dropout=cfg.meta_dropout,
+            real_forward=run.real_forward,
+            reduce_meta_grads=reduce_meta,
+            # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
+            # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees
+            # the α-free first-order term -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
+            meta_grad_scale=1.0 / cfg.virtual_lr,
+        )
+        if not shard.is_placeholder:
+            pos_d = to_device(pos_t, run.device)
+            run.epoch.w_sum.index_add_(0, pos_d, res.weights.double())
+            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
+            if res.meta_loss is not None:
+                run.epoch.meta_losses.append(res.meta_loss)
+        return run.finish(shard, len(chunk), res.loss, res.losses.mean())
+
+
+#: the step of each --method (a new method: one step class, one line here, its tests)
+STEPS: dict[str, type] = {
+    "mlrnet": MetaStep,
+    "mwnet": MetaStep,
+    "plain": PlainStep,
+    "plain-meta": MixedStep,
+    "meta-only": PlainStep,
+}
+
+
+def _items(config: TrainConfig, inp: _Inputs) -> list[tuple[str, int]]:
+    """What each method trains on: rows of the training table and/or of the meta set."""
+    train = [("train", int(p)) for p in range(len(inp.train))]
+    meta = [("clean", int(p)) for p in inp.meta_pos]
+    return {"plain-meta": train + meta, "meta-only": meta}.get(config.method, train)
+
+
+# ---------------------------------------------------------------------------------------------
+# the epoch hooks
+
+
+class _Hooks:
+    """Stage 2's side of :class:`~mlrnet_cli.engine.Loop`: the epoch's order, dev accuracy and statistics, the
+    warnings, and model/{last,best,history.arrow}."""
+
+    def __init__(self, run: _Run, step: Any, out: Path, meta: dict[str, Any], tokenizer: Any) -> None:
+        self.run, self.step, self.out, self.meta, self.tokenizer = run, step, out, meta, tokenizer
+        self.best_acc, self.best_epoch, self.better = -1.0, 0, False
+
+    def epoch_shards(self, epoch: int) -> tuple[list[Shard], str, int]:
+        cfg, e = self.run.config, epoch - 1
+        # dropout masks: same per epoch on resume, one stream per rank (rank 0's is the single-process one)
+        torch.manual_seed(seeding.train_dropout_seed(cfg.seed, e, distributed.rank()))
+        order = torch.randperm(len(self.run.items), generator=seeding.train_epoch_generator(cfg.seed, e, "train-order"))
+        shards = distributed.shard_batches(order, cfg.batch_size)
+        self.run.new_epoch(seeding.train_epoch_generator(cfg.seed, e, "meta-batches"))
+        return shards, f"epoch {epoch}/{cfg.epochs}", len(self.run.items)
+
+    def end_epoch(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        run, cfg, ep = self.run, self.run.config, self.run.epoch
+        if distributed.is_distributed():
+            ep.loss_sum = distributed.all_reduce_sum(ep.loss_sum)
+            ep.n_seen = int(engine.sum_over_ranks([ep.n_seen])[0])
+            ep.w_sum, ep.w_cnt = distributed.all_reduce_sum(ep.w_sum), distributed.all_reduce_sum(ep.w_cnt)
+        dev_acc, dev_predicted = _accuracy(run, cfg.batch_size * 2)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(ep.loss_sum) / max(ep.n_seen, 1),
+                               "dev_accuracy": dev_acc}
+        if run.meta_net is not None:
+            row.update(_weight_stats(ep, run.inp.train.is_noisy, epoch))
+        row["seconds"] = time.perf_counter() - ep.t0
+        self.better = dev_acc is None or dev_acc > self.best_acc
+        if self.better:
+            self.best_acc, self.best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch
+        log.info(
+            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)", epoch, cfg.epochs, row["train_loss"],
+            "n/a" if dev_acc is None else f"{dev_acc:.4f}", " (best)" if self.better and dev_acc is not None else "",
+            row["seconds"],
+        )
+        collapse = one_class_collapse(dev_predicted, run.inp.dev_labels) if dev_predicted is not None else None
+        if collapse is not None:
+            top, share, true_share = collapse
+            log.warning(
+                "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
+                epoch, run.inp.manifest.class_names[top], 100 * share, 100 * true_share,
+                f"the meta-net may be learning too fast: try --meta-lr {cfg.meta_lr / 10:g}"
+                if run.meta_net is not None
+                else f"try a smaller --lr than {cfg.lr:g}",
+            )
+        return row
+
+    def save(self, epoch: int, history: list[dict[str, Any]]) -> None:
+        self._save_model_dir(self.out / "last", epoch)
+        if self.better:
+            self._save_model_dir(self.out / "best", epoch)
+        artifacts.write_table(self.out / "history.arrow", _history_table(history), {**self.meta, "kind": "history"})
+
+    def _save_model_dir(self, target: Path, epoch: int) -> None:
+        """save_pretrained + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
+        run, model_meta = self.run, {**self.meta, "epoch": epoch}
+        extra = {
+            "class_names": run.inp.manifest.class_names,
+            "meta_sample_ids": run.inp.clean.sample_ids[run.inp.meta_pos].tolist(),
+            "encoder_cache_id": run.batches.encoder_id,
+            "epoch": epoch,
+        }
+        files = {}
+        if run.meta_net is not None:
+            net = run.meta_net
+            files["meta_net.safetensors"] = lambda p: artifacts.write_tensors(
+                p, net.state_dict(), {**model_meta, "meta_net": net.spec()}
+            )
+        files["train_config.json"] = stageio.json_file({**extra, "config": model_meta["config"]})
+        files["mlrnet.json"] = stageio.json_file({artifacts.META_KEY: model_meta})
+        stageio.write_model_folder(target, run.model, self.tokenizer, files)
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"best_acc": self.best_acc, "best_epoch": self.best_epoch}
+        if self.run.meta_net is not None:
+            state.update(meta_net=self.run.meta_net.state_dict(), meta_opt=self.step.optimizer.state_dict())
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+        if self.run.meta_net is not None:
+            self.run.meta_net.load_state_dict(state["meta_net"])
+            self.step.optimizer.load_state_dict(state["meta_opt"])
+
+
+def _weight_stats(ep: _Epoch, noisy: np.ndarray | None, epoch: int) -> dict[str, Any]:
+    """The epoch's mean weight v_i per row, summarised (and by noisy/clean rows when the truth is known)."""
+    w_sum, w_cnt = ep.w_sum.cpu().numpy(), ep.w_cnt.cpu().numpy()
+    seen = w_cnt > 0
+    w = w_sum[seen] / w_cnt[seen]
+    if distributed.is_distributed():
+        ml = torch.stack(ep.meta_losses).double().sum().item() if ep.meta_losses else 0.0
+        total, count = engine.sum_over_ranks([ml, float(len(ep.meta_losses))])
+        meta_loss = total / count if count else None
+    else:
+        meta_loss = float(np.mean(torch.stack(ep.meta_losses).double().cpu().numpy())) if ep.meta_losses else None
+    row: dict[str, Any] = {"weight_mean": float(w.mean()), "weight_std": float(w.std()), "meta_loss": meta_loss}
+    line = f"epoch {epoch}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
+    if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
+        nz = noisy[seen]
+        row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
+        row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
+        means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
+        line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
+    log.info("%s", line)
+    if row["weight_std"] < 1e-4:
+        log.warning(
+            "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned nothing; "
+            "try a larger --meta-lr", epoch, row["weight_std"],
+        )
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,515 +588,107 @@ def train(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Run stage 2 and write ``model/{best,last,history.arrow,state}``; resumes an interrupted identical run."""
-    import time
-
-    from mlrnet_cli import modeling, tokens
-
     config.validate()
     ws = Workspace.at(workdir)
     out = Path(out_dir or ws.model)
     artifacts.check_writable(out)  # now, not after the first epoch
+    paths = {
+        "train": Path(train_path or ws.train),
+        "clean": Path(clean_path or ws.clean),
+        "losses": Path(losses_path or ws.losses),
+        "manifest": Path(manifest_path or ws.manifest),
+        "dev": Path(dev_path) if dev_path is not None else None,
+    }
     # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
-        train_path = Path(train_path or ws.train)
-        clean_path = Path(clean_path or ws.clean)
-        losses_path = Path(losses_path or ws.losses)
-        manifest_path = Path(manifest_path or ws.manifest)
-
-        manifest = artifacts.read_json(manifest_path, "manifest")
-        try:
-            num_classes = int(manifest["num_classes"])
-            class_names = list(manifest.get("class_names") or [str(i) for i in range(num_classes)])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"manifest {manifest_path} has no num_classes") from e
-        train_table, train_rows = _read_rows(train_path, "training table")
-        clean_table, clean_rows = _read_rows(clean_path, "clean table")
-        for name, rows in (("training", train_rows), ("clean", clean_rows)):
-            if rows.labels.min() < 0 or rows.labels.max() >= num_classes:
-                raise DataError(f"the {name} table has labels outside 0..{num_classes - 1} (the manifest's classes)")
-        train_fp = artifacts.fingerprint_file(train_path)
-        inputs = {"train": train_fp, "clean": artifacts.fingerprint_file(clean_path)}
-
-        # stage-1 curves: the default model, and I_i for MLRNet
-        curves_all: torch.Tensor | None = None
-        model_name = config.model
-        if losses_path.is_file():
-            tensors, lmeta = artifacts.read_tensors(losses_path, "loss curves")
-            artifacts.require_meta(lmeta, losses_path)
-            recorded = (lmeta.get("inputs") or {}).get("train")
-            if recorded is not None and recorded != train_fp:
-                raise FingerprintMismatchError(
-                    f"{losses_path} was collected on a different training table (fingerprint {recorded}, "
-                    f"{train_path} is {train_fp})",
-                    "rerun collect-losses on this training table",
-                )
-            model_name = model_name or (lmeta.get("config") or {}).get("model") or lmeta.get("model")
-            if "losses" not in tensors or "sample_id" not in tensors:
-                raise ArtifactError(f"{losses_path} lacks the `losses` or `sample_id` tensor")
-            lids = tensors["sample_id"].numpy().astype(np.int64)
-            pos = {int(s): i for i, s in enumerate(lids)}
-            missing = [int(s) for s in train_rows.sample_ids if int(s) not in pos]
-            if missing or len(lids) != len(train_rows.sample_ids):
-                raise FingerprintMismatchError(
-                    f"the loss curves in {losses_path} do not match the training rows "
-                    f"({len(missing)} training sample_id(s) without a curve, {len(lids)} curves for "
-                    f"{len(train_rows.sample_ids)} rows)",
-                    "rerun collect-losses on this training table",
-                )
-            order = torch.tensor([pos[int(s)] for s in train_rows.sample_ids], dtype=torch.long)
-            raw = tensors["losses"].float()[order]
-            if raw.ndim != 2 or not torch.isfinite(raw).all():
-                raise DataError(f"{losses_path}: the `losses` tensor must be a finite [N, T+1] matrix")
-            curves_all = normalized_curves(raw, torch.from_numpy(train_rows.labels))
-            inputs["losses"] = artifacts.fingerprint_file(losses_path)
-        elif config.method == "mlrnet":
-            raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
-        if not model_name:
-            raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
-        config = replace(config, model=str(model_name))
-
-        # clean pool: drop rows that are also training rows, hold out dev, draw the meta set
-        overlap = np.isin(clean_rows.sample_ids, train_rows.sample_ids)
-        if overlap.any():
-            log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
-        pool = np.flatnonzero(~overlap)
-        dev_table = None
-        if dev_path is not None:
-            dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
-            inputs["dev"] = artifacts.fingerprint_file(dev_path)
-            meta_pos, _ = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed
-            )
-            dev_pos = np.arange(dev_rows.labels.shape[0])
-            dev_labels = dev_rows.labels
-        else:
-            meta_pos, dev_pos = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
-            )
-            dev_pos = pool[dev_pos]
-            dev_labels = clean_rows.labels[dev_pos]
-        meta_pos = pool[meta_pos]
-        if len(dev_pos) == 0:
-            log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
-
+        config, inp = _read_inputs(config, paths)
         provenance_config = {k: v for k, v in asdict(config).items() if k != "compile"}  # compile: runtime only
-        meta = artifacts.make_meta("train", "model", config=provenance_config, seed=config.seed, inputs=inputs)
-        history_path = out / "history.arrow"
-        state_dir = out / "state"
+        meta = artifacts.make_meta(
+            "train", "model", config=provenance_config, seed=config.seed, inputs=inp.fingerprints
+        )
         artifacts.guard_output(
-            history_path, {**meta, "kind": "history"}, inputs=[train_path, clean_path], overwrite=overwrite
+            out / "history.arrow", {**meta, "kind": "history"}, inputs=[paths["train"], paths["clean"]],
+            overwrite=overwrite,
         )
         if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
             artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
-            tokens.clean_cache(ws.cache)
-        state: dict[str, Any] | None = None
-        if (state_dir / STATE_FILE).is_file():
-            try:
-                # weights_only: a state file is data, never code (a crafted pickle is refused, not run)
-                state = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
-            except Exception as e:  # UnpicklingError, a truncated zip, ...: all mean "not a state we wrote"
-                raise ArtifactError(
-                    f"resume state {state_dir / STATE_FILE} is unreadable or not mlrnet's: {type(e).__name__}",
-                    "pass --overwrite to start again",
-                ) from e
-            if state.get("provenance") != artifacts.provenance(meta):
-                if not overwrite:
-                    raise artifacts.ArtifactExistsError(
-                        f"{state_dir} holds the state of a different training run",
-                        "pass --overwrite to start again, or choose another --workdir",
-                    )
-                state = None
-
-        # model, tokens, features
-        device = modeling.select_device(distributed.resolve_device(config.device))
-        init_path = config.model
-        if config.init_from == "stage1":
-            init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
-        tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        model = modeling.load_classifier(
-            init_path,
-            num_classes,
-            class_names,
-            allow_pickle=config.allow_pickle,
-            trust_remote_code=config.trust_remote_code,
-            init_seed=config.seed,
-        ).to(device)
+            clean_cache(ws.cache)
+        checkpoint = Checkpoint(out / "state", meta)
+        state = checkpoint.load(overwrite)
+        model, tokenizer, device, init_path = _load_model(config, ws, inp.manifest)
         # only once the model loaded: a bad --model with --overwrite must leave the old state alone
         distributed.barrier()  # every rank has read the old state before rank 0 removes it
         if overwrite and state is None and distributed.is_main():
-            shutil.rmtree(state_dir, ignore_errors=True)
+            shutil.rmtree(checkpoint.folder, ignore_errors=True)
         distributed.barrier()
-        tok_id = modeling.model_fingerprint(config.model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        with distributed.main_first():  # rank 0 fills the caches, the others read them
-            train_tok = tokens.tokenize_table(
-                train_path, tokenizer, tok_id, config.max_length, ws.cache, table=train_table
-            )
-            clean_tok = tokens.tokenize_table(
-                clean_path, tokenizer, tok_id, config.max_length, ws.cache, table=clean_table
-            )
-            dev_tok = clean_tok
-            if dev_table is not None:
-                dev_tok = tokens.tokenize_table(
-                    dev_path, tokenizer, tok_id, config.max_length, ws.cache, table=dev_table
-                )
-        head_prefix = modeling.head_name(model) + "."
+        batches = _Batches(config, ws, inp, model, tokenizer, device, init_path, progress)
+        return _fit(config, inp, model, tokenizer, batches, checkpoint, state, out, progress)
 
-        feats: dict[str, torch.Tensor] = {}
-        enc_id: str | None = None
-        if config.freeze_encoder:
-            # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
-            enc_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
-            quiet = progress if distributed.is_main() else NullProgress()
-            for key, tc in (("train", train_tok), ("clean", clean_tok), ("dev", dev_tok)):
-                with distributed.main_first():
-                    feats[key] = tokens.encode_features(
-                        model, tc, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id, device=device, progress=quiet
-                    )
-            for n, p in model.named_parameters():
-                p.requires_grad_(n.startswith(head_prefix))
 
-            def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                return inp["features"], modeling.head_logits(m, inp["features"])
-        else:
+def _fit(
+    config: TrainConfig, inp: _Inputs, model: torch.nn.Module, tokenizer: Any, batches: _Batches,
+    checkpoint: Checkpoint, state: dict[str, Any] | None, out: Path, progress: Progress | None,
+) -> TrainResult:
+    """Build the method's step and run the engine's loop; every rank returns once rank 0 wrote everything."""
+    from transformers import get_linear_schedule_with_warmup
 
-            def forward(m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                with modeling.autocast_context(device):
-                    return modeling.features_and_logits(m, inp["input_ids"], inp["attention_mask"])
-
-        fns = ClassifierFns(forward=forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=head_prefix)
-
-        def inputs_of(source: str, positions: np.ndarray) -> dict[str, torch.Tensor]:
-            if config.freeze_encoder:
-                return {"features": modeling.to_device(feats[source][torch.from_numpy(positions)], device)}
-            tc = {"train": train_tok, "clean": clean_tok, "dev": dev_tok}[source]
-            ids, mask = tc.batch(positions, pad_id)
-            return {"input_ids": modeling.to_device(ids, device), "attention_mask": modeling.to_device(mask, device)}
-
-        # meta-net
-        torch.manual_seed(config.seed)
-        meta_net: torch.nn.Module | None = None
-        if config.method == "mwnet":
-            meta_net = MWNet()
-        elif config.method == "mlrnet":
-            assert curves_all is not None
-            with torch.no_grad():
-                probe_f, _ = forward(model, inputs_of("train", np.array([0])))
-            meta_net = MLRNetMetaNet(
-                probe_f.shape[-1],
-                num_classes,
-                curves_all.shape[1],
-                label_emb_dim=config.label_emb_dim,
-                df_dim=config.df_dim,
-            )
-        meta_opt = None
-        names: list[str] = []
-        if meta_net is not None:
-            meta_net.to(device)
-            distributed.broadcast_module_(meta_net)  # every rank starts from rank 0's θ (same seed anyway)
-            meta_opt = torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=1e-4)
-            names = resolve_meta_params(model, config.meta_params, head_prefix)
-
-        # what each method trains on: ("train", positions) or ("clean", positions)
-        if config.method == "plain-meta":
-            parts = [("train", np.arange(len(train_rows.sample_ids))), ("clean", meta_pos)]
-        elif config.method == "meta-only":
-            parts = [("clean", meta_pos)]
-        else:
-            parts = [("train", np.arange(len(train_rows.sample_ids)))]
-        items = [(src, int(p)) for src, ps in parts for p in ps]
-        # global steps: batches of batch_size rows per rank (batch_size x world in all)
-        steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        from transformers import get_linear_schedule_with_warmup
-
-        sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
-
-        history: list[dict[str, Any]] = []
-        best_acc, best_epoch, start_epoch = -1.0, 0, 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            if meta_net is not None:
-                meta_net.load_state_dict(state["meta_net"])
-                meta_opt.load_state_dict(state["meta_opt"])  # type: ignore[union-attr]
-            history = [dict(r) for r in state["history"]]
-            best_acc, best_epoch, start_epoch = float(state["best_acc"]), int(state["best_epoch"]), int(state["epoch"])
-            log.info("resuming from epoch %d/%d", start_epoch, config.epochs)
-
-        labels_train = torch.from_numpy(train_rows.labels)
-        labels_clean = torch.from_numpy(clean_rows.labels)
-        noisy = train_rows.is_noisy
-        mbs = min(config.meta_batch_size or config.batch_size, len(meta_pos))
-        bar = get_progress(progress) if distributed.is_main() else NullProgress()
-        extra = {"class_names": class_names, "meta_sample_ids": clean_rows.sample_ids[meta_pos].tolist(),
-                 "encoder_cache_id": enc_id}
-        multi = distributed.is_distributed()
-        if config.compile and meta_net is not None:
-            log.warning(
-                "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
-                "which torch.compile does not support; it runs eagerly",
-                config.method,
-            )
-        # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
-        # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
-        real_forward = distributed.training_forward(
-            model, forward, device, compile_forward=config.compile and meta_net is None
+    meta_net = _meta_net(config, inp, model, batches)
+    items = _items(config, inp)
+    # global steps: batches of batch_size rows per rank (batch_size x world in all)
+    steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=config.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
+    if config.compile and meta_net is not None:
+        log.warning(
+            "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
+            "which torch.compile does not support; it runs eagerly",
+            config.method,
         )
-        n_train = len(train_rows.sample_ids)
-        step = start_epoch * steps_per_epoch
-        for epoch in range(start_epoch, config.epochs):
-            t0 = time.perf_counter()
-            # dropout masks: same per epoch on resume, one stream per rank (rank 0's is the single-process one)
-            torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * distributed.rank())
-            order = torch.randperm(len(items), generator=_epoch_generator(config.seed, epoch, 0))
-            shards = distributed.shard_batches(order, config.batch_size)
-            meta_gen = _epoch_generator(config.seed, epoch, 1)
-            # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
-            meta_slot = torch.arange(mbs) + distributed.rank() * mbs
-            model.train()
-            # running sums stay on the device: read back once per epoch (no host sync per step)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            n_seen = 0
-            w_sum = torch.zeros(n_train, dtype=torch.float64, device=device)
-            w_cnt = torch.zeros(n_train, dtype=torch.float64, device=device)
-            meta_losses: list[torch.Tensor] = []
-            with bar.task(f"epoch {epoch + 1}/{config.epochs}", total=len(items)) as task:
-                for b, shard in enumerate(shards):
-                    chunk = [items[i] for i in shard.rows.tolist()]
-                    srcs = {s for s, _ in chunk}
-                    reduce_meta = None
-                    if multi:
-
-                        def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
-                            distributed.all_reduce_mean_(grads, share)
-
-                    if len(srcs) > 1:  # plain-meta mixes tables: run each part and concatenate
-                        ins = [inputs_of(s, np.array([p for s2, p in chunk if s2 == s])) for s in sorted(srcs)]
-                        labs = modeling.to_device(
-                            torch.cat(
-                                [
-                                    (labels_train if s == "train" else labels_clean)[[p for s2, p in chunk if s2 == s]]
-                                    for s in sorted(srcs)
-                                ]
-                            ),
-                            device,
-                        )
-                        logits = real_forward(ins)[1]
-                        loss = per_sample_loss(logits, labs).mean()
-                        losses_b = None
-                    else:
-                        src = chunk[0][0]
-                        pos = np.array([p for _, p in chunk])
-                        pos_t = torch.from_numpy(pos)
-                        labs = modeling.to_device((labels_train if src == "train" else labels_clean)[pos_t], device)
-                        batch = StepBatch(
-                            inputs_of(src, pos),
-                            labs,
-                            modeling.to_device(curves_all[pos_t], device)
-                            if curves_all is not None and src == "train"
-                            else None,
-                        )
-                        if meta_net is None:
-                            _, logits = real_forward(batch.inputs)
-                            loss = per_sample_loss(logits, labs).mean()
-                        else:
-                            mperm = torch.randperm(len(meta_pos), generator=meta_gen)
-                            mpos = meta_pos[mperm[meta_slot % len(meta_pos)].numpy()]
-                            mb = StepBatch(
-                                inputs_of("clean", mpos),
-                                modeling.to_device(labels_clean[torch.from_numpy(mpos)], device),
-                            )
-                            res = meta_step(
-                                model,
-                                meta_net,
-                                meta_opt,
-                                batch,
-                                mb,
-                                alpha=config.virtual_lr,
-                                meta_params=names,
-                                normalize_weights=config.normalize_weights,
-                                fns=fns,
-                                update_meta=step % config.meta_interval == 0,
-                                mode=config.meta_mode,
-                                meta_dropout=config.meta_dropout,
-                                real_forward=real_forward,
-                                reduce_meta_grads=reduce_meta,
-                                # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls
-                                # below Adam's eps and under its coupled weight decay, which then shrinks θ to a
-                                # constant weight. Divided by α, Adam sees the α-free first-order term
-                                # -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
-                                meta_grad_scale=1.0 / config.virtual_lr,
-                            )
-                            loss = res.loss
-                            if not shard.is_placeholder:
-                                pos_d = modeling.to_device(pos_t, device)
-                                w_sum.index_add_(0, pos_d, res.weights.double())
-                                w_cnt.index_add_(0, pos_d, torch.ones_like(w_sum[pos_d]))
-                                if res.meta_loss is not None:
-                                    meta_losses.append(res.meta_loss)
-                            losses_b = res.losses
-                    batch_loss = losses_b.mean() if meta_net is not None else loss.detach()
-                    if multi:
-                        # DDP averages the ranks' gradients; the share makes that a row-weighted mean
-                        loss = loss * shard.share
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    if not shard.is_placeholder:
-                        loss_sum += batch_loss.double() * len(chunk)
-                        n_seen += len(chunk)
-                    # reading the loss back syncs with the device: only now and then, for the progress bar
-                    shown = b % _PROGRESS_LOSS_EVERY == 0 or b == len(shards) - 1
-                    task.advance(shard.global_size, **({"loss": float(batch_loss)} if shown else {}))
-
-            if multi:
-                loss_sum = distributed.all_reduce_sum(loss_sum)
-                n_seen = int(distributed.all_reduce_sum(torch.tensor([float(n_seen)], dtype=torch.float64)).item())
-                w_sum, w_cnt = distributed.all_reduce_sum(w_sum), distributed.all_reduce_sum(w_cnt)
-            dev_acc, dev_predicted = _accuracy(
-                model,
-                forward,
-                inputs_of,
-                "clean" if dev_table is None else "dev",
-                dev_pos,
-                dev_labels,
-                config.batch_size * 2,
-                device,
-                num_classes,
-            )
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / max(n_seen, 1),
-                "dev_accuracy": dev_acc,
-            }
-            if meta_net is not None:
-                w_sum_np, w_cnt_np = w_sum.cpu().numpy(), w_cnt.cpu().numpy()
-                seen = w_cnt_np > 0
-                w = w_sum_np[seen] / w_cnt_np[seen]
-                meta_loss_mean = None
-                if multi:
-                    ml = (
-                        torch.stack(meta_losses).double().sum()
-                        if meta_losses
-                        else torch.zeros((), dtype=torch.float64)
-                    )
-                    tot = distributed.all_reduce_sum(torch.stack([ml.cpu(), torch.tensor(float(len(meta_losses)))]))
-                    meta_loss_mean = float(tot[0] / tot[1]) if float(tot[1]) else None
-                elif meta_losses:
-                    meta_loss_mean = float(np.mean(torch.stack(meta_losses).double().cpu().numpy()))
-                row.update(
-                    weight_mean=float(w.mean()),
-                    weight_std=float(w.std()),
-                    meta_loss=meta_loss_mean,
-                )
-                if noisy is not None:
-                    nz = noisy[seen]
-                    row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
-                    row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
-                line = f"epoch {epoch + 1}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
-                if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
-                    means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
-                    line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
-                log.info("%s", line)
-                if row["weight_std"] < 1e-4:
-                    log.warning(
-                        "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned "
-                        "nothing; try a larger --meta-lr",
-                        epoch + 1,
-                        row["weight_std"],
-                    )
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-
-            better = dev_acc is None or dev_acc > best_acc
-            if better:
-                best_acc, best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch + 1
-            log.info(
-                "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
-                epoch + 1,
-                config.epochs,
-                row["train_loss"],
-                "n/a" if dev_acc is None else f"{dev_acc:.4f}",
-                " (best)" if better and dev_acc is not None else "",
-                row["seconds"],
-            )
-            collapse = one_class_collapse(dev_predicted, dev_labels) if dev_predicted is not None else None
-            if collapse is not None:
-                top, share, true_share = collapse
-                log.warning(
-                    "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
-                    epoch + 1,
-                    class_names[top],
-                    100 * share,
-                    100 * true_share,
-                    f"the meta-net may be learning too fast: try --meta-lr {config.meta_lr / 10:g}"
-                    if meta_net is not None
-                    else f"try a smaller --lr than {config.lr:g}",
-                )
-            # only rank 0 writes (every rank holds the same model, meta-net and history)
-            if distributed.is_main():
-                model_meta = {**meta, "epoch": epoch + 1}
-                _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-                if better:
-                    _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-                artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
-                new_state = {
-                    "provenance": artifacts.provenance(meta),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "history": history,
-                    "best_acc": best_acc,
-                    "best_epoch": best_epoch,
-                }
-                if meta_net is not None:
-                    new_state["meta_net"] = meta_net.state_dict()
-                    new_state["meta_opt"] = meta_opt.state_dict()  # type: ignore[union-attr]
-                with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
-                    torch.save(new_state, tmp)
-
-        distributed.barrier()  # the others return once rank 0 has written everything
-        return TrainResult(
-            best_dir=out / "best",
-            last_dir=out / "last",
-            history_path=history_path,
-            best_epoch=best_epoch,
-            best_dev_accuracy=best_acc if best_acc >= 0 else None,
-            epochs_run=config.epochs - start_epoch,
-            resumed_from=start_epoch,
-            meta_size=len(meta_pos),
-            dev_size=len(dev_pos),
-            model=str(config.model),
-            history=history,
-        )
+    run = _Run(config, inp, batches, model, meta_net, items)
+    step = STEPS[config.method](run, opt)
+    hooks = _Hooks(run, step, out, checkpoint.meta, tokenizer)
+    bar = get_progress(progress) if distributed.is_main() else NullProgress()
+    loop = Loop(model, opt, sched, batches.device, config.epochs, checkpoint, bar)
+    start = 0
+    if state is not None:
+        start = loop.resume(state, hooks)
+        log.info("resuming from epoch %d/%d", start, config.epochs)
+    loop.run(hooks, step, start, start * steps_per_epoch)
+    distributed.barrier()  # the others return once rank 0 has written everything
+    return TrainResult(
+        best_dir=out / "best",
+        last_dir=out / "last",
+        history_path=out / "history.arrow",
+        best_epoch=hooks.best_epoch,
+        best_dev_accuracy=hooks.best_acc if hooks.best_acc >= 0 else None,
+        epochs_run=config.epochs - start,
+        resumed_from=start,
+        meta_size=len(inp.meta_pos),
+        dev_size=len(inp.dev_pos),
+        model=str(config.model),
+        history=loop.history,
+    )
 
 
-def _accuracy(  # noqa: ANN001
-    model, forward, inputs_of, source, positions, labels, batch_size, device, num_classes
-) -> tuple[float | None, np.ndarray | None]:
+def _accuracy(run: _Run, batch_size: int) -> tuple[float | None, np.ndarray | None]:
     """Accuracy on the dev rows and how often each class was predicted (eval mode, no dropout, no gradients);
     under torchrun each rank scores a part."""
+    positions, labels = run.inp.dev_pos, np.asarray(run.inp.dev_labels)
     if len(positions) == 0:
         return None, None
-    total = len(positions)
-    labels = np.asarray(labels)
+    total, num_classes = len(positions), run.inp.manifest.num_classes
     if distributed.is_distributed():
         part = distributed.split_evenly(total).numpy()
         positions, labels = positions[part], labels[part]
     # summed on the device, read once: [correct, predictions of class 0, 1, ...]
-    counts = torch.zeros(1 + num_classes, dtype=torch.int64, device=device)
-    with eval_mode(model), torch.no_grad():
+    counts = torch.zeros(1 + num_classes, dtype=torch.int64, device=run.device)
+    with eval_mode(run.model), torch.no_grad():
         for i in range(0, len(positions), batch_size):
-            pos = positions[i : i + batch_size]
-            _, logits = forward(model, inputs_of(source, pos))
-            y = modeling_to_device(torch.from_numpy(labels[i : i + batch_size]), device)
+            inputs = run.batches.inputs_of(run.inp.dev_source, positions[i : i + batch_size])
+            _, logits = run.batches.forward(run.model, inputs)
+            y = to_device(torch.from_numpy(labels[i : i + batch_size]), run.device)
             pred = logits.argmax(-1)
             counts[0] += (pred == y).sum()
             counts[1:] += torch.bincount(pred, minlength=num_classes)[:num_classes]

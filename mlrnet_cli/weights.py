@@ -22,24 +22,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mlrnet_cli import metrics, modeling
+from mlrnet_cli import metrics, modeling, stageio
 from mlrnet_cli.artifacts import (
     atomic_path,
     check_writable,
-    fingerprint_file,
     guard_output,
     make_meta,
     read_json,
-    read_table,
     read_tensors,
-    require_columns,
     write_table,
 )
-from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
-from mlrnet_cli.evaluate import Inference, load_tokenizer, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.inference import frozen_encoder_pass, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.progress import Progress
-from mlrnet_cli.tokens import encode_features, tokenize_table
+from mlrnet_cli.tokens import tokenize_table
 from mlrnet_cli.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -117,21 +114,6 @@ def rank_lowest_first(weights: np.ndarray) -> np.ndarray:
     rank = np.empty(weights.size, dtype=np.int64)
     rank[order] = np.arange(1, weights.size + 1)
     return rank
-
-
-def join_curves(sample_ids: np.ndarray, curve_ids: np.ndarray, losses: np.ndarray, where: str) -> np.ndarray:
-    """Rows of ``losses`` in the order of ``sample_ids``; every training row needs exactly one curve."""
-    curve_ids = np.asarray(curve_ids, dtype=np.int64)
-    if np.unique(curve_ids).size != curve_ids.size:
-        raise ArtifactError(f"{where} holds some sample_id more than once")
-    index = {int(s): i for i, s in enumerate(curve_ids)}
-    missing = [int(s) for s in sample_ids if int(s) not in index]
-    if missing:
-        raise FingerprintMismatchError(
-            f"{where} has no loss curve for {len(missing)} training row(s) (e.g. sample_id {missing[0]})",
-            "rerun `mlrnet collect-losses` on this train.arrow",
-        )
-    return losses[np.fromiter((index[int(s)] for s in sample_ids), dtype=np.int64, count=len(sample_ids))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,34 +239,17 @@ def compute_weights(
     net, spec, train_cfg = load_meta_net(model_dir)
     kind = spec["kind"]
 
-    tbl = read_table(train_path, "training table")
-    require_columns(tbl, ["sample_id", "text", "label"], train_path)
-    if tbl.num_rows == 0:
-        raise DataError(f"{train_path} has no rows")
-    sample_ids = tbl.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    if np.unique(sample_ids).size != sample_ids.size:
-        raise DataError(f"{train_path} has duplicate sample_id values")
-    labels = tbl.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
-    texts = [str(t) for t in tbl.column("text").to_pylist()]
-    is_noisy = _known_column(tbl, "is_noisy")
-    true_label = _known_column(tbl, "true_label")
+    rows = stageio.read_rows(train_path)
+    sample_ids, labels, is_noisy = rows.sample_ids, rows.labels, rows.is_noisy
+    texts = rows.texts
+    true_label = rows.true_labels if rows.true_labels is not None and (rows.true_labels >= 0).all() else None
 
-    inputs = {"train": fingerprint_file(train_path), "model": modeling.model_fingerprint(model_id)}
+    inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
     curves = None
     if losses_path.is_file():
-        ltensors, lmeta = read_tensors(losses_path, "loss curves")
-        if "losses" not in ltensors or "sample_id" not in ltensors:
-            raise ArtifactError(f"{losses_path} lacks the tensors 'losses' and 'sample_id'")
-        raw = join_curves(sample_ids, ltensors["sample_id"].numpy(), ltensors["losses"].float().numpy(),
-                          str(losses_path))
-        curves = normalized_curves(torch.as_tensor(raw), torch.as_tensor(labels)).numpy()
-        inputs["losses"] = fingerprint_file(losses_path)
-        recorded = (lmeta.get("inputs") or {}).get("train")
-        if recorded and recorded != inputs["train"]:
-            raise FingerprintMismatchError(
-                f"{losses_path} was collected on a different train.arrow than {train_path}",
-                "rerun `mlrnet collect-losses`",
-            )
+        read = stageio.read_curves(losses_path, rows)
+        curves = normalized_curves(read.losses, torch.as_tensor(labels)).numpy()
+        inputs["losses"] = read.fingerprint
     elif kind == "mlrnet":
         raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
     if kind == "mlrnet" and curves is not None and curves.shape[1] != int(spec.get("curve_len", curves.shape[1])):
@@ -311,14 +276,14 @@ def compute_weights(
     num_classes = len(class_names)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"{train_path} has labels outside 0..{num_classes - 1} of the model")
-    tokenizer = load_tokenizer(model_id)
+    tokenizer = modeling.load_tokenizer(model_id)
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else inputs["model"]
-    tokens = tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=tbl)
+    tokens = tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=rows.table)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if train_cfg.get("freeze_encoder"):
-        inf = _frozen_encoder_pass(clf, tokens, train_cfg, model_dir, ws, pad_id, config.batch_size, device, progress)
+        inf = frozen_encoder_pass(clf, tokens, train_cfg, model_dir, ws, pad_id, config.batch_size, device, progress)
     else:
         inf = run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
                              bf16=config.bf16, with_features=kind == "mlrnet", progress=progress,
@@ -373,37 +338,6 @@ def compute_weights(
 
         plot_weights(table, curves, paths["plot"])
     return WeightsResult(table, summary, top, paths)
-
-
-@torch.no_grad()
-def _frozen_encoder_pass(
-    clf: Any, tokens: Any, train_cfg: dict[str, Any], model_dir: Path, ws: Workspace, pad_id: int, batch_size: int,
-    device: torch.device, progress: Progress | None,
-) -> Inference:
-    """``--freeze-encoder`` models: the encoder is the frozen one `train` cached features of; reuse them."""
-    init_path = str(train_cfg.get("model"))
-    if train_cfg.get("init_from") == "stage1":
-        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
-    saved = model_dir / "train_config.json"
-    enc_id = read_json(saved).get("encoder_cache_id") if saved.is_file() else None
-    if not enc_id:
-        enc_id = modeling.encoder_cache_id(clf, modeling.model_fingerprint(init_path), train_cfg.get("seed"))
-    feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id,
-                            batch_size=batch_size, device=device, progress=progress)
-    logits = torch.cat([
-        modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)
-    ])
-    return Inference(logits.numpy(), feats.numpy())
-
-
-def _known_column(tbl: pa.Table, name: str) -> np.ndarray | None:
-    """A column's values when the table has it with no nulls (the truth is known), else None."""
-    if name not in tbl.column_names:
-        return None
-    col = tbl.column(name)
-    if col.null_count:
-        return None
-    return col.to_numpy(zero_copy_only=False)
 
 
 def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str, Any]]:

@@ -243,7 +243,7 @@ CASES = [
     Case("collect-truncated-train-table", "collect-losses", _truncate("data/train.arrow"),
          ["--model", "{model}", *COLLECT], "train.arrow"),
     Case("collect-record-typo", "collect-losses", None, ["--model", "{model}", *COLLECT, "--record", "evl"],
-         "--record"),
+         "--record", code=2),
     Case("collect-unwritable-out", "collect-losses", _a_file,
          ["--model", "{model}", *COLLECT, "--out", "{tmp}/afile/losses.safetensors",
           "--stage1-dir", "{tmp}/afile/stage1"], "afile"),
@@ -440,10 +440,10 @@ def test_crafted_pickle_collect_state_is_refused_and_runs_no_code(
     with pytest.raises(KeyboardInterrupt):
         collect_losses(cfg, train_path=w.train, manifest_path=w.manifest, losses_path=w.losses,
                        stage1_dir=w.stage1, cache_dir=w.cache, progress=StopAtEpoch2())
-    states = list((w.stage1 / "state").glob("epoch-*/trainer.pt"))
+    states = list((w.stage1 / "state").glob("state.pt"))
     assert len(states) == 1
     marker = tmp_path / "pwned"
-    torch.save({"optimizer": _Evil(marker)}, states[0])
+    torch.save({"meta": _Evil(marker)}, states[0])
     before = snapshot(ws)
     r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT,
                             "--epochs", "2"])
@@ -476,7 +476,7 @@ def test_loaders_are_safe_by_construction() -> None:
             if node.func.attr == "from_pretrained" and "Model" in getattr(node.func.value, "id", ""):
                 model_builders.append(where)
                 assert "use_safetensors" in kw or any(k.arg is None for k in node.keywords), where
-    assert loads >= 2  # collect's trainer.pt and train's state.pt
+    assert loads >= 1  # the engine's checkpoint (collect-losses and train)
     assert all(w.startswith("modeling.py") for w in model_builders), model_builders
     src = (pkg / "modeling.py").read_text()
     assert '"use_safetensors": None if allow_pickle else True' in src

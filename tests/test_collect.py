@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from mlrnet_cli import artifacts
 from mlrnet_cli.cli import app
-from mlrnet_cli.collect import CollectConfig, collect_losses, normalized_curves
+from mlrnet_cli.collect import CollectConfig, collect_losses
 from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, ConfigError, DataError, ModelError
+from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.workspace import Workspace
 
 CLASSES = ["world", "sports", "business", "tech"]
@@ -167,7 +168,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, cfg: Collect
     with pytest.raises(Interrupt):
         run(ws, cfg, progress=InterruptAt("epoch 2/3"))
     assert not ws.losses.exists()
-    assert (ws.stage1 / "state" / "epoch-0001").is_dir()
+    assert (ws.stage1 / "state" / "state.pt").is_file()
     res = run(ws, cfg)
     assert res.resumed_from == 1
     assert torch.equal(artifacts.read_tensors(ws.losses)[0]["losses"], artifacts.read_tensors(ref.losses)[0]["losses"])

@@ -155,8 +155,8 @@ def test_eval_refuses_other_runs_output_and_missing_model(tmp_path: Path, tiny_m
 
 def test_dynamic_padding_equals_padding_to_max(tiny_model_dir: Path) -> None:
     """Length grouping and per-batch padding change nothing but speed."""
-    from mlrnet_cli.evaluate import load_tokenizer, run_classifier, tokenize
-    from mlrnet_cli.modeling import load_classifier
+    from mlrnet_cli.inference import run_classifier, tokenize
+    from mlrnet_cli.modeling import load_classifier, load_tokenizer
 
     model = load_classifier(str(tiny_model_dir), 4).eval()
     tok = load_tokenizer(str(tiny_model_dir))
@@ -166,7 +166,7 @@ def test_dynamic_padding_equals_padding_to_max(tiny_model_dir: Path) -> None:
 
 
 def test_iter_batches_cover_each_row_once_with_tight_padding() -> None:
-    from mlrnet_cli.evaluate import iter_batches
+    from mlrnet_cli.inference import iter_batches
 
     rows = [[1] * n for n in [5, 1, 9, 3, 3, 7, 2]]
     seen = []

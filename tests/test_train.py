@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from mlrnet_cli import artifacts
 from mlrnet_cli import train as train_mod
 from mlrnet_cli.cli import app
-from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import DataError
+from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.train import TrainConfig, one_class_collapse, split_clean_pool, train
 
 runner = CliRunner()

@@ -11,12 +11,19 @@ from typing import Any, TypeVar
 
 import click
 import typer
+import typer.core
 from typer.core import TyperGroup
 
 from mlrnet_cli import __version__
 from mlrnet_cli.errors import MlrnetError
 
 T = TypeVar("T")
+
+
+#: a value an option refuses (click's, or the copy of click that recent Typer releases carry)
+_BAD_PARAMETER: tuple[type[Exception], ...] = (click.BadParameter,)
+if hasattr(typer.core, "_click"):
+    _BAD_PARAMETER += (typer.core._click.exceptions.BadParameter,)
 
 
 class MlrnetGroup(TyperGroup):
@@ -29,6 +36,9 @@ class MlrnetGroup(TyperGroup):
             if os.environ.get("MLRNET_DEBUG"):
                 raise
             click.echo(f"mlrnet: error: {' '.join(str(e).splitlines())}", err=True)  # one line, always
+            ctx.exit(e.exit_code)
+        except _BAD_PARAMETER as e:  # a value outside an option's choices (the Enums of mlrnet_cli.configs)
+            click.echo(f"mlrnet: error: {' '.join(e.format_message().split())}", err=True)
             ctx.exit(e.exit_code)
 
 
@@ -63,6 +73,23 @@ OverwriteOption = typer.Option(
     False, "--overwrite", help="Replace existing artifacts even if they were made by a different run."
 )
 SeedOption = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give identical artifacts.")
+
+
+def option(config: type, field: str, help: str, *flags: str, **kwargs: Any) -> Any:
+    """A Typer option for a config field, its default read from the dataclass (declared once); the flag is
+    ``--field-name`` unless given, and a boolean is a ``--x/--no-x`` flag."""
+    import dataclasses
+
+    default = next(f.default for f in dataclasses.fields(config) if f.name == field)
+    flags = flags or (f"--{field.replace('_', '-')}",)
+    if isinstance(default, bool) and len(flags) == 1:
+        flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
+    return typer.Option(default, *flags, help=help, **kwargs)
+
+
+def path_option(flag: str, what: str, default: str) -> Any:
+    """An optional path whose default is a workspace path (resolved by the stage)."""
+    return typer.Option(None, flag, help=f"{what} \\[default: {default}].")
 
 
 def stderr_console() -> Any:

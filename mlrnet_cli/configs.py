@@ -1,0 +1,181 @@
+"""The hyperparameters of `collect-losses` and `train`, declared once: frozen dataclasses with documented
+defaults, and the choices as Enums. The CLI reads its defaults and choices from here and builds the configs
+from the parsed parameters (:func:`build`), so this module imports neither torch nor a stage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any, TypeVar
+
+from mlrnet_cli.errors import ConfigError, UsageError
+
+C = TypeVar("C")
+
+
+class Method(str, Enum):
+    """`train --method`: the paper's method, MW-Net, and the three baselines."""
+
+    mlrnet = "mlrnet"
+    mwnet = "mwnet"
+    plain = "plain"
+    plain_meta = "plain-meta"
+    meta_only = "meta-only"
+
+
+META_METHODS = (Method.mlrnet.value, Method.mwnet.value)
+
+
+class InitFrom(str, Enum):
+    pretrained = "pretrained"
+    stage1 = "stage1"
+
+
+class MetaMode(str, Enum):
+    """How the exact meta gradient is taken: forward mode (less memory) or an unrolled graph."""
+
+    jvp = "jvp"
+    unrolled = "unrolled"
+
+
+class Record(str, Enum):
+    """`collect-losses --record`: the training forward's losses, or an extra no-dropout pass."""
+
+    train = "train"
+    eval = "eval"
+
+
+def _choice(enum: type[Enum], value: Any, flag: str, error: type[Exception] = UsageError) -> str:
+    """A choice as its plain string (configs hold strings: their JSON and provenance stay as they were)."""
+    try:
+        return enum(value).value
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
+        raise error(f"unknown {flag} {value!r}: choose one of {choices}") from None
+
+
+_LAST_K = re.compile(r"^last-(\d+)$")
+
+
+def parse_meta_params(spec: str) -> tuple[str, int]:
+    """Validate ``--meta-params``: ``all``, ``head`` or ``last-K`` (K ≥ 1) → (kind, K)."""
+    if spec in ("all", "head"):
+        return spec, 0
+    m = _LAST_K.match(spec)
+    if m and int(m.group(1)) >= 1:
+        return "last", int(m.group(1))
+    raise ConfigError(f"--meta-params {spec!r} is not one of all, head, last-K (K >= 1)")
+
+
+def _at_least(config: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum:g}, got {getattr(config, name)}")
+
+
+def _fraction(config: Any, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+
+
+def build(cls: type[C], params: dict[str, Any], **renamed: Any) -> C:
+    """A config from a command's parsed parameters: every field of ``cls`` found in ``params`` (Enums as their
+    values), plus ``renamed`` ones (a parameter whose name differs from its field)."""
+    values = {f.name: params[f.name] for f in fields(cls) if f.name in params} | renamed
+    return cls(**{k: v.value if isinstance(v, Enum) else v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Hyperparameters of stage 1 (defaults: the paper's AG News setting, §4.2)."""
+
+    model: str = "bert-base-uncased"  #: hub id or local folder of an AutoModelForSequenceClassification
+    epochs: int = 10  #: T: the curves have T+1 points (epoch 0 = before training)
+    lr: float = 1e-5  #: AdamW peak learning rate (use ~1e-3 with freeze_encoder: only the head trains)
+    batch_size: int = 30
+    warmup_ratio: float = 0.1  #: fraction of all steps with a linear warm-up, then linear decay to 0
+    max_length: int = 128  #: tokens per text (truncation); batches are padded to their longest row
+    weight_decay: float = 0.01  #: AdamW decay (not applied to biases and LayerNorm weights)
+    seed: int = 0  #: head init, shuffling and dropout
+    record: str = Record.train.value  #: "train": losses of the training forward; "eval": an extra no-dropout pass
+    freeze_encoder: bool = False  #: encode once, cache features, train only the head
+    device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    compile: bool = False  #: torch.compile the training forward (plain fine-tuning: no double backward here)
+
+    #: don't change results (compile: up to float rounding): not in provenance
+    RUNTIME_FIELDS = ("device", "allow_pickle", "trust_remote_code", "compile")
+
+    def validate(self) -> None:
+        object.__setattr__(self, "record", _choice(Record, self.record, "--record", ConfigError))
+        _at_least(self, 1, "epochs", "batch_size")
+        _at_least(self, 2, "max_length")
+        _at_least(self, 0, "weight_decay")
+        _fraction(self, "warmup_ratio")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+
+    def provenance_config(self) -> dict[str, Any]:
+        """The fields that determine the curves (device and loading permissions do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
+
+    method: str = Method.mlrnet.value  # mlrnet | mwnet | plain | plain-meta | meta-only
+    meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
+    epochs: int = 10  # paper: 10 on AG News
+    lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
+    batch_size: int = 30  # training mini-batch n (paper: 30)
+    meta_batch_size: int | None = None  # meta mini-batch m; None = batch_size
+    meta_lr: float = 1e-4  # Adam lr of θ; MW-Net's 1e-3 swung full fine-tuning to extreme weights (docs/results.md)
+    alpha: float | None = None  # virtual-step rate α of eqs. 4/8; None = lr (the paper's α steps both eqs. 4 and 6)
+    meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
+    meta_interval: int = 1  # update θ every K classifier steps
+    normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
+    label_emb_dim: int = 128  # §4.3: label embedding (C, 128)
+    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i
+    init_from: str = InitFrom.pretrained.value  # pretrained | stage1
+    freeze_encoder: bool = False  # cached encoder features, head-only training
+    dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
+    max_length: int = 128
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay
+    weight_decay: float = 0.0
+    device: str = "auto"
+    seed: int = 0
+    model: str | None = None  # None = the model collect-losses recorded in the curves' metadata
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    meta_mode: str = MetaMode.jvp.value  # jvp (forward-mode, less memory) | unrolled (create_graph); both exact
+    # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
+    # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
+    meta_dropout: bool = False
+    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
+    # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
+    compile: bool = False
+
+    @property
+    def virtual_lr(self) -> float:
+        """α of eqs. 4/8 as used: ``alpha``, or the classifier's ``lr`` when unset."""
+        return self.lr if self.alpha is None else self.alpha
+
+    def validate(self) -> None:
+        for name, enum, error in (
+            ("method", Method, UsageError), ("init_from", InitFrom, UsageError), ("meta_mode", MetaMode, ConfigError)
+        ):
+            object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
+        parse_meta_params(self.meta_params)
+        _at_least(self, 1, "meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim")
+        _at_least(self, 2, "max_length")
+        if self.meta_batch_size is not None:
+            _at_least(self, 1, "meta_batch_size")
+        _fraction(self, "dev_fraction", "warmup_ratio")
+        if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
+            raise ConfigError("--lr, --meta-lr and --alpha must be > 0")

@@ -1,0 +1,182 @@
+"""Shared inference below the stages: load a trained classifier and run it over rows (logits, features).
+
+Inference is batched and gradient-free; rows are grouped by token length so each batch is padded only to
+its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. `eval`, `weights` and
+`predict` use it; ``--freeze-encoder`` models reuse the frozen encoder's cached features
+(:func:`frozen_encoder_pass`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlrnet_cli import artifacts, modeling
+from mlrnet_cli.errors import DataError, HubUnavailableError, ModelError
+from mlrnet_cli.progress import Progress
+from mlrnet_cli.progress import get as get_progress
+from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, pad_batch
+from mlrnet_cli.workspace import Workspace
+
+log = logging.getLogger("mlrnet")
+
+
+def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace) -> str:
+    """``--model`` as given, or the workspace's model/best (a clear error when `train` has not run)."""
+    if model is not None:
+        return str(model)
+    best = ws.model / "best"
+    if not best.is_dir():
+        raise ModelError(
+            f"no trained model at {best}",
+            "run `mlrnet train` first, or pass --model (a folder saved by train/collect-losses or a hub id)",
+        )
+    return str(best)
+
+
+def model_num_labels(name_or_path: str) -> int:
+    """How many outputs the saved classification head has (from its config, without loading weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        if not Path(name_or_path).exists():
+            raise HubUnavailableError(
+                f"cannot load model {name_or_path!r}: not a local folder, and not reachable on the hub",
+                "pass --model PATH to a local model folder",
+            ) from e
+        raise ModelError(f"cannot read the model config of {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise ModelError(
+            f"{name_or_path} has no trained classification head",
+            "evaluate a model saved by `mlrnet train`/`collect-losses` or a fine-tuned classifier",
+        )
+    return int(config.num_labels)
+
+
+def load_trained_classifier(
+    name_or_path: str, ws: Workspace, device: torch.device
+) -> tuple[Any, list[str], list[Any] | None]:
+    """(model in eval mode on ``device``, class names, the manifest's original label values or None)."""
+    num_labels = model_num_labels(name_or_path)
+    class_names, label_values = class_names_for(num_labels, ws)
+    model = modeling.load_classifier(name_or_path, num_labels, class_names)
+    return model.to(device).eval(), class_names, label_values
+
+
+def autocast_context(device: torch.device, bf16: bool = True) -> Any:
+    """bf16 autocast on CUDA (unless turned off); a no-op elsewhere."""
+    return modeling.autocast_context(device) if bf16 else contextlib.nullcontext()
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, unpadded (padding happens per batch)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return enc["input_ids"]
+
+
+def iter_batches(
+    token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(row indices, input_ids, attention_mask) for length-grouped, dynamically padded batches."""
+    for rows in length_grouped_batches([len(t) for t in token_ids], batch_size):
+        input_ids, mask = pad_batch([token_ids[i] for i in rows], pad_id)
+        yield rows, input_ids, mask
+
+
+@dataclass
+class Inference:
+    """Per-row outputs of :func:`run_classifier`, in the input's row order (float32)."""
+
+    logits: np.ndarray
+    features: np.ndarray | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = self.logits - self.logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@torch.inference_mode()
+def run_classifier(
+    model: Any,
+    token_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    bf16: bool = True,
+    with_features: bool = False,
+    progress: Progress | None = None,
+    description: str = "eval",
+) -> Inference:
+    """Logits (and features) of every row: no grad, length-grouped batches, dynamic padding, bf16 on CUDA."""
+    device = next(model.parameters()).device
+    n = len(token_ids)
+    logits: np.ndarray | None = None
+    feats: np.ndarray | None = None
+    with get_progress(progress).task(description, total=n) as task:
+        for rows, input_ids, mask in iter_batches(token_ids, batch_size, pad_id):
+            input_ids = input_ids.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            with autocast_context(device, bf16):
+                if with_features:
+                    f, z = modeling.features_and_logits(model, input_ids, mask)
+                else:
+                    f, z = None, model(input_ids=input_ids, attention_mask=mask).logits
+            z = z.float().cpu().numpy()
+            if logits is None:
+                logits = np.empty((n, z.shape[1]), dtype=np.float32)
+            logits[rows] = z
+            if f is not None:
+                f = f.float().cpu().numpy()
+                if feats is None:
+                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
+                feats[rows] = f
+            task.advance(len(rows))
+    if logits is None:
+        raise DataError("no rows to run the classifier on")
+    return Inference(logits, feats)
+
+
+
+def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any] | None]:
+    """Class names from the workspace manifest when it has ``num_labels`` classes, else ``0..C-1``."""
+    if ws.manifest.is_file():
+        man = artifacts.read_json(ws.manifest, "manifest")
+        names = man.get("class_names")
+        if isinstance(names, list) and len(names) == num_labels:
+            return [str(n) for n in names], man.get("label_values")
+        log.warning("the workspace manifest has %s classes, the model %d: labels are class ids",
+                    len(names) if isinstance(names, list) else "no", num_labels)
+    return [str(i) for i in range(num_labels)], None
+
+
+@torch.no_grad()
+def frozen_encoder_pass(
+    clf: Any, tokens: TokenCache, train_cfg: dict[str, Any], model_dir: Path, ws: Workspace, pad_id: int,
+    batch_size: int, device: torch.device, progress: Progress | None,
+) -> Inference:
+    """``--freeze-encoder`` models: the encoder is the frozen one `train` cached features of; reuse them."""
+    init_path = str(train_cfg.get("model"))
+    if train_cfg.get("init_from") == "stage1":
+        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+    saved = model_dir / "train_config.json"
+    enc_id = artifacts.read_json(saved).get("encoder_cache_id") if saved.is_file() else None
+    if not enc_id:
+        enc_id = modeling.encoder_cache_id(clf, modeling.model_fingerprint(init_path), train_cfg.get("seed"))
+    feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id,
+                            batch_size=batch_size, device=device, progress=progress)
+    logits = torch.cat([
+        modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)
+    ])
+    return Inference(logits.numpy(), feats.numpy())
