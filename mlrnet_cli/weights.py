@@ -33,7 +33,7 @@ from mlrnet_cli.artifacts import (
     write_table,
 )
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
-from mlrnet_cli.inference import frozen_encoder_pass, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.inference import Inference, frozen_encoder_pass, load_trained_classifier, resolve_model, run_classifier
 from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.tokens import tokenize_table
@@ -217,8 +217,6 @@ def compute_weights(
     progress: Progress | None = None,
 ) -> WeightsResult:
     """Weight every training row with the trained meta-net; write ``weights.arrow`` (+ CSV, + PNG)."""
-    import pyarrow as pa
-
     if config.top < 0:
         raise ConfigError(f"--top must be ≥ 0, got {config.top}")
     if config.batch_size < 1:
@@ -240,23 +238,11 @@ def compute_weights(
     kind = spec["kind"]
 
     rows = stageio.read_rows(train_path)
-    sample_ids, labels, is_noisy = rows.sample_ids, rows.labels, rows.is_noisy
-    texts = rows.texts
+    labels, is_noisy = rows.labels, rows.is_noisy
     true_label = rows.true_labels if rows.true_labels is not None and (rows.true_labels >= 0).all() else None
 
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
-    curves = None
-    if losses_path.is_file():
-        read = stageio.read_curves(losses_path, rows)
-        curves = normalized_curves(read.losses, torch.as_tensor(labels)).numpy()
-        inputs["losses"] = read.fingerprint
-    elif kind == "mlrnet":
-        raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
-    if kind == "mlrnet" and curves is not None and curves.shape[1] != int(spec.get("curve_len", curves.shape[1])):
-        raise FingerprintMismatchError(
-            f"{losses_path} has curves of length {curves.shape[1]}, the meta-net expects {spec['curve_len']}"
-        )
-
+    curves = _curves(losses_path, rows, spec, inputs)
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device")}
     meta = make_meta("weights", "weights", cfg | {"model": model_id, "method": kind}, None, inputs)
@@ -276,18 +262,7 @@ def compute_weights(
     num_classes = len(class_names)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"{train_path} has labels outside 0..{num_classes - 1} of the model")
-    tokenizer = modeling.load_tokenizer(model_id)
-    # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
-    base = train_cfg.get("model")
-    tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else inputs["model"]
-    tokens = tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=rows.table)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if train_cfg.get("freeze_encoder"):
-        inf = frozen_encoder_pass(clf, tokens, train_cfg, model_dir, ws, pad_id, config.batch_size, device, progress)
-    else:
-        inf = run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
-                             bf16=config.bf16, with_features=kind == "mlrnet", progress=progress,
-                             description="weights")
+    inf = _classifier_pass(config, clf, rows, model_id, train_cfg, ws, kind == "mlrnet", inputs["model"], progress)
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     row_loss = cross_entropy(inf.logits, labels)
@@ -299,24 +274,7 @@ def compute_weights(
     groups = row_groups(labels, is_noisy, head)
     rank = rank_lowest_first(weight)
 
-    cols: dict[str, Any] = {
-        "sample_id": pa.array(sample_ids),
-        "text": pa.array(texts, pa.string()),
-        "label": pa.array(labels),
-        "weight": pa.array(weight),
-        "rank": pa.array(rank),
-        "predicted": pa.array(predicted),
-        "probability": pa.array(probs[np.arange(len(predicted)), predicted].astype(np.float32)),
-        "label_probability": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
-        "loss": pa.array(row_loss),
-        "group": pa.array(groups.tolist(), pa.string()),
-    }
-    if true_label is not None:
-        cols["true_label"] = pa.array(true_label.astype(np.int64))
-    if is_noisy is not None:
-        cols["is_noisy"] = pa.array(is_noisy.astype(bool))
-    table = pa.table(cols)
-
+    table = _weights_table(rows, weight, rank, predicted, probs, row_loss, groups, true_label)
     summary: dict[str, Any] = {
         "method": kind,
         "model": model_id,
@@ -338,6 +296,68 @@ def compute_weights(
 
         plot_weights(table, curves, paths["plot"])
     return WeightsResult(table, summary, top, paths)
+
+
+def _curves(losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs: dict[str, str]) -> np.ndarray | None:
+    """The normalised curves I_i of the training rows (their fingerprint into ``inputs``); MLRNet needs them."""
+    if not losses_path.is_file():
+        if spec["kind"] == "mlrnet":
+            raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
+        return None
+    read = stageio.read_curves(losses_path, rows)
+    inputs["losses"] = read.fingerprint
+    curves = normalized_curves(read.losses, torch.as_tensor(rows.labels)).numpy()
+    if spec["kind"] == "mlrnet" and curves.shape[1] != int(spec.get("curve_len", curves.shape[1])):
+        raise FingerprintMismatchError(
+            f"{losses_path} has curves of length {curves.shape[1]}, the meta-net expects {spec['curve_len']}"
+        )
+    return curves
+
+
+def _classifier_pass(
+    config: WeightsConfig, clf: Any, rows: stageio.Rows, model_id: str, train_cfg: dict[str, Any], ws: Workspace,
+    with_features: bool, model_fp: str, progress: Progress | None,
+) -> Inference:
+    """Logits (and features) of every training row, through the token cache `train` filled."""
+    tokenizer = modeling.load_tokenizer(model_id)
+    # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
+    base = train_cfg.get("model")
+    tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else model_fp
+    tokens = tokenize_table(rows.path, tokenizer, tok_id, config.max_length, ws.cache, table=rows.table)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(clf.parameters()).device
+    if train_cfg.get("freeze_encoder"):
+        return frozen_encoder_pass(
+            clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
+        )
+    return run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
+                          bf16=config.bf16, with_features=with_features, progress=progress, description="weights")
+
+
+def _weights_table(
+    rows: stageio.Rows, weight: np.ndarray, rank: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
+    row_loss: np.ndarray, groups: np.ndarray, true_label: np.ndarray | None,
+) -> pa.Table:
+    import pyarrow as pa
+
+    labels, n = rows.labels, len(rows)
+    cols: dict[str, Any] = {
+        "sample_id": pa.array(rows.sample_ids),
+        "text": pa.array(rows.texts, pa.string()),
+        "label": pa.array(labels),
+        "weight": pa.array(weight),
+        "rank": pa.array(rank),
+        "predicted": pa.array(predicted),
+        "probability": pa.array(probs[np.arange(n), predicted].astype(np.float32)),
+        "label_probability": pa.array(probs[np.arange(n), labels].astype(np.float32)),
+        "loss": pa.array(row_loss),
+        "group": pa.array(groups.tolist(), pa.string()),
+    }
+    if true_label is not None:
+        cols["true_label"] = pa.array(true_label.astype(np.int64))
+    if rows.is_noisy is not None:
+        cols["is_noisy"] = pa.array(rows.is_noisy.astype(bool))
+    return pa.table(cols)
 
 
 def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str, Any]]:

@@ -46,3 +46,10 @@ def test_the_import_reader_sees_stage_imports(tmp_path: Path) -> None:
     src = tmp_path / "x.py"
     src.write_text("from mlrnet_cli import train\ndef f():\n    from mlrnet_cli.collect import X\n")
     assert stage_imports(src) == {"train", "collect"}
+
+
+def test_every_method_has_one_registered_step() -> None:
+    from mlrnet_cli.configs import Method
+    from mlrnet_cli.train import STEPS
+
+    assert set(STEPS) == {m.value for m in Method}
