@@ -41,13 +41,20 @@ def fingerprint_bytes(data: bytes) -> str:
 def fingerprint_file(path: str | os.PathLike[str]) -> str:
     """Content fingerprint of a file (or, for a folder, of its files' names and bytes in sorted order)."""
     path = Path(path)
+    if path.is_dir():
+        return fingerprint_files(path, sorted(p for p in path.rglob("*") if p.is_file()))
+    return fingerprint_files(None, [path])
+
+
+def fingerprint_files(root: Path | None, files: list[Path]) -> str:
+    """SHA-256 (16 hex digits) of ``files`` in order: each one's path relative to ``root`` (when given), then
+    its bytes."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
+        if root is not None:
+            h.update(str(f.relative_to(root)).encode())
         with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
 

@@ -16,10 +16,9 @@ from mlrnet_cli.commands._app import app
 
 
 def _in_torchrun_worker() -> bool:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
+    """A command ran in a torchrun worker (one that ran no command imported no torch: nothing to skip)."""
+    dist = sys.modules.get("mlrnet_cli.distributed")
+    return dist is not None and dist.env_world_size() > 1
 
 
 def _leave_torchrun_worker(code: object) -> None:

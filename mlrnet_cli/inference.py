@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlrnet_cli import artifacts, modeling
+from mlrnet_cli import artifacts, modeling, stageio
 from mlrnet_cli.errors import DataError, HubUnavailableError, ModelError
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
@@ -152,12 +152,11 @@ def run_classifier(
 def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any] | None]:
     """Class names from the workspace manifest when it has ``num_labels`` classes, else ``0..C-1``."""
     if ws.manifest.is_file():
-        man = artifacts.read_json(ws.manifest, "manifest")
-        names = man.get("class_names")
-        if isinstance(names, list) and len(names) == num_labels:
-            return [str(n) for n in names], man.get("label_values")
-        log.warning("the workspace manifest has %s classes, the model %d: labels are class ids",
-                    len(names) if isinstance(names, list) else "no", num_labels)
+        man = stageio.read_manifest(ws.manifest)
+        if man.num_classes == num_labels:
+            return man.class_names, man.label_values
+        log.warning("the workspace manifest has %d classes, the model %d: labels are class ids",
+                    man.num_classes, num_labels)
     return [str(i) for i in range(num_labels)], None
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from mlrnet_cli.artifacts import fingerprint_bytes, read_json
+from mlrnet_cli.artifacts import fingerprint_bytes, fingerprint_files, read_json
 from mlrnet_cli.errors import ArtifactError, ConfigError, HubUnavailableError, ModelError
 
 log = logging.getLogger("mlrnet")
@@ -372,16 +372,8 @@ def model_fingerprint(name_or_path: str | os.PathLike[str], revision: str = "mai
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
-        import hashlib
-
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES and f.name not in _IGNORED_MODEL_FILES:
-                h.update(f.name.encode())
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                        h.update(chunk)
-        return "dir:" + h.hexdigest()[:16]
+        keep = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES]
+        return "dir:" + fingerprint_files(path, [f for f in keep if f.name not in _IGNORED_MODEL_FILES])
     return "hub:" + fingerprint_bytes(f"{name}@{revision}".encode())
 
 
