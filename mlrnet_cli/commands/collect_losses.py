@@ -26,16 +26,16 @@ interruption.
 @app.command("collect-losses", help=HELP)
 def collect_losses_cmd(
     workdir: Path | None = WorkdirOption,
-    train: Path | None = typer.Option(None, "--train", help="Training table [default: WORKDIR/data/train.arrow]."),
+    train: Path | None = typer.Option(None, "--train", help="Training table \\[default: WORKDIR/data/train.arrow]."),
     manifest: Path | None = typer.Option(
         None,
         "--manifest",
-        help="Manifest with num_classes and class_names [default: WORKDIR/data/manifest.json, or manifest.json "
+        help="Manifest with num_classes and class_names \\[default: WORKDIR/data/manifest.json, or manifest.json "
         "beside --train; without one, classes are 0..max(label)].",
     ),
-    out: Path | None = typer.Option(None, "--out", help="Loss curves [default: WORKDIR/losses.safetensors]."),
+    out: Path | None = typer.Option(None, "--out", help="Loss curves \\[default: WORKDIR/losses.safetensors]."),
     stage1_dir: Path | None = typer.Option(
-        None, "--stage1-dir", help="Stage-1 classifier folder [default: WORKDIR/stage1]."
+        None, "--stage1-dir", help="Stage-1 classifier folder \\[default: WORKDIR/stage1]."
     ),
     model: str = typer.Option(
         "bert-base-uncased", "--model", help="Hub id or local model folder (AutoModelForSequenceClassification)."
@@ -50,19 +50,25 @@ def collect_losses_cmd(
         "train", "--record", help="train: losses from the training forward (free); eval: extra no-dropout pass."
     ),
     freeze_encoder: bool = typer.Option(
-        False, "--freeze-encoder", help="Encode once, cache [CLS]/pooled features, train only the head (fast)."
+        False,
+        "--freeze-encoder/--no-freeze-encoder",
+        help="Encode once, cache [CLS]/pooled features, train only the head (fast).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     seed: int = SeedOption,
     allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", help="Allow pickle weights (pytorch_model.bin): only for models you trust."
+        False,
+        "--allow-pickle/--no-allow-pickle",
+        help="Allow pickle weights (pytorch_model.bin): only for models you trust.",
     ),
     trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Run the model repository's own code: only for models you trust."
+        False,
+        "--trust-remote-code/--no-trust-remote-code",
+        help="Run the model repository's own code: only for models you trust.",
     ),
     compile_forward: bool = typer.Option(
         False,
-        "--compile",
+        "--compile/--no-compile",
         help="torch.compile the training forward (stage 1 is plain fine-tuning, so all of it; worth it on GPU).",
     ),
     overwrite: bool = OverwriteOption,

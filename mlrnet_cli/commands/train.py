@@ -36,14 +36,14 @@ def train_cmd(
     lr: float = typer.Option(1e-5, "--lr", help="Classifier learning rate (AdamW, linear warm-up and decay)."),
     batch_size: int = typer.Option(30, "--batch-size", help="Training mini-batch n."),
     meta_batch_size: int | None = typer.Option(
-        None, "--meta-batch-size", help="Meta mini-batch m [default: --batch-size]."
+        None, "--meta-batch-size", help="Meta mini-batch m \\[default: --batch-size]."
     ),
     meta_lr: float = typer.Option(1e-4, "--meta-lr", help="Adam learning rate of the meta-net."),
     alpha: float | None = typer.Option(
         None,
         "--alpha",
-        help="Virtual-step rate alpha of eqs. 4/8 (default: --lr, as in the paper). Keep it small: the meta "
-        "gradient is a first-order one, and Adam on the meta-net sees it divided by alpha.",
+        help="Virtual-step rate alpha of eqs. 4/8. Keep it small: the meta gradient is a first-order one, and "
+        "Adam on the meta-net sees it divided by alpha \\[default: --lr, as in the paper].",
     ),
     meta_params: str = typer.Option(
         "all", "--meta-params", help="Parameters the virtual step differentiates through: all, head or last-K."
@@ -67,33 +67,43 @@ def train_cmd(
         "pretrained", "--init-from", help="pretrained (the paper) or stage1 (the collect-losses classifier)."
     ),
     freeze_encoder: bool = typer.Option(
-        False, "--freeze-encoder", help="Cache the encoder's features once and train the head only (fast on CPU)."
+        False,
+        "--freeze-encoder/--no-freeze-encoder",
+        help="Cache the encoder's features once and train the head only (fast on CPU).",
     ),
     dev_fraction: float = typer.Option(
         0.2, "--dev-fraction", help="Part of the clean pool held out per class for model selection."
     ),
-    dev: Path | None = typer.Option(None, "--dev", help="A dev table for model selection instead."),
+    dev: Path | None = typer.Option(
+        None, "--dev", help="A dev table for model selection \\[default: --dev-fraction of the clean pool]."
+    ),
     max_length: int = typer.Option(128, "--max-length", help="Token limit per text."),
     warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", help="Fraction of the steps spent warming up."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of the classifier."),
     model: str | None = typer.Option(
-        None, "--model", help="Hub id or local folder [default: the model collect-losses recorded]."
+        None, "--model", help="Hub id or local folder \\[default: the model collect-losses recorded]."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's own code to run."),
-    train_path: Path | None = typer.Option(None, "--train", help="Training table [default: WORKDIR/data/train.arrow]."),
-    clean_path: Path | None = typer.Option(None, "--clean", help="Clean pool [default: WORKDIR/data/clean.arrow]."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code/--no-trust-remote-code", help="Allow a model's own code to run."
+    ),
+    train_path: Path | None = typer.Option(
+        None, "--train", help="Training table \\[default: WORKDIR/data/train.arrow]."
+    ),
+    clean_path: Path | None = typer.Option(None, "--clean", help="Clean pool \\[default: WORKDIR/data/clean.arrow]."),
     losses_path: Path | None = typer.Option(
-        None, "--losses", help="Loss curves [default: WORKDIR/losses.safetensors]."
+        None, "--losses", help="Loss curves \\[default: WORKDIR/losses.safetensors]."
     ),
     manifest_path: Path | None = typer.Option(
-        None, "--manifest", help="Manifest [default: WORKDIR/data/manifest.json]."
+        None, "--manifest", help="Manifest \\[default: WORKDIR/data/manifest.json]."
     ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder [default: WORKDIR/model]."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/model]."),
     compile_forward: bool = typer.Option(
         False,
-        "--compile",
+        "--compile/--no-compile",
         help="torch.compile the training forward of plain, plain-meta and meta-only. mlrnet and mwnet run "
         "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
     ),
