@@ -69,7 +69,8 @@ app = MlrnetTyper(
         "  mlrnet collect-losses\n\n"
         "  mlrnet train --meta-per-class 100\n\n"
         "  mlrnet eval\n\n"
-        "  mlrnet weights"
+        "  mlrnet weights\n\n"
+        "  mlrnet predict --data new.csv --out preds.arrow"
     ),
     no_args_is_help=True,
     add_completion=False,
