@@ -215,9 +215,10 @@ def predict(
     """
     if (data is None) == (texts is None):
         raise UsageError("give either a table (--data) or texts (stdin), not both or neither")
-    for name, value in (("--batch-size", config.batch_size), ("--max-length", config.max_length)):
-        if value is not None and value < (1 if name == "--batch-size" else 2):
-            raise ConfigError(f"{name} must be ≥ {1 if name == '--batch-size' else 2}, got {value}")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
     out_path = Path(out) if out is not None else None
     out_fmt = output_format(out_path, fmt)
     model_id = resolve_model(model, Workspace.at(workdir))
