@@ -9,6 +9,7 @@ from mlrnet_cli.commands import (  # noqa: F401  (each module registers its comm
     collect_losses,
     corrupt,
     eval,
+    predict,
     train,
     weights,
 )

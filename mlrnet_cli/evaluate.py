@@ -17,13 +17,12 @@ import numpy as np
 from mlrnet_cli import metrics, modeling
 from mlrnet_cli.artifacts import check_writable, fingerprint_file, guard_output, make_meta, write_json, write_table
 from mlrnet_cli.errors import ConfigError, DataError
-from mlrnet_cli.inference import load_trained_classifier, resolve_model, run_classifier, tokenize
+from mlrnet_cli.inference import TABLE_SUFFIXES, load_trained_classifier, resolve_model, run_classifier, tokenize
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
 
-TABLE_SUFFIXES = {".arrow", ".feather", ".ipc", ".parquet", ".pq", ".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
 
 
 @dataclass(frozen=True)

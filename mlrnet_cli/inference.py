@@ -28,6 +28,9 @@ from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
 
+#: the table files `eval` and `predict` read
+TABLE_SUFFIXES = {".arrow", ".feather", ".ipc", ".parquet", ".pq", ".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
+
 
 def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace) -> str:
     """``--model`` as given, or the workspace's model/best (a clear error when `train` has not run)."""

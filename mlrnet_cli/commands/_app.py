@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 import typer
 import typer.core
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from mlrnet_cli import __version__
 from mlrnet_cli.errors import MlrnetError
@@ -26,8 +26,26 @@ if hasattr(typer.core, "_click"):
     _BAD_PARAMETER += (typer.core._click.exceptions.BadParameter,)
 
 
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """Show flags as flags: Typer labels them ``<bool>`` in help, as if ``--overwrite true`` were the syntax."""
+    for p in params:  # Typer's own click copy: its Option is not click.Option
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class MlrnetCommand(TyperCommand):
+    """Every subcommand: flags without a ``<bool>`` type in help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
 class MlrnetGroup(TyperGroup):
     """Turns an :class:`MlrnetError` into one line on stderr and its exit code, for `main()` and tests alike."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -42,7 +60,16 @@ class MlrnetGroup(TyperGroup):
             ctx.exit(e.exit_code)
 
 
-app = typer.Typer(
+class MlrnetTyper(typer.Typer):
+    """A Typer app whose commands are :class:`MlrnetCommand` unless a command asks for another class."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or MlrnetCommand, **kwargs)
+
+
+# Help text is Rich markup: a literal "[" must be written "\\[" (e.g. "\\[default: ...]"), or Rich eats the
+# bracketed words. tests/test_help.py checks that every option's default shows in `--help`.
+app = MlrnetTyper(
     name="mlrnet",
     cls=MlrnetGroup,
     help=(
@@ -52,7 +79,8 @@ app = typer.Typer(
         "  mlrnet collect-losses\n\n"
         "  mlrnet train --meta-per-class 100\n\n"
         "  mlrnet eval\n\n"
-        "  mlrnet weights"
+        "  mlrnet weights\n\n"
+        "  mlrnet predict --data new.csv --out preds.arrow"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -65,12 +93,14 @@ WorkdirOption = typer.Option(
     "--workdir",
     "-w",
     envvar="MLRNET_WORKDIR",
-    help="Workspace folder that chains the stages [default: ./mlrnet-work].",
+    help="Workspace folder that chains the stages \\[default: ./mlrnet-work].",
     show_default=False,
 )
-JsonOption = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of artifact paths.")
+JsonOption = typer.Option(
+    False, "--json/--no-json", help="Print a JSON summary on stdout instead of artifact paths."
+)
 OverwriteOption = typer.Option(
-    False, "--overwrite", help="Replace existing artifacts even if they were made by a different run."
+    False, "--overwrite/--no-overwrite", help="Replace existing artifacts even if they were made by a different run."
 )
 SeedOption = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give identical artifacts.")
 

@@ -28,7 +28,9 @@ def corrupt_cmd(
     imbalance: float = typer.Option(1.0, "--imbalance", help="Imbalance factor F ≥ 1: head rows / tail rows."),
     noise: str = typer.Option("none", "--noise", help="none, uniform:P, flip:P or pair:P (P in [0, 1])."),
     n_max: int | None = typer.Option(
-        None, "--n-max", help="Rows the head class keeps [default: the smallest class's rows, so the profile is exact]."
+        None,
+        "--n-max",
+        help="Rows the head class keeps \\[default: the smallest class's rows, so the profile is exact].",
     ),
     class_order: str = typer.Option(
         "given", "--class-order", help="Which classes are the tail: given (0 is the head), shuffle (seeded), "
@@ -39,11 +41,11 @@ def corrupt_cmd(
     ),
     data: str | None = typer.Option(
         None, "--data", help="Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
-        "[default: the embedded AG News sample]."
+        "\\[default: the embedded AG News sample]."
     ),
     split: str = typer.Option("train", "--split", help="Split to read from a hub dataset or DatasetDict folder."),
     test_data: str | None = typer.Option(
-        None, "--test-data", help="Test table [default: the dataset's own test split, if it has one]."
+        None, "--test-data", help="Test table \\[default: the dataset's own test split, if it has one]."
     ),
     test_split: str = typer.Option("test", "--test-split", help="Split name of the test data."),
     clean_data: str | None = typer.Option(
@@ -51,13 +53,13 @@ def corrupt_cmd(
     ),
     text_column: list[str] = typer.Option(
         [], "--text-column", help="Text column; repeat to join several (e.g. title + description) "
-        "[default: text, sentence or content]."
+        "\\[default: text, sentence or content]."
     ),
     label_column: str = typer.Option("label", "--label-column", help="Label column (ints or strings)."),
     true_label_column: str | None = typer.Option(
         None, "--true-label-column", help="Column with the true labels of already-noisy benchmark data."
     ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder [default: WORKDIR/data]."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/data]."),
     seed: int = SeedOption,
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,

@@ -27,12 +27,16 @@ def eval_cmd(
     text_column: str | None = typer.Option(None, "--text-column", help="Text column \\[default: text]."),
     label_column: str = typer.Option("label", "--label-column", help="Label column (ids or class names)."),
     predictions: bool = typer.Option(
-        False, "--predictions", help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities)."
+        False,
+        "--predictions/--no-predictions",
+        help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities).",
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in float32 on CUDA too."),
+    bf16: bool = typer.Option(
+        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/eval]."),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
@@ -46,7 +50,7 @@ def eval_cmd(
         batch_size=batch_size,
         max_length=max_length,
         device=device,
-        bf16=not no_bf16,
+        bf16=bf16,
         text_column=text_column,
         label_column=label_column,
     )

@@ -40,7 +40,9 @@ def weights_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per classifier forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens (as in training)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    no_bf16: bool = typer.Option(False, "--no-bf16", help="Run the classifier in float32 on CUDA too."),
+    bf16: bool = typer.Option(
+        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
+    ),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
@@ -49,7 +51,7 @@ def weights_cmd(
     from mlrnet_cli.weights import WeightsConfig, compute_weights
 
     setup_logging()
-    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=not no_bf16)
+    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=bf16)
     result = compute_weights(
         config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
         plot=plot, overwrite=overwrite, progress=progress(),

@@ -1,0 +1,77 @@
+"""`mlrnet predict`: label new, unlabelled text with a trained classifier."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from mlrnet_cli.commands._app import OverwriteOption, WorkdirOption, app
+
+HELP = """Label new, unlabelled text with a trained classifier: the predicted class and every class's probability.
+
+Reads WORKDIR/model/best (or --model: any folder saved by train/collect-losses, or a hub classifier) and the
+texts: a table with --data (Arrow/Parquet/CSV/JSON Lines), or one text per line on stdin (no --data, or
+--data -; blank lines are skipped, row is the line number from 0). Token limit and batch size default to
+the ones the model was trained with.
+
+Output rows: row, sample_id (if the table has one), text, label (class name), label_id, score (top
+probability), probs (all classes, in label_id order). With --out FILE: Arrow (.arrow; probs a list, class
+names in the metadata) or JSON Lines (.jsonl; probs an object keyed by class name), and the path on stdout.
+Without --out: JSON Lines on stdout, for pipes. Progress and logs go to stderr.
+"""
+
+
+@app.command("predict", help=HELP)
+def predict_cmd(
+    data: str | None = typer.Option(
+        None, "--data", help="Table of texts, or - for stdin \\[default: stdin, one text per line]."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best]."
+    ),
+    text_column: str | None = typer.Option(
+        None, "--text-column", help="Text column of --data \\[default: text, sentence or content]."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output file, .arrow or .jsonl \\[default: stdout]."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="arrow or jsonl \\[default: from the --out suffix; jsonl on stdout]."
+    ),
+    with_text: bool = typer.Option(True, "--with-text/--no-text", help="Copy each text into the output."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Rows per forward pass \\[default: the model's training batch size, else 64]."
+    ),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate texts to this many tokens \\[default: as in training, else 128]."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    bf16: bool = typer.Option(
+        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
+    ),
+    workdir: Path | None = WorkdirOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli.errors import UsageError
+    from mlrnet_cli.predict import PredictConfig, predict
+
+    setup_logging()
+    config = PredictConfig(
+        batch_size=batch_size, max_length=max_length, device=device, bf16=bf16, text_column=text_column,
+        with_text=with_text,
+    )
+    texts = None
+    if data is None or data == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no texts to predict", "pass --data FILE, or pipe one text per line on stdin")
+        texts, data = sys.stdin.read().splitlines(), None
+    result = predict(
+        config, workdir=workdir, model=model, data=data, texts=texts, out=out, fmt=fmt, overwrite=overwrite,
+        progress=progress(),
+    )
+    if result.path is not None:
+        typer.echo(str(result.path))
+    else:
+        for line in result.json_lines():
+            typer.echo(line)

@@ -1,0 +1,253 @@
+"""`mlrnet predict`: label new, unlabelled text with a trained classifier.
+
+The rows come from a table (Arrow/Parquet/CSV/JSON Lines) or from a list of texts (the CLI's stdin lines).
+Inference is the one `mlrnet eval` runs (:func:`mlrnet_cli.inference.run_classifier`: length-grouped batches,
+dynamic padding, bf16 on CUDA), so a row gets the same probabilities here as in ``eval --predictions``.
+Token limit and batch size default to the ones the model was trained with (its ``mlrnet.json``).
+
+Output, one row per input row: ``row`` (0-based position in the input: table row or stdin line),
+``sample_id`` (when the table has one), ``text`` (unless ``with_text=False``), ``label`` (the class name from
+the model's ``id2label``), ``label_id``, ``score`` (the top probability) and ``probs`` (every class's
+probability, in ``label_id`` order). Arrow files hold ``probs`` as a fixed-size list and the class names in
+their metadata; JSON Lines rows hold ``probs`` as an object keyed by class name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlrnet_cli import modeling
+from mlrnet_cli.artifacts import (
+    META_KEY,
+    atomic_path,
+    check_writable,
+    fingerprint_file,
+    fingerprint_obj,
+    guard_output,
+    make_meta,
+    read_any_meta,
+    write_table,
+)
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, UsageError
+from mlrnet_cli.inference import TABLE_SUFFIXES, model_num_labels, resolve_model, run_classifier, tokenize
+from mlrnet_cli.modeling import load_tokenizer
+from mlrnet_cli.progress import Progress
+from mlrnet_cli.workspace import Workspace
+
+log = logging.getLogger("mlrnet")
+
+FORMATS = {"arrow": (".arrow", ".feather", ".ipc"), "jsonl": (".jsonl", ".ndjson", ".json")}
+FALLBACK_BATCH_SIZE = 64
+FALLBACK_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of `mlrnet predict`. ``None`` means: as the model was trained (its mlrnet.json), else the fallback."""
+
+    batch_size: int | None = None
+    """Rows per forward pass [default: the model's training batch size, else 64]."""
+    max_length: int | None = None
+    """Texts are truncated to this many tokens [default: the model's training --max-length, else 128]."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """Autocast to bfloat16 on CUDA (ignored on CPU)."""
+    text_column: str | None = None
+    """Text column of the table [default: text (what `corrupt` writes and `train` reads), sentence or content]."""
+    with_text: bool = True
+    """Copy each row's text into the output."""
+
+
+@dataclass
+class PredictResult:
+    """The predictions as an Arrow table (with its metadata), and the file written (None: nothing written)."""
+
+    table: Any
+    class_names: list[str]
+    path: Path | None
+
+    def json_lines(self) -> Iterator[str]:
+        """The rows as JSON Lines (``probs`` keyed by class name), for stdout or a .jsonl file."""
+        yield from json_lines(self.table, self.class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def read_texts(path: str | os.PathLike[str], text_column: str | None = None) -> tuple[list[str], np.ndarray | None]:
+    """(texts, sample_ids or None) of a table; a text column as `eval` finds it, and no null or empty text."""
+    from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}", "pass --data a table, or - for stdin")
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(
+            f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSON Lines"
+        )
+    table = load_source(str(path)).table
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no rows", "nothing to predict")
+    cols = resolve_text_columns(table, [text_column] if text_column else None, str(path))
+    texts = joined_text(table, cols, str(path))
+    ids = None
+    if "sample_id" in table.column_names:
+        ids = table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    return texts, ids
+
+
+def text_lines(lines: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(texts, line indices) of stdin lines: blank lines are skipped, the others keep their line number."""
+    rows = [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise DataError("no text on stdin (every line was empty)", "pipe one text per line, or pass --data FILE")
+    return [t for _, t in rows], np.array([i for i, _ in rows], dtype=np.int64)
+
+
+def trained_settings(model_id: str) -> dict[str, Any]:
+    """The config a stage recorded in the model folder's mlrnet.json (empty for a hub id or a foreign folder)."""
+    path = Path(model_id)
+    if not path.is_dir():
+        return {}
+    try:
+        meta = read_any_meta(path) or {}
+    except ArtifactError:
+        return {}
+    config = meta.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def output_format(out: Path | None, fmt: str | None) -> str:
+    """``arrow`` or ``jsonl``: --format, else the --out suffix; stdout is always JSON Lines."""
+    if fmt is not None:
+        fmt = fmt.lower()
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown --format {fmt!r}", "use arrow or jsonl")
+        if out is None and fmt != "jsonl":
+            raise UsageError("--format arrow needs --out FILE", "stdout carries JSON Lines")
+        return fmt
+    if out is None:
+        return "jsonl"
+    for name, suffixes in FORMATS.items():
+        if out.suffix.lower() in suffixes:
+            return name
+    raise UsageError(
+        f"cannot tell the output format of {out} from its suffix", "end it in .arrow or .jsonl, or pass --format"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def predictions_table(
+    texts: Sequence[str] | None, rows: np.ndarray, sample_ids: np.ndarray | None, probs: np.ndarray,
+    class_names: Sequence[str],
+) -> Any:
+    """The output table: row, [sample_id], [text], label, label_id, score, probs."""
+    import pyarrow as pa
+
+    label_id = probs.argmax(axis=1).astype(np.int64)
+    cols: dict[str, Any] = {"row": pa.array(rows, pa.int64())}
+    if sample_ids is not None:
+        cols["sample_id"] = pa.array(sample_ids, pa.int64())
+    if texts is not None:
+        cols["text"] = pa.array(list(texts), pa.string())
+    cols |= {
+        "label": pa.array([class_names[i] for i in label_id], pa.string()),
+        "label_id": pa.array(label_id),
+        "score": pa.array(probs.max(axis=1).astype(np.float32)),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).reshape(-1)), len(class_names)),
+    }
+    return pa.table(cols)
+
+
+def json_lines(table: Any, class_names: Sequence[str]) -> Iterator[str]:
+    for rec in table.to_pylist():
+        rec["probs"] = dict(zip(class_names, rec["probs"], strict=True))
+        yield json.dumps(rec, ensure_ascii=False)
+
+
+def write_predictions(path: Path, table: Any, meta: dict[str, Any], class_names: list[str], fmt: str) -> None:
+    """Atomic write: Arrow with the metadata in its schema, or JSON Lines (a format without metadata)."""
+    if fmt == "arrow":
+        write_table(path, table, meta, class_names={"label_id": class_names})
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for line in json_lines(table, class_names):
+            fh.write(line + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(
+    config: PredictConfig,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    texts: Sequence[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    fmt: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PredictResult:
+    """Predict the class of every row of ``data`` (a table) or of ``texts`` (one text per item, blanks skipped).
+
+    Writes ``out`` (Arrow or JSON Lines, from ``fmt`` or the suffix) when given; the result holds the table.
+    """
+    if (data is None) == (texts is None):
+        raise UsageError("give either a table (--data) or texts (stdin), not both or neither")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
+    out_path = Path(out) if out is not None else None
+    out_fmt = output_format(out_path, fmt)
+    model_id = resolve_model(model, Workspace.at(workdir))
+    trained = trained_settings(model_id)
+    batch_size = config.batch_size or int(trained.get("batch_size") or FALLBACK_BATCH_SIZE)
+    max_length = config.max_length or int(trained.get("max_length") or FALLBACK_MAX_LENGTH)
+
+    if data is not None:
+        items, sample_ids = read_texts(data, config.text_column)
+        rows = np.arange(len(items), dtype=np.int64)
+        data_fp = fingerprint_file(data)
+    else:
+        items, rows = text_lines(list(texts or []))
+        sample_ids, data_fp = None, fingerprint_obj(items)
+    num_labels = model_num_labels(model_id)
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
+    cfg |= {"model": model_id, "data": str(data) if data is not None else "<texts>", "max_length": max_length}
+    inputs = {"model": modeling.model_fingerprint(model_id), "data": data_fp}
+    meta = make_meta("predict", "predictions", cfg, None, inputs)
+    if out_path is not None:
+        guard_output(out_path, meta, inputs=[*([data] if data is not None else []), model_id], overwrite=overwrite)
+        check_writable(out_path)
+
+    device = modeling.select_device(config.device)
+    clf = modeling.load_classifier(model_id, num_labels).to(device).eval()
+    class_names = [str(clf.config.id2label.get(i, i)) for i in range(num_labels)]
+    tokenizer = load_tokenizer(model_id)
+    log.info("predicting %d rows with %s (%s, max length %d)", len(items), model_id, device, max_length)
+    token_ids = tokenize(tokenizer, items, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inf = run_classifier(clf, token_ids, pad_id=pad_id, batch_size=batch_size, bf16=config.bf16,
+                         progress=progress, description="predict")
+    table = predictions_table(items if config.with_text else None, rows, sample_ids, inf.probabilities, class_names)
+    meta["class_names"] = class_names
+    if out_path is not None:
+        write_predictions(out_path, table, meta, class_names, out_fmt)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+    return PredictResult(table, class_names, out_path)
