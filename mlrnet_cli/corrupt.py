@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlrnet_cli import seeding
 from mlrnet_cli.artifacts import guard_output, make_meta, write_json, write_table
 from mlrnet_cli.data import (
     LabelMap,
@@ -206,7 +207,7 @@ def corrupt(
         raise ConfigError("--n-max must be ≥ 1")
     if config.imbalance < 1 or not math.isfinite(config.imbalance):
         raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {config.imbalance:g}")
-    rng = np.random.default_rng(config.seed)
+    rng = seeding.corrupt_rng(config.seed)
     out_dir = Path(out_dir)
 
     src = load_source(inputs.data, inputs.split)
