@@ -344,18 +344,19 @@ def train(
         if overlap.any():
             log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
         pool = np.flatnonzero(~overlap)
+        meta_n = 0 if config.method == "plain" else config.meta_per_class  # plain never reads the meta set
         dev_table = None
         if dev_path is not None:
             dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
             inputs["dev"] = artifacts.fingerprint_file(dev_path)
             meta_pos, _ = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed
+                clean_rows.labels[pool], num_classes, meta_n, 0.0, config.seed
             )
             dev_pos = np.arange(dev_rows.labels.shape[0])
             dev_labels = dev_rows.labels
         else:
             meta_pos, dev_pos = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
+                clean_rows.labels[pool], num_classes, meta_n, config.dev_fraction, config.seed
             )
             dev_pos = pool[dev_pos]
             dev_labels = clean_rows.labels[dev_pos]
