@@ -233,6 +233,29 @@ def _save_model_dir(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _finished_history(
+    out: Path, history_path: Path, meta: dict[str, Any], epochs: int
+) -> tuple[int, float | None, list[dict[str, Any]]] | None:
+    """(best epoch, its dev accuracy, history) of a finished run of ``meta`` in ``out``, or None.
+
+    Finished: history.arrow is this run's and has every epoch, and model/best and model/last are this run's
+    (each epoch writes them before the history, so a kill never leaves this looking finished too early)."""
+    try:
+        table = artifacts.read_table(history_path, "history")
+        best = artifacts.read_json(out / "best" / "mlrnet.json").get(artifacts.META_KEY) or {}
+        last = artifacts.read_json(out / "last" / "mlrnet.json").get(artifacts.META_KEY) or {}
+    except (ArtifactError, AttributeError):
+        return None
+    same = artifacts.provenance(meta)
+    if (artifacts.provenance(artifacts.table_meta(table) or {}) != artifacts.provenance({**meta, "kind": "history"})
+            or artifacts.provenance(best) != same or artifacts.provenance(last) != same
+            or table.num_rows != epochs or last.get("epoch") != epochs):
+        return None
+    rows = table.to_pylist()
+    best_epoch = int(best.get("epoch") or epochs)
+    return best_epoch, rows[best_epoch - 1].get("dev_accuracy"), rows
+
+
 def _history_table(rows: list[dict[str, Any]]) -> Any:
     import pyarrow as pa
 
@@ -391,6 +414,15 @@ def train(
                         "pass --overwrite to start again, or choose another --workdir",
                     )
                 state = None
+        if state is None and not overwrite:  # a finished run drops its resume state: its outputs say it is done
+            done = _finished_history(out, history_path, meta, config.epochs)
+            if done is not None:
+                log.info("train: %s is up to date (same inputs and config)", out)
+                return TrainResult(
+                    best_dir=out / "best", last_dir=out / "last", history_path=history_path, best_epoch=done[0],
+                    best_dev_accuracy=done[1], epochs_run=0, resumed_from=config.epochs, meta_size=len(meta_pos),
+                    dev_size=len(dev_pos), model=str(config.model), history=done[2],
+                )
 
         # model, tokens, features
         device = modeling.select_device(distributed.resolve_device(config.device))
@@ -747,6 +779,8 @@ def train(
                 with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
                     torch.save(new_state, tmp)
 
+        if distributed.is_main():  # finished: the resume state (a full model and optimiser) is no longer needed
+            shutil.rmtree(state_dir, ignore_errors=True)
         distributed.barrier()  # the others return once rank 0 has written everything
         return TrainResult(
             best_dir=out / "best",

@@ -165,9 +165,15 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
     h0 = artifacts.read_table(roots[0] / "model" / "history.arrow").drop(["seconds"])
     h1 = artifacts.read_table(roots[1] / "model" / "history.arrow").drop(["seconds"])
     assert h0.equals(h1)
-    # a finished run is not redone; a different run is refused without --overwrite
+    # a finished run drops its resume state (a model and its optimiser), is not redone, and reports itself
+    assert not (roots[0] / "model" / "state").exists() and not (roots[1] / "model" / "state").exists()
+    files = {p: p.read_bytes() for p in (roots[1] / "model").rglob("*") if p.is_file()}
     again = train(cfg, workdir=roots[1])
-    assert again.epochs_run == 0
+    assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
+    assert again.best_dev_accuracy == resumed.best_dev_accuracy
+    assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in resumed.history]
+    assert {p: p.read_bytes() for p in (roots[1] / "model").rglob("*") if p.is_file()} == files
+    # a different run is refused without --overwrite
     r = runner.invoke(app, ["train", "--workdir", str(roots[1]), *FAST])
     assert r.exit_code == 1 and "different" in r.stderr
 
