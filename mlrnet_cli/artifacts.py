@@ -105,6 +105,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600; artifacts are shared as other files
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
@@ -112,6 +113,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str | os.PathLike[str]) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would (0666/0777 less the umask):
+    some writers (``save_pretrained``'s safetensors file) make theirs 0600, unreadable in a shared workspace."""
+    mask = current_umask()
+    for p in [Path(folder), *Path(folder).rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -535,6 +535,7 @@ def _write_stage1(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "history.json", {artifacts.META_KEY: meta, "epochs": history})
+        artifacts.follow_umask(tmp)
         (stage1_dir / "mlrnet.json").unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:

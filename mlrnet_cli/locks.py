@@ -33,7 +33,7 @@ LOCK_NAME = ".mlrnet-lock"
 def _open(path: Path) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as any file
     except OSError as e:
         raise ArtifactError(
             f"cannot create {path}: {e.strerror or e}", "choose another output path or check permissions"

@@ -220,6 +220,7 @@ def _save_model_dir(
             )
         artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
         artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
+        artifacts.follow_umask(tmp)
     except (OSError, SafetensorError, ArtifactError) as e:  # a full disk, mostly
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ArtifactError):
