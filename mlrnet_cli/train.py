@@ -203,9 +203,18 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 def _save_model_dir(
-    target: Path, model: torch.nn.Module, tokenizer: Any, meta_net: torch.nn.Module | None, meta: dict, extra: dict
+    target: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    meta_net: torch.nn.Module | None,
+    meta: dict,
+    extra: dict,
+    frozen: tuple[str, list[Path]] | None = None,
 ) -> None:
-    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
+    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole.
+
+    ``frozen`` (a frozen encoder: the head's prefix, and folders that may hold the same encoder) stores the encoder
+    as a shard of its own, hard-linked to an identical one (see :func:`artifacts.split_frozen_weights`)."""
     from safetensors import SafetensorError
 
     tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
@@ -213,6 +222,8 @@ def _save_model_dir(
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        if frozen is not None:
+            artifacts.split_frozen_weights(tmp, *frozen)
         tokenizer.save_pretrained(tmp)
         if meta_net is not None:
             artifacts.write_tensors(
@@ -760,9 +771,10 @@ def train(
             # only rank 0 writes (every rank holds the same model, meta-net and history)
             if distributed.is_main():
                 model_meta = {**meta, "epoch": epoch + 1}
-                _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-                if better:
-                    _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+                frozen = (head_prefix, [out / "best", out / "last", ws.stage1]) if config.freeze_encoder else None
+                for name in ("last", "best") if better else ("last",):
+                    _save_model_dir(out / name, model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1},
+                                    frozen)
                 artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
                 new_state = {
                     "provenance": artifacts.provenance(meta),

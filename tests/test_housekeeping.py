@@ -36,3 +36,31 @@ def test_artifacts_and_folders_follow_the_umask(tmp_path: Path, tiny_model_dir: 
     assert "model/best/model.safetensors" in modes and "data/train.arrow" in modes and "eval/metrics.json" in modes
     wrong = {rel: oct(m) for rel, m in modes.items() if m != (0o775 if (ws / rel).is_dir() else 0o664)}
     assert wrong == {}
+
+
+def test_a_frozen_encoder_is_stored_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """stage1/, model/best and model/last share one encoder file (hard links); each stays a loadable model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from mlrnet_cli.artifacts import FROZEN_SHARD, HEAD_SHARD
+
+    ws = make_workspace(tmp_path / "ws")
+    frozen = ["--freeze-encoder", "--lr", "1e-2"]
+    for args in (["collect-losses", "--model", str(tiny_model_dir), "--epochs", "2", *frozen],
+                 ["train", "--epochs", "2", "--meta-per-class", "4", "--meta-params", "head", *frozen],
+                 ["eval"], ["weights"]):
+        r = runner.invoke(app, [args[0], "-w", str(ws), *args[1:], *SIZE])
+        assert r.exit_code == 0, (args, r.output)
+    folders = [ws / "stage1", ws / "model" / "best", ws / "model" / "last"]
+    encoders = [(f / FROZEN_SHARD).stat() for f in folders]
+    assert len({(s.st_dev, s.st_ino) for s in encoders}) == 1 and encoders[0].st_nlink == 3
+    assert not any((f / "model.safetensors").exists() for f in folders)
+    heads = [load_file(str(f / HEAD_SHARD)) for f in folders]
+    assert set(heads[0]) == {"classifier.weight", "classifier.bias"}
+    assert not heads[0]["classifier.weight"].equal(heads[2]["classifier.weight"])  # the head did train
+    encoder = load_file(str(folders[0] / FROZEN_SHARD))
+    for folder, head in zip(folders, heads, strict=True):
+        state = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
+        for k, v in {**encoder, **head}.items():
+            assert state[k].equal(v), (folder, k)
