@@ -213,7 +213,7 @@ def corrupt(
     if config.meta_pool_per_class is not None and config.meta_pool_per_class < 1:
         raise ConfigError(
             f"--meta-pool-per-class must be ≥ 1, got {config.meta_pool_per_class}",
-            "every train method draws its dev rows (and the meta methods their meta set) from the clean pool",
+            "every train method draws its dev rows from the clean pool, and the meta methods their meta set",
         )
     if config.test_fraction is not None and not 0.0 <= config.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction must be in [0, 1), got {config.test_fraction:g}")
@@ -250,7 +250,7 @@ def corrupt(
     if test_src is not None and config.test_fraction is not None:
         raise UsageError(
             f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
-            "drop --test-fraction, or pass your own split with --test-data",
+            "drop --test-fraction: it holds out test rows only from a source without a test split",
         )
     test_fraction = None if test_src is not None else _default(config.test_fraction, DEFAULT_TEST_FRACTION)
     held = np.zeros(len(texts), dtype=bool)
