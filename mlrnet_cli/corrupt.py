@@ -246,18 +246,9 @@ def corrupt(
     order = resolve_class_order(config.class_order, label_map, rng)
 
     # 0. test split: the source's own, or a stratified share held out before anything else is drawn
-    test_src = _load_test(inputs)
-    if test_src is not None and config.test_fraction is not None:
-        raise UsageError(
-            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
-            "drop --test-fraction: it holds out test rows only from a source without a test split",
-        )
-    test_fraction = None if test_src is not None else _default(config.test_fraction, DEFAULT_TEST_FRACTION)
+    test_src, test_fraction, test_idx = _test_split(config, inputs, true_source, c)
     held = np.zeros(len(texts), dtype=bool)
-    test_idx = np.zeros(0, dtype=np.int64)
-    if test_fraction:
-        test_idx = hold_out_test(true_source, c, test_fraction, config.seed)
-        held[test_idx] = True
+    held[test_idx] = True
     pool_n = _default(config.meta_pool_per_class, DEFAULT_META_POOL if inputs.clean_data is None else None)
 
     # 1. clean pool, before any corruption
@@ -430,6 +421,23 @@ def corrupt(
         if not truth_known:
             log.warning("the held-out test rows carry --data's own labels, which may be noisy")
     return CorruptResult(paths, manifest)
+
+
+def _test_split(
+    config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
+) -> tuple[Source | None, float | None, np.ndarray]:
+    """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
+    test_src = _load_test(inputs)
+    if test_src is not None and config.test_fraction is not None:
+        raise UsageError(
+            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
+            "drop --test-fraction: it holds out test rows only from a source without a test split",
+        )
+    if test_src is not None:
+        return test_src, None, np.zeros(0, dtype=np.int64)
+    fraction = _default(config.test_fraction, DEFAULT_TEST_FRACTION)
+    rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
+    return None, fraction, rows
 
 
 def _default(value: Any, default: Any) -> Any:
