@@ -478,8 +478,7 @@ def collect_losses(
         fp = None
         if distributed.is_main():
             stage1_meta = dict(meta, kind="stage1")
-            frozen_head = head_name(model) + "." if config.freeze_encoder else None
-            _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta, frozen_head)
+            _write_stage1(stage1_dir, model, tokenizer, run.history, stage1_meta)
             fp = artifacts.write_tensors(losses_path, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
             shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
         fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
@@ -527,22 +526,17 @@ def _finished_result(
 
 
 def _write_stage1(
-    stage1_dir: Path,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    history: list[dict[str, Any]],
-    meta: dict[str, Any],
-    frozen_head: str | None = None,
+    stage1_dir: Path, model: torch.nn.Module, tokenizer: Any, history: list[dict[str, Any]], meta: dict[str, Any]
 ) -> None:
     """save_pretrained into a temp folder, then move each file into stage1/ (each move atomic), mlrnet.json last.
-    A frozen encoder (``frozen_head``: the head's prefix) gets a shard of its own, which `train` links to."""
+    A frozen encoder (``freeze_encoder`` in the config) gets a shard of its own, which `train` links to."""
     stage1_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage1_dir / f"{artifacts.TMP_PREFIX}model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        if frozen_head is not None:
-            artifacts.split_frozen_weights(tmp, frozen_head)
+        if meta["config"].get("freeze_encoder"):
+            artifacts.split_frozen_weights(tmp, head_name(model) + ".")
         tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "history.json", {artifacts.META_KEY: meta, "epochs": history})
         artifacts.follow_umask(tmp)
