@@ -29,6 +29,7 @@ from mlrnet_cli.modeling import (
     encoder_cache_id,
     head_logits,
     head_module,
+    head_name,
     load_classifier,
     load_tokenizer,
     model_fingerprint,
@@ -527,14 +528,18 @@ def _finished_result(
 def _write_stage1(
     stage1_dir: Path, model: torch.nn.Module, tokenizer: Any, history: list[dict[str, Any]], meta: dict[str, Any]
 ) -> None:
-    """save_pretrained into a temp folder, then move each file into stage1/ (each move atomic), mlrnet.json last."""
+    """save_pretrained into a temp folder, then move each file into stage1/ (each move atomic), mlrnet.json last.
+    A frozen encoder (``freeze_encoder`` in the config) gets a shard of its own, which `train` links to."""
     stage1_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage1_dir / f"{artifacts.TMP_PREFIX}model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if meta["config"].get("freeze_encoder"):
+            artifacts.split_frozen_weights(tmp, head_name(model) + ".")
         tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "history.json", {artifacts.META_KEY: meta, "epochs": history})
+        artifacts.follow_umask(tmp)
         (stage1_dir / "mlrnet.json").unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:

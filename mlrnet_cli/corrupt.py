@@ -2,8 +2,10 @@
 
 Order of operations (each documented in ``docs/corrupt.md``):
 
-1. A **clean pool** of ``meta_pool_per_class`` true-labelled rows per class is set aside first (or read
-   from ``clean_data``); it never overlaps the training rows.
+0. A **test split**: when the source has no test split of its own (and no ``test_data`` is given), a
+   stratified ``test_fraction`` of each class is held out first, before anything else is drawn.
+1. A **clean pool** of ``meta_pool_per_class`` true-labelled rows per class is set aside next (or read
+   from ``clean_data``, whole); it never overlaps the training rows.
 2. **Imbalance** on the remaining rows, by true label: the class at rank ``i`` (rank 0 is the head) keeps
    ``round_half_up(n_max * F ** (-i / (C - 1)))`` rows, so the head keeps ``n_max`` and the tail ``n_max / F``.
    With ``F = 1`` and no ``n_max`` every row is kept (real noisy data keeps its own profile).
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlrnet")
 
 NOISE_KINDS = ("none", "uniform", "flip", "pair")
+DEFAULT_META_POOL = 500
+DEFAULT_TEST_FRACTION = 0.2
 RESERVED = ("sample_id", "text", "label", "true_label", "is_noisy")
 
 
@@ -81,13 +85,19 @@ class CorruptConfig:
     class_order: str = "given"
     """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
     noise: NoiseSpec = field(default_factory=NoiseSpec)
-    meta_pool_per_class: int = 500
-    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection."""
+    meta_pool_per_class: int | None = None
+    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
+    None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given."""
     seed: int = 0
+    test_fraction: float | None = None
+    """Share of each class held out as the test split when the source has none; None: 0.2
+    (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["noise"] = str(self.noise)
+        if d["test_fraction"] is None:  # unused (the source has a test split): artifacts stay as before it existed
+            del d["test_fraction"]
         return d
 
 
@@ -200,8 +210,13 @@ def corrupt(
     overwrite: bool = False,
 ) -> CorruptResult:
     """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
-    if config.meta_pool_per_class < 0:
-        raise ConfigError("--meta-pool-per-class must be ≥ 0")
+    if config.meta_pool_per_class is not None and config.meta_pool_per_class < 1:
+        raise ConfigError(
+            f"--meta-pool-per-class must be ≥ 1, got {config.meta_pool_per_class}",
+            "every train method draws its dev rows from the clean pool, and the meta methods their meta set",
+        )
+    if config.test_fraction is not None and not 0.0 <= config.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction must be in [0, 1), got {config.test_fraction:g}")
     if config.n_max is not None and config.n_max < 1:
         raise ConfigError("--n-max must be ≥ 1")
     if config.imbalance < 1 or not math.isfinite(config.imbalance):
@@ -230,6 +245,12 @@ def corrupt(
     available = np.bincount(true_source, minlength=c)
     order = resolve_class_order(config.class_order, label_map, rng)
 
+    # 0. test split: the source's own, or a stratified share held out before anything else is drawn
+    test_src, test_fraction, test_idx = _test_split(config, inputs, true_source, c)
+    held = np.zeros(len(texts), dtype=bool)
+    held[test_idx] = True
+    pool_n = _default(config.meta_pool_per_class, DEFAULT_META_POOL if inputs.clean_data is None else None)
+
     # 1. clean pool, before any corruption
     clean_src: Source | None = None
     if inputs.clean_data is not None:
@@ -241,26 +262,29 @@ def corrupt(
             dtype=np.int64,
         )
         pool_counts = np.bincount(clean_labels, minlength=c)
-        short = [label_map.names[i] for i in range(c) if pool_counts[i] < config.meta_pool_per_class]
+        need = pool_n or 1  # the pool is the whole table; an explicit size is a floor it must reach
+        short = [label_map.names[i] for i in range(c) if pool_counts[i] < need]
         if short:
             raise DataError(
-                f"--clean-data has fewer than {config.meta_pool_per_class} rows for class(es) {', '.join(short[:5])}",
-                "lower --meta-pool-per-class or add clean rows",
+                f"--clean-data has fewer than {need} rows for class(es) {', '.join(short[:5])}",
+                "lower --meta-pool-per-class or add clean rows" if pool_n else "add clean rows for every class",
             )
         pool_idx = np.zeros(0, dtype=np.int64)
     else:
         pool_parts = []
         for k in range(c):
-            rows = np.flatnonzero(true_source == k)
+            rows = np.flatnonzero((true_source == k) & ~held)
             if known_truth is not None:  # only rows whose given label is right can be trusted
                 rows = rows[given[rows] == k]
-            if len(rows) < config.meta_pool_per_class:
+            if len(rows) < pool_n:
                 raise DataError(
-                    f"class {label_map.names[k]!r} has {len(rows)} rows, fewer than the clean pool's "
-                    f"{config.meta_pool_per_class}",
-                    "lower --meta-pool-per-class or pass --clean-data",
+                    f"class {label_map.names[k]!r} has {len(rows)} rows"
+                    + (" left after the test split" if test_fraction else "")
+                    + f", fewer than the clean pool's {pool_n}",
+                    "lower --meta-pool-per-class" + (" or --test-fraction" if test_fraction else "")
+                    + ", or pass --clean-data",
                 )
-            pool_parts.append(rng.choice(rows, size=config.meta_pool_per_class, replace=False))
+            pool_parts.append(rng.choice(rows, size=pool_n, replace=False))
         pool_idx = np.sort(np.concatenate(pool_parts)) if pool_parts else np.zeros(0, dtype=np.int64)
 
     if clean_src is None and known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
@@ -269,7 +293,7 @@ def corrupt(
     # 2. imbalance on the rest, by true label
     in_pool = np.zeros(len(texts), dtype=bool)
     in_pool[pool_idx] = True
-    remaining = [np.flatnonzero((true_source == k) & ~in_pool) for k in range(c)]
+    remaining = [np.flatnonzero((true_source == k) & ~in_pool & ~held) for k in range(c)]
     left = np.array([len(r) for r in remaining])
     if config.imbalance == 1 and config.n_max is None:
         # Nothing to imbalance: keep every row (real noisy data keeps its own class profile).
@@ -300,11 +324,11 @@ def corrupt(
     realised = realised_noise(true_train, observed, c)
 
     # tables
-    meta_cfg = config.to_json() | {"inputs": asdict(inputs)}
+    resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
+    meta_cfg = resolved.to_json() | {"inputs": asdict(inputs)}
     fps = {"data": src.fingerprint}
     if clean_src is not None:
         fps["clean_data"] = clean_src.fingerprint
-    test_src = _load_test(inputs)
     if test_src is not None:
         fps["test_data"] = test_src.fingerprint
 
@@ -338,6 +362,10 @@ def corrupt(
         t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
         test_tbl = _make_table(t_rows, joined_text(test_src.table, t_cols, test_src.origin), t_labels, t_labels,
                                _extra_columns(test_src.table, t_cols, inputs), t_rows)
+    elif len(test_idx):
+        t_labels = true_source[test_idx]
+        test_tbl = _make_table(test_idx, [texts[i] for i in test_idx], t_labels, t_labels if truth_known else None,
+                               extra_cols, test_idx)
 
     paths = {
         "train": out_dir / "train.arrow",
@@ -369,7 +397,7 @@ def corrupt(
         "text_columns": text_cols,
         "truth_known": bool(truth_known),
         "source": {"train": src.origin, "clean": clean_src.origin if clean_src else None,
-                   "test": test_src.origin if test_src else None},
+                   "test": test_src.origin if test_src else (f"{src.origin} (held out)" if len(test_idx) else None)},
         "n_max": n_max,
         "profile": profile,
         "counts": {
@@ -384,8 +412,48 @@ def corrupt(
         else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
         "fingerprints": out_fps,
     }
+    if test_fraction is not None:  # only then: a source's own test split leaves the manifest as it always was
+        manifest["test_fraction"] = test_fraction
     write_json(paths["manifest"], manifest)
+    if len(test_idx):  # logged once written: an error must stay the one line on stderr
+        log.info("%s has no test split: held out %d rows (%g of each class) as the test split (--test-fraction)",
+                 src.origin, len(test_idx), test_fraction)
+        if not truth_known:
+            log.warning("the held-out test rows carry --data's own labels, which may be noisy")
     return CorruptResult(paths, manifest)
+
+
+def _test_split(
+    config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
+) -> tuple[Source | None, float | None, np.ndarray]:
+    """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
+    test_src = _load_test(inputs)
+    if test_src is not None and config.test_fraction is not None:
+        raise UsageError(
+            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
+            "drop --test-fraction: it holds out test rows only from a source without a test split",
+        )
+    if test_src is not None:
+        return test_src, None, np.zeros(0, dtype=np.int64)
+    fraction = _default(config.test_fraction, DEFAULT_TEST_FRACTION)
+    rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
+    return None, fraction, rows
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """Row positions of a stratified test split: ``round_half_up(n_k * fraction)`` rows of each class k.
+
+    Drawn from a random stream of its own, so the seed alone fixes it and it moves no other draw."""
+    rng = np.random.default_rng([seed, 7357])
+    parts = []
+    for k in range(num_classes):
+        rows = np.flatnonzero(labels == k)
+        parts.append(rng.choice(rows, size=round_half_up(len(rows) * fraction), replace=False))
+    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 def _load_test(inputs: InputSpec) -> Source | None:

@@ -293,6 +293,29 @@ def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any
 # ---------------------------------------------------------------------------------------------
 
 
+def _no_test_table(ws: Workspace) -> DataError:
+    """Why the workspace has no test.arrow, and what to do about it."""
+    if not ws.manifest.is_file():
+        return DataError(f"no test table at {ws.test}: the workspace has no data yet",
+                         "run `mlrnet corrupt` first, or pass --data")
+    try:
+        manifest = read_json(ws.manifest, "manifest")
+        source = manifest.get("source") or {}
+    except (ArtifactError, AttributeError):
+        manifest, source = {}, {}
+    origin = source.get("train") or "--data"
+    if source.get("test"):
+        why = f"`mlrnet corrupt` wrote one from {source['test']}, but it has been removed"
+    elif manifest.get("test_fraction") == 0:
+        why = f"`mlrnet corrupt` wrote none ({origin} has no test split and --test-fraction was 0)"
+    else:
+        why = f"`mlrnet corrupt` wrote none ({origin} has no test split)"
+    return DataError(
+        f"no test table at {ws.test}: {why}",
+        "pass --data TABLE, or rerun `mlrnet corrupt --overwrite` with --test-data PATH or --test-fraction 0.2",
+    )
+
+
 def evaluate(
     config: EvalConfig,
     *,
@@ -316,7 +339,7 @@ def evaluate(
     data_path = Path(data) if data is not None else ws.test
     if not data_path.is_file():
         if data is None:
-            raise DataError(f"no test table at {data_path}", "run `mlrnet corrupt` first, or pass --data")
+            raise _no_test_table(ws)
         raise DataError(f"no such file: {data_path}", "pass --data an Arrow, Parquet, CSV or JSONL file")
     out = Path(out_dir) if out_dir is not None else ws.eval
     paths = {"metrics": out / "metrics.json"}

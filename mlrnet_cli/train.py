@@ -203,9 +203,18 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 def _save_model_dir(
-    target: Path, model: torch.nn.Module, tokenizer: Any, meta_net: torch.nn.Module | None, meta: dict, extra: dict
+    target: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    meta_net: torch.nn.Module | None,
+    meta: dict,
+    extra: dict,
+    frozen: tuple[str, list[Path]] | None = None,
 ) -> None:
-    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole."""
+    """save_pretrained (safetensors) + meta_net.safetensors + train_config.json + mlrnet.json, swapped in whole.
+
+    ``frozen`` (a frozen encoder: the head's prefix, and folders that may hold the same encoder) stores the encoder
+    as a shard of its own, hard-linked to an identical one (see :func:`artifacts.split_frozen_weights`)."""
     from safetensors import SafetensorError
 
     tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
@@ -213,6 +222,8 @@ def _save_model_dir(
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        if frozen is not None:
+            artifacts.split_frozen_weights(tmp, *frozen)
         tokenizer.save_pretrained(tmp)
         if meta_net is not None:
             artifacts.write_tensors(
@@ -220,6 +231,7 @@ def _save_model_dir(
             )
         artifacts.write_json(tmp / "train_config.json", {**extra, "config": meta["config"]})
         artifacts.write_json(tmp / "mlrnet.json", {artifacts.META_KEY: meta})
+        artifacts.follow_umask(tmp)
     except (OSError, SafetensorError, ArtifactError) as e:  # a full disk, mostly
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ArtifactError):
@@ -231,6 +243,29 @@ def _save_model_dir(
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _finished_history(
+    out: Path, history_path: Path, meta: dict[str, Any], epochs: int
+) -> tuple[int, float | None, list[dict[str, Any]]] | None:
+    """(best epoch, its dev accuracy, history) of a finished run of ``meta`` in ``out``, or None.
+
+    Finished: history.arrow is this run's and has every epoch, and model/best and model/last are this run's
+    (each epoch writes them before the history, so a kill never leaves this looking finished too early)."""
+    try:
+        table = artifacts.read_table(history_path, "history")
+        best = artifacts.read_json(out / "best" / "mlrnet.json").get(artifacts.META_KEY) or {}
+        last = artifacts.read_json(out / "last" / "mlrnet.json").get(artifacts.META_KEY) or {}
+    except (ArtifactError, AttributeError):
+        return None
+    same = artifacts.provenance(meta)
+    if (artifacts.provenance(artifacts.table_meta(table) or {}) != artifacts.provenance({**meta, "kind": "history"})
+            or artifacts.provenance(best) != same or artifacts.provenance(last) != same
+            or table.num_rows != epochs or last.get("epoch") != epochs):
+        return None
+    rows = table.to_pylist()
+    best_epoch = int(best.get("epoch") or epochs)
+    return best_epoch, rows[best_epoch - 1].get("dev_accuracy"), rows
 
 
 def _history_table(rows: list[dict[str, Any]]) -> Any:
@@ -344,18 +379,19 @@ def train(
         if overlap.any():
             log.warning("%d clean row(s) share a sample_id with training rows: left out of the meta set", overlap.sum())
         pool = np.flatnonzero(~overlap)
+        meta_n = 0 if config.method == "plain" else config.meta_per_class  # plain never reads the meta set
         dev_table = None
         if dev_path is not None:
             dev_table, dev_rows = _read_rows(Path(dev_path), "dev table")
             inputs["dev"] = artifacts.fingerprint_file(dev_path)
             meta_pos, _ = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, 0.0, config.seed
+                clean_rows.labels[pool], num_classes, meta_n, 0.0, config.seed
             )
             dev_pos = np.arange(dev_rows.labels.shape[0])
             dev_labels = dev_rows.labels
         else:
             meta_pos, dev_pos = split_clean_pool(
-                clean_rows.labels[pool], num_classes, config.meta_per_class, config.dev_fraction, config.seed
+                clean_rows.labels[pool], num_classes, meta_n, config.dev_fraction, config.seed
             )
             dev_pos = pool[dev_pos]
             dev_labels = clean_rows.labels[dev_pos]
@@ -390,6 +426,15 @@ def train(
                         "pass --overwrite to start again, or choose another --workdir",
                     )
                 state = None
+        if state is None and not overwrite:  # a finished run drops its resume state: its outputs say it is done
+            done = _finished_history(out, history_path, meta, config.epochs)
+            if done is not None:
+                log.info("train: %s is up to date (same inputs and config)", out)
+                return TrainResult(
+                    best_dir=out / "best", last_dir=out / "last", history_path=history_path, best_epoch=done[0],
+                    best_dev_accuracy=done[1], epochs_run=0, resumed_from=config.epochs, meta_size=len(meta_pos),
+                    dev_size=len(dev_pos), model=str(config.model), history=done[2],
+                )
 
         # model, tokens, features
         device = modeling.select_device(distributed.resolve_device(config.device))
@@ -726,9 +771,10 @@ def train(
             # only rank 0 writes (every rank holds the same model, meta-net and history)
             if distributed.is_main():
                 model_meta = {**meta, "epoch": epoch + 1}
-                _save_model_dir(out / "last", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
-                if better:
-                    _save_model_dir(out / "best", model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1})
+                frozen = (head_prefix, [out / "best", out / "last", ws.stage1]) if config.freeze_encoder else None
+                for name in ("last", "best") if better else ("last",):
+                    _save_model_dir(out / name, model, tokenizer, meta_net, model_meta, {**extra, "epoch": epoch + 1},
+                                    frozen)
                 artifacts.write_table(history_path, _history_table(history), {**meta, "kind": "history"})
                 new_state = {
                     "provenance": artifacts.provenance(meta),
@@ -746,6 +792,8 @@ def train(
                 with artifacts.atomic_path(state_dir / STATE_FILE) as tmp:
                     torch.save(new_state, tmp)
 
+        if distributed.is_main():  # finished: the resume state (a full model and optimiser) is no longer needed
+            shutil.rmtree(state_dir, ignore_errors=True)
         distributed.barrier()  # the others return once rank 0 has written everything
         return TrainResult(
             best_dir=out / "best",
