@@ -98,7 +98,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ArtifactError(
             f"cannot create folder {path.parent}: {e.strerror}", "choose another output path or check permissions"
         ) from e
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as e:  # a read-only folder: the temp file beside the target cannot be made
+        raise ArtifactError(
+            f"cannot write {path}: {e.strerror or e}", "check permissions or choose another output folder"
+        ) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -192,6 +197,31 @@ def guard_output(
             f"{path} exists and was made by a different run",
             "pass --overwrite to replace it, or choose another --workdir",
         )
+
+
+def guard_report(
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    *,
+    inputs: list[str | os.PathLike[str]] = (),  # type: ignore[assignment]
+    overwrite: bool = False,
+) -> bool:
+    """:func:`guard_output` for a derived report (eval metrics, the weights table): an older report of the same
+    stage and kind is rewritten without ``overwrite``, since it only describes its inputs and they changed.
+
+    Anything else at ``path`` (a file mlrnet did not write, another stage's artifact, an input) is refused as
+    by :func:`guard_output`. Returns True when an older report will be replaced."""
+    p = Path(path)
+    replace_old = False
+    if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
+        try:
+            old = read_any_meta(p.resolve())
+        except ArtifactError:
+            old = None
+        same_kind = bool(old) and all(old.get(k) == meta.get(k) for k in ("stage", "kind"))  # type: ignore[union-attr]
+        replace_old = same_kind and provenance(old) != provenance(meta)  # type: ignore[arg-type]
+    guard_output(p, meta, inputs=inputs, overwrite=overwrite or replace_old)
+    return replace_old
 
 
 def read_any_meta(path: Path) -> dict[str, Any] | None:

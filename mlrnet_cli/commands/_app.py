@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 class MlrnetGroup(TyperGroup):
-    """Turns an :class:`MlrnetError` into one line on stderr and its exit code, for `main()` and tests alike."""
+    """Turns an :class:`MlrnetError` into one line on stderr and its exit code, and Ctrl-C into exit 130 with a
+    line saying so, for `main()` and tests alike."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -30,6 +31,11 @@ class MlrnetGroup(TyperGroup):
                 raise
             click.echo(f"mlrnet: error: {' '.join(str(e).splitlines())}", err=True)  # one line, always
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            # here, not in cli.main(): typer's own main turns KeyboardInterrupt into a silent exit 130 before
+            # main() sees it. Every stage resumes (train, collect-losses) or restarts cheaply.
+            click.echo("mlrnet: interrupted (rerun the same command to resume)", err=True)
+            ctx.exit(130)
 
 
 app = typer.Typer(

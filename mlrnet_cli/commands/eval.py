@@ -30,7 +30,12 @@ def eval_cmd(
         False, "--predictions", help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities)."
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    ),
+    allow_unfinished: bool = typer.Option(
+        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in float32 on CUDA too."),
     out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/eval]."),
@@ -47,6 +52,7 @@ def eval_cmd(
         max_length=max_length,
         device=device,
         bf16=not no_bf16,
+        allow_unfinished=allow_unfinished,
         text_column=text_column,
         label_column=label_column,
     )

@@ -38,7 +38,12 @@ def weights_cmd(
     ),
     out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per classifier forward pass."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens (as in training)."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    ),
+    allow_unfinished: bool = typer.Option(
+        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Run the classifier in float32 on CUDA too."),
     workdir: Path | None = WorkdirOption,
@@ -49,7 +54,8 @@ def weights_cmd(
     from mlrnet_cli.weights import WeightsConfig, compute_weights
 
     setup_logging()
-    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=not no_bf16)
+    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=not no_bf16,
+                            allow_unfinished=allow_unfinished)
     result = compute_weights(
         config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
         plot=plot, overwrite=overwrite, progress=progress(),
