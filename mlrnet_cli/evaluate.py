@@ -81,8 +81,8 @@ def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace, *, hub_ok
         return str(model)
     best = ws.model / "best"
     if not best.is_dir():
-        what = "a folder saved by train/collect-losses or a hub id" if hub_ok else "a folder saved by `mlrnet train`"
-        raise ModelError(f"no trained model at {best}", f"run `mlrnet train` first, or pass --model ({what})")
+        what = "a folder saved by train/collect-losses, or a hub id" if hub_ok else "a folder saved by `mlrnet train`"
+        raise ModelError(f"no trained model at {best}", f"run `mlrnet train` first, or pass --model: {what}")
     return str(best)
 
 

@@ -176,7 +176,7 @@ def _pickle_hint(pickle_option: bool) -> str:
     """What to do about pickle-only weights: `--allow-pickle` where the command has it (collect-losses, train)."""
     if pickle_option:
         return "convert it to safetensors, or pass --allow-pickle if you trust its source"
-    return "convert it to safetensors (load it and save_pretrained(..., safe_serialization=True))"
+    return "convert it to safetensors: load it, then save_pretrained with safe_serialization=True"
 
 
 def _check_model_folder(path: Path, *, allow_pickle: bool, pickle_option: bool = True) -> None:

@@ -86,6 +86,10 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
             f"(noise rate {_fmt(det['base_rate'])})"
         )
+        console.print(
+            "  ROC-AUC: the chance that a noisy row weighs less than a clean one (1 = all noise found, 0.5 = chance, "
+            "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights)"
+        )
     if top:
         tt = Table(title=f"{len(top)} most distrusted rows", box=None)
         for col in ("rank", "weight", "label", "predicted", "text"):
