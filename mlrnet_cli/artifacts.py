@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +203,7 @@ def guard_report(
     path: str | os.PathLike[str],
     meta: Mapping[str, Any],
     *,
-    inputs: list[str | os.PathLike[str]] = (),  # type: ignore[assignment]
+    inputs: Sequence[str | os.PathLike[str]] = (),
     overwrite: bool = False,
 ) -> bool:
     """:func:`guard_output` for a derived report (eval metrics, the weights table): an older report of the same
@@ -218,9 +218,9 @@ def guard_report(
             old = read_any_meta(p.resolve())
         except ArtifactError:
             old = None
-        same_kind = bool(old) and all(old.get(k) == meta.get(k) for k in ("stage", "kind"))  # type: ignore[union-attr]
-        replace_old = same_kind and provenance(old) != provenance(meta)  # type: ignore[arg-type]
-    guard_output(p, meta, inputs=inputs, overwrite=overwrite or replace_old)
+        if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
+            replace_old = provenance(old) != provenance(meta)
+    guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
     return replace_old
 
 
