@@ -203,14 +203,17 @@ def guard_report(
     path: str | os.PathLike[str],
     meta: Mapping[str, Any],
     *,
+    about: Sequence[str],
     inputs: Sequence[str | os.PathLike[str]] = (),
     overwrite: bool = False,
 ) -> bool:
-    """:func:`guard_output` for a derived report (eval metrics, the weights table): an older report of the same
-    stage and kind is rewritten without ``overwrite``, since it only describes its inputs and they changed.
+    """:func:`guard_output` for a derived report (eval metrics, the weights table): a report of the same
+    stage and kind about the same things (the config keys ``about``, e.g. the model and data paths) is
+    rewritten without ``overwrite`` when the contents of those inputs or the settings changed, since it only
+    describes them (an edited pipeline reran the stages before it).
 
-    Anything else at ``path`` (a file mlrnet did not write, another stage's artifact, an input) is refused as
-    by :func:`guard_output`. Returns True when an older report will be replaced."""
+    A report about something else (another model or table), a file mlrnet did not write, or an input is
+    refused as by :func:`guard_output`. Returns True when an older report will be replaced."""
     p = Path(path)
     replace_old = False
     if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
@@ -219,7 +222,9 @@ def guard_report(
         except ArtifactError:
             old = None
         if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
-            replace_old = provenance(old) != provenance(meta)
+            old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
+            same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
+            replace_old = same_subject and provenance(old) != provenance(meta)
     guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
     return replace_old
 

@@ -367,9 +367,9 @@ def evaluate(
     cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
     metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
     for k, p in paths.items():
-        # a report of its inputs: rewritten when they changed (a new model, a new test table)
-        if guard_report(p, metas[k], inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
-                        overwrite=overwrite):
+        # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
+        if guard_report(p, metas[k], about=("model", "data"),
+                        inputs=[data_path, *([model_id] if Path(model_id).exists() else [])], overwrite=overwrite):
             log.info("replacing %s (made from other inputs or settings)", p)
         check_writable(p)
 

@@ -307,7 +307,7 @@ def compute_weights(
     max_length = resolve_max_length(config.max_length, train_cfg)
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
-    cfg |= {"model": model_id, "method": kind, "max_length": max_length}
+    cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
     meta = make_meta("weights", "weights", cfg, None, inputs,
                      **({"unfinished_training": unfinished} if unfinished is not None else {}))
     paths: dict[str, Path] = {"weights": out_path}
@@ -315,8 +315,9 @@ def compute_weights(
         paths["relabel"] = Path(export_relabel)
     if plot is not None:
         paths["plot"] = Path(plot)
-    # a report of its inputs: rewritten when they changed (a retrained model, a new training table)
-    if guard_report(out_path, meta, inputs=[train_path, losses_path, model_dir], overwrite=overwrite):
+    # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
+    if guard_report(out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir],
+                    overwrite=overwrite):
         log.info("replacing %s (made from other inputs or settings)", out_path)
     for p in paths.values():
         if p != out_path:
