@@ -51,7 +51,7 @@ classes. ROC-AUC is the chance that a noisy row weighs less than a clean one: 1.
 0.5 = no better than chance, below 0.5 = noisy rows weigh MORE than clean ones. Below 0.5 is common when
 the classes are very imbalanced: uniform noise moves rows into the small classes, and the meta-net also
 up-weights the small classes to balance them (compare the head and tail groups). MLRNet's accuracy gain
-then comes from that balance more than from finding the noisy rows; do not relabel by weight alone.
+then likely comes from that balance more than from finding the noisy rows; do not relabel by weight alone.
 
 Next steps:
   - your data: copy this script and change the corrupt line (--data, --text-column, --label-column,
