@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +98,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ArtifactError(
             f"cannot create folder {path.parent}: {e.strerror}", "choose another output path or check permissions"
         ) from e
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as e:  # a read-only folder: the temp file beside the target cannot be made
+        raise ArtifactError(
+            f"cannot write {path}: {e.strerror or e}", "check permissions or choose another output folder"
+        ) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -209,6 +214,36 @@ def guard_output(
             f"{path} exists and was made by a different run",
             "pass --overwrite to replace it, or choose another --workdir",
         )
+
+
+def guard_report(
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    *,
+    about: Sequence[str],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> bool:
+    """:func:`guard_output` for a derived report (eval metrics, the weights table): a report of the same
+    stage and kind about the same things (the config keys ``about``, e.g. the model and data paths) is
+    rewritten without ``overwrite`` when the contents of those inputs or the settings changed, since it only
+    describes them (an edited pipeline reran the stages before it).
+
+    A report about something else (another model or table), a file mlrnet did not write, or an input is
+    refused as by :func:`guard_output`. Returns True when an older report will be replaced."""
+    p = Path(path)
+    replace_old = False
+    if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
+        try:
+            old = read_any_meta(p.resolve())
+        except ArtifactError:
+            old = None
+        if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
+            old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
+            same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
+            replace_old = same_subject and provenance(old) != provenance(meta)
+    guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
+    return replace_old
 
 
 def read_any_meta(path: Path) -> dict[str, Any] | None:

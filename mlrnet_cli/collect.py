@@ -304,8 +304,13 @@ def _load_state(
             torch.cuda.set_rng_state(trainer["cuda_rng"], device)
         generator.set_state(trainer["shuffle_rng"])
     except (KeyError, ValueError, RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's pickle refusal spans many lines
-        raise ArtifactError(f"resume state {state_dir} is unreadable: {why}", "pass --overwrite to start again") from e
+        # torch's pickle refusal advises weights_only=False (running the file's code): never quoted
+        why = type(e).__name__ if isinstance(e, pickle.UnpicklingError) else (
+            str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArtifactError(
+            f"resume state {state_dir} is damaged or was not written by mlrnet ({why})",
+            f"delete {state_dir.parent} or pass --overwrite to start again",
+        ) from e
     losses[:, : epoch + 1] = saved["losses"].to(losses.device)
     return epoch, list(info.get("history", []))
 

@@ -22,13 +22,14 @@ from mlrnet_cli import metrics, modeling
 from mlrnet_cli.artifacts import (
     check_writable,
     fingerprint_file,
-    guard_output,
+    guard_report,
     make_meta,
+    provenance,
     read_json,
     write_json,
     write_table,
 )
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, HubUnavailableError, ModelError
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, ModelError
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import length_grouped_batches, pad_batch
@@ -45,8 +46,8 @@ class EvalConfig:
 
     batch_size: int = 64
     """Rows per forward pass."""
-    max_length: int = 128
-    """Longer texts are truncated to this many tokens (as in training)."""
+    max_length: int | None = None
+    """Longer texts are truncated to this many tokens; None = as the model was trained (128 if it does not say)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     bf16: bool = True
@@ -55,6 +56,8 @@ class EvalConfig:
     """Text column of --data [default: text, sentence or content]."""
     label_column: str = "label"
     """Label column of --data (class ids, or class names mapped with the workspace's manifest)."""
+    allow_unfinished: bool = False
+    """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass
@@ -69,36 +72,78 @@ class EvalResult:
 # model loading and inference (shared with `mlrnet weights`)
 
 
-def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace) -> str:
+DEFAULT_MAX_LENGTH = 128  #: token truncation for a model that does not record the one it was trained with
+
+
+def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace, *, hub_ok: bool = True) -> str:
     """``--model`` as given, or the workspace's model/best (a clear error when `train` has not run)."""
     if model is not None:
         return str(model)
     best = ws.model / "best"
     if not best.is_dir():
-        raise ModelError(
-            f"no trained model at {best}",
-            "run `mlrnet train` first, or pass --model (a folder saved by train/collect-losses or a hub id)",
-        )
+        what = "a folder saved by train/collect-losses, or a hub id" if hub_ok else "a folder saved by `mlrnet train`"
+        raise ModelError(f"no trained model at {best}", f"run `mlrnet train` first, or pass --model: {what}")
     return str(best)
 
 
-def _base_model_name(folder: Path) -> str | None:
-    """The pretrained model a stage recorded in its folder's metadata (for a folder saved without a tokenizer)."""
-    for f in sorted(folder.glob("*.json")):
-        if f.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            continue
-        try:
-            stack = [read_json(f)]
-        except ArtifactError:
-            continue
-        while stack:
-            cur = stack.pop(0)
-            if isinstance(cur, dict):
-                for key in ("base_model", "model", "model_name", "pretrained"):
-                    if isinstance(cur.get(key), str):
-                        return cur[key]
-                stack.extend(v for v in cur.values() if isinstance(v, dict))
-    return None
+def _stage_meta(folder: Path) -> dict[str, Any]:
+    """The mlrnet metadata a stage saved in a model folder (empty for a folder mlrnet did not write)."""
+    try:
+        meta = read_json(folder / "mlrnet.json").get("mlrnet") if (folder / "mlrnet.json").is_file() else None
+    except (ArtifactError, AttributeError):
+        meta = None
+    return meta if isinstance(meta, dict) else {}
+
+
+def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the stage that saved a model folder recorded: ``model`` (the pretrained base) and ``max_length``;
+    empty for a hub id or a folder mlrnet did not write."""
+    path = Path(name_or_path)
+    cfg = _stage_meta(path).get("config") if path.is_dir() else None
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: cfg[k] for k in ("model", "max_length") if cfg.get(k) is not None}
+
+
+def resolve_max_length(requested: int | None, settings: dict[str, Any]) -> int:
+    """``--max-length`` when given, else the model's own (the one it was trained with), else 128."""
+    if requested is not None:
+        return requested
+    recorded = settings.get("max_length")
+    return int(recorded) if isinstance(recorded, int) and recorded >= 2 else DEFAULT_MAX_LENGTH
+
+
+def unfinished_training(model_dir: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(epochs done, epochs asked)`` when ``model_dir`` was saved by a `train` run that has not finished, else
+    None. A run saves ``best`` and ``last`` after every epoch: ``last`` says how far the run got."""
+    path = Path(model_dir)
+    meta = _stage_meta(path) if path.is_dir() else {}
+    if meta.get("stage") != "train" or not isinstance(meta.get("config"), dict):
+        return None
+    try:
+        epochs, done = int(meta["config"]["epochs"]), int(meta["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    last = _stage_meta(path.parent / "last") if path.name != "last" else {}
+    if last and provenance(last) == provenance(meta) and isinstance(last.get("epoch"), int):
+        done = max(done, last["epoch"])
+    return (done, epochs) if done < epochs else None
+
+
+def check_finished(model_id: str, allow_unfinished: bool) -> dict[str, int] | None:
+    """Refuse a model of an unfinished training run (or, allowed, warn and return what to record about it)."""
+    unfinished = unfinished_training(model_id) if Path(model_id).is_dir() else None
+    if unfinished is None:
+        return None
+    done, epochs = unfinished
+    if not allow_unfinished:
+        raise ArtifactError(
+            f"{model_id} comes from an unfinished training run ({done} of {epochs} epochs done)",
+            "rerun the same `mlrnet train` command to finish it, or pass --allow-unfinished to use it anyway",
+        )
+    log.warning("%s comes from an UNFINISHED training run (%d of %d epochs done): its results are not those "
+                "of the run you asked for", model_id, done, epochs)
+    return {"epochs_done": done, "epochs": epochs}
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -107,7 +152,7 @@ def load_tokenizer(name_or_path: str) -> Any:
         return modeling.load_tokenizer(name_or_path)
     except ModelError:
         path = Path(name_or_path)
-        base = _base_model_name(path) if path.is_dir() else None
+        base = trained_settings(path).get("model") if path.is_dir() else None
         if base is None or base == name_or_path:
             raise
         log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
@@ -116,17 +161,8 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 def model_num_labels(name_or_path: str) -> int:
     """How many outputs the saved classification head has (from its config, without loading weights)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as e:
-        if not Path(name_or_path).exists():
-            raise HubUnavailableError(
-                f"cannot load model {name_or_path!r}: not a local folder, and not reachable on the hub",
-                "pass --model PATH to a local model folder",
-            ) from e
-        raise ModelError(f"cannot read the model config of {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    # the same hub probe as every stage that loads a model: offline, one line in seconds, not the hub's retries
+    config = modeling.load_config(name_or_path)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise ModelError(
             f"{name_or_path} has no trained classification head",
@@ -141,7 +177,7 @@ def load_trained_classifier(
     """(model in eval mode on ``device``, class names, the manifest's original label values or None)."""
     num_labels = model_num_labels(name_or_path)
     class_names, label_values = class_names_for(num_labels, ws)
-    model = modeling.load_classifier(name_or_path, num_labels, class_names)
+    model = modeling.load_classifier(name_or_path, num_labels, class_names, pickle_option=False)
     return model.to(device).eval(), class_names, label_values
 
 
@@ -332,7 +368,7 @@ def evaluate(
 
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
-    if config.max_length < 2:
+    if config.max_length is not None and config.max_length < 2:
         raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
     ws = Workspace.at(workdir)
     model_id = resolve_model(model, ws)
@@ -346,14 +382,18 @@ def evaluate(
     if predictions:
         paths["predictions"] = out / "predictions.arrow"
 
+    unfinished = check_finished(model_id, config.allow_unfinished)
+    max_length = resolve_max_length(config.max_length, trained_settings(model_id))
     inputs = {"model": modeling.model_fingerprint(model_id), "data": fingerprint_file(data_path)}
     # speed settings (batch size, device) are left out: a rerun with other ones replaces the same artifacts
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
-    cfg |= {"model": model_id, "data": str(data_path)}
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished")}
+    cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
     metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
     for k, p in paths.items():
-        guard_output(p, metas[k], inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
-                     overwrite=overwrite)
+        # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
+        if guard_report(p, metas[k], about=("model", "data"),
+                        inputs=[data_path, *([model_id] if Path(model_id).exists() else [])], overwrite=overwrite):
+            log.info("replacing %s (made from other inputs or settings)", p)
         check_writable(p)
 
     device = modeling.select_device(config.device)
@@ -364,14 +404,16 @@ def evaluate(
         label_values=label_values,
     )
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
-    token_ids = tokenize(tokenizer, texts, config.max_length)
+    token_ids = tokenize(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inf = run_classifier(clf, token_ids, pad_id=pad_id, batch_size=config.batch_size, bf16=config.bf16,
                          progress=progress)
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     report = metrics.classification_report(labels, predicted, len(class_names), class_names)
-    report |= {"model": model_id, "data": str(data_path), "device": str(device)}
+    report |= {"model": model_id, "data": str(data_path), "device": str(device), "max_length": max_length}
+    if unfinished is not None:
+        report["unfinished_training"] = unfinished
     write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
     if predictions:
         ids = (table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)

@@ -28,6 +28,7 @@ from mlrnet_cli.artifacts import (
     check_writable,
     fingerprint_file,
     guard_output,
+    guard_report,
     make_meta,
     read_json,
     read_table,
@@ -37,7 +38,15 @@ from mlrnet_cli.artifacts import (
 )
 from mlrnet_cli.collect import normalized_curves
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
-from mlrnet_cli.evaluate import Inference, load_tokenizer, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.evaluate import (
+    Inference,
+    check_finished,
+    load_tokenizer,
+    load_trained_classifier,
+    resolve_max_length,
+    resolve_model,
+    run_classifier,
+)
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.tokens import encode_features, tokenize_table
 from mlrnet_cli.workspace import Workspace
@@ -59,12 +68,14 @@ class WeightsConfig:
     """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
     batch_size: int = 64
     """Rows per classifier forward pass."""
-    max_length: int = 128
-    """Token truncation, as in training."""
+    max_length: int | None = None
+    """Token truncation; None = the one the model was trained with (128 if it does not say)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     bf16: bool = True
     """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
+    allow_unfinished: bool = False
+    """Use a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass
@@ -246,10 +257,11 @@ def compute_weights(
 
         require_matplotlib()
     ws = Workspace.at(workdir)
-    model_id = resolve_model(model, ws)
+    model_id = resolve_model(model, ws, hub_ok=False)
     model_dir = Path(model_id)
     if not model_dir.is_dir():
         raise ModelError(f"--model {model_id} is not a folder saved by `mlrnet train`")
+    unfinished = check_finished(model_id, config.allow_unfinished)
     train_path = Path(train) if train is not None else ws.train
     losses_path = Path(losses) if losses is not None else ws.losses
     out_path = Path(out) if out is not None else ws.weights
@@ -292,15 +304,21 @@ def compute_weights(
             f"{losses_path} has curves of length {curves.shape[1]}, the meta-net expects {spec['curve_len']}"
         )
 
+    max_length = resolve_max_length(config.max_length, train_cfg)
     # only what changes the table's content: display and speed settings may differ between reruns
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device")}
-    meta = make_meta("weights", "weights", cfg | {"model": model_id, "method": kind}, None, inputs)
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
+    cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
+    meta = make_meta("weights", "weights", cfg, None, inputs,
+                     **({"unfinished_training": unfinished} if unfinished is not None else {}))
     paths: dict[str, Path] = {"weights": out_path}
     if export_relabel is not None:
         paths["relabel"] = Path(export_relabel)
     if plot is not None:
         paths["plot"] = Path(plot)
-    guard_output(out_path, meta, inputs=[train_path, losses_path, model_dir], overwrite=overwrite)
+    # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
+    if guard_report(out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir],
+                    overwrite=overwrite):
+        log.info("replacing %s (made from other inputs or settings)", out_path)
     for p in paths.values():
         if p != out_path:
             guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
@@ -315,7 +333,7 @@ def compute_weights(
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else inputs["model"]
-    tokens = tokenize_table(train_path, tokenizer, tok_id, config.max_length, ws.cache, table=tbl)
+    tokens = tokenize_table(train_path, tokenizer, tok_id, max_length, ws.cache, table=tbl)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if train_cfg.get("freeze_encoder"):
         inf = _frozen_encoder_pass(clf, tokens, train_cfg, model_dir, ws, pad_id, config.batch_size, device, progress)
@@ -356,6 +374,7 @@ def compute_weights(
         "method": kind,
         "model": model_id,
         "num_rows": int(weight.size),
+        "max_length": max_length,
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
@@ -363,6 +382,8 @@ def compute_weights(
             metrics.detection_report(1.0 - weight.astype(np.float64), is_noisy) if is_noisy is not None else None
         ),
     }
+    if unfinished is not None:
+        summary["unfinished_training"] = unfinished
     top = _top_rows(table, config.top, class_names)
     write_table(out_path, table, meta, class_names={"label": class_names, "predicted": class_names,
                                                     **({"true_label": class_names} if true_label is not None else {})})

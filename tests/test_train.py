@@ -123,6 +123,8 @@ def test_a_one_class_classifier_is_warned_about(
         return 1, 0.875, 0.25
 
     monkeypatch.setattr(train_mod, "one_class_collapse", collapsed)
+    # the tiny run's weights barely spread in one epoch: count any spread as the meta-net's doing
+    monkeypatch.setattr(train_mod, "SPREAD_WEIGHT_STD", 0.0)
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", method, "--meta-lr", "1e-4"])
     assert r.exit_code == 0, r.output
     # the real dev predictions reach the check: one count per class, summing to the 8 dev rows
