@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,13 +105,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ArtifactError(
             f"cannot create folder {path.parent}: {e.strerror}", "choose another output path or check permissions"
         ) from e
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as e:  # a read-only folder: the temp file beside the target cannot be made
+        raise ArtifactError(
+            f"cannot write {path}: {e.strerror or e}", "check permissions or choose another output folder"
+        ) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600; artifacts are shared as other files
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
@@ -119,6 +125,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str | os.PathLike[str]) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would (0666/0777 less the umask):
+    some writers (``save_pretrained``'s safetensors file) make theirs 0600, unreadable in a shared workspace."""
+    mask = current_umask()
+    for p in [Path(folder), *Path(folder).rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -199,6 +221,36 @@ def guard_output(
             f"{path} exists and was made by a different run",
             "pass --overwrite to replace it, or choose another --workdir",
         )
+
+
+def guard_report(
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    *,
+    about: Sequence[str],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> bool:
+    """:func:`guard_output` for a derived report (eval metrics, the weights table): a report of the same
+    stage and kind about the same things (the config keys ``about``, e.g. the model and data paths) is
+    rewritten without ``overwrite`` when the contents of those inputs or the settings changed, since it only
+    describes them (an edited pipeline reran the stages before it).
+
+    A report about something else (another model or table), a file mlrnet did not write, or an input is
+    refused as by :func:`guard_output`. Returns True when an older report will be replaced."""
+    p = Path(path)
+    replace_old = False
+    if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
+        try:
+            old = read_any_meta(p.resolve())
+        except ArtifactError:
+            old = None
+        if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
+            old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
+            same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
+            replace_old = same_subject and provenance(old) != provenance(meta)
+    guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
+    return replace_old
 
 
 def read_any_meta(path: Path) -> dict[str, Any] | None:
@@ -336,6 +388,48 @@ def read_tensors_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is truncated or not a safetensors file: {e}") from e
     return json.loads(raw) if raw else None
+
+
+FROZEN_SHARD = "model-encoder.safetensors"
+HEAD_SHARD = "model-head.safetensors"
+
+
+def split_frozen_weights(folder: Path, head_prefix: str, link_from: list[Path] | tuple[Path, ...] = ()) -> None:
+    """Store ``folder/model.safetensors`` of a frozen-encoder model as two shards, the unchanging encoder and the
+    trained head (a ``model.safetensors.index.json`` that ``from_pretrained`` reads), and hard-link the encoder
+    shard to a byte-identical one in ``link_from`` (``stage1/``, ``model/best``, ``model/last``): the frozen
+    encoder is then stored once, not once per folder. Artifacts are never written in place (always a new file
+    renamed over the old), so a linked file never changes under another folder."""
+    from safetensors.torch import load_file, save_file
+
+    whole = folder / "model.safetensors"
+    tensors = load_file(str(whole))
+    parts = {FROZEN_SHARD: {k: v for k, v in tensors.items() if not k.startswith(head_prefix)},
+             HEAD_SHARD: {k: v for k, v in tensors.items() if k.startswith(head_prefix)}}
+    if not parts[FROZEN_SHARD] or not parts[HEAD_SHARD]:
+        return
+    for name, part in parts.items():
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {k: name for name, part in parts.items() for k in sorted(part)}}
+    atomic_write_bytes(folder / "model.safetensors.index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n")
+                       .encode())
+    whole.unlink()
+    shard = folder / FROZEN_SHARD
+    mine = None
+    for other in (Path(d) / FROZEN_SHARD for d in link_from):
+        if not other.is_file() or other.stat().st_size != shard.stat().st_size:
+            continue
+        mine = mine or fingerprint_file(shard)
+        if fingerprint_file(other) == mine:
+            tmp = folder / f"{TMP_PREFIX}{FROZEN_SHARD}.link"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(other, tmp)
+            except OSError:  # another file system, or no hard links: keep the copy
+                continue
+            os.replace(tmp, shard)
+            return
 
 
 def require_meta(meta: Mapping[str, Any] | None, path: str | os.PathLike[str], stage: str | None = None) -> dict:

@@ -31,6 +31,7 @@ from mlrnet_cli.modeling import (
     encoder_cache_id,
     head_logits,
     head_module,
+    head_name,
     load_classifier,
     load_tokenizer,
     model_fingerprint,
@@ -371,12 +372,14 @@ def _write_stage1(
     stage1_dir: Path, model: torch.nn.Module, tokenizer: Any, history: list[dict[str, Any]], meta: dict[str, Any]
 ) -> None:
     """The stage-1 classifier, swapped in whole; the resume state moves across (a kill before the curves are
-    written resumes without training again)."""
+    written resumes without training again). A frozen encoder (``freeze_encoder`` in the config) gets a shard
+    of its own, which `train` links to."""
     files = {
         "history.json": stageio.json_file({artifacts.META_KEY: meta, "epochs": history}),
         "mlrnet.json": stageio.json_file({artifacts.META_KEY: meta}),
     }
-    stageio.write_model_folder(stage1_dir, model, tokenizer, files, keep=[_STATE_DIR])
+    frozen = (head_name(model) + ".", []) if meta["config"].get("freeze_encoder") else None
+    stageio.write_model_folder(stage1_dir, model, tokenizer, files, keep=[_STATE_DIR], frozen=frozen)
 
 
 def _classifier_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Order of operations (each documented in ``docs/corrupt.md``):
 
-1. A **clean pool** of ``meta_pool_per_class`` true-labelled rows per class is set aside first (or read
-   from ``clean_data``); it never overlaps the training rows.
+0. A **test split**: when the source has no test split of its own (and no ``test_data`` is given), a
+   stratified ``test_fraction`` of each class is held out first, before anything else is drawn.
+1. A **clean pool** of ``meta_pool_per_class`` true-labelled rows per class is set aside next (or read
+   from ``clean_data``, whole); it never overlaps the training rows.
 2. **Imbalance** on the remaining rows, by true label: the class at rank ``i`` (rank 0 is the head) keeps
    ``round_half_up(n_max * F ** (-i / (C - 1)))`` rows, so the head keeps ``n_max`` and the tail ``n_max / F``.
    With ``F = 1`` and no ``n_max`` every row is kept (real noisy data keeps its own profile).
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlrnet")
 
 NOISE_KINDS = ("none", "uniform", "flip", "pair")
+DEFAULT_META_POOL = 500
+DEFAULT_TEST_FRACTION = 0.2
 RESERVED = ("sample_id", "text", "label", "true_label", "is_noisy")
 
 
@@ -82,13 +86,19 @@ class CorruptConfig:
     class_order: str = "given"
     """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
     noise: NoiseSpec = field(default_factory=NoiseSpec)
-    meta_pool_per_class: int = 500
-    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection."""
+    meta_pool_per_class: int | None = None
+    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
+    None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given."""
     seed: int = 0
+    test_fraction: float | None = None
+    """Share of each class held out as the test split when the source has none; None: 0.2
+    (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["noise"] = str(self.noise)
+        if d["test_fraction"] is None:  # unused (the source has a test split): artifacts stay as before it existed
+            del d["test_fraction"]
         return d
 
 
@@ -201,15 +211,110 @@ def corrupt(
     overwrite: bool = False,
 ) -> CorruptResult:
     """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
-    if config.meta_pool_per_class < 0:
-        raise ConfigError("--meta-pool-per-class must be ≥ 0")
+    _validate(config)
+    rng = seeding.corrupt_rng(config.seed)  # one stream, drawn in this order: class order, pool, rows, noise
+    d = _read_source(config, inputs)
+    order = resolve_class_order(config.class_order, d.label_map, rng)
+    # 0. test split: the source's own, or a stratified share held out before anything else is drawn
+    test_src, test_fraction, test_idx = _test_split(config, inputs, d.true_source, d.c)
+    held = np.zeros(len(d.texts), dtype=bool)
+    held[test_idx] = True
+    pool_n = _default(config.meta_pool_per_class, DEFAULT_META_POOL if inputs.clean_data is None else None)
+    # 1. clean pool, before any corruption
+    clean, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
+    # 2. imbalance on the rest, by true label
+    train_idx, n_max, profile = _imbalanced_rows(config, d, pool_idx, held, order, rng)
+    # 3. noise on the kept rows
+    matrix = corruption_matrix(config.noise, d.c, rng)
+    true_train = d.true_source[train_idx]
+    observed = apply_noise(true_train, matrix, rng) if d.known_truth is None else d.given[train_idx]
+
+    resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
+    fps = {"data": d.src.fingerprint}
+    if clean is not None:
+        fps["clean_data"] = clean[0].fingerprint
+    if test_src is not None:
+        fps["test_data"] = test_src.fingerprint
+    tables = _tables(inputs, d, train_idx, observed, clean, pool_idx, test_src, test_idx)
+    paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
+    metas = {k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps)
+             for k in paths}
+    local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
+    for k, p in paths.items():
+        guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
+    names = {"label": list(d.label_map.names), "true_label": list(d.label_map.names)}
+    out_fps = {k: write_table(paths[k], t, metas[k], class_names=names) for k, t in tables.items()}
+
+    manifest = {
+        "mlrnet": metas["manifest"],
+        "num_classes": d.c,
+        "class_names": list(d.label_map.names),
+        "label_values": list(d.label_map.values),
+        "class_order": [d.label_map.names[k] for k in order],
+        "text_columns": d.text_cols,
+        "truth_known": bool(d.truth_known),
+        "source": {"train": d.src.origin, "clean": clean[0].origin if clean else None,
+                   "test": test_src.origin if test_src else (f"{d.src.origin} (held out)" if len(test_idx) else None)},
+        "n_max": n_max,
+        "profile": profile,
+        "counts": {
+            "source": np.bincount(d.true_source, minlength=d.c).tolist(),
+            "clean": np.bincount(tables["clean"].column("label").to_numpy(), minlength=d.c).tolist(),
+            "train_true": np.bincount(true_train, minlength=d.c).tolist(),
+            "train_observed": np.bincount(observed, minlength=d.c).tolist(),
+            "test": (np.bincount(tables["test"].column("label").to_numpy(), minlength=d.c).tolist()
+                     if "test" in tables else None),
+        },
+        "noise": {"spec": str(config.noise), "matrix": matrix.tolist(),
+                  "realised": realised_noise(true_train, observed, d.c)}
+        if d.truth_known
+        else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
+        "fingerprints": out_fps,
+    }
+    if test_fraction is not None:  # only then: a source's own test split leaves the manifest as it always was
+        manifest["test_fraction"] = test_fraction
+    write_json(paths["manifest"], manifest)
+    if len(test_idx):  # logged once written: an error must stay the one line on stderr
+        log.info("%s has no test split: held out %d rows (%g of each class) as the test split (--test-fraction)",
+                 d.src.origin, len(test_idx), test_fraction)
+        if not d.truth_known:
+            log.warning("the held-out test rows carry --data's own labels, which may be noisy")
+    return CorruptResult(paths, manifest)
+
+
+def _validate(config: CorruptConfig) -> None:
+    if config.meta_pool_per_class is not None and config.meta_pool_per_class < 1:
+        raise ConfigError(
+            f"--meta-pool-per-class must be ≥ 1, got {config.meta_pool_per_class}",
+            "every train method draws its dev rows from the clean pool, and the meta methods their meta set",
+        )
+    if config.test_fraction is not None and not 0.0 <= config.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction must be in [0, 1), got {config.test_fraction:g}")
     if config.n_max is not None and config.n_max < 1:
         raise ConfigError("--n-max must be ≥ 1")
     if config.imbalance < 1 or not math.isfinite(config.imbalance):
         raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {config.imbalance:g}")
-    rng = seeding.corrupt_rng(config.seed)
-    out_dir = Path(out_dir)
 
+
+@dataclass(frozen=True)
+class _Data:
+    """--data, read: its texts and labels as class ids, and which labels are the truth."""
+
+    src: Source
+    text_cols: list[str]
+    texts: list[str]
+    label_map: LabelMap
+    given: np.ndarray
+    known_truth: np.ndarray | None
+    true_source: np.ndarray  #: the labels taken as the truth (known ones, else the given ones)
+    truth_known: bool
+
+    @property
+    def c(self) -> int:
+        return self.label_map.num_classes
+
+
+def _read_source(config: CorruptConfig, inputs: InputSpec) -> _Data:
     src = load_source(inputs.data, inputs.split)
     if src.table.num_rows == 0:
         raise DataError(f"{src.origin} has no rows")
@@ -218,7 +323,6 @@ def corrupt(
     observed_raw = raw_labels(src.table, inputs.label_column, src.origin)
     truth_raw = raw_labels(src.table, inputs.true_label_column, src.origin) if inputs.true_label_column else None
     label_map = build_label_map(observed_raw + (truth_raw or []), src.class_names, src.origin)
-    c = label_map.num_classes
     given = np.asarray(label_map.encode(observed_raw, src.origin), dtype=np.int64)
     known_truth = np.asarray(label_map.encode(truth_raw, src.origin), dtype=np.int64) if truth_raw else None
     # Synthetic corruption assumes the source labels are the truth; real noisy data brings its own.
@@ -227,50 +331,60 @@ def corrupt(
     truth_known = known_truth is not None or config.noise.kind != "none" or inputs.clean_data is None
     if inputs.true_label_column and config.noise.kind != "none":
         raise UsageError("--true-label-column marks data that is already noisy: use it with --noise none")
+    return _Data(src, text_cols, texts, label_map, given, known_truth, true_source, truth_known)
 
-    available = np.bincount(true_source, minlength=c)
-    order = resolve_class_order(config.class_order, label_map, rng)
 
-    # 1. clean pool, before any corruption
-    clean_src: Source | None = None
+def _clean_pool(
+    config: CorruptConfig, inputs: InputSpec, d: _Data, held: np.ndarray, pool_n: int | None,
+    test_fraction: float | None, rng: np.random.Generator,
+) -> tuple[tuple[Source, list[str], list[str], np.ndarray] | None, np.ndarray]:
+    """(--clean-data as (source, text columns, texts, labels), or None; the pool's rows of --data)."""
+    c, names = d.c, d.label_map.names
     if inputs.clean_data is not None:
         clean_src = load_source(inputs.clean_data, inputs.split)
         clean_cols = resolve_text_columns(clean_src.table, list(inputs.text_columns), clean_src.origin)
         clean_texts = joined_text(clean_src.table, clean_cols, clean_src.origin)
         clean_labels = np.asarray(
-            label_map.encode(raw_labels(clean_src.table, inputs.label_column, clean_src.origin), clean_src.origin),
+            d.label_map.encode(raw_labels(clean_src.table, inputs.label_column, clean_src.origin), clean_src.origin),
             dtype=np.int64,
         )
         pool_counts = np.bincount(clean_labels, minlength=c)
-        short = [label_map.names[i] for i in range(c) if pool_counts[i] < config.meta_pool_per_class]
+        need = pool_n or 1  # the pool is the whole table; an explicit size is a floor it must reach
+        short = [names[i] for i in range(c) if pool_counts[i] < need]
         if short:
             raise DataError(
-                f"--clean-data has fewer than {config.meta_pool_per_class} rows for class(es) {', '.join(short[:5])}",
-                "lower --meta-pool-per-class or add clean rows",
+                f"--clean-data has fewer than {need} rows for class(es) {', '.join(short[:5])}",
+                "lower --meta-pool-per-class or add clean rows" if pool_n else "add clean rows for every class",
             )
-        pool_idx = np.zeros(0, dtype=np.int64)
-    else:
-        pool_parts = []
-        for k in range(c):
-            rows = np.flatnonzero(true_source == k)
-            if known_truth is not None:  # only rows whose given label is right can be trusted
-                rows = rows[given[rows] == k]
-            if len(rows) < config.meta_pool_per_class:
-                raise DataError(
-                    f"class {label_map.names[k]!r} has {len(rows)} rows, fewer than the clean pool's "
-                    f"{config.meta_pool_per_class}",
-                    "lower --meta-pool-per-class or pass --clean-data",
-                )
-            pool_parts.append(rng.choice(rows, size=config.meta_pool_per_class, replace=False))
-        pool_idx = np.sort(np.concatenate(pool_parts)) if pool_parts else np.zeros(0, dtype=np.int64)
-
-    if clean_src is None and known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
+        return (clean_src, clean_cols, clean_texts, clean_labels), np.zeros(0, dtype=np.int64)
+    pool_parts = []
+    for k in range(c):
+        rows = np.flatnonzero((d.true_source == k) & ~held)
+        if d.known_truth is not None:  # only rows whose given label is right can be trusted
+            rows = rows[d.given[rows] == k]
+        if len(rows) < pool_n:
+            raise DataError(
+                f"class {names[k]!r} has {len(rows)} rows"
+                + (" left after the test split" if test_fraction else "")
+                + f", fewer than the clean pool's {pool_n}",
+                "lower --meta-pool-per-class" + (" or --test-fraction" if test_fraction else "")
+                + ", or pass --clean-data",
+            )
+        pool_parts.append(rng.choice(rows, size=pool_n, replace=False))
+    if d.known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
         log.warning("no --clean-data: the clean pool is drawn from --data itself, whose labels are taken as right")
+    return None, np.sort(np.concatenate(pool_parts)) if pool_parts else np.zeros(0, dtype=np.int64)
 
-    # 2. imbalance on the rest, by true label
-    in_pool = np.zeros(len(texts), dtype=bool)
+
+def _imbalanced_rows(
+    config: CorruptConfig, d: _Data, pool_idx: np.ndarray, held: np.ndarray, order: list[int],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int, list[int] | None]:
+    """(the training rows, the head class's size n_max, the imbalance profile or None)."""
+    c = d.c
+    in_pool = np.zeros(len(d.texts), dtype=bool)
     in_pool[pool_idx] = True
-    remaining = [np.flatnonzero((true_source == k) & ~in_pool) for k in range(c)]
+    remaining = [np.flatnonzero((d.true_source == k) & ~in_pool & ~held) for k in range(c)]
     left = np.array([len(r) for r in remaining])
     if config.imbalance == 1 and config.n_max is None:
         # Nothing to imbalance: keep every row (real noisy data keeps its own class profile).
@@ -285,7 +399,7 @@ def corrupt(
             f"--imbalance {config.imbalance:g} with a head of {n_max} leaves the tail class with 0 rows",
             f"use --imbalance ≤ {2 * n_max - 1} or a larger --n-max",
         )
-    short = [(label_map.names[k], keep[k], int(left[k])) for k in range(c) if left[k] < keep[k]]
+    short = [(d.label_map.names[k], keep[k], int(left[k])) for k in range(c) if left[k] < keep[k]]
     if short:
         name, want, have = short[0]
         raise DataError(
@@ -293,100 +407,77 @@ def corrupt(
             "lower --n-max or --meta-pool-per-class",
         )
     train_idx = np.sort(np.concatenate([rng.choice(remaining[k], size=keep[k], replace=False) for k in range(c)]))
+    return train_idx, n_max, profile
 
-    # 3. noise on the kept rows
-    matrix = corruption_matrix(config.noise, c, rng)
+
+def _tables(
+    inputs: InputSpec, d: _Data, train_idx: np.ndarray, observed: np.ndarray,
+    clean: tuple[Source, list[str], list[str], np.ndarray] | None, pool_idx: np.ndarray,
+    test_src: Source | None, test_idx: np.ndarray,
+) -> dict[str, pa.Table]:
+    """train, clean and (when there is one) test, with the source's other columns carried along."""
+    texts, true_source = d.texts, d.true_source
+    extra_cols = _extra_columns(d.src.table, d.text_cols, inputs)
     true_train = true_source[train_idx]
-    observed = apply_noise(true_train, matrix, rng) if known_truth is None else given[train_idx]
-    realised = realised_noise(true_train, observed, c)
-
-    # tables
-    meta_cfg = config.to_json() | {"inputs": asdict(inputs)}
-    fps = {"data": src.fingerprint}
-    if clean_src is not None:
-        fps["clean_data"] = clean_src.fingerprint
-    test_src = _load_test(inputs)
-    if test_src is not None:
-        fps["test_data"] = test_src.fingerprint
-
-    extra_cols = _extra_columns(src.table, text_cols, inputs)
-    train_tbl = _make_table(
-        ids=train_idx,
-        texts=[texts[i] for i in train_idx],
-        labels=observed,
-        true_labels=true_train if truth_known else None,
-        extra=extra_cols,
-        rows=train_idx,
-    )
-    if clean_src is not None:
+    out = {"train": _make_table(train_idx, [texts[i] for i in train_idx], observed,
+                                true_train if d.truth_known else None, extra_cols, train_idx)}
+    if clean is not None:
+        clean_src, clean_cols, clean_texts, clean_labels = clean
         clean_ids = np.arange(len(texts), len(texts) + clean_src.table.num_rows, dtype=np.int64)
-        clean_tbl = _make_table(
+        out["clean"] = _make_table(
             clean_ids, clean_texts, clean_labels, clean_labels,
             _extra_columns(clean_src.table, clean_cols, inputs), np.arange(clean_src.table.num_rows),
         )
-        clean_counts = np.bincount(clean_labels, minlength=c)
     else:
-        clean_tbl = _make_table(pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx],
-                                true_source[pool_idx], extra_cols, pool_idx)
-        clean_counts = np.bincount(true_source[pool_idx], minlength=c)
-    test_tbl = None
+        out["clean"] = _make_table(pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx],
+                                   true_source[pool_idx], extra_cols, pool_idx)
     if test_src is not None:
         t_cols = resolve_text_columns(test_src.table, list(inputs.text_columns), test_src.origin)
         t_labels = np.asarray(
-            label_map.encode(raw_labels(test_src.table, inputs.label_column, test_src.origin), test_src.origin),
+            d.label_map.encode(raw_labels(test_src.table, inputs.label_column, test_src.origin), test_src.origin),
             dtype=np.int64,
         )
         t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
-        test_tbl = _make_table(t_rows, joined_text(test_src.table, t_cols, test_src.origin), t_labels, t_labels,
-                               _extra_columns(test_src.table, t_cols, inputs), t_rows)
+        out["test"] = _make_table(t_rows, joined_text(test_src.table, t_cols, test_src.origin), t_labels, t_labels,
+                                  _extra_columns(test_src.table, t_cols, inputs), t_rows)
+    elif len(test_idx):
+        t_labels = true_source[test_idx]
+        out["test"] = _make_table(test_idx, [texts[i] for i in test_idx], t_labels,
+                                  t_labels if d.truth_known else None, extra_cols, test_idx)
+    return out
 
-    paths = {
-        "train": out_dir / "train.arrow",
-        "clean": out_dir / "clean.arrow",
-        "test": out_dir / "test.arrow",
-        "manifest": out_dir / "manifest.json",
-    }
-    if test_tbl is None:
-        paths.pop("test")
-    metas = {k: make_meta("corrupt", k, meta_cfg, config.seed, fps) for k in paths}
-    local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
-    for k, p in paths.items():
-        guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
 
-    names = {"label": list(label_map.names), "true_label": list(label_map.names)}
-    out_fps = {"train": write_table(paths["train"], train_tbl, metas["train"], class_names=names)}
-    out_fps["clean"] = write_table(paths["clean"], clean_tbl, metas["clean"], class_names=names)
-    if test_tbl is not None:
-        out_fps["test"] = write_table(paths["test"], test_tbl, metas["test"], class_names=names)
+def _test_split(
+    config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
+) -> tuple[Source | None, float | None, np.ndarray]:
+    """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
+    test_src = _load_test(inputs)
+    if test_src is not None and config.test_fraction is not None:
+        raise UsageError(
+            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
+            "drop --test-fraction: it holds out test rows only from a source without a test split",
+        )
+    if test_src is not None:
+        return test_src, None, np.zeros(0, dtype=np.int64)
+    fraction = _default(config.test_fraction, DEFAULT_TEST_FRACTION)
+    rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
+    return None, fraction, rows
 
-    observed_counts = np.bincount(observed, minlength=c)
-    true_counts = np.bincount(true_train, minlength=c)
-    manifest = {
-        "mlrnet": metas["manifest"],
-        "num_classes": c,
-        "class_names": list(label_map.names),
-        "label_values": list(label_map.values),
-        "class_order": [label_map.names[k] for k in order],
-        "text_columns": text_cols,
-        "truth_known": bool(truth_known),
-        "source": {"train": src.origin, "clean": clean_src.origin if clean_src else None,
-                   "test": test_src.origin if test_src else None},
-        "n_max": n_max,
-        "profile": profile,
-        "counts": {
-            "source": available.tolist(),
-            "clean": clean_counts.tolist(),
-            "train_true": true_counts.tolist(),
-            "train_observed": observed_counts.tolist(),
-            "test": (np.bincount(t_labels, minlength=c).tolist() if test_tbl is not None else None),
-        },
-        "noise": {"spec": str(config.noise), "matrix": matrix.tolist(), "realised": realised}
-        if truth_known
-        else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
-        "fingerprints": out_fps,
-    }
-    write_json(paths["manifest"], manifest)
-    return CorruptResult(paths, manifest)
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """Row positions of a stratified test split: ``round_half_up(n_k * fraction)`` rows of each class k.
+
+    Drawn from a random stream of its own, so the seed alone fixes it and it moves no other draw."""
+    rng = seeding.test_split_rng(seed)
+    parts = []
+    for k in range(num_classes):
+        rows = np.flatnonzero(labels == k)
+        parts.append(rng.choice(rows, size=round_half_up(len(rows) * fraction), replace=False))
+    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 def _load_test(inputs: InputSpec) -> Source | None:

@@ -76,8 +76,8 @@ class Checkpoint:
         except Exception as e:  # UnpicklingError, a truncated zip, ...: all mean "not a state we wrote"
             # (torch's own message advises weights_only=False, i.e. running the file's code: never quoted)
             raise ArtifactError(
-                f"resume state {path} is unreadable or not mlrnet's: {type(e).__name__}",
-                "pass --overwrite to start again",
+                f"resume state {path} is damaged or was not written by mlrnet ({type(e).__name__})",
+                f"delete {path.parent} or pass --overwrite to start again",
             ) from e
 
     @classmethod

@@ -1,6 +1,8 @@
 """`mlrnet eval`: accuracy (the paper's metric), F1s, per-class scores and the confusion matrix of a classifier.
 
-Inference (batched, gradient-free, dynamically padded, bf16 on CUDA) is :mod:`mlrnet_cli.inference`.
+Inference is batched and gradient-free; rows are grouped by token length so each batch is padded only to
+its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. The same loop
+(:func:`run_classifier`) also gives ``mlrnet weights`` the classifier's features and logits.
 """
 
 from __future__ import annotations
@@ -15,9 +17,26 @@ from typing import Any
 import numpy as np
 
 from mlrnet_cli import metrics, modeling
-from mlrnet_cli.artifacts import check_writable, fingerprint_file, guard_output, make_meta, write_json, write_table
-from mlrnet_cli.errors import ConfigError, DataError
-from mlrnet_cli.inference import TABLE_SUFFIXES, load_trained_classifier, resolve_model, run_classifier, tokenize
+from mlrnet_cli.artifacts import (
+    check_writable,
+    fingerprint_file,
+    guard_report,
+    make_meta,
+    read_json,
+    write_json,
+    write_table,
+)
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
+from mlrnet_cli.inference import (
+    TABLE_SUFFIXES,
+    check_finished,
+    load_trained_classifier,
+    resolve_max_length,
+    resolve_model,
+    run_classifier,
+    tokenize,
+)
+from mlrnet_cli.modeling import trained_settings
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
@@ -31,8 +50,8 @@ class EvalConfig:
 
     batch_size: int = 64
     """Rows per forward pass."""
-    max_length: int = 128
-    """Longer texts are truncated to this many tokens (as in training)."""
+    max_length: int | None = None
+    """Longer texts are truncated to this many tokens; None = as the model was trained (128 if it does not say)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     bf16: bool = True
@@ -41,6 +60,8 @@ class EvalConfig:
     """Text column of --data [default: text, sentence or content]."""
     label_column: str = "label"
     """Label column of --data (class ids, or class names mapped with the workspace's manifest)."""
+    allow_unfinished: bool = False
+    """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass
@@ -52,7 +73,7 @@ class EvalResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# labelled tables
+# model loading and inference (shared with `mlrnet weights`)
 
 
 def read_labelled_table(
@@ -109,7 +130,27 @@ def encode_labels(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
+def _no_test_table(ws: Workspace) -> DataError:
+    """Why the workspace has no test.arrow, and what to do about it."""
+    if not ws.manifest.is_file():
+        return DataError(f"no test table at {ws.test}: the workspace has no data yet",
+                         "run `mlrnet corrupt` first, or pass --data")
+    try:
+        manifest = read_json(ws.manifest, "manifest")
+        source = manifest.get("source") or {}
+    except (ArtifactError, AttributeError):
+        manifest, source = {}, {}
+    origin = source.get("train") or "--data"
+    if source.get("test"):
+        why = f"`mlrnet corrupt` wrote one from {source['test']}, but it has been removed"
+    elif manifest.get("test_fraction") == 0:
+        why = f"`mlrnet corrupt` wrote none ({origin} has no test split and --test-fraction was 0)"
+    else:
+        why = f"`mlrnet corrupt` wrote none ({origin} has no test split)"
+    return DataError(
+        f"no test table at {ws.test}: {why}",
+        "pass --data TABLE, or rerun `mlrnet corrupt --overwrite` with --test-data PATH or --test-fraction 0.2",
+    )
 
 
 def evaluate(
@@ -128,28 +169,32 @@ def evaluate(
 
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
-    if config.max_length < 2:
+    if config.max_length is not None and config.max_length < 2:
         raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
     ws = Workspace.at(workdir)
     model_id = resolve_model(model, ws)
     data_path = Path(data) if data is not None else ws.test
     if not data_path.is_file():
         if data is None:
-            raise DataError(f"no test table at {data_path}", "run `mlrnet corrupt` first, or pass --data")
+            raise _no_test_table(ws)
         raise DataError(f"no such file: {data_path}", "pass --data an Arrow, Parquet, CSV or JSONL file")
     out = Path(out_dir) if out_dir is not None else ws.eval
     paths = {"metrics": out / "metrics.json"}
     if predictions:
         paths["predictions"] = out / "predictions.arrow"
 
+    unfinished = check_finished(model_id, config.allow_unfinished)
+    max_length = resolve_max_length(config.max_length, trained_settings(model_id))
     inputs = {"model": modeling.model_fingerprint(model_id), "data": fingerprint_file(data_path)}
     # speed settings (batch size, device) are left out: a rerun with other ones replaces the same artifacts
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
-    cfg |= {"model": model_id, "data": str(data_path)}
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished")}
+    cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
     metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
     for k, p in paths.items():
-        guard_output(p, metas[k], inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
-                     overwrite=overwrite)
+        # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
+        if guard_report(p, metas[k], about=("model", "data"),
+                        inputs=[data_path, *([model_id] if Path(model_id).exists() else [])], overwrite=overwrite):
+            log.info("replacing %s (made from other inputs or settings)", p)
         check_writable(p)
 
     device = modeling.select_device(config.device)
@@ -160,14 +205,16 @@ def evaluate(
         label_values=label_values,
     )
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
-    token_ids = tokenize(tokenizer, texts, config.max_length)
+    token_ids = tokenize(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inf = run_classifier(clf, token_ids, pad_id=pad_id, batch_size=config.batch_size, bf16=config.bf16,
                          progress=progress)
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     report = metrics.classification_report(labels, predicted, len(class_names), class_names)
-    report |= {"model": model_id, "data": str(data_path), "device": str(device)}
+    report |= {"model": model_id, "data": str(data_path), "device": str(device), "max_length": max_length}
+    if unfinished is not None:
+        report["unfinished_training"] = unfinished
     write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
     if predictions:
         ids = (table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)

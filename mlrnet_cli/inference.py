@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mlrnet_cli import artifacts, modeling, stageio
-from mlrnet_cli.errors import DataError, HubUnavailableError, ModelError
+from mlrnet_cli.errors import ArtifactError, DataError, ModelError
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, pad_batch
@@ -32,32 +32,65 @@ log = logging.getLogger("mlrnet")
 TABLE_SUFFIXES = {".arrow", ".feather", ".ipc", ".parquet", ".pq", ".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
 
 
-def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace) -> str:
+DEFAULT_MAX_LENGTH = 128  #: token truncation for a model that does not record the one it was trained with
+
+
+def resolve_model(model: str | os.PathLike[str] | None, ws: Workspace, *, hub_ok: bool = True) -> str:
     """``--model`` as given, or the workspace's model/best (a clear error when `train` has not run)."""
     if model is not None:
         return str(model)
     best = ws.model / "best"
     if not best.is_dir():
-        raise ModelError(
-            f"no trained model at {best}",
-            "run `mlrnet train` first, or pass --model (a folder saved by train/collect-losses or a hub id)",
-        )
+        what = "a folder saved by train/collect-losses, or a hub id" if hub_ok else "a folder saved by `mlrnet train`"
+        raise ModelError(f"no trained model at {best}", f"run `mlrnet train` first, or pass --model: {what}")
     return str(best)
+
+
+def resolve_max_length(requested: int | None, settings: dict[str, Any]) -> int:
+    """``--max-length`` when given, else the model's own (the one it was trained with), else 128."""
+    if requested is not None:
+        return requested
+    recorded = settings.get("max_length")
+    return int(recorded) if isinstance(recorded, int) and recorded >= 2 else DEFAULT_MAX_LENGTH
+
+
+def unfinished_training(model_dir: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(epochs done, epochs asked)`` when ``model_dir`` was saved by a `train` run that has not finished, else
+    None. A run saves ``best`` and ``last`` after every epoch: ``last`` says how far the run got."""
+    path = Path(model_dir)
+    meta = modeling.stage_meta(path) if path.is_dir() else {}
+    if meta.get("stage") != "train" or not isinstance(meta.get("config"), dict):
+        return None
+    try:
+        epochs, done = int(meta["config"]["epochs"]), int(meta["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    last = modeling.stage_meta(path.parent / "last") if path.name != "last" else {}
+    if last and artifacts.provenance(last) == artifacts.provenance(meta) and isinstance(last.get("epoch"), int):
+        done = max(done, last["epoch"])
+    return (done, epochs) if done < epochs else None
+
+
+def check_finished(model_id: str, allow_unfinished: bool) -> dict[str, int] | None:
+    """Refuse a model of an unfinished training run (or, allowed, warn and return what to record about it)."""
+    unfinished = unfinished_training(model_id) if Path(model_id).is_dir() else None
+    if unfinished is None:
+        return None
+    done, epochs = unfinished
+    if not allow_unfinished:
+        raise ArtifactError(
+            f"{model_id} comes from an unfinished training run ({done} of {epochs} epochs done)",
+            "rerun the same `mlrnet train` command to finish it, or pass --allow-unfinished to use it anyway",
+        )
+    log.warning("%s comes from an UNFINISHED training run (%d of %d epochs done): its results are not those "
+                "of the run you asked for", model_id, done, epochs)
+    return {"epochs_done": done, "epochs": epochs}
 
 
 def model_num_labels(name_or_path: str) -> int:
     """How many outputs the saved classification head has (from its config, without loading weights)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as e:
-        if not Path(name_or_path).exists():
-            raise HubUnavailableError(
-                f"cannot load model {name_or_path!r}: not a local folder, and not reachable on the hub",
-                "pass --model PATH to a local model folder",
-            ) from e
-        raise ModelError(f"cannot read the model config of {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    # the same hub probe as every stage that loads a model: offline, one line in seconds, not the hub's retries
+    config = modeling.load_config(name_or_path)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise ModelError(
             f"{name_or_path} has no trained classification head",
@@ -72,7 +105,7 @@ def load_trained_classifier(
     """(model in eval mode on ``device``, class names, the manifest's original label values or None)."""
     num_labels = model_num_labels(name_or_path)
     class_names, label_values = class_names_for(num_labels, ws)
-    model = modeling.load_classifier(name_or_path, num_labels, class_names)
+    model = modeling.load_classifier(name_or_path, num_labels, class_names, pickle_option=False)
     return model.to(device).eval(), class_names, label_values
 
 
@@ -150,6 +183,9 @@ def run_classifier(
         raise DataError("no rows to run the classifier on")
     return Inference(logits, feats)
 
+
+# ---------------------------------------------------------------------------------------------
+# labelled tables
 
 
 def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any] | None]:

@@ -4,12 +4,13 @@ A writing stage (``collect-losses``, ``train``) holds a lock on each output it w
 ``stage1/``, ``model/``) for the whole run: a second run writing the same output fails at once with one line,
 instead of crashing later or mixing the two runs' files. Runs writing different outputs never wait, even in
 one workspace (e.g. ``train --out model-plain`` beside ``train --out model-mlrnet``). The lock of an
-output is a ``flock`` on ``.mlrnet-lock.<name>`` beside it.
+output is a ``flock`` on ``.mlrnet-lock.<name>`` beside it, removed when the run ends (done or failed), so a
+run leaves no lock file behind; the kernel drops the lock of a killed run, and its file is reused.
 
 A cache folder can be shared by many runs (the benchmarks link one cache into several workspaces): writers
 hold its ``.mlrnet-lock`` shared while they write, and temp files a killed run left there are removed only when
 nobody else holds it. The kernel drops ``flock`` locks when a process dies, so a killed run never leaves
-anything locked and the lock files can stay. Where ``fcntl`` does not exist (Windows) the locks do nothing.
+anything locked; the cache's one lock file stays. Where ``fcntl`` does not exist (Windows) the locks do nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ LOCK_NAME = ".mlrnet-lock"
 def _open(path: Path) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as any file
     except OSError as e:
         raise ArtifactError(
             f"cannot create {path}: {e.strerror or e}", "choose another output path or check permissions"
@@ -55,7 +56,7 @@ def lock_file(output: Path) -> Path:
 def _remove_if_only_locks(folder: Path) -> None:
     with contextlib.suppress(OSError):
         entries = list(folder.iterdir())
-        if entries and all(p.name.startswith(LOCK_NAME) for p in entries):
+        if all(p.name.startswith(LOCK_NAME) for p in entries):
             for p in entries:
                 p.unlink()
             folder.rmdir()
@@ -72,19 +73,41 @@ def exclusive(outputs: Path | list[Path], what: str) -> Iterator[None]:
         for output in unique:
             if not output.parent.exists():  # a run that fails early leaves no empty folder behind
                 stack.callback(_remove_if_only_locks, output.parent)
-            fd = _open(lock_file(output))
+            path = lock_file(output)
+            fd = _lock(path, output)
             stack.callback(os.close, fd)  # closing the file releases its lock
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WorkspaceBusyError(
-                    f"{output} is being written by {_holder(fd)}",
-                    "wait for it to finish, or write to another --workdir or output path",
-                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"mlrnet {what} (pid {os.getpid()})\n".encode(), 0)
-            stack.callback(os.ftruncate, fd, 0)  # runs before the close: a released lock names nobody
+            # runs before the close, on every way out: the lock file goes while still held (see _lock)
+            stack.callback(_unlink, path)
         yield
+
+
+def _lock(path: Path, output: Path) -> int:
+    """Open and flock ``path``; retry if the file was removed (by its releasing holder) while we waited on it."""
+    while True:
+        fd = _open(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise WorkspaceBusyError(
+                f"{output} is being written by {holder}",
+                "wait for it to finish, or write to another --workdir or output path",
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:  # a lock on a file that is no longer at ``path`` would lock nothing anyone else sees
+            return fd
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 @contextlib.contextmanager

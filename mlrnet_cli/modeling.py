@@ -172,7 +172,14 @@ def _check_hub_access(name: str, loader: Any) -> None:
         raise _hub_unavailable(name)
 
 
-def _check_model_folder(path: Path, *, allow_pickle: bool) -> None:
+def _pickle_hint(pickle_option: bool) -> str:
+    """What to do about pickle-only weights: `--allow-pickle` where the command has it (collect-losses, train)."""
+    if pickle_option:
+        return "convert it to safetensors, or pass --allow-pickle if you trust its source"
+    return "convert it to safetensors: load it, then save_pretrained with safe_serialization=True"
+
+
+def _check_model_folder(path: Path, *, allow_pickle: bool, pickle_option: bool = True) -> None:
     if not path.is_dir():
         raise ModelError(f"model path {path} is not a folder", "pass a folder made by save_pretrained or a hub id")
     if not (path / "config.json").is_file():
@@ -184,7 +191,7 @@ def _check_model_folder(path: Path, *, allow_pickle: bool) -> None:
     if not has_st and has_pickle and not allow_pickle:
         raise ModelError(
             f"{path} holds only pickle weights (pytorch_model.bin), which can run code when loaded",
-            "convert it to safetensors, or pass --allow-pickle if you trust its source",
+            _pickle_hint(pickle_option),
         )
     if not has_st and not has_pickle:
         raise ModelError(f"{path} has no model weights (no *.safetensors)", "pass a folder made by save_pretrained")
@@ -198,30 +205,30 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
         return _load_fast_tokenizer(name_or_path, trust_remote_code)
     except ModelError:
         path = Path(name_or_path)
-        base = _base_model_name(path) if path.is_dir() else None
+        base = trained_settings(path).get("model") if path.is_dir() else None
         if base is None or base == str(name_or_path):
             raise
         log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
         return _load_fast_tokenizer(base, trust_remote_code)
 
 
-def _base_model_name(folder: Path) -> str | None:
-    """The pretrained model a stage recorded in its folder's metadata (for a folder saved without a tokenizer)."""
-    for f in sorted(folder.glob("*.json")):
-        if f.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            continue
-        try:
-            stack = [read_json(f)]
-        except ArtifactError:
-            continue
-        while stack:
-            cur = stack.pop(0)
-            if isinstance(cur, dict):
-                for key in ("base_model", "model", "model_name", "pretrained"):
-                    if isinstance(cur.get(key), str):
-                        return cur[key]
-                stack.extend(v for v in cur.values() if isinstance(v, dict))
-    return None
+def stage_meta(folder: Path) -> dict[str, Any]:
+    """The mlrnet metadata a stage saved in a model folder (empty for a folder mlrnet did not write)."""
+    try:
+        meta = read_json(folder / "mlrnet.json").get("mlrnet") if (folder / "mlrnet.json").is_file() else None
+    except (ArtifactError, AttributeError):
+        meta = None
+    return meta if isinstance(meta, dict) else {}
+
+
+def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the stage that saved a model folder recorded: ``model`` (the pretrained base) and ``max_length``;
+    empty for a hub id or a folder mlrnet did not write."""
+    path = Path(name_or_path)
+    cfg = stage_meta(path).get("config") if path.is_dir() else None
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: cfg[k] for k in ("model", "max_length") if cfg.get(k) is not None}
 
 
 def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool) -> Any:
@@ -259,6 +266,30 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
     return tok
 
 
+def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+    """A model's ``AutoConfig``. For a hub id that is not cached, the hub is probed first, so an offline machine
+    gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    name = str(name_or_path)
+    local = _is_local(name)
+    if local:
+        name = str(Path(name).expanduser())
+    else:
+        _check_hub_access(
+            name, lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
+        )
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if not local and "connect" in str(e).lower():
+            raise _hub_unavailable(name) from e
+        raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{name!r} is not a model this transformers version knows: {_first_line(e)}") from e
+
+
 def load_classifier(
     name_or_path: str | os.PathLike[str],
     num_labels: int,
@@ -267,6 +298,7 @@ def load_classifier(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     init_seed: int | None = None,
+    pickle_option: bool = True,
 ) -> torch.nn.Module:
     """An ``AutoModelForSequenceClassification`` in fp32 with ``num_labels`` outputs, loaded safely.
 
@@ -274,10 +306,11 @@ def load_classifier(
     ``trust_remote_code``. A checkpoint that already has a trained classification head must have
     ``num_labels`` outputs (ModelError otherwise); a checkpoint without one gets a new head,
     initialised from ``init_seed`` when given (so the same seed gives the same model).
-    ``id2label``/``label2id`` come from ``class_names``.
+    ``id2label``/``label2id`` come from ``class_names``. ``pickle_option``: whether the calling command has
+    ``--allow-pickle`` to suggest.
     """
     from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     if num_labels < 2:
@@ -288,20 +321,9 @@ def load_classifier(
         path = Path(name).expanduser()
         if not path.exists():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
-        _check_model_folder(path, allow_pickle=allow_pickle)
+        _check_model_folder(path, allow_pickle=allow_pickle, pickle_option=pickle_option)
         name = str(path)
-    else:
-        _check_hub_access(
-            name, lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
-        )
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if not local and "connect" in str(e).lower():
-            raise _hub_unavailable(name) from e
-        raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"{name!r} is not a model this transformers version knows: {_first_line(e)}") from e
+    config = load_config(name, trust_remote_code=trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
     if has_head and config.num_labels != num_labels:
@@ -332,7 +354,7 @@ def load_classifier(
         if "safetensors" in msg and not allow_pickle:
             raise ModelError(
                 f"{name!r} has no safetensors weights (only pickle files, which can run code when loaded)",
-                "pass --allow-pickle if you trust its source",
+                _pickle_hint(pickle_option),
             ) from e
         if not local and "connect" in msg.lower():
             raise _hub_unavailable(name) from e

@@ -168,9 +168,12 @@ def write_model_folder(
     files: Mapping[str, Callable[[Path], Any]],
     *,
     keep: Sequence[str] = (),
+    frozen: tuple[str, Sequence[Path]] | None = None,
 ) -> None:
     """``save_pretrained`` (safetensors) + tokenizer + ``files`` (name -> writer of that path), in a temp folder
-    beside ``target`` swapped in whole; the old folder's ``keep`` entries (a resume state) move across."""
+    beside ``target`` swapped in whole; the old folder's ``keep`` entries (a resume state) move across.
+    ``frozen`` (a frozen encoder: the head's prefix, and folders that may hold the same encoder) stores the
+    encoder as a shard of its own, hard-linked to an identical one (:func:`artifacts.split_frozen_weights`)."""
     from safetensors import SafetensorError
 
     tmp = target.parent / f"{artifacts.TMP_PREFIX}{target.name}"
@@ -178,9 +181,12 @@ def write_model_folder(
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        if frozen is not None:
+            artifacts.split_frozen_weights(tmp, frozen[0], list(frozen[1]))
         tokenizer.save_pretrained(tmp)
         for name, write in files.items():
             write(tmp / name)
+        artifacts.follow_umask(tmp)
     except (OSError, SafetensorError, ArtifactError) as e:  # a full disk, mostly
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ArtifactError):

@@ -27,13 +27,22 @@ from mlrnet_cli.artifacts import (
     atomic_path,
     check_writable,
     guard_output,
+    guard_report,
     make_meta,
     read_json,
     read_tensors,
     write_table,
 )
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
-from mlrnet_cli.inference import Inference, frozen_encoder_pass, load_trained_classifier, resolve_model, run_classifier
+from mlrnet_cli.inference import (
+    Inference,
+    check_finished,
+    frozen_encoder_pass,
+    load_trained_classifier,
+    resolve_max_length,
+    resolve_model,
+    run_classifier,
+)
 from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.tokens import tokenize_table
@@ -56,12 +65,14 @@ class WeightsConfig:
     """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
     batch_size: int = 64
     """Rows per classifier forward pass."""
-    max_length: int = 128
-    """Token truncation, as in training."""
+    max_length: int | None = None
+    """Token truncation; None = the one the model was trained with (128 if it does not say)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     bf16: bool = True
     """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
+    allow_unfinished: bool = False
+    """Use a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass
@@ -226,10 +237,11 @@ def compute_weights(
 
         require_matplotlib()
     ws = Workspace.at(workdir)
-    model_id = resolve_model(model, ws)
+    model_id = resolve_model(model, ws, hub_ok=False)
     model_dir = Path(model_id)
     if not model_dir.is_dir():
         raise ModelError(f"--model {model_id} is not a folder saved by `mlrnet train`")
+    unfinished = check_finished(model_id, config.allow_unfinished)
     train_path = Path(train) if train is not None else ws.train
     losses_path = Path(losses) if losses is not None else ws.losses
     out_path = Path(out) if out is not None else ws.weights
@@ -243,15 +255,21 @@ def compute_weights(
 
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
     curves = _curves(losses_path, rows, spec, inputs)
+    max_length = resolve_max_length(config.max_length, train_cfg)
     # only what changes the table's content: display and speed settings may differ between reruns
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device")}
-    meta = make_meta("weights", "weights", cfg | {"model": model_id, "method": kind}, None, inputs)
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
+    cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
+    meta = make_meta("weights", "weights", cfg, None, inputs,
+                     **({"unfinished_training": unfinished} if unfinished is not None else {}))
     paths: dict[str, Path] = {"weights": out_path}
     if export_relabel is not None:
         paths["relabel"] = Path(export_relabel)
     if plot is not None:
         paths["plot"] = Path(plot)
-    guard_output(out_path, meta, inputs=[train_path, losses_path, model_dir], overwrite=overwrite)
+    # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
+    if guard_report(out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir],
+                    overwrite=overwrite):
+        log.info("replacing %s (made from other inputs or settings)", out_path)
     for p in paths.values():
         if p != out_path:
             guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
@@ -262,7 +280,7 @@ def compute_weights(
     num_classes = len(class_names)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"{train_path} has labels outside 0..{num_classes - 1} of the model")
-    inf = _classifier_pass(config, clf, rows, model_id, train_cfg, ws, kind == "mlrnet", inputs["model"], progress)
+    inf = _classifier_pass(config, clf, rows, model_id, train_cfg, ws, kind, inputs["model"], max_length, progress)
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     row_loss = cross_entropy(inf.logits, labels)
@@ -279,6 +297,7 @@ def compute_weights(
         "method": kind,
         "model": model_id,
         "num_rows": int(weight.size),
+        "max_length": max_length,
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
@@ -286,6 +305,8 @@ def compute_weights(
             metrics.detection_report(1.0 - weight.astype(np.float64), is_noisy) if is_noisy is not None else None
         ),
     }
+    if unfinished is not None:
+        summary["unfinished_training"] = unfinished
     top = _top_rows(table, config.top, class_names)
     write_table(out_path, table, meta, class_names={"label": class_names, "predicted": class_names,
                                                     **({"true_label": class_names} if true_label is not None else {})})
@@ -316,14 +337,14 @@ def _curves(losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs:
 
 def _classifier_pass(
     config: WeightsConfig, clf: Any, rows: stageio.Rows, model_id: str, train_cfg: dict[str, Any], ws: Workspace,
-    with_features: bool, model_fp: str, progress: Progress | None,
+    kind: str, model_fp: str, max_length: int, progress: Progress | None,
 ) -> Inference:
     """Logits (and features) of every training row, through the token cache `train` filled."""
     tokenizer = modeling.load_tokenizer(model_id)
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else model_fp
-    tokens = tokenize_table(rows.path, tokenizer, tok_id, config.max_length, ws.cache, table=rows.table)
+    tokens = tokenize_table(rows.path, tokenizer, tok_id, max_length, ws.cache, table=rows.table)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(clf.parameters()).device
     if train_cfg.get("freeze_encoder"):
@@ -331,7 +352,7 @@ def _classifier_pass(
             clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
         )
     return run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
-                          bf16=config.bf16, with_features=with_features, progress=progress, description="weights")
+                          bf16=config.bf16, with_features=kind == "mlrnet", progress=progress, description="weights")
 
 
 def _weights_table(

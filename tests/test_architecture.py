@@ -53,3 +53,14 @@ def test_every_method_has_one_registered_step() -> None:
     from mlrnet_cli.train import STEPS
 
     assert set(STEPS) == {m.value for m in Method}
+
+
+def test_no_function_is_longer_than_120_lines() -> None:
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name} ({n} lines)")
+    assert long == []

@@ -24,7 +24,7 @@ from mlrnet_cli.corrupt import (
     imbalance_profile,
     realised_noise,
 )
-from mlrnet_cli.errors import ConfigError
+from mlrnet_cli.errors import ConfigError, DataError
 
 runner = CliRunner()
 
@@ -145,21 +145,64 @@ def test_deterministic_bytes(tmp_path: Path) -> None:
 
 def test_string_labels_are_mapped_and_recorded(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [60, 50, 40], string_labels=True)
-    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=10, noise=NoiseSpec.parse("pair:0.2")),
+    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=10, noise=NoiseSpec.parse("pair:0.2"),
+                                test_fraction=0),
                   InputSpec(data=str(src)), tmp_path / "out")
     assert res.manifest["class_names"] == ["c0", "c1", "c2"]
     assert res.manifest["counts"]["train_true"] == [30, 15, 8]
     train = read_table(res.paths["train"])
     assert set(train["label"].to_pylist()) <= {0, 1, 2}
     assert "orig_text" not in train.column_names and "title" in train.column_names
-    assert "test" not in res.paths  # a single file has no test split
+    assert "test" not in res.paths  # a single file has no test split, and --test-fraction 0 holds none out
 
 
 def test_class_order_puts_named_class_at_head(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [40, 40, 40])
-    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, class_order="2,0,1"),
+    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, class_order="2,0,1", test_fraction=0),
                   InputSpec(data=str(src)), tmp_path / "out")
     assert res.manifest["counts"]["train_true"] == [18, 9, 35]
+
+
+def test_own_data_holds_out_a_stratified_test_split_first(tmp_path: Path) -> None:
+    src = synthetic_table(tmp_path / "s.parquet", [60, 50, 40])
+    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
+                  InputSpec(data=str(src)), tmp_path / "a")
+    m = res.manifest
+    assert m["test_fraction"] == 0.2 and m["counts"]["test"] == [12, 10, 8]  # 20 % of each class, by label
+    assert m["source"]["test"] == f"{src} (held out)"
+    assert table_meta(read_table(res.paths["test"]))["config"]["test_fraction"] == 0.2
+    test, train, clean = (read_table(res.paths[k]) for k in ("test", "train", "clean"))
+    ids = {k: set(t["sample_id"].to_pylist()) for k, t in (("test", test), ("train", train), ("clean", clean))}
+    assert not ids["test"] & (ids["train"] | ids["clean"])
+    assert test["label"].to_pylist() == test["true_label"].to_pylist()  # the test split is never corrupted
+    source = pq.read_table(src)
+    assert [source["label"][i].as_py() for i in test["sample_id"].to_pylist()] == test["label"].to_pylist()
+    # held out before the pool, the imbalance and the noise are drawn: another bias keeps the same test rows
+    other = corrupt(CorruptConfig(imbalance=2, meta_pool_per_class=9, noise=NoiseSpec.parse("flip:0.3")),
+                    InputSpec(data=str(src)), tmp_path / "b")
+    assert other.paths["test"].read_bytes() != res.paths["test"].read_bytes()  # its metadata names its config
+    assert read_table(other.paths["test"])["sample_id"].to_pylist() == test["sample_id"].to_pylist()
+    again = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
+                    InputSpec(data=str(src)), tmp_path / "c")
+    assert all(again.paths[k].read_bytes() == res.paths[k].read_bytes() for k in res.paths)
+    seed1 = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, seed=1), InputSpec(data=str(src)),
+                    tmp_path / "d")
+    assert read_table(seed1.paths["test"])["sample_id"].to_pylist() != test["sample_id"].to_pylist()
+
+
+def test_test_fraction_zero_writes_no_test_split_and_eval_says_why(tmp_path: Path, tiny_model_dir: Path) -> None:
+    src = synthetic_table(tmp_path / "s.parquet", [20, 20, 20, 20])
+    ws = tmp_path / "ws"
+    r = runner.invoke(app, ["corrupt", "-w", str(ws), "--data", str(src), "--meta-pool-per-class", "4",
+                            "--test-fraction", "0"])
+    assert r.exit_code == 0, r.output
+    assert not (ws / "data" / "test.arrow").exists()
+    assert json.loads((ws / "data" / "manifest.json").read_text())["test_fraction"] == 0
+    r = runner.invoke(app, ["eval", "-w", str(ws), "--model", str(tiny_model_dir), "--device", "cpu"])
+    assert r.exit_code == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "--test-fraction was 0" in err[0] and "run `mlrnet corrupt` first" not in err[0], err
+    assert "--test-data" in err[0] and "--data" in err[0]
 
 
 def test_text_columns_joined(tmp_path: Path) -> None:
@@ -178,7 +221,7 @@ def test_real_noise_with_clean_data_and_truth(tmp_path: Path) -> None:
                              "gold": [str(x) for x in true]}), tmp_path / "noisy.parquet")
     pq.write_table(pa.table({"sentence": [f"c{i}" for i in range(15)], "label": [str(i % 3) for i in range(15)]}),
                    tmp_path / "clean.parquet")
-    res = corrupt(CorruptConfig(meta_pool_per_class=5),
+    res = corrupt(CorruptConfig(meta_pool_per_class=5, test_fraction=0),
                   InputSpec(data=str(tmp_path / "noisy.parquet"), clean_data=str(tmp_path / "clean.parquet"),
                             true_label_column="gold"), tmp_path / "out")
     train = read_table(res.paths["train"])
@@ -197,6 +240,17 @@ def test_truth_unknown_gives_null_columns(tmp_path: Path) -> None:
     train = read_table(res.paths["train"])
     assert train["true_label"].null_count == train.num_rows and train["is_noisy"].null_count == train.num_rows
     assert res.manifest["truth_known"] is False
+
+
+def test_clean_data_pool_defaults_to_the_whole_table(tmp_path: Path) -> None:
+    src = synthetic_table(tmp_path / "s.parquet", [20, 20])
+    clean = synthetic_table(tmp_path / "c.parquet", [7, 3], seed=1)
+    res = corrupt(CorruptConfig(), InputSpec(data=str(src), clean_data=str(clean)), tmp_path / "out")
+    assert res.manifest["counts"]["clean"] == [7, 3]  # no --meta-pool-per-class to lower by hand
+    assert table_meta(read_table(res.paths["clean"]))["config"]["meta_pool_per_class"] is None
+    with pytest.raises(DataError, match="fewer than 4 rows for class"):  # an explicit size it cannot reach
+        corrupt(CorruptConfig(meta_pool_per_class=4), InputSpec(data=str(src), clean_data=str(clean)),
+                tmp_path / "out2")
 
 
 def test_loads_with_plain_pyarrow_and_datasets(tmp_path: Path) -> None:
@@ -272,6 +326,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--data", str(tmp / "garbage.parquet")], "cannot read"),
         (["--data", str(tmp / "small.parquet"), "--meta-pool-per-class", "5"], "fewer than the clean pool"),
         (["--data", str(tmp / "nope.csv")], "no such file"),
+        (["--meta-pool-per-class", "0"], "--meta-pool-per-class must be ≥ 1"),
+        (["--data", str(tmp / "small.parquet"), "--meta-pool-per-class", "1", "--test-fraction", "1"],
+         "--test-fraction must be in [0, 1)"),
     ]
 
 

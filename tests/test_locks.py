@@ -29,7 +29,7 @@ def test_exclusive_names_the_holder_and_releases(tmp_path: Path) -> None:
         assert not (tmp_path / "new").exists()  # the failed run left no folder behind
         with locks.exclusive(ws / "model-b", "train"):  # another output in the same workspace: no wait
             pass
-    assert locks.lock_file(model).read_text() == ""  # released: it names nobody
+    assert not locks.lock_file(model).exists()  # released: the lock file goes with the lock
     with locks.if_unused(tmp_path / "missing") as unused:
         assert not unused
     with locks.shared(ws), locks.shared(ws), locks.if_unused(ws) as unused:
@@ -70,8 +70,7 @@ def test_a_second_run_on_the_same_outputs_fails_with_one_line(workspace: Path, t
         assert r.exit_code == 1, r.output
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"{output} is being written by mlrnet running-stage" in lines[0], r.stderr
-    locks_left = sorted(locks.lock_file(workspace / o).name for o in runs)
-    assert sorted(p.name for p in workspace.iterdir()) == sorted([*before, *locks_left])  # nothing else
+    assert sorted(p.name for p in workspace.iterdir()) == before  # nothing else, not even a lock file
 
 
 def test_runs_writing_other_outputs_in_one_workspace_do_not_wait(workspace: Path, tiny_model_dir: Path) -> None:
@@ -80,6 +79,21 @@ def test_runs_writing_other_outputs_in_one_workspace_do_not_wait(workspace: Path
                                 "--method", "plain", "--out", str(workspace / "model-plain")])
     assert r.exit_code == 0, r.output
     assert (workspace / "model-plain" / "best" / "model.safetensors").is_file()
+
+
+def test_finished_and_failed_runs_leave_no_lock_files(workspace: Path, tiny_model_dir: Path) -> None:
+    """docs/reliability.md: a failed run leaves the workspace as it was, and a finished one no lock behind."""
+    base = ["-w", str(workspace), "--model", str(tiny_model_dir), "--device", "cpu", "--max-length", "24"]
+    r = runner.invoke(app, ["collect-losses", *base, "--epochs", "1", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", *base, *TRAIN, "--method", "plain"])
+    assert r.exit_code == 0, r.output
+    for args in (["train", *base, *TRAIN, "--alpha", "0"],  # fails before the lock
+                 ["train", *base, *TRAIN, "--method", "plain", "--lr", "1e-3"],  # fails under it: another run
+                 ["collect-losses", *base, "--epochs", "2"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+    assert sorted(p.relative_to(workspace) for p in workspace.rglob(f"{locks.LOCK_NAME}.*")) == []
 
 
 def test_train_cleans_the_cache_only_when_no_one_else_uses_it(workspace: Path, tiny_model_dir: Path) -> None:

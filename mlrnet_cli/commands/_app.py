@@ -42,7 +42,8 @@ class MlrnetCommand(TyperCommand):
 
 
 class MlrnetGroup(TyperGroup):
-    """Turns an :class:`MlrnetError` into one line on stderr and its exit code, for `main()` and tests alike."""
+    """Turns an :class:`MlrnetError` into one line on stderr and its exit code, and Ctrl-C into exit 130 with a
+    line saying so, for `main()` and tests alike."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))
@@ -58,6 +59,11 @@ class MlrnetGroup(TyperGroup):
         except _BAD_PARAMETER as e:  # a value outside an option's choices (the Enums of mlrnet_cli.configs)
             click.echo(f"mlrnet: error: {' '.join(e.format_message().split())}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            # here, not in cli.main(): typer's own main turns KeyboardInterrupt into a silent exit 130 before
+            # main() sees it. Every stage resumes (train, collect-losses) or restarts cheaply.
+            click.echo("mlrnet: interrupted (rerun the same command to resume)", err=True)
+            ctx.exit(130)
 
 
 class MlrnetTyper(typer.Typer):

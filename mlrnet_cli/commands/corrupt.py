@@ -36,8 +36,9 @@ def corrupt_cmd(
         "given", "--class-order", help="Which classes are the tail: given (0 is the head), shuffle (seeded), "
         "or a comma list of class names/ids, head first."
     ),
-    meta_pool_per_class: int = typer.Option(
-        500, "--meta-pool-per-class", help="Clean rows per class set aside before corruption (for `train`)."
+    meta_pool_per_class: int | None = typer.Option(
+        None, "--meta-pool-per-class", help="Clean rows per class set aside before corruption (for `train`) "
+        "\\[default: 500; with --clean-data, that whole table].", show_default=False,
     ),
     data: str | None = typer.Option(
         None, "--data", help="Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
@@ -48,6 +49,10 @@ def corrupt_cmd(
         None, "--test-data", help="Test table \\[default: the dataset's own test split, if it has one]."
     ),
     test_split: str = typer.Option("test", "--test-split", help="Split name of the test data."),
+    test_fraction: float | None = typer.Option(
+        None, "--test-fraction", help="Share of each class held out as the test split when --data has none "
+        "(before the clean pool and the bias are drawn; 0: no test split) \\[default: 0.2].", show_default=False,
+    ),
     clean_data: str | None = typer.Option(
         None, "--clean-data", help="A trusted table for the clean pool (for data that is already noisy)."
     ),
@@ -77,6 +82,7 @@ def corrupt_cmd(
         noise=NoiseSpec.parse(noise),
         meta_pool_per_class=meta_pool_per_class,
         seed=seed,
+        test_fraction=test_fraction,
     )
     inputs = InputSpec(
         data=data,

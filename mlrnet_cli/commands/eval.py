@@ -32,7 +32,12 @@ def eval_cmd(
         help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities).",
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    ),
+    allow_unfinished: bool = typer.Option(
+        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     bf16: bool = typer.Option(
         True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
@@ -51,6 +56,7 @@ def eval_cmd(
         max_length=max_length,
         device=device,
         bf16=bf16,
+        allow_unfinished=allow_unfinished,
         text_column=text_column,
         label_column=label_column,
     )

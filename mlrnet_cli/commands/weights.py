@@ -38,7 +38,12 @@ def weights_cmd(
     ),
     out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per classifier forward pass."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate texts to this many tokens (as in training)."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    ),
+    allow_unfinished: bool = typer.Option(
+        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     bf16: bool = typer.Option(
         True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
@@ -51,7 +56,10 @@ def weights_cmd(
     from mlrnet_cli.weights import WeightsConfig, compute_weights
 
     setup_logging()
-    config = WeightsConfig(top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=bf16)
+    config = WeightsConfig(
+        top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=bf16,
+        allow_unfinished=allow_unfinished,
+    )
     result = compute_weights(
         config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
         plot=plot, overwrite=overwrite, progress=progress(),
@@ -81,6 +89,10 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             f"low weight finds noisy rows: ROC-AUC {_fmt(det['roc_auc'])}, average precision "
             f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
             f"(noise rate {_fmt(det['base_rate'])})"
+        )
+        console.print(
+            "  ROC-AUC: the chance that a noisy row weighs less than a clean one (1 = all noise found, 0.5 = chance, "
+            "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights)"
         )
     if top:
         tt = Table(title=f"{len(top)} most distrusted rows", box=None)
