@@ -1,4 +1,4 @@
-"""The hyperparameters of `collect-losses` and `train`, declared once: frozen dataclasses with documented
+"""The settings of `collect-losses`, `train`, `eval` and `weights`, declared once: frozen dataclasses with documented
 defaults, and the choices as Enums. The CLI reads its defaults and choices from here and builds the configs
 from the parsed parameters (:func:`build`), so this module imports neither torch nor a stage.
 """
@@ -179,3 +179,41 @@ class TrainConfig:
         _fraction(self, "dev_fraction", "warmup_ratio")
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Inference settings of `mlrnet eval` (none of them change the metrics, only speed and memory)."""
+
+    batch_size: int = 64
+    """Rows per forward pass."""
+    max_length: int | None = None
+    """Longer texts are truncated to this many tokens; None = as the model was trained (128 if it does not say)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """Autocast to bfloat16 on CUDA (ignored on CPU, where bf16 is slower)."""
+    text_column: str | None = None
+    """Text column of --data [default: text, sentence or content]."""
+    label_column: str = "label"
+    """Label column of --data (class ids, or class names mapped with the workspace's manifest)."""
+    allow_unfinished: bool = False
+    """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Settings of `mlrnet weights` (inference settings do not change the weights beyond float rounding)."""
+
+    top: int = 10
+    """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
+    batch_size: int = 64
+    """Rows per classifier forward pass."""
+    max_length: int | None = None
+    """Token truncation; None = the one the model was trained with (128 if it does not say)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
+    allow_unfinished: bool = False
+    """Use a model whose training run stopped before its last epoch (warned about and recorded)."""

@@ -26,6 +26,7 @@ from mlrnet_cli.artifacts import (
     write_json,
     write_table,
 )
+from mlrnet_cli.configs import EvalConfig
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
 from mlrnet_cli.inference import (
     TABLE_SUFFIXES,
@@ -42,26 +43,6 @@ from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
 
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Inference settings of `mlrnet eval` (none of them change the metrics, only speed and memory)."""
-
-    batch_size: int = 64
-    """Rows per forward pass."""
-    max_length: int | None = None
-    """Longer texts are truncated to this many tokens; None = as the model was trained (128 if it does not say)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """Autocast to bfloat16 on CUDA (ignored on CPU, where bf16 is slower)."""
-    text_column: str | None = None
-    """Text column of --data [default: text, sentence or content]."""
-    label_column: str = "label"
-    """Label column of --data (class ids, or class names mapped with the workspace's manifest)."""
-    allow_unfinished: bool = False
-    """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass

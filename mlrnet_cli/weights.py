@@ -33,6 +33,7 @@ from mlrnet_cli.artifacts import (
     read_tensors,
     write_table,
 )
+from mlrnet_cli.configs import WeightsConfig
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
 from mlrnet_cli.inference import (
     Inference,
@@ -55,24 +56,6 @@ log = logging.getLogger("mlrnet")
 
 META_NET_FILE = "meta_net.safetensors"
 DEAD_META_NET_STD = 1e-4
-
-
-@dataclass(frozen=True)
-class WeightsConfig:
-    """Settings of `mlrnet weights` (inference settings do not change the weights beyond float rounding)."""
-
-    top: int = 10
-    """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
-    batch_size: int = 64
-    """Rows per classifier forward pass."""
-    max_length: int | None = None
-    """Token truncation; None = the one the model was trained with (128 if it does not say)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
-    allow_unfinished: bool = False
-    """Use a model whose training run stopped before its last epoch (warned about and recorded)."""
 
 
 @dataclass

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option
+from mlrnet_cli.configs import EvalConfig
+
+_opt = partial(option, EvalConfig)
 
 HELP = """Evaluate a classifier: accuracy (the paper's metric), macro/micro-F1, per-class scores, confusion matrix.
 
@@ -24,42 +28,33 @@ def eval_cmd(
         None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best]."
     ),
     data: Path | None = typer.Option(None, "--data", help="Labelled table \\[default: WORKDIR/data/test.arrow]."),
-    text_column: str | None = typer.Option(None, "--text-column", help="Text column \\[default: text]."),
-    label_column: str = typer.Option("label", "--label-column", help="Label column (ids or class names)."),
+    text_column: str | None = _opt("text_column", "Text column \\[default: text]."),
+    label_column: str = _opt("label_column", "Label column (ids or class names)."),
     predictions: bool = typer.Option(
         False,
         "--predictions/--no-predictions",
         help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities).",
     ),
-    batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    batch_size: int = _opt("batch_size", "Rows per forward pass."),
+    max_length: int | None = _opt(
+        "max_length", "Truncate texts to this many tokens \\[default: as the model was trained]."
     ),
-    allow_unfinished: bool = typer.Option(
-        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    allow_unfinished: bool = _opt(
+        "allow_unfinished", "Use a model whose training run stopped early (warned and recorded)."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(
-        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
-    ),
+    device: str = _opt("device", "auto, cpu, cuda or cuda:N."),
+    bf16: bool = _opt("bf16", "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/eval]."),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
     from mlrnet_cli.commands._app import progress, setup_logging
-    from mlrnet_cli.evaluate import EvalConfig, evaluate
+    from mlrnet_cli.configs import build
+    from mlrnet_cli.evaluate import evaluate
 
     setup_logging()
-    config = EvalConfig(
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-        bf16=bf16,
-        allow_unfinished=allow_unfinished,
-        text_column=text_column,
-        label_column=label_column,
-    )
+    config = build(EvalConfig, locals())
     result = evaluate(
         config, workdir=workdir, model=model, data=data, predictions=predictions, out_dir=out,
         overwrite=overwrite, progress=progress(),

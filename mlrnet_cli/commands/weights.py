@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option
+from mlrnet_cli.configs import WeightsConfig
+
+_opt = partial(option, WeightsConfig)
 
 HELP = """Weight every training row with the trained meta-net and rank the rows it distrusts (lowest weight first).
 
@@ -24,7 +28,7 @@ paths, or everything as JSON with --json.
 
 @app.command("weights", help=HELP)
 def weights_cmd(
-    top: int = typer.Option(10, "--top", help="List the K most distrusted rows (lowest weight) for relabelling."),
+    top: int = _opt("top", "List the K most distrusted rows (lowest weight) for relabelling."),
     export_relabel: Path | None = typer.Option(
         None, "--export-relabel", help="Write the --top rows as CSV (with an empty new_label column)."
     ),
@@ -37,29 +41,25 @@ def weights_cmd(
         None, "--losses", help="Stage-1 loss curves \\[default: WORKDIR/losses.safetensors]."
     ),
     out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Rows per classifier forward pass."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Truncate texts to this many tokens \\[default: as the model was trained]."
+    batch_size: int = _opt("batch_size", "Rows per classifier forward pass."),
+    max_length: int | None = _opt(
+        "max_length", "Truncate texts to this many tokens \\[default: as the model was trained]."
     ),
-    allow_unfinished: bool = typer.Option(
-        False, "--allow-unfinished", help="Use a model whose training run stopped early (warned and recorded)."
+    allow_unfinished: bool = _opt(
+        "allow_unfinished", "Use a model whose training run stopped early (warned and recorded)."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(
-        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
-    ),
+    device: str = _opt("device", "auto, cpu, cuda or cuda:N."),
+    bf16: bool = _opt("bf16", "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
     from mlrnet_cli.commands._app import progress, setup_logging, stderr_console
-    from mlrnet_cli.weights import WeightsConfig, compute_weights
+    from mlrnet_cli.configs import build
+    from mlrnet_cli.weights import compute_weights
 
     setup_logging()
-    config = WeightsConfig(
-        top=top, batch_size=batch_size, max_length=max_length, device=device, bf16=bf16,
-        allow_unfinished=allow_unfinished,
-    )
+    config = build(WeightsConfig, locals())
     result = compute_weights(
         config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
         plot=plot, overwrite=overwrite, progress=progress(),
