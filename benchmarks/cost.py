@@ -48,8 +48,10 @@ def main() -> None:
 
                 model = ["--model", str(build_tiny_model(Path(tmp) / "tiny"))]
             run(f"{scale}: meta step vs plain step", [HERE / "meta_step.py", *(["--tiny"] if scale == "tiny" else [])])
-            run(f"{scale}: collect-losses vs a plain loop",
-                [HERE / "collect_throughput.py", *model, "--rows", str(args.rows), "--epochs", "1", "--repeat", "2"])
+            run(
+                f"{scale}: collect-losses vs a plain loop",
+                [HERE / "collect_throughput.py", *model, "--rows", str(args.rows), "--epochs", "1", "--repeat", "2"],
+            )
             run(f"{scale}: eval throughput", [HERE / "eval_throughput.py", *model, "--rows", str(args.rows * 2)])
 
 

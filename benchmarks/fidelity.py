@@ -95,9 +95,24 @@ def grids(seeds: int) -> dict[str, list[Cell]]:
     # besides the test split is dev.json (about 1/5 mislabelled, 1-119 rows a class): it is the "clean" pool,
     # so the meta set is 1 row a class and itself noisy; test_public.json (>= 95 % correct) is the test set.
     cic = [
-        Cell("CIC-real-noise", 1, "none", 1, s, n_max=None, dataset="cic", **ft,
-             extra_corrupt=("--text-column", "sentence", "--meta-pool-per-class", "1",
-                            "--clean-data", str(SHARED / "dataclue_cic" / "dev.json")))
+        Cell(
+            "CIC-real-noise",
+            1,
+            "none",
+            1,
+            s,
+            n_max=None,
+            dataset="cic",
+            **ft,
+            extra_corrupt=(
+                "--text-column",
+                "sentence",
+                "--meta-pool-per-class",
+                "1",
+                "--clean-data",
+                str(SHARED / "dataclue_cic" / "dev.json"),
+            ),
+        )
         for s in range(seeds)
     ]
     smoke = [Cell("smoke", 4, "uniform:0.4", 5, 0, n_max=40, methods=("plain", "mwnet", "mlrnet"))]
@@ -169,8 +184,14 @@ def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, str]:
     folder = out / "cic-bert-2l-128-not-pretrained"
     if not (folder / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(SHARED / "bert_base_chinese_tokenizer"))
-        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=512, max_position_embeddings=128)
+        cfg = BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=128,
+        )
         torch.manual_seed(seed)
         BertModel(cfg).save_pretrained(str(folder))  # encoder only: every run adds its own 118-way head
         tok.save_pretrained(str(folder))
@@ -187,25 +208,71 @@ def _waiting_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _prepare_base(cell: Cell, base: Path, budget: Budget, stage: list[str], train_p: Path, test_p: Path,
-                  methods: tuple[str, ...], log: Path, env: dict[str, str], mlrnet: list[str],
-                  common: list[str]) -> None:
+def _prepare_base(
+    cell: Cell,
+    base: Path,
+    budget: Budget,
+    stage: list[str],
+    train_p: Path,
+    test_p: Path,
+    methods: tuple[str, ...],
+    log: Path,
+    env: dict[str, str],
+    mlrnet: list[str],
+    common: list[str],
+) -> None:
     """``corrupt``, and ``collect-losses`` when MLRNet is to run, into the cell's base workspace (once)."""
     if not (base / "data" / "manifest.json").exists():
-        cmd = [*mlrnet, "corrupt", "--workdir", str(base), "--data", str(train_p), "--test-data", str(test_p),
-               "--imbalance", f"{cell.imbalance:g}", "--noise", cell.noise,
-               "--meta-pool-per-class", str(budget.meta_pool_per_class), *common, *cell.extra_corrupt]
+        cmd = [
+            *mlrnet,
+            "corrupt",
+            "--workdir",
+            str(base),
+            "--data",
+            str(train_p),
+            "--test-data",
+            str(test_p),
+            "--imbalance",
+            f"{cell.imbalance:g}",
+            "--noise",
+            cell.noise,
+            "--meta-pool-per-class",
+            str(budget.meta_pool_per_class),
+            *common,
+            *cell.extra_corrupt,
+        ]
         if cell.n_max:
             cmd += ["--n-max", str(cell.n_max)]
         run(cmd, log, env)
     # only MLRNet reads the stage-1 curves (the others get --model), so skip stage 1 when it does not run
     if "mlrnet" in methods and not (base / "losses.safetensors").exists():
-        run([*mlrnet, "collect-losses", "--workdir", str(base), *stage, "--epochs", str(budget.stage1_epochs),
-             *common, "--json"], log, env)
+        run(
+            [
+                *mlrnet,
+                "collect-losses",
+                "--workdir",
+                str(base),
+                *stage,
+                "--epochs",
+                str(budget.stage1_epochs),
+                *common,
+                "--json",
+            ],
+            log,
+            env,
+        )
 
 
-def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, test_p: Path,
-             methods: tuple[str, ...] | None = None, results: Path | None = None) -> list[dict]:
+def run_cell(
+    cell: Cell,
+    out: Path,
+    budget: Budget,
+    model: str,
+    train_p: Path,
+    test_p: Path,
+    methods: tuple[str, ...] | None = None,
+    results: Path | None = None,
+) -> list[dict]:
     """Run ``methods`` (default: the cell's) on one cell; each finished method's row is appended to ``results``
     at once, so an interrupted cell resumes at the method it was in."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -214,8 +281,16 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
     log = out / "logs" / f"{cell.base_key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     common = ["--seed", str(cell.seed)]
-    stage = ["--model", model, "--max-length", str(budget.max_length), "--lr", str(budget.lr),
-             "--batch-size", str(budget.batch_size)]
+    stage = [
+        "--model",
+        model,
+        "--max-length",
+        str(budget.max_length),
+        "--lr",
+        str(budget.lr),
+        "--batch-size",
+        str(budget.batch_size),
+    ]
     if cell.freeze_encoder:
         stage.append("--freeze-encoder")
     with _waiting_lock(out / "work" / f".{cell.base_key}.lock"):
@@ -230,14 +305,38 @@ def run_cell(cell: Cell, out: Path, budget: Budget, model: str, train_p: Path, t
                 link.symlink_to((base / name).resolve())
         epochs = method_epochs(method, asdict(budget))
         t0 = time.perf_counter()
-        run([*mlrnet, "train", "--workdir", str(ws), "--method", method, "--meta-per-class",
-             str(cell.meta_per_class), *stage, "--epochs", str(epochs), *common, *cell.extra_train, "--json"],
-            log, env)
+        run(
+            [
+                *mlrnet,
+                "train",
+                "--workdir",
+                str(ws),
+                "--method",
+                method,
+                "--meta-per-class",
+                str(cell.meta_per_class),
+                *stage,
+                "--epochs",
+                str(epochs),
+                *common,
+                *cell.extra_train,
+                "--json",
+            ],
+            log,
+            env,
+        )
         train_s = time.perf_counter() - t0
         metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
-        row = {"cell": cell.name, "method": method, "seed": cell.seed, "train_s": round(train_s, 1),
-               "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
-               "cell_config": asdict(cell), "budget": asdict(budget)}
+        row = {
+            "cell": cell.name,
+            "method": method,
+            "seed": cell.seed,
+            "train_s": round(train_s, 1),
+            "accuracy": metrics.get("accuracy"),
+            "macro_f1": metrics.get("macro_f1"),
+            "cell_config": asdict(cell),
+            "budget": asdict(budget),
+        }
         if method in ("mwnet", "mlrnet"):
             w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
             det = (w.get("summary") or {}).get("noise_detection") or {}
@@ -270,8 +369,10 @@ def report(out: Path) -> str:
     cells = list(dict.fromkeys(r["cell"] for r in lines))
     # METHODS order, each method's own-budget variants after it
     labels = sorted(method_of, key=lambda x: (METHODS.index(method_of[x]), x))
-    md = ["| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
-          "|---|---|---|---|---|---|---|"]
+    md = [
+        "| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def ms(vals: list[float]) -> str:
         vals = [100 * v for v in vals if v is not None]
@@ -286,12 +387,19 @@ def report(out: Path) -> str:
                 continue
             au = [r.get("weight_auroc") for r in rs if r.get("weight_auroc") is not None]
             seeds = " / ".join(f"s{r['seed']} {100 * r['accuracy']:.2f}" for r in rs if r["accuracy"] is not None)
-            md.append(f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
-                      f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |")
+            md.append(
+                f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
+                f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |"
+            )
     # the issue's targets compare methods on the same corrupted data, so compare them seed by seed
     others = [m for m in labels if m != "mlrnet"]
-    paired = ["", "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):", "",
-              "| cell | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+    paired = [
+        "",
+        "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):",
+        "",
+        "| cell | " + " | ".join(others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
     for c in cells:
         mine = {r["seed"]: r["accuracy"] for r in by.get((c, "mlrnet"), []) if r["accuracy"] is not None}
         row = []
@@ -311,16 +419,29 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
     ap.add_argument("--only", default=None, help="run only the cell of this name, or else those whose name contains it")
     ap.add_argument("--seed", type=int, default=None, help="run only this seed (e.g. one seed per process)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                    help="run only these methods, in this order [default: all five]")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="run only these methods, in this order [default: all five]",
+    )
     ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
     ap.add_argument("--epochs", type=int, default=None, help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]")
-    ap.add_argument("--stage1-epochs", type=int, default=None,
-                    help="collect-losses [default: --epochs if given, else 3 (full), 10 (frozen), 6 (cic)]")
+    ap.add_argument(
+        "--stage1-epochs",
+        type=int,
+        default=None,
+        help="collect-losses [default: --epochs if given, else 3 (full), 10 (frozen), 6 (cic)]",
+    )
     ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 5e-4 (cic)")
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
-    ap.add_argument("--meta-only-epochs", type=int, default=None,
-                    help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain")
+    ap.add_argument(
+        "--meta-only-epochs",
+        type=int,
+        default=None,
+        help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain",
+    )
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
     ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
@@ -360,15 +481,19 @@ def main() -> None:
             continue
         # read again for every cell: another process may have finished some of its methods meanwhile
         done = {row_key(r) for r in read_results(results)}
-        todo = tuple(m for m in (args.methods or cell.methods)
-                     if run_key(cell.name, cell.seed, m, asdict(budget)) not in done)
+        todo = tuple(
+            m for m in (args.methods or cell.methods) if run_key(cell.name, cell.seed, m, asdict(budget)) not in done
+        )
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
         rows = run_cell(cell, args.out, budget, model, train_p, test_p, methods=todo, results=results)
-        print(f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
-              + ", ".join(f"{r['method']} {100 * (r['accuracy'] or 0):.2f}" for r in rows), file=sys.stderr)
+        print(
+            f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
+            + ", ".join(f"{r['method']} {100 * (r['accuracy'] or 0):.2f}" for r in rows),
+            file=sys.stderr,
+        )
     print(report(args.out))
 
 

@@ -52,8 +52,14 @@ def _model(tiny: bool = False):
 
     torch.manual_seed(0)
     if tiny:
-        cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, num_labels=4)
+        cfg = BertConfig(
+            vocab_size=200,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=4,
+        )
         return AutoModelForSequenceClassification.from_config(cfg), "tiny BERT (hidden 32, 2 layers)"
     try:
         import pathlib
@@ -156,8 +162,17 @@ def main() -> None:
     for rnd in range(args.rounds):
         for v in variants:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--threads", str(args.threads),
-                 *(["--tiny"] if args.tiny else [])],
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    v,
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                    *(["--tiny"] if args.tiny else []),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,

@@ -404,16 +404,21 @@ def split_frozen_weights(folder: Path, head_prefix: str, link_from: list[Path] |
 
     whole = folder / "model.safetensors"
     tensors = load_file(str(whole))
-    parts = {FROZEN_SHARD: {k: v for k, v in tensors.items() if not k.startswith(head_prefix)},
-             HEAD_SHARD: {k: v for k, v in tensors.items() if k.startswith(head_prefix)}}
+    parts = {
+        FROZEN_SHARD: {k: v for k, v in tensors.items() if not k.startswith(head_prefix)},
+        HEAD_SHARD: {k: v for k, v in tensors.items() if k.startswith(head_prefix)},
+    }
     if not parts[FROZEN_SHARD] or not parts[HEAD_SHARD]:
         return
     for name, part in parts.items():
         save_file(part, str(folder / name), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": {k: name for name, part in parts.items() for k in sorted(part)}}
-    atomic_write_bytes(folder / "model.safetensors.index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n")
-                       .encode())
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": {k: name for name, part in parts.items() for k in sorted(part)},
+    }
+    atomic_write_bytes(
+        folder / "model.safetensors.index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    )
     whole.unlink()
     shard = folder / FROZEN_SHARD
     mine = None

@@ -366,8 +366,6 @@ def _finished_result(
     )
 
 
-
-
 def _write_stage1(
     stage1_dir: Path, model: torch.nn.Module, tokenizer: Any, history: list[dict[str, Any]], meta: dict[str, Any]
 ) -> None:
@@ -387,8 +385,6 @@ def _classifier_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) 
     if "features" in inputs:
         return head_logits(model, inputs["features"])
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-
-
 
 
 class _Run:
@@ -535,8 +531,9 @@ class _Run:
         else:
             row = self.eval_pass(epoch)
         true_acc = f", true accuracy {row['true_accuracy']:.3f}" if "true_accuracy" in row else ""
-        log.info("epoch %d/%d: loss %.4f, accuracy %.3f%s", epoch, self.config.epochs, row["loss"],
-                 row["accuracy"], true_acc)
+        log.info(
+            "epoch %d/%d: loss %.4f, accuracy %.3f%s", epoch, self.config.epochs, row["loss"], row["accuracy"], true_acc
+        )
         return row
 
     def save(self, epoch: int, history: list[dict[str, Any]]) -> None:
@@ -549,4 +546,3 @@ class _Run:
         done = int(state["epoch"]) + 1
         self.losses[:, :done] = state["losses"][:, :done].to(self.losses.device)
         self.generator.set_state(state["shuffle_rng"])
-

@@ -168,7 +168,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name, enum, error in (
-            ("method", Method, UsageError), ("init_from", InitFrom, UsageError), ("meta_mode", MetaMode, ConfigError)
+            ("method", Method, UsageError),
+            ("init_from", InitFrom, UsageError),
+            ("meta_mode", MetaMode, ConfigError),
         ):
             object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
         parse_meta_params(self.meta_params)

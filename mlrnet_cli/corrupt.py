@@ -237,8 +237,9 @@ def corrupt(
         fps["test_data"] = test_src.fingerprint
     tables = _tables(inputs, d, train_idx, observed, clean, pool_idx, test_src, test_idx)
     paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
-    metas = {k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps)
-             for k in paths}
+    metas = {
+        k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths
+    }
     local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
     for k, p in paths.items():
         guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
@@ -253,8 +254,11 @@ def corrupt(
         "class_order": [d.label_map.names[k] for k in order],
         "text_columns": d.text_cols,
         "truth_known": bool(d.truth_known),
-        "source": {"train": d.src.origin, "clean": clean[0].origin if clean else None,
-                   "test": test_src.origin if test_src else (f"{d.src.origin} (held out)" if len(test_idx) else None)},
+        "source": {
+            "train": d.src.origin,
+            "clean": clean[0].origin if clean else None,
+            "test": test_src.origin if test_src else (f"{d.src.origin} (held out)" if len(test_idx) else None),
+        },
         "n_max": n_max,
         "profile": profile,
         "counts": {
@@ -262,11 +266,17 @@ def corrupt(
             "clean": np.bincount(tables["clean"].column("label").to_numpy(), minlength=d.c).tolist(),
             "train_true": np.bincount(true_train, minlength=d.c).tolist(),
             "train_observed": np.bincount(observed, minlength=d.c).tolist(),
-            "test": (np.bincount(tables["test"].column("label").to_numpy(), minlength=d.c).tolist()
-                     if "test" in tables else None),
+            "test": (
+                np.bincount(tables["test"].column("label").to_numpy(), minlength=d.c).tolist()
+                if "test" in tables
+                else None
+            ),
         },
-        "noise": {"spec": str(config.noise), "matrix": matrix.tolist(),
-                  "realised": realised_noise(true_train, observed, d.c)}
+        "noise": {
+            "spec": str(config.noise),
+            "matrix": matrix.tolist(),
+            "realised": realised_noise(true_train, observed, d.c),
+        }
         if d.truth_known
         else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
         "fingerprints": out_fps,
@@ -275,8 +285,12 @@ def corrupt(
         manifest["test_fraction"] = test_fraction
     write_json(paths["manifest"], manifest)
     if len(test_idx):  # logged once written: an error must stay the one line on stderr
-        log.info("%s has no test split: held out %d rows (%g of each class) as the test split (--test-fraction)",
-                 d.src.origin, len(test_idx), test_fraction)
+        log.info(
+            "%s has no test split: held out %d rows (%g of each class) as the test split (--test-fraction)",
+            d.src.origin,
+            len(test_idx),
+            test_fraction,
+        )
         if not d.truth_known:
             log.warning("the held-out test rows carry --data's own labels, which may be noisy")
     return CorruptResult(paths, manifest)
@@ -335,8 +349,13 @@ def _read_source(config: CorruptConfig, inputs: InputSpec) -> _Data:
 
 
 def _clean_pool(
-    config: CorruptConfig, inputs: InputSpec, d: _Data, held: np.ndarray, pool_n: int | None,
-    test_fraction: float | None, rng: np.random.Generator,
+    config: CorruptConfig,
+    inputs: InputSpec,
+    d: _Data,
+    held: np.ndarray,
+    pool_n: int | None,
+    test_fraction: float | None,
+    rng: np.random.Generator,
 ) -> tuple[tuple[Source, list[str], list[str], np.ndarray] | None, np.ndarray]:
     """(--clean-data as (source, text columns, texts, labels), or None; the pool's rows of --data)."""
     c, names = d.c, d.label_map.names
@@ -367,7 +386,8 @@ def _clean_pool(
                 f"class {names[k]!r} has {len(rows)} rows"
                 + (" left after the test split" if test_fraction else "")
                 + f", fewer than the clean pool's {pool_n}",
-                "lower --meta-pool-per-class" + (" or --test-fraction" if test_fraction else "")
+                "lower --meta-pool-per-class"
+                + (" or --test-fraction" if test_fraction else "")
                 + ", or pass --clean-data",
             )
         pool_parts.append(rng.choice(rows, size=pool_n, replace=False))
@@ -377,7 +397,11 @@ def _clean_pool(
 
 
 def _imbalanced_rows(
-    config: CorruptConfig, d: _Data, pool_idx: np.ndarray, held: np.ndarray, order: list[int],
+    config: CorruptConfig,
+    d: _Data,
+    pool_idx: np.ndarray,
+    held: np.ndarray,
+    order: list[int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, int, list[int] | None]:
     """(the training rows, the head class's size n_max, the imbalance profile or None)."""
@@ -411,26 +435,44 @@ def _imbalanced_rows(
 
 
 def _tables(
-    inputs: InputSpec, d: _Data, train_idx: np.ndarray, observed: np.ndarray,
-    clean: tuple[Source, list[str], list[str], np.ndarray] | None, pool_idx: np.ndarray,
-    test_src: Source | None, test_idx: np.ndarray,
+    inputs: InputSpec,
+    d: _Data,
+    train_idx: np.ndarray,
+    observed: np.ndarray,
+    clean: tuple[Source, list[str], list[str], np.ndarray] | None,
+    pool_idx: np.ndarray,
+    test_src: Source | None,
+    test_idx: np.ndarray,
 ) -> dict[str, pa.Table]:
     """train, clean and (when there is one) test, with the source's other columns carried along."""
     texts, true_source = d.texts, d.true_source
     extra_cols = _extra_columns(d.src.table, d.text_cols, inputs)
     true_train = true_source[train_idx]
-    out = {"train": _make_table(train_idx, [texts[i] for i in train_idx], observed,
-                                true_train if d.truth_known else None, extra_cols, train_idx)}
+    out = {
+        "train": _make_table(
+            train_idx,
+            [texts[i] for i in train_idx],
+            observed,
+            true_train if d.truth_known else None,
+            extra_cols,
+            train_idx,
+        )
+    }
     if clean is not None:
         clean_src, clean_cols, clean_texts, clean_labels = clean
         clean_ids = np.arange(len(texts), len(texts) + clean_src.table.num_rows, dtype=np.int64)
         out["clean"] = _make_table(
-            clean_ids, clean_texts, clean_labels, clean_labels,
-            _extra_columns(clean_src.table, clean_cols, inputs), np.arange(clean_src.table.num_rows),
+            clean_ids,
+            clean_texts,
+            clean_labels,
+            clean_labels,
+            _extra_columns(clean_src.table, clean_cols, inputs),
+            np.arange(clean_src.table.num_rows),
         )
     else:
-        out["clean"] = _make_table(pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx],
-                                   true_source[pool_idx], extra_cols, pool_idx)
+        out["clean"] = _make_table(
+            pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx], true_source[pool_idx], extra_cols, pool_idx
+        )
     if test_src is not None:
         t_cols = resolve_text_columns(test_src.table, list(inputs.text_columns), test_src.origin)
         t_labels = np.asarray(
@@ -438,12 +480,19 @@ def _tables(
             dtype=np.int64,
         )
         t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
-        out["test"] = _make_table(t_rows, joined_text(test_src.table, t_cols, test_src.origin), t_labels, t_labels,
-                                  _extra_columns(test_src.table, t_cols, inputs), t_rows)
+        out["test"] = _make_table(
+            t_rows,
+            joined_text(test_src.table, t_cols, test_src.origin),
+            t_labels,
+            t_labels,
+            _extra_columns(test_src.table, t_cols, inputs),
+            t_rows,
+        )
     elif len(test_idx):
         t_labels = true_source[test_idx]
-        out["test"] = _make_table(test_idx, [texts[i] for i in test_idx], t_labels,
-                                  t_labels if d.truth_known else None, extra_cols, test_idx)
+        out["test"] = _make_table(
+            test_idx, [texts[i] for i in test_idx], t_labels, t_labels if d.truth_known else None, extra_cols, test_idx
+        )
     return out
 
 

@@ -100,8 +100,9 @@ def _read_folder(path: Path, split: str) -> Source:
         if split not in ds:
             raise DataError(f"{path} has no split {split!r}", f"it has {', '.join(ds)}")
         ds = ds[split]
-    return Source(ds.data.table.replace_schema_metadata(None), f"{path}[{split}]", fingerprint_file(path),
-                  _class_label_names(ds))
+    return Source(
+        ds.data.table.replace_schema_metadata(None), f"{path}[{split}]", fingerprint_file(path), _class_label_names(ds)
+    )
 
 
 def _class_label_names(ds: Any) -> list[str] | None:
@@ -174,8 +175,9 @@ def joined_text(table: pa.Table, columns: list[str], origin: str) -> list[str]:
     out: list[str] = []
     for i, parts in enumerate(zip(*cols, strict=True)):
         if any(p is None or (isinstance(p, float) and math.isnan(p)) for p in parts):
-            raise DataError(f"{origin} row {i} has no text (null/NaN in {', '.join(columns)})",
-                            "drop or fill empty rows first")
+            raise DataError(
+                f"{origin} row {i} has no text (null/NaN in {', '.join(columns)})", "drop or fill empty rows first"
+            )
         text = " ".join(str(p) for p in parts).strip()
         if not text:
             raise DataError(f"{origin} row {i} has empty text", "drop or fill empty rows first")

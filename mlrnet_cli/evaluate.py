@@ -44,7 +44,6 @@ from mlrnet_cli.workspace import Workspace
 log = logging.getLogger("mlrnet")
 
 
-
 @dataclass
 class EvalResult:
     """What `evaluate` returns: the metrics (as in eval/metrics.json) and the files written."""
@@ -114,8 +113,9 @@ def encode_labels(
 def _no_test_table(ws: Workspace) -> DataError:
     """Why the workspace has no test.arrow, and what to do about it."""
     if not ws.manifest.is_file():
-        return DataError(f"no test table at {ws.test}: the workspace has no data yet",
-                         "run `mlrnet corrupt` first, or pass --data")
+        return DataError(
+            f"no test table at {ws.test}: the workspace has no data yet", "run `mlrnet corrupt` first, or pass --data"
+        )
     try:
         manifest = read_json(ws.manifest, "manifest")
         source = manifest.get("source") or {}
@@ -173,8 +173,13 @@ def evaluate(
     metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
     for k, p in paths.items():
         # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
-        if guard_report(p, metas[k], about=("model", "data"),
-                        inputs=[data_path, *([model_id] if Path(model_id).exists() else [])], overwrite=overwrite):
+        if guard_report(
+            p,
+            metas[k],
+            about=("model", "data"),
+            inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
+            overwrite=overwrite,
+        ):
             log.info("replacing %s (made from other inputs or settings)", p)
         check_writable(p)
 
@@ -182,14 +187,18 @@ def evaluate(
     clf, class_names, label_values = load_trained_classifier(model_id, ws, device)
     tokenizer = modeling.load_tokenizer(model_id)
     table, texts, labels = read_labelled_table(
-        data_path, class_names, text_column=config.text_column, label_column=config.label_column,
+        data_path,
+        class_names,
+        text_column=config.text_column,
+        label_column=config.label_column,
         label_values=label_values,
     )
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
     token_ids = tokenize(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inf = run_classifier(clf, token_ids, pad_id=pad_id, batch_size=config.batch_size, bf16=config.bf16,
-                         progress=progress)
+    inf = run_classifier(
+        clf, token_ids, pad_id=pad_id, batch_size=config.batch_size, bf16=config.bf16, progress=progress
+    )
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     report = metrics.classification_report(labels, predicted, len(class_names), class_names)
@@ -198,14 +207,19 @@ def evaluate(
         report["unfinished_training"] = unfinished
     write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
     if predictions:
-        ids = (table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
-               if "sample_id" in table.column_names else np.arange(len(texts), dtype=np.int64))
-        pred_tbl = pa.table({
-            "sample_id": pa.array(ids),
-            "label": pa.array(labels),
-            "predicted": pa.array(predicted),
-            "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(class_names)),
-        })
+        ids = (
+            table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
+            if "sample_id" in table.column_names
+            else np.arange(len(texts), dtype=np.int64)
+        )
+        pred_tbl = pa.table(
+            {
+                "sample_id": pa.array(ids),
+                "label": pa.array(labels),
+                "predicted": pa.array(predicted),
+                "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(class_names)),
+            }
+        )
         names = {"label": class_names, "predicted": class_names}
         write_table(paths["predictions"], pred_tbl, metas["predictions"], class_names=names)
     return EvalResult(report, paths)

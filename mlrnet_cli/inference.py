@@ -82,8 +82,13 @@ def check_finished(model_id: str, allow_unfinished: bool) -> dict[str, int] | No
             f"{model_id} comes from an unfinished training run ({done} of {epochs} epochs done)",
             "rerun the same `mlrnet train` command to finish it, or pass --allow-unfinished to use it anyway",
         )
-    log.warning("%s comes from an UNFINISHED training run (%d of %d epochs done): its results are not those "
-                "of the run you asked for", model_id, done, epochs)
+    log.warning(
+        "%s comes from an UNFINISHED training run (%d of %d epochs done): its results are not those "
+        "of the run you asked for",
+        model_id,
+        done,
+        epochs,
+    )
     return {"epochs_done": done, "epochs": epochs}
 
 
@@ -194,15 +199,23 @@ def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any
         man = stageio.read_manifest(ws.manifest)
         if man.num_classes == num_labels:
             return man.class_names, man.label_values
-        log.warning("the workspace manifest has %d classes, the model %d: labels are class ids",
-                    man.num_classes, num_labels)
+        log.warning(
+            "the workspace manifest has %d classes, the model %d: labels are class ids", man.num_classes, num_labels
+        )
     return [str(i) for i in range(num_labels)], None
 
 
 @torch.no_grad()
 def frozen_encoder_pass(
-    clf: Any, tokens: TokenCache, train_cfg: dict[str, Any], model_dir: Path, ws: Workspace, pad_id: int,
-    batch_size: int, device: torch.device, progress: Progress | None,
+    clf: Any,
+    tokens: TokenCache,
+    train_cfg: dict[str, Any],
+    model_dir: Path,
+    ws: Workspace,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None,
 ) -> Inference:
     """``--freeze-encoder`` models: the encoder is the frozen one `train` cached features of; reuse them."""
     init_path = str(train_cfg.get("model"))
@@ -212,9 +225,17 @@ def frozen_encoder_pass(
     enc_id = artifacts.read_json(saved).get("encoder_cache_id") if saved.is_file() else None
     if not enc_id:
         enc_id = modeling.encoder_cache_id(clf, modeling.model_fingerprint(init_path), train_cfg.get("seed"))
-    feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, pad_id=pad_id,
-                            batch_size=batch_size, device=device, progress=progress)
-    logits = torch.cat([
-        modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)
-    ])
+    feats = encode_features(
+        clf,
+        tokens,
+        model_id=enc_id,
+        cache_dir=ws.cache,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    logits = torch.cat(
+        [modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)]
+    )
     return Inference(logits.numpy(), feats.numpy())

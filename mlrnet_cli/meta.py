@@ -42,7 +42,6 @@ ForwardFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor
 HeadFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-
 @dataclass(frozen=True)
 class ClassifierFns:
     """How to run a classifier: the full forward, and (optional) the head alone, used by the cheap head path."""

@@ -60,9 +60,7 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
         curves = np.asarray(curves, dtype=np.float64)
         if curves.ndim != 2 or curves.shape[0] != weight.size:
             raise DataError(f"curves have shape {curves.shape}, expected ({weight.size}, epochs)")
-    groups = [g for g in GROUP_ORDER if (group == g).any()] + sorted(
-        {str(g) for g in group} - set(GROUP_ORDER)
-    )
+    groups = [g for g in GROUP_ORDER if (group == g).any()] + sorted({str(g) for g in group} - set(GROUP_ORDER))
 
     panels = 2 if curves is not None and curves.shape[1] > 0 else 1
     fig = Figure(figsize=(6.0 * panels, 4.2), layout="constrained")

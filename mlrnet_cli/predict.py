@@ -151,7 +151,10 @@ def output_format(out: Path | None, fmt: str | None) -> str:
 
 
 def predictions_table(
-    texts: Sequence[str] | None, rows: np.ndarray, sample_ids: np.ndarray | None, probs: np.ndarray,
+    texts: Sequence[str] | None,
+    rows: np.ndarray,
+    sample_ids: np.ndarray | None,
+    probs: np.ndarray,
     class_names: Sequence[str],
 ) -> Any:
     """The output table: row, [sample_id], [text], label, label_id, score, probs."""
@@ -243,8 +246,9 @@ def predict(
     log.info("predicting %d rows with %s (%s, max length %d)", len(items), model_id, device, max_length)
     token_ids = tokenize(tokenizer, items, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inf = run_classifier(clf, token_ids, pad_id=pad_id, batch_size=batch_size, bf16=config.bf16,
-                         progress=progress, description="predict")
+    inf = run_classifier(
+        clf, token_ids, pad_id=pad_id, batch_size=batch_size, bf16=config.bf16, progress=progress, description="predict"
+    )
     table = predictions_table(items if config.with_text else None, rows, sample_ids, inf.probabilities, class_names)
     meta["class_names"] = class_names
     if out_path is not None:

@@ -200,8 +200,15 @@ class _Batches:
     (``--freeze-encoder``), for the sources ``train``, ``clean`` and ``dev``."""
 
     def __init__(
-        self, config: TrainConfig, ws: Workspace, inp: _Inputs, model: torch.nn.Module, tokenizer: Any,
-        device: torch.device, init_path: str, progress: Progress | None,
+        self,
+        config: TrainConfig,
+        ws: Workspace,
+        inp: _Inputs,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        init_path: str,
+        progress: Progress | None,
     ) -> None:
         from mlrnet_cli import modeling, tokens
 
@@ -225,7 +232,12 @@ class _Batches:
             for key, tc in self.tokens.items():
                 with distributed.main_first():
                     self.features[key] = tokens.encode_features(
-                        model, tc, model_id=self.encoder_id, cache_dir=ws.cache, pad_id=self.pad_id, device=device,
+                        model,
+                        tc,
+                        model_id=self.encoder_id,
+                        cache_dir=ws.cache,
+                        pad_id=self.pad_id,
+                        device=device,
                         progress=quiet,
                     )
             for n, p in model.named_parameters():
@@ -317,8 +329,13 @@ class _Run:
     running sums. ``items`` are the rows a method trains on, ``("train" | "clean", position)``."""
 
     def __init__(
-        self, config: TrainConfig, inp: _Inputs, batches: _Batches, model: torch.nn.Module,
-        meta_net: torch.nn.Module | None, items: list[tuple[str, int]],
+        self,
+        config: TrainConfig,
+        inp: _Inputs,
+        batches: _Batches,
+        model: torch.nn.Module,
+        meta_net: torch.nn.Module | None,
+        items: list[tuple[str, int]],
     ) -> None:
         self.config, self.inp, self.batches, self.model, self.meta_net = config, inp, batches, model, meta_net
         self.items, self.device = items, batches.device
@@ -412,7 +429,11 @@ class MetaStep:
                 distributed.all_reduce_mean_(grads, share)
 
         res = meta_step(
-            run.model, run.meta_net, self.optimizer, batch, mb,
+            run.model,
+            run.meta_net,
+            self.optimizer,
+            batch,
+            mb,
             alpha=cfg.virtual_lr,
             meta_params=self.names,
             normalize_weights=cfg.normalize_weights,
@@ -481,8 +502,11 @@ class _Hooks:
             ep.n_seen = int(engine.sum_over_ranks([ep.n_seen])[0])
             ep.w_sum, ep.w_cnt = distributed.all_reduce_sum(ep.w_sum), distributed.all_reduce_sum(ep.w_cnt)
         dev_acc, dev_predicted = _accuracy(run, cfg.batch_size * 2)
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(ep.loss_sum) / max(ep.n_seen, 1),
-                               "dev_accuracy": dev_acc}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(ep.loss_sum) / max(ep.n_seen, 1),
+            "dev_accuracy": dev_acc,
+        }
         if run.meta_net is not None:
             row.update(_weight_stats(ep, run.inp.train.is_noisy, epoch))
         row["seconds"] = time.perf_counter() - ep.t0
@@ -490,8 +514,12 @@ class _Hooks:
         if self.better:
             self.best_acc, self.best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch
         log.info(
-            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)", epoch, cfg.epochs, row["train_loss"],
-            "n/a" if dev_acc is None else f"{dev_acc:.4f}", " (best)" if self.better and dev_acc is not None else "",
+            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
+            epoch,
+            cfg.epochs,
+            row["train_loss"],
+            "n/a" if dev_acc is None else f"{dev_acc:.4f}",
+            " (best)" if self.better and dev_acc is not None else "",
             row["seconds"],
         )
         self._warn_collapse(epoch, row, dev_predicted, [r["dev_accuracy"] for r in history])
@@ -514,7 +542,10 @@ class _Hooks:
         blame_meta = run.meta_net is not None and row.get("weight_std", 0.0) >= SPREAD_WEIGHT_STD
         log.warning(
             "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
-            epoch, run.inp.manifest.class_names[top], 100 * share, 100 * true_share,
+            epoch,
+            run.inp.manifest.class_names[top],
+            100 * share,
+            100 * true_share,
             f"the meta-net may be learning too fast: try --meta-lr {cfg.meta_lr / 10:g}"
             if blame_meta
             else f"try a smaller --lr than {cfg.lr:g}",
@@ -584,7 +615,9 @@ def _weight_stats(ep: _Epoch, noisy: np.ndarray | None, epoch: int) -> dict[str,
     if row["weight_std"] < 1e-4:
         log.warning(
             "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned nothing; "
-            "try a larger --meta-lr", epoch, row["weight_std"],
+            "try a larger --meta-lr",
+            epoch,
+            row["weight_std"],
         )
     return row
 
@@ -631,7 +664,9 @@ def train(
             "train", "model", config=provenance_config, seed=config.seed, inputs=inp.fingerprints
         )
         artifacts.guard_output(
-            out / "history.arrow", {**meta, "kind": "history"}, inputs=[paths["train"], paths["clean"]],
+            out / "history.arrow",
+            {**meta, "kind": "history"},
+            inputs=[paths["train"], paths["clean"]],
             overwrite=overwrite,
         )
         if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
@@ -655,8 +690,16 @@ def train(
 
 
 def _fit(
-    config: TrainConfig, inp: _Inputs, model: torch.nn.Module, tokenizer: Any, batches: _Batches,
-    checkpoint: Checkpoint, state: dict[str, Any] | None, out: Path, stage1: Path, progress: Progress | None,
+    config: TrainConfig,
+    inp: _Inputs,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: _Batches,
+    checkpoint: Checkpoint,
+    state: dict[str, Any] | None,
+    out: Path,
+    stage1: Path,
+    progress: Progress | None,
 ) -> TrainResult:
     """Build the method's step and run the engine's loop; every rank returns once rank 0 wrote everything."""
     from transformers import get_linear_schedule_with_warmup
@@ -666,8 +709,9 @@ def _fit(
     # global steps: batches of batch_size rows per rank (batch_size x world in all)
     steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                            weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
     if config.compile and meta_net is not None:
         log.warning(
@@ -693,8 +737,13 @@ def _fit(
 
 
 def _result(
-    config: TrainConfig, inp: _Inputs, out: Path, best_epoch: int, best_acc: float | None,
-    history: list[dict[str, Any]], resumed_from: int,
+    config: TrainConfig,
+    inp: _Inputs,
+    out: Path,
+    best_epoch: int,
+    best_acc: float | None,
+    history: list[dict[str, Any]],
+    resumed_from: int,
 ) -> TrainResult:
     return TrainResult(
         best_dir=out / "best",
@@ -725,9 +774,13 @@ def _finished_history(
     except (ArtifactError, AttributeError):
         return None
     same = artifacts.provenance(meta)
-    if (artifacts.provenance(artifacts.table_meta(table) or {}) != artifacts.provenance({**meta, "kind": "history"})
-            or artifacts.provenance(best) != same or artifacts.provenance(last) != same
-            or table.num_rows != epochs or last.get("epoch") != epochs):
+    if (
+        artifacts.provenance(artifacts.table_meta(table) or {}) != artifacts.provenance({**meta, "kind": "history"})
+        or artifacts.provenance(best) != same
+        or artifacts.provenance(last) != same
+        or table.num_rows != epochs
+        or last.get("epoch") != epochs
+    ):
         return None
     rows = table.to_pylist()
     best_epoch = int(best.get("epoch") or epochs)

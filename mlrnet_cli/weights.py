@@ -93,8 +93,16 @@ def group_summary(weights: np.ndarray, groups: np.ndarray) -> dict[str, dict[str
         if w.size == 0:
             return {"count": 0}
         q = np.quantile(w, [0.0, 0.25, 0.5, 0.75, 1.0])
-        return {"count": int(w.size), "mean": float(w.mean()), "std": float(w.std()), "min": float(q[0]),
-                "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
+        return {
+            "count": int(w.size),
+            "mean": float(w.mean()),
+            "std": float(w.std()),
+            "min": float(q[0]),
+            "q25": float(q[1]),
+            "median": float(q[2]),
+            "q75": float(q[3]),
+            "max": float(q[4]),
+        }
 
     out = {"all": stats(weights)}
     for g in sorted(set(groups.tolist())):
@@ -242,16 +250,23 @@ def compute_weights(
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
     cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
-    meta = make_meta("weights", "weights", cfg, None, inputs,
-                     **({"unfinished_training": unfinished} if unfinished is not None else {}))
+    meta = make_meta(
+        "weights",
+        "weights",
+        cfg,
+        None,
+        inputs,
+        **({"unfinished_training": unfinished} if unfinished is not None else {}),
+    )
     paths: dict[str, Path] = {"weights": out_path}
     if export_relabel is not None:
         paths["relabel"] = Path(export_relabel)
     if plot is not None:
         paths["plot"] = Path(plot)
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
-    if guard_report(out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir],
-                    overwrite=overwrite):
+    if guard_report(
+        out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir], overwrite=overwrite
+    ):
         log.info("replacing %s (made from other inputs or settings)", out_path)
     for p in paths.values():
         if p != out_path:
@@ -291,8 +306,16 @@ def compute_weights(
     if unfinished is not None:
         summary["unfinished_training"] = unfinished
     top = _top_rows(table, config.top, class_names)
-    write_table(out_path, table, meta, class_names={"label": class_names, "predicted": class_names,
-                                                    **({"true_label": class_names} if true_label is not None else {})})
+    write_table(
+        out_path,
+        table,
+        meta,
+        class_names={
+            "label": class_names,
+            "predicted": class_names,
+            **({"true_label": class_names} if true_label is not None else {}),
+        },
+    )
     if export_relabel is not None:
         _write_relabel_csv(paths["relabel"], top)
     if plot is not None:
@@ -319,8 +342,16 @@ def _curves(losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs:
 
 
 def _classifier_pass(
-    config: WeightsConfig, clf: Any, rows: stageio.Rows, model_id: str, train_cfg: dict[str, Any], ws: Workspace,
-    kind: str, model_fp: str, max_length: int, progress: Progress | None,
+    config: WeightsConfig,
+    clf: Any,
+    rows: stageio.Rows,
+    model_id: str,
+    train_cfg: dict[str, Any],
+    ws: Workspace,
+    kind: str,
+    model_fp: str,
+    max_length: int,
+    progress: Progress | None,
 ) -> Inference:
     """Logits (and features) of every training row, through the token cache `train` filled."""
     tokenizer = modeling.load_tokenizer(model_id)
@@ -334,13 +365,27 @@ def _classifier_pass(
         return frozen_encoder_pass(
             clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
         )
-    return run_classifier(clf, tokens.rows(range(len(tokens))), pad_id=pad_id, batch_size=config.batch_size,
-                          bf16=config.bf16, with_features=kind == "mlrnet", progress=progress, description="weights")
+    return run_classifier(
+        clf,
+        tokens.rows(range(len(tokens))),
+        pad_id=pad_id,
+        batch_size=config.batch_size,
+        bf16=config.bf16,
+        with_features=kind == "mlrnet",
+        progress=progress,
+        description="weights",
+    )
 
 
 def _weights_table(
-    rows: stageio.Rows, weight: np.ndarray, rank: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
-    row_loss: np.ndarray, groups: np.ndarray, true_label: np.ndarray | None,
+    rows: stageio.Rows,
+    weight: np.ndarray,
+    rank: np.ndarray,
+    predicted: np.ndarray,
+    probs: np.ndarray,
+    row_loss: np.ndarray,
+    groups: np.ndarray,
+    true_label: np.ndarray | None,
 ) -> pa.Table:
     import pyarrow as pa
 
@@ -396,14 +441,22 @@ def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    keys = ["rank", "sample_id", "weight", "label", "label_name", "predicted", "predicted_name", "probability",
-            "text"]
+    keys = ["rank", "sample_id", "weight", "label", "label_name", "predicted", "predicted_name", "probability", "text"]
     cols = {k: [r[k] for r in rows] for k in keys}
     cols["new_label"] = [None] * len(rows)
-    schema = pa.schema([
-        ("rank", pa.int64()), ("sample_id", pa.int64()), ("weight", pa.float32()), ("label", pa.int64()),
-        ("label_name", pa.string()), ("predicted", pa.int64()), ("predicted_name", pa.string()),
-        ("probability", pa.float32()), ("text", pa.string()), ("new_label", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("rank", pa.int64()),
+            ("sample_id", pa.int64()),
+            ("weight", pa.float32()),
+            ("label", pa.int64()),
+            ("label_name", pa.string()),
+            ("predicted", pa.int64()),
+            ("predicted_name", pa.string()),
+            ("probability", pa.float32()),
+            ("text", pa.string()),
+            ("new_label", pa.string()),
+        ]
+    )
     with atomic_path(path) as tmp:
         pcsv.write_csv(pa.table(cols, schema=schema), tmp)

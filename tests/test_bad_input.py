@@ -29,8 +29,6 @@ COLLECT = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", *SIZE]
 TRAIN = ["--epochs", "1", "--batch-size", "16", "--meta-per-class", "4", "--meta-params", "last-1", *SIZE]
 
 
-
-
 @pytest.fixture(scope="module")
 def done_ws(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A workspace after corrupt, collect-losses and train (1 epoch each): copied by every case."""
@@ -138,9 +136,12 @@ def _a_file(ws: Path, tmp: Path) -> None:
 
 def _source(**cols: list) -> Callable[[Path, Path], None]:
     def fn(ws: Path, tmp: Path) -> None:
-        pq.write_table(pa.table(cols) if cols else pa.table({"text": pa.array([], pa.string()),
-                                                              "label": pa.array([], pa.int64())}),
-                       tmp / "src.parquet")
+        pq.write_table(
+            pa.table(cols)
+            if cols
+            else pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+            tmp / "src.parquet",
+        )
 
     return fn
 
@@ -198,73 +199,194 @@ CORRUPT_SRC = ["--data", "{tmp}/src.parquet", "--meta-pool-per-class", "4", "--i
 CASES = [
     # corrupt ------------------------------------------------------------------------------
     Case("corrupt-missing-label-column", "corrupt", _source(text=["a", "b"]), CORRUPT_SRC, "label", fresh=True),
-    Case("corrupt-missing-text-column", "corrupt", _source(words=["a", "b"], label=[0, 1]), CORRUPT_SRC, "text",
-         fresh=True),
+    Case(
+        "corrupt-missing-text-column",
+        "corrupt",
+        _source(words=["a", "b"], label=[0, 1]),
+        CORRUPT_SRC,
+        "text",
+        fresh=True,
+    ),
     Case("corrupt-empty-table", "corrupt", _source(), CORRUPT_SRC, "no rows", fresh=True),
-    Case("corrupt-none-text", "corrupt", _source_with(_set_column("text", _none_text)), CORRUPT_SRC, "text",
-         fresh=True),
+    Case(
+        "corrupt-none-text", "corrupt", _source_with(_set_column("text", _none_text)), CORRUPT_SRC, "text", fresh=True
+    ),
     Case("corrupt-nan-label", "corrupt", _source_with(_float_labels_with_nan), CORRUPT_SRC, "label", fresh=True),
-    Case("corrupt-class-too-few-rows", "corrupt", _source_with(_few_rows_class),
-         [*CORRUPT_SRC[:2], "--meta-pool-per-class", "30"], "fewer than the clean pool", fresh=True),
-    Case("corrupt-noise-typo", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "unifrom:0.4"], "noise",
-         fresh=True),
+    Case(
+        "corrupt-class-too-few-rows",
+        "corrupt",
+        _source_with(_few_rows_class),
+        [*CORRUPT_SRC[:2], "--meta-pool-per-class", "30"],
+        "fewer than the clean pool",
+        fresh=True,
+    ),
+    Case("corrupt-noise-typo", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "unifrom:0.4"], "noise", fresh=True),
     Case("corrupt-noise-no-p", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "uniform"], "noise", fresh=True),
-    Case("corrupt-p-above-1", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "uniform:1.5"], "[0, 1]",
-         fresh=True),
-    Case("corrupt-p-below-0", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "pair:-0.1"], "pair:-0.1",
-         fresh=True),
-    Case("corrupt-imbalance-below-1", "corrupt", _good_source, [*CORRUPT_SRC, "--imbalance", "0.5"], "imbalance",
-         fresh=True),
+    Case("corrupt-p-above-1", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "uniform:1.5"], "[0, 1]", fresh=True),
+    Case("corrupt-p-below-0", "corrupt", _good_source, [*CORRUPT_SRC, "--noise", "pair:-0.1"], "pair:-0.1", fresh=True),
+    Case(
+        "corrupt-imbalance-below-1",
+        "corrupt",
+        _good_source,
+        [*CORRUPT_SRC, "--imbalance", "0.5"],
+        "imbalance",
+        fresh=True,
+    ),
     Case("corrupt-missing-file", "corrupt", None, ["--data", "{tmp}/nope.parquet"], "nope.parquet", fresh=True),
-    Case("corrupt-unwritable-out", "corrupt", lambda ws, tmp: (_good_source(ws, tmp), _a_file(ws, tmp)),
-         [*CORRUPT_SRC, "--out", "{tmp}/afile/data"], "another output path", fresh=True),
+    Case(
+        "corrupt-unwritable-out",
+        "corrupt",
+        lambda ws, tmp: (_good_source(ws, tmp), _a_file(ws, tmp)),
+        [*CORRUPT_SRC, "--out", "{tmp}/afile/data"],
+        "another output path",
+        fresh=True,
+    ),
     Case("corrupt-over-other-run", "corrupt", _good_source, [*CORRUPT_SRC], "different run"),
-    Case("corrupt-meta-pool-zero", "corrupt", _good_source, [*CORRUPT_SRC, "--meta-pool-per-class", "0"],
-         "--meta-pool-per-class must be ≥ 1", fresh=True),
-    Case("corrupt-test-fraction-and-test-data", "corrupt", _good_source,
-         [*CORRUPT_SRC, "--test-data", "{tmp}/src.parquet", "--test-fraction", "0.2"], "is the test split already",
-         code=2, fresh=True),
-    Case("corrupt-test-fraction-above-1", "corrupt", _good_source, [*CORRUPT_SRC, "--test-fraction", "1.5"],
-         "--test-fraction", fresh=True),
-    Case("corrupt-clean-data-pool-too-large", "corrupt", _good_source,
-         [*CORRUPT_SRC[:2], "--clean-data", "{tmp}/src.parquet", "--meta-pool-per-class", "41"],
-         "--clean-data has fewer than 41", fresh=True),
+    Case(
+        "corrupt-meta-pool-zero",
+        "corrupt",
+        _good_source,
+        [*CORRUPT_SRC, "--meta-pool-per-class", "0"],
+        "--meta-pool-per-class must be ≥ 1",
+        fresh=True,
+    ),
+    Case(
+        "corrupt-test-fraction-and-test-data",
+        "corrupt",
+        _good_source,
+        [*CORRUPT_SRC, "--test-data", "{tmp}/src.parquet", "--test-fraction", "0.2"],
+        "is the test split already",
+        code=2,
+        fresh=True,
+    ),
+    Case(
+        "corrupt-test-fraction-above-1",
+        "corrupt",
+        _good_source,
+        [*CORRUPT_SRC, "--test-fraction", "1.5"],
+        "--test-fraction",
+        fresh=True,
+    ),
+    Case(
+        "corrupt-clean-data-pool-too-large",
+        "corrupt",
+        _good_source,
+        [*CORRUPT_SRC[:2], "--clean-data", "{tmp}/src.parquet", "--meta-pool-per-class", "41"],
+        "--clean-data has fewer than 41",
+        fresh=True,
+    ),
     # collect-losses -----------------------------------------------------------------------
-    Case("collect-missing-label-column", "collect-losses", _table("data/train.arrow", _drop("label")),
-         ["--model", "{model}", *COLLECT], "label"),
-    Case("collect-missing-text-column", "collect-losses", _table("data/train.arrow", _drop("text")),
-         ["--model", "{model}", *COLLECT], "text"),
-    Case("collect-string-labels", "collect-losses",
-         _table("data/train.arrow", _set_column("label", _labels_as_strings)),
-         ["--model", "{model}", *COLLECT], "integers"),
-    Case("collect-label-out-of-range", "collect-losses",
-         _table("data/train.arrow", _set_column("label", _labels_out_of_range)),
-         ["--model", "{model}", *COLLECT], "0..3"),
-    Case("collect-none-text", "collect-losses", _table("data/train.arrow", _set_column("text", _none_text)),
-         ["--model", "{model}", *COLLECT], "no text"),
-    Case("collect-empty-table", "collect-losses", _table("data/train.arrow", _empty),
-         ["--model", "{model}", *COLLECT], "no rows"),
-    Case("collect-other-corrupt-run", "collect-losses", _other_corrupt_run,
-         ["--model", "{model}", *COLLECT], "different run", prep="done"),
-    Case("collect-not-a-model", "collect-losses", _not_a_model, ["--model", "{tmp}/notamodel", *COLLECT],
-         "not a model folder"),
-    Case("collect-broken-model-config", "collect-losses", _garbage_config_model,
-         ["--model", "{tmp}/notamodel", *COLLECT], "notamodel"),
-    Case("collect-truncated-train-table", "collect-losses", _truncate("data/train.arrow"),
-         ["--model", "{model}", *COLLECT], "train.arrow"),
-    Case("collect-record-typo", "collect-losses", None, ["--model", "{model}", *COLLECT, "--record", "evl"],
-         "--record", code=2),
-    Case("collect-unwritable-out", "collect-losses", _a_file,
-         ["--model", "{model}", *COLLECT, "--out", "{tmp}/afile/losses.safetensors",
-          "--stage1-dir", "{tmp}/afile/stage1"], "afile"),
+    Case(
+        "collect-missing-label-column",
+        "collect-losses",
+        _table("data/train.arrow", _drop("label")),
+        ["--model", "{model}", *COLLECT],
+        "label",
+    ),
+    Case(
+        "collect-missing-text-column",
+        "collect-losses",
+        _table("data/train.arrow", _drop("text")),
+        ["--model", "{model}", *COLLECT],
+        "text",
+    ),
+    Case(
+        "collect-string-labels",
+        "collect-losses",
+        _table("data/train.arrow", _set_column("label", _labels_as_strings)),
+        ["--model", "{model}", *COLLECT],
+        "integers",
+    ),
+    Case(
+        "collect-label-out-of-range",
+        "collect-losses",
+        _table("data/train.arrow", _set_column("label", _labels_out_of_range)),
+        ["--model", "{model}", *COLLECT],
+        "0..3",
+    ),
+    Case(
+        "collect-none-text",
+        "collect-losses",
+        _table("data/train.arrow", _set_column("text", _none_text)),
+        ["--model", "{model}", *COLLECT],
+        "no text",
+    ),
+    Case(
+        "collect-empty-table",
+        "collect-losses",
+        _table("data/train.arrow", _empty),
+        ["--model", "{model}", *COLLECT],
+        "no rows",
+    ),
+    Case(
+        "collect-other-corrupt-run",
+        "collect-losses",
+        _other_corrupt_run,
+        ["--model", "{model}", *COLLECT],
+        "different run",
+        prep="done",
+    ),
+    Case(
+        "collect-not-a-model",
+        "collect-losses",
+        _not_a_model,
+        ["--model", "{tmp}/notamodel", *COLLECT],
+        "not a model folder",
+    ),
+    Case(
+        "collect-broken-model-config",
+        "collect-losses",
+        _garbage_config_model,
+        ["--model", "{tmp}/notamodel", *COLLECT],
+        "notamodel",
+    ),
+    Case(
+        "collect-truncated-train-table",
+        "collect-losses",
+        _truncate("data/train.arrow"),
+        ["--model", "{model}", *COLLECT],
+        "train.arrow",
+    ),
+    Case(
+        "collect-record-typo",
+        "collect-losses",
+        None,
+        ["--model", "{model}", *COLLECT, "--record", "evl"],
+        "--record",
+        code=2,
+    ),
+    Case(
+        "collect-unwritable-out",
+        "collect-losses",
+        _a_file,
+        [
+            "--model",
+            "{model}",
+            *COLLECT,
+            "--out",
+            "{tmp}/afile/losses.safetensors",
+            "--stage1-dir",
+            "{tmp}/afile/stage1",
+        ],
+        "afile",
+    ),
     # train --------------------------------------------------------------------------------
     Case("train-missing-label-column", "train", _table("data/clean.arrow", _drop("label")), TRAIN, "label"),
-    Case("train-string-labels", "train", _table("data/train.arrow", _set_column("label", _labels_as_strings)),
-         TRAIN, "label"),
-    Case("train-label-out-of-range", "train",
-         _table("data/clean.arrow", _set_column("label", _labels_out_of_range)), TRAIN, "0..3"),
-    Case("train-none-text", "train", _table("data/clean.arrow", _set_column("text", _none_text)), TRAIN,
-         "no text"),
+    Case(
+        "train-string-labels",
+        "train",
+        _table("data/train.arrow", _set_column("label", _labels_as_strings)),
+        TRAIN,
+        "label",
+    ),
+    Case(
+        "train-label-out-of-range",
+        "train",
+        _table("data/clean.arrow", _set_column("label", _labels_out_of_range)),
+        TRAIN,
+        "0..3",
+    ),
+    Case("train-none-text", "train", _table("data/clean.arrow", _set_column("text", _none_text)), TRAIN, "no text"),
     Case("train-empty-clean-table", "train", _table("data/clean.arrow", _empty), TRAIN, "no rows"),
     Case("train-truncated-losses", "train", _truncate("losses.safetensors"), TRAIN, "truncated"),
     Case("train-not-safetensors", "train", _not_safetensors, TRAIN, "safetensors"),
@@ -272,23 +394,43 @@ CASES = [
     Case("train-curve-ids-mismatch", "train", _shift_curve_ids, TRAIN, "do not match"),
     Case("train-other-corrupt-run", "train", _other_corrupt_run, TRAIN, "different training table"),
     Case("train-not-a-model", "train", _not_a_model, [*TRAIN, "--model", "{tmp}/notamodel"], "not a model folder"),
-    Case("train-meta-per-class-too-large", "train", None, [*TRAIN, "--meta-per-class", "50"],
-         "--meta-per-class 50"),
+    Case("train-meta-per-class-too-large", "train", None, [*TRAIN, "--meta-per-class", "50"], "--meta-per-class 50"),
     Case("train-unknown-method", "train", None, [*TRAIN, "--method", "mlrnett"], "--method", code=2),
     Case("train-meta-params-typo", "train", None, [*TRAIN, "--meta-params", "lats-1"], "--meta-params"),
     Case("train-dev-fraction-above-1", "train", None, [*TRAIN, "--dev-fraction", "1.5"], "--dev-fraction"),
     Case("train-unwritable-out", "train", _a_file, [*TRAIN, "--out", "{tmp}/afile/model"], "afile"),
     # eval ---------------------------------------------------------------------------------
-    Case("eval-missing-label-column", "eval", _eval_data(_drop("label")), ["--data", "{tmp}/data.parquet", *SIZE],
-         "label"),
-    Case("eval-missing-text-column", "eval", _eval_data(_drop("text")), ["--data", "{tmp}/data.parquet", *SIZE],
-         "text"),
-    Case("eval-unknown-string-labels", "eval", _eval_data(_set_column("label", _labels_as_strings)),
-         ["--data", "{tmp}/data.parquet", *SIZE], "label"),
-    Case("eval-label-out-of-range", "eval", _eval_data(_set_column("label", _labels_out_of_range)),
-         ["--data", "{tmp}/data.parquet", *SIZE], "label"),
-    Case("eval-none-text", "eval", _eval_data(_set_column("text", _none_text)),
-         ["--data", "{tmp}/data.parquet", *SIZE], "text"),
+    Case(
+        "eval-missing-label-column",
+        "eval",
+        _eval_data(_drop("label")),
+        ["--data", "{tmp}/data.parquet", *SIZE],
+        "label",
+    ),
+    Case(
+        "eval-missing-text-column", "eval", _eval_data(_drop("text")), ["--data", "{tmp}/data.parquet", *SIZE], "text"
+    ),
+    Case(
+        "eval-unknown-string-labels",
+        "eval",
+        _eval_data(_set_column("label", _labels_as_strings)),
+        ["--data", "{tmp}/data.parquet", *SIZE],
+        "label",
+    ),
+    Case(
+        "eval-label-out-of-range",
+        "eval",
+        _eval_data(_set_column("label", _labels_out_of_range)),
+        ["--data", "{tmp}/data.parquet", *SIZE],
+        "label",
+    ),
+    Case(
+        "eval-none-text",
+        "eval",
+        _eval_data(_set_column("text", _none_text)),
+        ["--data", "{tmp}/data.parquet", *SIZE],
+        "text",
+    ),
     Case("eval-empty-table", "eval", _eval_data(_empty), ["--data", "{tmp}/data.parquet", *SIZE], "no rows"),
     Case("eval-truncated-weights", "eval", _truncate("model/best/model.safetensors"), SIZE, "model"),
     Case("eval-not-a-model", "eval", _not_a_model, ["--model", "{tmp}/notamodel", *SIZE], "notamodel"),
@@ -362,8 +504,9 @@ def test_extra_columns_are_carried_not_refused(
 def _mount_tiny_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                             capture_output=True, timeout=10)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0
@@ -377,8 +520,13 @@ def test_full_disk_gives_one_line_and_no_partial_file(tmp_path: Path, done_ws: P
     try:
         ws = mnt / "ws"
         (ws / "data").mkdir(parents=True)
-        for f in ("data/train.arrow", "data/clean.arrow", "data/test.arrow", "data/manifest.json",
-                  "losses.safetensors"):
+        for f in (
+            "data/train.arrow",
+            "data/clean.arrow",
+            "data/test.arrow",
+            "data/manifest.json",
+            "losses.safetensors",
+        ):
             shutil.copy(done_ws / f, ws / f)
         big = mnt / "filler"
         free = shutil.disk_usage(mnt).free
@@ -448,15 +596,21 @@ def test_crafted_pickle_collect_state_is_refused_and_runs_no_code(
     w = Workspace.at(ws)
     cfg = CollectConfig(model=str(tiny_model_dir), epochs=2, batch_size=16, lr=1e-3, max_length=24, device="cpu")
     with pytest.raises(KeyboardInterrupt):
-        collect_losses(cfg, train_path=w.train, manifest_path=w.manifest, losses_path=w.losses,
-                       stage1_dir=w.stage1, cache_dir=w.cache, progress=StopAtEpoch2())
+        collect_losses(
+            cfg,
+            train_path=w.train,
+            manifest_path=w.manifest,
+            losses_path=w.losses,
+            stage1_dir=w.stage1,
+            cache_dir=w.cache,
+            progress=StopAtEpoch2(),
+        )
     states = list((w.stage1 / "state").glob("state.pt"))
     assert len(states) == 1
     marker = tmp_path / "pwned"
     torch.save({"meta": _Evil(marker)}, states[0])
     before = snapshot(ws)
-    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT,
-                            "--epochs", "2"])
+    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT, "--epochs", "2"])
     line = check_one_line_error(r, 1, "resume state")
     assert "--overwrite" in line
     assert not marker.exists()

@@ -57,7 +57,7 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
 
     def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
         sub = cmd[cmd.index("mlrnet_cli") + 1]
-        calls.append([sub, *cmd[cmd.index("mlrnet_cli") + 2:]])
+        calls.append([sub, *cmd[cmd.index("mlrnet_cli") + 2 :]])
         if sub == "eval":
             return {"accuracy": 0.5, "macro_f1": 0.4}
         if sub == "weights":
@@ -69,8 +69,19 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
     done = {"cell": "IF20-u0.4-m20", "method": "plain", "seed": 1, "accuracy": 0.6, "macro_f1": 0.5}
     (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
-    base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--seed", "1",
-            "--out", str(tmp_path)]
+    base = [
+        "fidelity.py",
+        "--grid",
+        "headline",
+        "--only",
+        "IF20-u0.4-m20",
+        "--seeds",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
 
     monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mwnet"])
     fidelity.main()
@@ -149,8 +160,14 @@ def test_two_processes_on_one_cell_prepare_its_base_once(tmp_path: Path, monkeyp
     monkeypatch.setattr(fidelity, "run", fake_run)
     cells = [c for c in fidelity.grids(1)["headline"] if c.name in ("IF20-u0.4-m10", "IF20-u0.4-m100")]
     budget = fidelity.Budget()
-    threads = [threading.Thread(target=fidelity.run_cell, args=(c, tmp_path, budget, "m", tmp_path, tmp_path),
-                                kwargs={"methods": ("mlrnet",)}) for c in cells]
+    threads = [
+        threading.Thread(
+            target=fidelity.run_cell,
+            args=(c, tmp_path, budget, "m", tmp_path, tmp_path),
+            kwargs={"methods": ("mlrnet",)},
+        )
+        for c in cells
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -194,14 +211,25 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "OMP_NUM_THREADS": "1",
-        "MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(out), "DEVICE": "cpu",
-        "EPOCHS": "1", "NMAX": "40", "POOL": "12", "META": "4", "MAXLEN": "24", "BATCH": "16",
+        "MODEL": str(tiny_model_dir),
+        "DATA": str(data),
+        "OUT": str(out),
+        "DEVICE": "cpu",
+        "EPOCHS": "1",
+        "NMAX": "40",
+        "POOL": "12",
+        "META": "4",
+        "MAXLEN": "24",
+        "BATCH": "16",
         "METHODS": "plain mlrnet",
     }
     r = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| plain") or
-            line.startswith("| mlrnet")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in r.stdout.splitlines()
+        if line.startswith("| plain") or line.startswith("| mlrnet")
+    ]
     assert [c[0].strip() for c in rows] == ["plain", "mlrnet"]
     for cells in rows:
         m = cells[0].strip()

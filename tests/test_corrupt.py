@@ -37,8 +37,9 @@ def synthetic_table(path: Path, per_class: list[int], string_labels: bool = Fals
             labels.append(f"c{k}" if string_labels else k)
             texts.append(f"class {k} row {j} word{rng.integers(1000)}")
     order = rng.permutation(len(labels))
-    table = pa.table({"text": [texts[i] for i in order], "label": [labels[i] for i in order],
-                      "title": [f"t{i}" for i in order]})
+    table = pa.table(
+        {"text": [texts[i] for i in order], "label": [labels[i] for i in order], "title": [f"t{i}" for i in order]}
+    )
     pq.write_table(table, path)
     return path
 
@@ -138,16 +139,21 @@ def test_deterministic_bytes(tmp_path: Path) -> None:
     b = corrupt(cfg, InputSpec(), tmp_path / "b")
     for k in a.paths:
         assert a.paths[k].read_bytes() == b.paths[k].read_bytes(), k
-    c = corrupt(CorruptConfig(imbalance=10, noise=NoiseSpec.parse("flip:0.3"), seed=8, meta_pool_per_class=100),
-                InputSpec(), tmp_path / "c")
+    c = corrupt(
+        CorruptConfig(imbalance=10, noise=NoiseSpec.parse("flip:0.3"), seed=8, meta_pool_per_class=100),
+        InputSpec(),
+        tmp_path / "c",
+    )
     assert a.paths["train"].read_bytes() != c.paths["train"].read_bytes()
 
 
 def test_string_labels_are_mapped_and_recorded(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [60, 50, 40], string_labels=True)
-    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=10, noise=NoiseSpec.parse("pair:0.2"),
-                                test_fraction=0),
-                  InputSpec(data=str(src)), tmp_path / "out")
+    res = corrupt(
+        CorruptConfig(imbalance=4, meta_pool_per_class=10, noise=NoiseSpec.parse("pair:0.2"), test_fraction=0),
+        InputSpec(data=str(src)),
+        tmp_path / "out",
+    )
     assert res.manifest["class_names"] == ["c0", "c1", "c2"]
     assert res.manifest["counts"]["train_true"] == [30, 15, 8]
     train = read_table(res.paths["train"])
@@ -158,15 +164,21 @@ def test_string_labels_are_mapped_and_recorded(tmp_path: Path) -> None:
 
 def test_class_order_puts_named_class_at_head(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [40, 40, 40])
-    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, class_order="2,0,1", test_fraction=0),
-                  InputSpec(data=str(src)), tmp_path / "out")
+    res = corrupt(
+        CorruptConfig(imbalance=4, meta_pool_per_class=5, class_order="2,0,1", test_fraction=0),
+        InputSpec(data=str(src)),
+        tmp_path / "out",
+    )
     assert res.manifest["counts"]["train_true"] == [18, 9, 35]
 
 
 def test_own_data_holds_out_a_stratified_test_split_first(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [60, 50, 40])
-    res = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
-                  InputSpec(data=str(src)), tmp_path / "a")
+    res = corrupt(
+        CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
+        InputSpec(data=str(src)),
+        tmp_path / "a",
+    )
     m = res.manifest
     assert m["test_fraction"] == 0.2 and m["counts"]["test"] == [12, 10, 8]  # 20 % of each class, by label
     assert m["source"]["test"] == f"{src} (held out)"
@@ -178,23 +190,29 @@ def test_own_data_holds_out_a_stratified_test_split_first(tmp_path: Path) -> Non
     source = pq.read_table(src)
     assert [source["label"][i].as_py() for i in test["sample_id"].to_pylist()] == test["label"].to_pylist()
     # held out before the pool, the imbalance and the noise are drawn: another bias keeps the same test rows
-    other = corrupt(CorruptConfig(imbalance=2, meta_pool_per_class=9, noise=NoiseSpec.parse("flip:0.3")),
-                    InputSpec(data=str(src)), tmp_path / "b")
+    other = corrupt(
+        CorruptConfig(imbalance=2, meta_pool_per_class=9, noise=NoiseSpec.parse("flip:0.3")),
+        InputSpec(data=str(src)),
+        tmp_path / "b",
+    )
     assert other.paths["test"].read_bytes() != res.paths["test"].read_bytes()  # its metadata names its config
     assert read_table(other.paths["test"])["sample_id"].to_pylist() == test["sample_id"].to_pylist()
-    again = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
-                    InputSpec(data=str(src)), tmp_path / "c")
+    again = corrupt(
+        CorruptConfig(imbalance=4, meta_pool_per_class=5, noise=NoiseSpec.parse("uniform:0.5")),
+        InputSpec(data=str(src)),
+        tmp_path / "c",
+    )
     assert all(again.paths[k].read_bytes() == res.paths[k].read_bytes() for k in res.paths)
-    seed1 = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, seed=1), InputSpec(data=str(src)),
-                    tmp_path / "d")
+    seed1 = corrupt(CorruptConfig(imbalance=4, meta_pool_per_class=5, seed=1), InputSpec(data=str(src)), tmp_path / "d")
     assert read_table(seed1.paths["test"])["sample_id"].to_pylist() != test["sample_id"].to_pylist()
 
 
 def test_test_fraction_zero_writes_no_test_split_and_eval_says_why(tmp_path: Path, tiny_model_dir: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [20, 20, 20, 20])
     ws = tmp_path / "ws"
-    r = runner.invoke(app, ["corrupt", "-w", str(ws), "--data", str(src), "--meta-pool-per-class", "4",
-                            "--test-fraction", "0"])
+    r = runner.invoke(
+        app, ["corrupt", "-w", str(ws), "--data", str(src), "--meta-pool-per-class", "4", "--test-fraction", "0"]
+    )
     assert r.exit_code == 0, r.output
     assert not (ws / "data" / "test.arrow").exists()
     assert json.loads((ws / "data" / "manifest.json").read_text())["test_fraction"] == 0
@@ -207,8 +225,9 @@ def test_test_fraction_zero_writes_no_test_split_and_eval_says_why(tmp_path: Pat
 
 def test_text_columns_joined(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [20, 20])
-    res = corrupt(CorruptConfig(meta_pool_per_class=2), InputSpec(data=str(src), text_columns=("title", "text")),
-                  tmp_path / "out")
+    res = corrupt(
+        CorruptConfig(meta_pool_per_class=2), InputSpec(data=str(src), text_columns=("title", "text")), tmp_path / "out"
+    )
     row = read_table(res.paths["train"]).slice(0, 1).to_pylist()[0]
     assert row["text"].startswith(row["title"] + " class")
 
@@ -217,13 +236,23 @@ def test_real_noise_with_clean_data_and_truth(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     true = rng.integers(0, 3, 90)
     noisy = np.where(rng.random(90) < 0.3, (true + 1) % 3, true)
-    pq.write_table(pa.table({"sentence": [f"s{i}" for i in range(90)], "label": [str(x) for x in noisy],
-                             "gold": [str(x) for x in true]}), tmp_path / "noisy.parquet")
-    pq.write_table(pa.table({"sentence": [f"c{i}" for i in range(15)], "label": [str(i % 3) for i in range(15)]}),
-                   tmp_path / "clean.parquet")
-    res = corrupt(CorruptConfig(meta_pool_per_class=5, test_fraction=0),
-                  InputSpec(data=str(tmp_path / "noisy.parquet"), clean_data=str(tmp_path / "clean.parquet"),
-                            true_label_column="gold"), tmp_path / "out")
+    pq.write_table(
+        pa.table(
+            {"sentence": [f"s{i}" for i in range(90)], "label": [str(x) for x in noisy], "gold": [str(x) for x in true]}
+        ),
+        tmp_path / "noisy.parquet",
+    )
+    pq.write_table(
+        pa.table({"sentence": [f"c{i}" for i in range(15)], "label": [str(i % 3) for i in range(15)]}),
+        tmp_path / "clean.parquet",
+    )
+    res = corrupt(
+        CorruptConfig(meta_pool_per_class=5, test_fraction=0),
+        InputSpec(
+            data=str(tmp_path / "noisy.parquet"), clean_data=str(tmp_path / "clean.parquet"), true_label_column="gold"
+        ),
+        tmp_path / "out",
+    )
     train = read_table(res.paths["train"])
     assert train.num_rows == 90  # nothing taken from train for the pool
     assert train["label"].to_pylist() == [int(x) for x in noisy]
@@ -235,8 +264,9 @@ def test_real_noise_with_clean_data_and_truth(tmp_path: Path) -> None:
 def test_truth_unknown_gives_null_columns(tmp_path: Path) -> None:
     src = synthetic_table(tmp_path / "s.parquet", [20, 20])
     clean = synthetic_table(tmp_path / "c.parquet", [5, 5], seed=1)
-    res = corrupt(CorruptConfig(meta_pool_per_class=5), InputSpec(data=str(src), clean_data=str(clean)),
-                  tmp_path / "out")
+    res = corrupt(
+        CorruptConfig(meta_pool_per_class=5), InputSpec(data=str(src), clean_data=str(clean)), tmp_path / "out"
+    )
     train = read_table(res.paths["train"])
     assert train["true_label"].null_count == train.num_rows and train["is_noisy"].null_count == train.num_rows
     assert res.manifest["truth_known"] is False
@@ -249,8 +279,9 @@ def test_clean_data_pool_defaults_to_the_whole_table(tmp_path: Path) -> None:
     assert res.manifest["counts"]["clean"] == [7, 3]  # no --meta-pool-per-class to lower by hand
     assert table_meta(read_table(res.paths["clean"]))["config"]["meta_pool_per_class"] is None
     with pytest.raises(DataError, match="fewer than 4 rows for class"):  # an explicit size it cannot reach
-        corrupt(CorruptConfig(meta_pool_per_class=4), InputSpec(data=str(src), clean_data=str(clean)),
-                tmp_path / "out2")
+        corrupt(
+            CorruptConfig(meta_pool_per_class=4), InputSpec(data=str(src), clean_data=str(clean)), tmp_path / "out2"
+        )
 
 
 def test_loads_with_plain_pyarrow_and_datasets(tmp_path: Path) -> None:
@@ -279,8 +310,12 @@ def test_refuses_to_replace_other_run_and_own_input(tmp_path: Path) -> None:
     corrupt(CorruptConfig(imbalance=5, meta_pool_per_class=50), InputSpec(), tmp_path)  # same run: fine
     corrupt(CorruptConfig(imbalance=6, meta_pool_per_class=50), InputSpec(), tmp_path, overwrite=True)
     with pytest.raises(UsageError):
-        corrupt(CorruptConfig(meta_pool_per_class=5), InputSpec(data=str(tmp_path / "train.arrow")), tmp_path,
-                overwrite=True)
+        corrupt(
+            CorruptConfig(meta_pool_per_class=5),
+            InputSpec(data=str(tmp_path / "train.arrow")),
+            tmp_path,
+            overwrite=True,
+        )
 
 
 # --- the CLI -------------------------------------------------------------------------------------
@@ -294,8 +329,7 @@ def test_cli_default_chain_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert lines == [f"mlrnet-work/data/{n}" for n in ("train.arrow", "clean.arrow", "test.arrow", "manifest.json")]
     m = json.loads((tmp_path / "mlrnet-work/data/manifest.json").read_text())
     assert m["counts"]["train_true"] == [600, 221, 81, 30]
-    r = runner.invoke(app, ["corrupt", "--imbalance", "20", "--noise", "uniform:0.4", "--json",
-                            "--workdir", "other"])
+    r = runner.invoke(app, ["corrupt", "--imbalance", "20", "--noise", "uniform:0.4", "--json", "--workdir", "other"])
     assert r.exit_code == 0
     payload = json.loads(r.stdout)
     assert payload["artifacts"]["train"] == "other/data/train.arrow"
@@ -327,8 +361,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--data", str(tmp / "small.parquet"), "--meta-pool-per-class", "5"], "fewer than the clean pool"),
         (["--data", str(tmp / "nope.csv")], "no such file"),
         (["--meta-pool-per-class", "0"], "--meta-pool-per-class must be ≥ 1"),
-        (["--data", str(tmp / "small.parquet"), "--meta-pool-per-class", "1", "--test-fraction", "1"],
-         "--test-fraction must be in [0, 1)"),
+        (
+            ["--data", str(tmp / "small.parquet"), "--meta-pool-per-class", "1", "--test-fraction", "1"],
+            "--test-fraction must be in [0, 1)",
+        ),
     ]
 
 

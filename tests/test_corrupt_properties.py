@@ -30,8 +30,7 @@ def settings_(draw: st.DrawFn) -> tuple[list[int], int, float, str, int, int, fl
     profile = imbalance_profile(n_max, imbalance, c)
     test_fraction = draw(st.sampled_from([0.0, 0.2, 0.5]))
     # every class has at least the rows it needs after the test split (rounding takes at most half a row more)
-    sizes = [math.ceil((pool + max(profile) + draw(st.integers(0, 10)) + 0.5) / (1 - test_fraction))
-             for _ in range(c)]
+    sizes = [math.ceil((pool + max(profile) + draw(st.integers(0, 10)) + 0.5) / (1 - test_fraction)) for _ in range(c)]
     return sizes, pool, imbalance, draw(noise_specs), n_max, draw(st.integers(0, 2**16)), test_fraction
 
 
@@ -42,10 +41,17 @@ def test_corrupt_properties(s: tuple[list[int], int, float, str, int, int, float
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         labels = np.repeat(np.arange(len(sizes)), sizes)
-        pq.write_table(pa.table({"text": [f"row {i}" for i in range(len(labels))], "label": labels}),
-                       tmp_path / "src.parquet")
-        cfg = CorruptConfig(imbalance=imbalance, n_max=n_max, noise=NoiseSpec.parse(noise),
-                            meta_pool_per_class=pool, seed=seed, test_fraction=test_fraction)
+        pq.write_table(
+            pa.table({"text": [f"row {i}" for i in range(len(labels))], "label": labels}), tmp_path / "src.parquet"
+        )
+        cfg = CorruptConfig(
+            imbalance=imbalance,
+            n_max=n_max,
+            noise=NoiseSpec.parse(noise),
+            meta_pool_per_class=pool,
+            seed=seed,
+            test_fraction=test_fraction,
+        )
         a = corrupt(cfg, InputSpec(data=str(tmp_path / "src.parquet")), tmp_path / "a")
         b = corrupt(cfg, InputSpec(data=str(tmp_path / "src.parquet")), tmp_path / "b")
 

@@ -19,16 +19,27 @@ runner = CliRunner()
 SIZE = ["--batch-size", "16", "--max-length", "24", "--device", "cpu"]
 
 
-
-
 def pipeline(root: Path, model: Path) -> Path:
     """corrupt -> collect-losses -> train -> eval -> weights, every stage with its defaults but the sizes."""
     src = write_synthetic_source(root / "src.parquet", per_class=40, seed=0)
     test = write_synthetic_source(root / "test.parquet", per_class=10, seed=1)
     ws = root / "ws"
     steps = [
-        ["corrupt", "--data", str(src), "--test-data", str(test), "--imbalance", "4", "--noise", "uniform:0.4",
-         "--meta-pool-per-class", "12", "--seed", "3"],
+        [
+            "corrupt",
+            "--data",
+            str(src),
+            "--test-data",
+            str(test),
+            "--imbalance",
+            "4",
+            "--noise",
+            "uniform:0.4",
+            "--meta-pool-per-class",
+            "12",
+            "--seed",
+            "3",
+        ],
         ["collect-losses", "--model", str(model), "--epochs", "2", "--lr", "1e-3", "--seed", "3", *SIZE],
         ["train", "--epochs", "1", "--meta-per-class", "4", "--meta-params", "last-1", "--seed", "3", *SIZE],
         ["eval", "--predictions", "--max-length", "24", "--device", "cpu"],
@@ -64,9 +75,18 @@ def test_whole_pipeline_twice_gives_identical_bytes(tmp_path: Path, tiny_model_d
     second = artifact_bytes(pipeline(root, tiny_model_dir))
     assert first == second
     expected = {
-        "data/train.arrow", "data/clean.arrow", "data/test.arrow", "losses.safetensors", "stage1/model.safetensors",
-        "model/best/model.safetensors", "model/best/meta_net.safetensors", "model/last/model.safetensors",
-        "model/history.arrow", "eval/metrics.json", "eval/predictions.arrow", "weights.arrow",
+        "data/train.arrow",
+        "data/clean.arrow",
+        "data/test.arrow",
+        "losses.safetensors",
+        "stage1/model.safetensors",
+        "model/best/model.safetensors",
+        "model/best/meta_net.safetensors",
+        "model/last/model.safetensors",
+        "model/history.arrow",
+        "eval/metrics.json",
+        "eval/predictions.arrow",
+        "weights.arrow",
     }
     assert expected <= set(first), expected - set(first)
     assert any(k.startswith("cache/tokens-") for k in first)

@@ -106,8 +106,9 @@ def test_a_torchrun_worker_exits_with_its_code_and_flushed_output(
     the exit code, stdout and the error line must still come out."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="2", HF_HUB_OFFLINE="1", MLRNET_DEBUG="")
-    proc = subprocess.run([sys.executable, "-m", "mlrnet_cli", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlrnet_cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == code, proc.stderr
     assert proc.stdout.startswith(stdout)
     assert stderr in proc.stderr

@@ -37,14 +37,18 @@ def make_workspace(root: Path, model_dir: Path, n: int = len(TEXTS)) -> Path:
     from mlrnet_cli.artifacts import make_meta, write_json, write_table
 
     (root / "data").mkdir(parents=True, exist_ok=True)
-    tbl = pa.table({
-        "sample_id": pa.array(np.arange(100, 100 + n), pa.int64()),
-        "text": TEXTS[:n],
-        "label": pa.array(LABELS[:n], pa.int64()),
-    })
+    tbl = pa.table(
+        {
+            "sample_id": pa.array(np.arange(100, 100 + n), pa.int64()),
+            "text": TEXTS[:n],
+            "label": pa.array(LABELS[:n], pa.int64()),
+        }
+    )
     write_table(root / "data" / "test.arrow", tbl, make_meta("corrupt", "test"))
-    write_json(root / "data" / "manifest.json",
-               {"num_classes": 4, "class_names": CLASSES, "label_values": [0, 1, 2, 3], "mlrnet": {}})
+    write_json(
+        root / "data" / "manifest.json",
+        {"num_classes": 4, "class_names": CLASSES, "label_values": [0, 1, 2, 3], "mlrnet": {}},
+    )
     shutil.copytree(model_dir, root / "model" / "best")
     return root
 

@@ -41,8 +41,6 @@ COLLECT_MILESTONES = ["", "cache/tokens-*", "stage1/state/state.pt", "stage1/mlr
 TRAIN_MILESTONES = ["", "model/last", "model/state/state.pt"]
 
 
-
-
 def snapshot(root: Path) -> dict[str, str]:
     """Every file's bytes (hash), except what holds wall-clock times: history.arrow without its `seconds`
     column, and the resume state (present, not compared: it holds the same history)."""
@@ -112,8 +110,12 @@ def run_and_kill(args: list[str], ws: Path, milestone: str, delay: float, timeou
 
 def run_subprocess(args: list[str], ws: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "mlrnet_cli", *args], cwd=ws.parent, env=subprocess_env(), capture_output=True,
-        text=True, timeout=600,
+        [sys.executable, "-m", "mlrnet_cli", *args],
+        cwd=ws.parent,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
 

@@ -25,8 +25,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 SIZE = ["--device", "cpu"]
 COLLECT = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--max-length", "24", *SIZE]
-TRAIN = ["--epochs", "1", "--batch-size", "16", "--meta-per-class", "4", "--meta-params", "last-1",
-         "--max-length", "24", *SIZE]
+TRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--meta-per-class",
+    "4",
+    "--meta-params",
+    "last-1",
+    "--max-length",
+    "24",
+    *SIZE,
+]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +109,9 @@ class _Interrupt:
         return NullProgress().task(description, total)
 
 
-CFG = TrainConfig(method="mlrnet", epochs=2, batch_size=16, max_length=24, meta_per_class=4, device="cpu",
-                  meta_params="last-1")
+CFG = TrainConfig(
+    method="mlrnet", epochs=2, batch_size=16, max_length=24, meta_per_class=4, device="cpu", meta_params="last-1"
+)
 
 
 def _interrupted(ws: Path, cfg: TrainConfig = CFG) -> None:
@@ -211,15 +223,28 @@ def test_corrupt_into_a_read_only_folder_is_a_one_line_error(tmp_path: Path) -> 
     data = tmp_path / "ws" / "data"
     data.mkdir(parents=True)
     try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(data)],
-                             capture_output=True, timeout=10)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(data)], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         pytest.skip("cannot mount a read-only tmpfs here")
     if res.returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here")
     try:
-        r = runner.invoke(app, ["corrupt", "-w", str(tmp_path / "ws"), "--data", str(src),
-                                "--meta-pool-per-class", "4", "--imbalance", "2"])
+        r = runner.invoke(
+            app,
+            [
+                "corrupt",
+                "-w",
+                str(tmp_path / "ws"),
+                "--data",
+                str(src),
+                "--meta-pool-per-class",
+                "4",
+                "--imbalance",
+                "2",
+            ],
+        )
         line = one_line_error(r)
         assert "cannot write" in line and str(data) in line and "internal error" not in line, line
     finally:
@@ -238,8 +263,7 @@ def test_an_unreadable_resume_state_names_the_way_out(ws: Path, tmp_path: Path) 
     assert r.exit_code == 0, r.output
 
 
-def test_an_unpicklable_collect_state_does_not_quote_torch(done_ws: Path, tmp_path: Path,
-                                                           tiny_model_dir: Path) -> None:
+def test_an_unpicklable_collect_state_does_not_quote_torch(done_ws: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     from mlrnet_cli.collect import CollectConfig, collect_losses
     from mlrnet_cli.workspace import Workspace
 
@@ -249,12 +273,18 @@ def test_an_unpicklable_collect_state_does_not_quote_torch(done_ws: Path, tmp_pa
     w = Workspace.at(ws)
     cfg = CollectConfig(model=str(tiny_model_dir), epochs=2, batch_size=16, lr=1e-3, max_length=24, device="cpu")
     with pytest.raises(KeyboardInterrupt):
-        collect_losses(cfg, train_path=w.train, manifest_path=w.manifest, losses_path=w.losses,
-                       stage1_dir=w.stage1, cache_dir=w.cache, progress=_Interrupt(2))
+        collect_losses(
+            cfg,
+            train_path=w.train,
+            manifest_path=w.manifest,
+            losses_path=w.losses,
+            stage1_dir=w.stage1,
+            cache_dir=w.cache,
+            progress=_Interrupt(2),
+        )
     (state,) = list((w.stage1 / "state").glob("state.pt"))
     torch.save({"optimizer": np.arange(3)}, state)  # numpy objects: refused by weights_only
-    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT,
-                            "--epochs", "2"])
+    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT, "--epochs", "2"])
     line = one_line_error(r)
     assert "weights_only" not in line and "can still be loaded" not in line, line  # torch's advice
     assert "damaged or was not written by mlrnet" in line and "--overwrite" in line, line

@@ -17,11 +17,13 @@ COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ROW_START = re.compile(r"^│ (--?[\w-]+)")  # continuation lines of a row are indented further
 
+
 def render_help(args: list[str]) -> str:
     # wide, so no row is cut; Rich reads COLUMNS when stdout is not a terminal
     r = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
     assert r.exit_code == 0, r.output
     return ANSI.sub("", r.stdout)
+
 
 def option_rows(text: str) -> dict[str, str]:
     """Option name -> the text of its row (wrapped lines joined, box drawing and extra spaces removed)."""
@@ -38,9 +40,11 @@ def option_rows(text: str) -> dict[str, str]:
             current.append(line.strip("│ "))
     return {k: " ".join(" ".join(v).split()) for k, v in rows.items()}
 
+
 def written_defaults(help_text: str | None) -> list[str]:
     """Defaults written by hand in a help string (as `\\[default: ...]`, Rich's escaped bracket)."""
     return [" ".join(d.split()) for d in re.findall(r"\[default: ([^\]]*)\]", help_text or "")]
+
 
 @pytest.mark.parametrize("name", ["", *COMMANDS])
 def test_help_shows_every_default_and_no_bool_type(name: str) -> None:
@@ -70,9 +74,11 @@ def test_help_shows_every_default_and_no_bool_type(name: str) -> None:
             assert e in row, f"`mlrnet {name} --help`: {param.opts[0]} row lacks {e!r}: {row!r}"
             checked += 1
     if name in ("corrupt", "collect-losses", "train"):  # the commands whose defaults Rich used to swallow
-        assert rows["--workdir"].startswith("--workdir -w <path> Workspace folder that chains the stages "
-                                            "[default: ./mlrnet-work].")
+        assert rows["--workdir"].startswith(
+            "--workdir -w <path> Workspace folder that chains the stages [default: ./mlrnet-work]."
+        )
         assert checked >= 10
+
 
 def test_flags_take_no_value_and_have_a_negative_form() -> None:
     train = GROUP.commands["train"]  # type: ignore[attr-defined]
@@ -84,6 +90,7 @@ def test_flags_take_no_value_and_have_a_negative_form() -> None:
     ev = GROUP.commands["eval"]  # type: ignore[attr-defined]
     assert ev.make_context("eval", ["--no-bf16"]).params["bf16"] is False  # the old spelling still works
     assert ev.make_context("eval", []).params["bf16"] is True
+
 
 def test_help_does_not_import_torch() -> None:
     code = (

@@ -27,9 +27,12 @@ def umask_002():
 
 def test_artifacts_and_folders_follow_the_umask(tmp_path: Path, tiny_model_dir: Path, umask_002: None) -> None:
     ws = make_workspace(tmp_path / "ws")
-    for args in (["collect-losses", "--model", str(tiny_model_dir), "--epochs", "1"],
-                 ["train", "--epochs", "1", "--meta-per-class", "4", "--meta-params", "last-1"],
-                 ["eval", "--predictions"], ["weights"]):
+    for args in (
+        ["collect-losses", "--model", str(tiny_model_dir), "--epochs", "1"],
+        ["train", "--epochs", "1", "--meta-per-class", "4", "--meta-params", "last-1"],
+        ["eval", "--predictions"],
+        ["weights"],
+    ):
         r = runner.invoke(app, [args[0], "-w", str(ws), *args[1:], *SIZE])
         assert r.exit_code == 0, (args, r.output)
     modes = {str(p.relative_to(ws)): stat.S_IMODE(p.stat().st_mode) for p in ws.rglob("*")}
@@ -47,9 +50,12 @@ def test_a_frozen_encoder_is_stored_once(tmp_path: Path, tiny_model_dir: Path) -
 
     ws = make_workspace(tmp_path / "ws")
     frozen = ["--freeze-encoder", "--lr", "1e-2"]
-    for args in (["collect-losses", "--model", str(tiny_model_dir), "--epochs", "2", *frozen],
-                 ["train", "--epochs", "2", "--meta-per-class", "4", "--meta-params", "head", *frozen],
-                 ["eval"], ["weights"]):
+    for args in (
+        ["collect-losses", "--model", str(tiny_model_dir), "--epochs", "2", *frozen],
+        ["train", "--epochs", "2", "--meta-per-class", "4", "--meta-params", "head", *frozen],
+        ["eval"],
+        ["weights"],
+    ):
         r = runner.invoke(app, [args[0], "-w", str(ws), *args[1:], *SIZE])
         assert r.exit_code == 0, (args, r.output)
     folders = [ws / "stage1", ws / "model" / "best", ws / "model" / "last"]

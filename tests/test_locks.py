@@ -75,8 +75,21 @@ def test_a_second_run_on_the_same_outputs_fails_with_one_line(workspace: Path, t
 
 def test_runs_writing_other_outputs_in_one_workspace_do_not_wait(workspace: Path, tiny_model_dir: Path) -> None:
     with locks.exclusive(workspace / "model", "train"):  # e.g. `mlrnet train &` still running
-        r = runner.invoke(app, ["train", "-w", str(workspace), "--model", str(tiny_model_dir), *TRAIN,
-                                "--method", "plain", "--out", str(workspace / "model-plain")])
+        r = runner.invoke(
+            app,
+            [
+                "train",
+                "-w",
+                str(workspace),
+                "--model",
+                str(tiny_model_dir),
+                *TRAIN,
+                "--method",
+                "plain",
+                "--out",
+                str(workspace / "model-plain"),
+            ],
+        )
     assert r.exit_code == 0, r.output
     assert (workspace / "model-plain" / "best" / "model.safetensors").is_file()
 
@@ -88,9 +101,11 @@ def test_finished_and_failed_runs_leave_no_lock_files(workspace: Path, tiny_mode
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", *base, *TRAIN, "--method", "plain"])
     assert r.exit_code == 0, r.output
-    for args in (["train", *base, *TRAIN, "--alpha", "0"],  # fails before the lock
-                 ["train", *base, *TRAIN, "--method", "plain", "--lr", "1e-3"],  # fails under it: another run
-                 ["collect-losses", *base, "--epochs", "2"]):
+    for args in (
+        ["train", *base, *TRAIN, "--alpha", "0"],  # fails before the lock
+        ["train", *base, *TRAIN, "--method", "plain", "--lr", "1e-3"],  # fails under it: another run
+        ["collect-losses", *base, "--epochs", "2"],
+    ):
         r = runner.invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
     assert sorted(p.relative_to(workspace) for p in workspace.rglob(f"{locks.LOCK_NAME}.*")) == []

@@ -163,8 +163,9 @@ def test_jvp_and_unrolled_agree_with_dropout_on(meta_dropout):
         model, net = _bert(dropout=0.2), _meta_net("mlrnet")
         names = resolve_meta_params(model, "all", "classifier.")
         torch.manual_seed(123)
-        g, _ = _theta_grad(model, net, batch, meta, alpha=2.0, names=names, normalize=False, mode=mode,
-                           meta_dropout=meta_dropout)
+        g, _ = _theta_grad(
+            model, net, batch, meta, alpha=2.0, names=names, normalize=False, mode=mode, meta_dropout=meta_dropout
+        )
         grads.append(g)
     assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-12)
 
@@ -181,8 +182,9 @@ def test_the_meta_loss_is_taken_in_eval_mode_by_default(spec, mode):
     grad, _ = _theta_grad(model, net, batch, meta, alpha=alpha, names=names, normalize=True, mode=mode)
     assert model.training and model.bert.encoder.training and not model.bert.embeddings.training
     torch.manual_seed(seed)
-    with_dropout, _ = _theta_grad(model, copy.deepcopy(net), batch, meta, alpha=alpha, names=names, normalize=True,
-                                  mode=mode, meta_dropout=True)
+    with_dropout, _ = _theta_grad(
+        model, copy.deepcopy(net), batch, meta, alpha=alpha, names=names, normalize=True, mode=mode, meta_dropout=True
+    )
     assert not torch.allclose(grad, with_dropout)  # the meta forward's dropout does change the gradient
     theta = list(net.parameters())
     d = [torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype) for p in theta]
@@ -241,8 +243,18 @@ def _theta_update(alpha: float, scale: float) -> torch.Tensor:
     names = resolve_meta_params(model, "all", "classifier.")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
     before = torch.cat([p.detach().reshape(-1).clone() for p in net.parameters()])
-    meta_step(model, net, opt, batch, meta, alpha=alpha, meta_params=names, normalize_weights=True, fns=FNS,
-              meta_grad_scale=scale)
+    meta_step(
+        model,
+        net,
+        opt,
+        batch,
+        meta,
+        alpha=alpha,
+        meta_params=names,
+        normalize_weights=True,
+        fns=FNS,
+        meta_grad_scale=scale,
+    )
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before
 
 

@@ -36,11 +36,13 @@ TEXTS = [
 def make_ws(root: Path, model_dir: Path, trained: dict | None = None) -> Path:
     """data/test.arrow + manifest + model/best: the tiny model with class names (and an mlrnet.json if given)."""
     (root / "data").mkdir(parents=True)
-    tbl = pa.table({
-        "sample_id": pa.array(np.arange(100, 100 + len(TEXTS)), pa.int64()),
-        "text": TEXTS,
-        "label": pa.array([i % 4 for i in range(len(TEXTS))], pa.int64()),
-    })
+    tbl = pa.table(
+        {
+            "sample_id": pa.array(np.arange(100, 100 + len(TEXTS)), pa.int64()),
+            "text": TEXTS,
+            "label": pa.array([i % 4 for i in range(len(TEXTS))], pa.int64()),
+        }
+    )
     artifacts.write_table(root / "data" / "test.arrow", tbl, artifacts.make_meta("corrupt", "test"))
     artifacts.write_json(root / "data" / "manifest.json", {"num_classes": 4, "class_names": CLASSES, "mlrnet": {}})
     best = root / "model" / "best"
@@ -78,8 +80,9 @@ def test_predict_arrow_matches_eval(tmp_path: Path, tiny_model_dir: Path) -> Non
     ws = make_ws(tmp_path / "ws", tiny_model_dir)
     ref = eval_predictions(ws)
     out = tmp_path / "pred.arrow"
-    r = runner.invoke(app, ["predict", "-w", str(ws), "--data", str(ws / "data" / "test.arrow"), "--out", str(out),
-                            "--device", "cpu"])
+    r = runner.invoke(
+        app, ["predict", "-w", str(ws), "--data", str(ws / "data" / "test.arrow"), "--out", str(out), "--device", "cpu"]
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(out)  # stdout: the artifact path only
     got = artifacts.read_table(out)
@@ -100,8 +103,21 @@ def test_predict_arrow_matches_eval(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert meta["inputs"]["model"] == modeling.model_fingerprint(ws / "model" / "best")
     assert meta["inputs"]["data"] == artifacts.fingerprint_file(ws / "data" / "test.arrow")
     # the same command again is the same run; another model's output is refused without --overwrite
-    r = runner.invoke(app, ["predict", "-w", str(ws), "--data", str(ws / "data" / "test.arrow"), "--out", str(out),
-                            "--device", "cpu", "--no-text"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "-w",
+            str(ws),
+            "--data",
+            str(ws / "data" / "test.arrow"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-text",
+        ],
+    )
     assert r.exit_code == 1 and "different run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert artifacts.read_table(out).column_names[2] == "text"  # untouched
 
@@ -143,20 +159,50 @@ def test_predict_takes_max_length_from_the_models_metadata(tmp_path: Path, tiny_
     assert not np.allclose(short, full, atol=1e-4)  # truncation changes the predictions: the test can tell
     data = tmp_path / "texts.csv"
     pcsv.write_csv(pa.table({"body": TEXTS}), data)
-    r = runner.invoke(app, ["predict", "-w", str(ws), "--data", str(data), "--text-column", "body",
-                            "--device", "cpu", "--format", "jsonl"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "-w",
+            str(ws),
+            "--data",
+            str(data),
+            "--text-column",
+            "body",
+            "--device",
+            "cpu",
+            "--format",
+            "jsonl",
+        ],
+    )
     assert r.exit_code == 0, r.output
     got = np.array([list(json.loads(x)["probs"].values()) for x in r.stdout.splitlines()])
     np.testing.assert_allclose(got, short, atol=1e-6)
-    r = runner.invoke(app, ["predict", "-w", str(ws), "--data", str(data), "--text-column", "body",
-                            "--device", "cpu", "--max-length", "128"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "-w",
+            str(ws),
+            "--data",
+            str(data),
+            "--text-column",
+            "body",
+            "--device",
+            "cpu",
+            "--max-length",
+            "128",
+        ],
+    )
     got = np.array([list(json.loads(x)["probs"].values()) for x in r.stdout.splitlines()])
     np.testing.assert_allclose(got, full, atol=1e-6)
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _write(name: str, table: pa.Table | None = None, text: str | None = None):
@@ -165,6 +211,7 @@ def _write(name: str, table: pa.Table | None = None, text: str | None = None):
             pq.write_table(table, tmp / name)
         else:
             (tmp / name).write_text(text or "")
+
     return setup
 
 
@@ -172,20 +219,50 @@ def _write(name: str, table: pa.Table | None = None, text: str | None = None):
 ERRORS = [
     ("no-model", None, ["-w", "{tmp}/empty", "--data", "{ws}/data/test.arrow"], None, 1, "no trained model"),
     ("not-a-model", None, ["--model", "{tmp}/nomodel"], "a\n", 1, "nomodel"),
-    ("missing-column", _write("d.parquet", pa.table({"body": ["a"]})), ["--data", "{tmp}/d.parquet"], None, 1,
-     "no text column"),
-    ("wrong-column", _write("d.parquet", pa.table({"text": ["a"]})),
-     ["--data", "{tmp}/d.parquet", "--text-column", "body"], None, 1, "has no column 'body'"),
-    ("empty-table", _write("d.parquet", pa.table({"text": pa.array([], pa.string())})),
-     ["--data", "{tmp}/d.parquet"], None, 1, "has no rows"),
-    ("null-text", _write("d.parquet", pa.table({"text": ["a", None]})), ["--data", "{tmp}/d.parquet"], None, 1,
-     "row 1 has no text"),
+    (
+        "missing-column",
+        _write("d.parquet", pa.table({"body": ["a"]})),
+        ["--data", "{tmp}/d.parquet"],
+        None,
+        1,
+        "no text column",
+    ),
+    (
+        "wrong-column",
+        _write("d.parquet", pa.table({"text": ["a"]})),
+        ["--data", "{tmp}/d.parquet", "--text-column", "body"],
+        None,
+        1,
+        "has no column 'body'",
+    ),
+    (
+        "empty-table",
+        _write("d.parquet", pa.table({"text": pa.array([], pa.string())})),
+        ["--data", "{tmp}/d.parquet"],
+        None,
+        1,
+        "has no rows",
+    ),
+    (
+        "null-text",
+        _write("d.parquet", pa.table({"text": ["a", None]})),
+        ["--data", "{tmp}/d.parquet"],
+        None,
+        1,
+        "row 1 has no text",
+    ),
     ("empty-stdin", None, [], "\n  \n", 1, "no text on stdin"),
     ("no-such-file", None, ["--data", "{tmp}/nope.csv"], None, 1, "no such file"),
     ("unknown-out-suffix", None, ["--out", "{tmp}/p.txt"], "a\n", 2, "output format"),
     ("arrow-on-stdout", None, ["--format", "arrow"], "a\n", 2, "needs --out"),
-    ("out-is-input", None, ["--data", "{ws}/data/test.arrow", "--out", "{ws}/data/test.arrow"], None, 2,
-     "also an input"),
+    (
+        "out-is-input",
+        None,
+        ["--data", "{ws}/data/test.arrow", "--out", "{ws}/data/test.arrow"],
+        None,
+        2,
+        "also an input",
+    ),
     ("existing-jsonl", _write("p.jsonl", text="{}\n"), ["--out", "{tmp}/p.jsonl"], "a\n", 1, "different run"),
 ]
 

@@ -55,8 +55,16 @@ def ws(workspace: Path, tiny_model_dir: Path) -> Path:
     "args",
     [
         ["--method", "mlrnet"],
-        ["--method", "mwnet", "--meta-params", "last-1", "--no-normalize-weights", "--meta-mode", "unrolled",
-         "--meta-dropout"],
+        [
+            "--method",
+            "mwnet",
+            "--meta-params",
+            "last-1",
+            "--no-normalize-weights",
+            "--meta-mode",
+            "unrolled",
+            "--meta-dropout",
+        ],
         ["--method", "plain"],
         ["--method", "plain-meta"],
         ["--method", "meta-only"],
@@ -83,8 +91,10 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: 
         assert 0.0 < hist[0]["weight_mean"] < 1.0 and hist[0]["weight_std"] >= 0
         assert hist[0]["weight_mean_noisy"] is not None and hist[0]["weight_mean_clean"] is not None
         h = hist[0]
-        weights = (f"epoch 1: weight mean {h['weight_mean']:.4f} std {h['weight_std']:.4f} "
-                   f"(noisy rows {h['weight_mean_noisy']:.4f}, clean rows {h['weight_mean_clean']:.4f})")
+        weights = (
+            f"epoch 1: weight mean {h['weight_mean']:.4f} std {h['weight_std']:.4f} "
+            f"(noisy rows {h['weight_mean_noisy']:.4f}, clean rows {h['weight_mean_clean']:.4f})"
+        )
         assert weights in [rec.getMessage() for rec in mlrnet_logs.records]
         tensors, meta = artifacts.read_tensors(best / "meta_net.safetensors")
         assert meta["meta_net"]["kind"] == args[1]
@@ -128,7 +138,7 @@ def test_a_one_class_classifier_is_warned_about(
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", method, "--meta-lr", "1e-4"])
     assert r.exit_code == 0, r.output
     # the real dev predictions reach the check: one count per class, summing to the 8 dev rows
-    (predicted, labels), = seen
+    ((predicted, labels),) = seen
     assert predicted.shape == (4,) and predicted.sum() == 8 and labels.shape == (8,)
     warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
     names = artifacts.read_json(ws / "data" / "manifest.json")["class_names"]
@@ -206,8 +216,15 @@ def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
 def test_plain_does_not_depend_on_meta_per_class(tmp_path: Path, tiny_model_dir: Path) -> None:
     """plain never reads the meta set and its dev rows do not move, so a --meta-per-class sweep shares one run;
     a --meta-per-class larger than the clean pool (12 a class) is no error for it."""
-    cfg = TrainConfig(method="plain", epochs=1, batch_size=16, max_length=24, meta_per_class=2, device="cpu",
-                      model=str(tiny_model_dir))
+    cfg = TrainConfig(
+        method="plain",
+        epochs=1,
+        batch_size=16,
+        max_length=24,
+        meta_per_class=2,
+        device="cpu",
+        model=str(tiny_model_dir),
+    )
     roots = [make_workspace(tmp_path / "a"), make_workspace(tmp_path / "b")]
     runs = [train(cfg, workdir=roots[0]), train(replace(cfg, meta_per_class=50), workdir=roots[1])]
     assert [r.meta_size for r in runs] == [0, 0] and runs[0].dev_size == runs[1].dev_size > 0

@@ -73,8 +73,11 @@ def make_weights_workspace(
     best = root / "model" / "best"
     shutil.copytree(model_dir, best)
     torch.manual_seed(0)
-    net = MLRNetMetaNet(feature_dim=32, num_classes=4, curve_len=EPOCHS + 1, label_emb_dim=8, df_dim=8) \
-        if method == "mlrnet" else MWNet(hidden=10)
+    net = (
+        MLRNetMetaNet(feature_dim=32, num_classes=4, curve_len=EPOCHS + 1, label_emb_dim=8, df_dim=8)
+        if method == "mlrnet"
+        else MWNet(hidden=10)
+    )
     meta = make_meta("train", "meta_net", {"method": method, **(train_config or {})}, 0, {}, meta_net=net.spec())
     write_tensors(best / "meta_net.safetensors", net.state_dict(), meta)
     rows["losses"] = losses
@@ -281,8 +284,13 @@ def test_pipeline_train_then_eval_and_weights_with_no_options(
     table = artifacts.read_table(workspace / "data" / "train.arrow")
     ids = torch.tensor(table.column("sample_id").to_pylist(), dtype=torch.int64)
     losses = torch.rand(len(ids), EPOCHS + 1, generator=torch.Generator().manual_seed(0))
-    meta = artifacts.make_meta("collect-losses", "losses", config={"model": str(tiny_model_dir), "epochs": EPOCHS},
-                               seed=0, inputs={"train": artifacts.fingerprint_file(workspace / "data" / "train.arrow")})
+    meta = artifacts.make_meta(
+        "collect-losses",
+        "losses",
+        config={"model": str(tiny_model_dir), "epochs": EPOCHS},
+        seed=0,
+        inputs={"train": artifacts.fingerprint_file(workspace / "data" / "train.arrow")},
+    )
     artifacts.write_tensors(workspace / "losses.safetensors", {"losses": losses, "sample_id": ids}, meta)
     runner = CliRunner()
     fast = ["--epochs", "1", "--batch-size", "16", "--max-length", "24", "--meta-per-class", "4"]

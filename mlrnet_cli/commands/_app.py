@@ -102,9 +102,7 @@ WorkdirOption = typer.Option(
     help="Workspace folder that chains the stages \\[default: ./mlrnet-work].",
     show_default=False,
 )
-JsonOption = typer.Option(
-    False, "--json/--no-json", help="Print a JSON summary on stdout instead of artifact paths."
-)
+JsonOption = typer.Option(False, "--json/--no-json", help="Print a JSON summary on stdout instead of artifact paths.")
 OverwriteOption = typer.Option(
     False, "--overwrite/--no-overwrite", help="Replace existing artifacts even if they were made by a different run."
 )

@@ -33,16 +33,23 @@ def corrupt_cmd(
         help="Rows the head class keeps \\[default: the smallest class's rows, so the profile is exact].",
     ),
     class_order: str = typer.Option(
-        "given", "--class-order", help="Which classes are the tail: given (0 is the head), shuffle (seeded), "
-        "or a comma list of class names/ids, head first."
+        "given",
+        "--class-order",
+        help="Which classes are the tail: given (0 is the head), shuffle (seeded), "
+        "or a comma list of class names/ids, head first.",
     ),
     meta_pool_per_class: int | None = typer.Option(
-        None, "--meta-pool-per-class", help="Clean rows per class set aside before corruption (for `train`) "
-        "\\[default: 500; with --clean-data, that whole table].", show_default=False,
+        None,
+        "--meta-pool-per-class",
+        help="Clean rows per class set aside before corruption (for `train`) "
+        "\\[default: 500; with --clean-data, that whole table].",
+        show_default=False,
     ),
     data: str | None = typer.Option(
-        None, "--data", help="Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
-        "\\[default: the embedded AG News sample]."
+        None,
+        "--data",
+        help="Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
+        "\\[default: the embedded AG News sample].",
     ),
     split: str = typer.Option("train", "--split", help="Split to read from a hub dataset or DatasetDict folder."),
     test_data: str | None = typer.Option(
@@ -50,15 +57,19 @@ def corrupt_cmd(
     ),
     test_split: str = typer.Option("test", "--test-split", help="Split name of the test data."),
     test_fraction: float | None = typer.Option(
-        None, "--test-fraction", help="Share of each class held out as the test split when --data has none "
-        "(before the clean pool and the bias are drawn; 0: no test split) \\[default: 0.2].", show_default=False,
+        None,
+        "--test-fraction",
+        help="Share of each class held out as the test split when --data has none "
+        "(before the clean pool and the bias are drawn; 0: no test split) \\[default: 0.2].",
+        show_default=False,
     ),
     clean_data: str | None = typer.Option(
         None, "--clean-data", help="A trusted table for the clean pool (for data that is already noisy)."
     ),
     text_column: list[str] = typer.Option(
-        [], "--text-column", help="Text column; repeat to join several (e.g. title + description) "
-        "\\[default: text, sentence or content]."
+        [],
+        "--text-column",
+        help="Text column; repeat to join several (e.g. title + description) \\[default: text, sentence or content].",
     ),
     label_column: str = typer.Option("label", "--label-column", help="Label column (ints or strings)."),
     true_label_column: str | None = typer.Option(

@@ -56,8 +56,14 @@ def eval_cmd(
     setup_logging()
     config = build(EvalConfig, locals())
     result = evaluate(
-        config, workdir=workdir, model=model, data=data, predictions=predictions, out_dir=out,
-        overwrite=overwrite, progress=progress(),
+        config,
+        workdir=workdir,
+        model=model,
+        data=data,
+        predictions=predictions,
+        out_dir=out,
+        overwrite=overwrite,
+        progress=progress(),
     )
     if as_json:
         import json
@@ -81,8 +87,9 @@ def _print_table(m: dict[str, Any]) -> None:
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in m["per_class"]:
-        table.add_row(row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
-                      str(row["support"]))
+        table.add_row(
+            row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+        )
     console.print(table)
     cm = Table(title="confusion matrix (rows: true, columns: predicted)", box=None)
     cm.add_column("")

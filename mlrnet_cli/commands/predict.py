@@ -58,7 +58,11 @@ def predict_cmd(
 
     setup_logging()
     config = PredictConfig(
-        batch_size=batch_size, max_length=max_length, device=device, bf16=bf16, text_column=text_column,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        bf16=bf16,
+        text_column=text_column,
         with_text=with_text,
     )
     texts = None
@@ -67,7 +71,14 @@ def predict_cmd(
             raise UsageError("no texts to predict", "pass --data FILE, or pipe one text per line on stdin")
         texts, data = sys.stdin.read().splitlines(), None
     result = predict(
-        config, workdir=workdir, model=model, data=data, texts=texts, out=out, fmt=fmt, overwrite=overwrite,
+        config,
+        workdir=workdir,
+        model=model,
+        data=data,
+        texts=texts,
+        out=out,
+        fmt=fmt,
+        overwrite=overwrite,
         progress=progress(),
     )
     if result.path is not None:

@@ -106,8 +106,14 @@ def train_cmd(
     paths = {"train_path": train_path, "clean_path": clean_path, "losses_path": losses_path}
     run_on_ranks(
         lambda prog: train(
-            config, workdir=workdir, **paths, manifest_path=manifest_path, dev_path=dev, out_dir=out,
-            overwrite=overwrite, progress=prog,
+            config,
+            workdir=workdir,
+            **paths,
+            manifest_path=manifest_path,
+            dev_path=dev,
+            out_dir=out,
+            overwrite=overwrite,
+            progress=prog,
         ),
         lambda result: emit(
             {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},

@@ -61,8 +61,16 @@ def weights_cmd(
     setup_logging()
     config = build(WeightsConfig, locals())
     result = compute_weights(
-        config, workdir=workdir, model=model, train=train, losses=losses, out=out, export_relabel=export_relabel,
-        plot=plot, overwrite=overwrite, progress=progress(),
+        config,
+        workdir=workdir,
+        model=model,
+        train=train,
+        losses=losses,
+        out=out,
+        export_relabel=export_relabel,
+        plot=plot,
+        overwrite=overwrite,
+        progress=progress(),
     )
     _print_summary(result.summary, result.top, stderr_console())
     emit(result.paths, {"summary": result.summary, "top": result.top}, as_json)
@@ -100,6 +108,11 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             tt.add_column(col, justify="right" if col in ("rank", "weight") else "left")
         for r in top:
             text = r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."
-            tt.add_row(str(r["rank"]), f"{r['weight']:.4f}", r["label_name"],
-                       f"{r['predicted_name']} ({r['probability']:.2f})", text)
+            tt.add_row(
+                str(r["rank"]),
+                f"{r['weight']:.4f}",
+                r["label_name"],
+                f"{r['predicted_name']} ({r['probability']:.2f})",
+                text,
+            )
         console.print(tt)
