@@ -63,18 +63,22 @@ def read_ag_csv(path: Path) -> dict[str, list[Any]]:
     return out
 
 
-def read_ag_parquet(path: Path) -> dict[str, list[Any]]:
-    """A parquet split with ``text`` and ``label`` 0-3 (e.g. the hub's files); title/description if present."""
+def read_ag_parquet(paths: list[Path]) -> dict[str, list[Any]]:
+    """A parquet split (one file or the hub's shards) with ``text`` and ``label`` 0-3; ``title``,
+    ``description`` and ``has_title`` are kept when present (so this project's own copy reads back as it is)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path)
+    path = paths[0]
+    t = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
     missing = {"text", "label"} - set(t.column_names)
     if missing:
         raise SystemExit(f"{path}: no column {', '.join(sorted(missing))} (need text and label 0-3)")
     n = t.num_rows
     return {"text": t["text"].to_pylist(), "label": [int(x) for x in t["label"].to_pylist()],
             "title": t["title"].to_pylist() if "title" in t.column_names else [None] * n,
-            "description": t["description"].to_pylist() if "description" in t.column_names else [None] * n}
+            "description": t["description"].to_pylist() if "description" in t.column_names else [None] * n,
+            **({"has_title": t["has_title"].to_pylist()} if "has_title" in t.column_names else {})}
 
 
 def read_ag_hub(split: str) -> dict[str, list[Any]]:  # pragma: no cover - needs the hub
@@ -90,10 +94,14 @@ def read_ag_split(source: str, split: str) -> tuple[dict[str, list[Any]], str]:
     if source == "hub":
         return read_ag_hub(split), f"hub:{HUB_AG_NEWS}"
     folder = Path(source).expanduser()
-    for name, reader in ((f"{split}.csv", read_ag_csv), (f"{split}.parquet", read_ag_parquet)):
-        if (folder / name).is_file():
-            return reader(folder / name), f"{folder.name}/{name}"
-    raise SystemExit(f"{folder}: neither {split}.csv (ag_news_csv) nor {split}.parquet found")
+    if (folder / f"{split}.csv").is_file():
+        return read_ag_csv(folder / f"{split}.csv"), f"{folder.name}/{split}.csv"
+    # train.parquet, or the hub's shards as downloaded (data/train-00000-of-00001.parquet)
+    for pattern in (f"{split}.parquet", f"{split}-*.parquet", f"data/{split}-*.parquet"):
+        shards = sorted(folder.glob(pattern))
+        if shards:
+            return read_ag_parquet(shards), f"{folder.name}/{pattern}"
+    raise SystemExit(f"{folder}: neither {split}.csv (ag_news_csv) nor {split}.parquet (or its shards) found")
 
 
 def build_ag_news(source: str, out: Path) -> dict[str, int]:
@@ -107,11 +115,11 @@ def build_ag_news(source: str, out: Path) -> dict[str, int]:
         if split == "train":
             # the paper's text is title + description; a row of a copy without titles cannot be told apart,
             # so has_title says whether this copy had a title for the row
-            has_title = [t is None or bool(t.strip()) for t in rows["title"]]
+            has_title = rows.get("has_title") or [t is None or bool(t.strip()) for t in rows["title"]]
             table = {"text": rows["text"], "label": rows["label"], "has_title": has_title,
                      "source": [origin] * len(rows["text"])}
         else:
-            table = rows
+            table = {k: rows[k] for k in ("text", "label", "title", "description")}
         _write_parquet(table, out / "ag_news" / f"{split}.parquet")
         counts[split] = len(rows["text"])
     (out / "ag_news" / "classes.txt").write_text("\n".join(AG_CLASSES) + "\n")
