@@ -14,8 +14,9 @@ it scores every training row, high = suspected mislabelled:
 - ``cleanlab-stage1``: the same from the stage-1 classifier. ``--stage1 oof`` (default) retrains it on each
   4/5 fold with ``mlrnet collect-losses`` and the base's own settings and predicts the held-out fifth with
   ``mlrnet eval --predictions``: five stage-1 runs, each encoding its rows again even with a frozen encoder
-  (about 27 minutes for the frozen IF 20 cell on a loaded 2-core CPU), about five stage 1s for fine-tuned cells. ``--stage1 in-sample`` uses the base's stage-1 classifier on its own training
-  rows (labelled ``cleanlab-stage1-insample``: it has fitted the very labels it judges).
+  (about 27 minutes for the frozen IF 20 cell on a loaded 2-core CPU), about five stage 1s for fine-tuned
+  cells. ``--stage1 in-sample`` uses the base's stage-1 classifier on its own training rows (labelled
+  ``cleanlab-stage1-insample``: it has fitted the very labels it judges).
 
 It reports ROC-AUC, average precision and precision at the noise count (k = the number of noisy rows), over all
 rows and within each observed label, averaged over labels (a label with no noisy or no clean row is left out
