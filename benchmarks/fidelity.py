@@ -11,6 +11,9 @@ in its own workspace that links the base's data, caches and loss curves, then ru
     python benchmarks/fidelity.py --grid table1-frozen --out bench-work/frozen
     python benchmarks/fidelity.py --grid cic --out bench-work/cic --seeds 1     # DataCLUE CIC, not pretrained
     python benchmarks/fidelity.py --report bench-work/fidelity   # markdown table on stdout
+
+The data come from ``--data-root`` (default: the project's ``../shared/data``); ``benchmarks/prepare_data.py``
+builds that layout from the public AG News (hub or a local copy) and DataCLUE CIC.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class Budget:
     meta_pool_per_class: int = 200
 
 
-def grids(seeds: int) -> dict[str, list[Cell]]:
+def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
     # the fine-tuned cells keep the meta step of their recorded results (docs/results.md): dropout on in the meta
     # forward (--meta-dropout), the default before the meta loss moved to eval mode
     ft = {"extra_train": ("--meta-dropout",)}
@@ -110,7 +113,7 @@ def grids(seeds: int) -> dict[str, list[Cell]]:
                 "--meta-pool-per-class",
                 "1",
                 "--clean-data",
-                str(SHARED / "dataclue_cic" / "dev.json"),
+                str(data_root / "dataclue_cic" / "dev.json"),
             ),
         )
         for s in range(seeds)
@@ -155,17 +158,17 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
     return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
 
 
-def prepare_data(out: Path, budget: Budget) -> tuple[Path, Path]:
+def prepare_data(out: Path, budget: Budget, data_root: Path = SHARED) -> tuple[Path, Path]:
     """AG News rows with titles (as in the paper) and a fixed, documented test subset."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     train_p, test_p = out / "agnews-train-titled.parquet", out / f"agnews-test-{budget.test_rows}.parquet"
     if not train_p.exists():
-        t = pq.read_table(SHARED / "ag_news" / "train.parquet")
+        t = pq.read_table(data_root / "ag_news" / "train.parquet")
         pq.write_table(t.filter(t["has_title"]).select(["text", "label"]), train_p)
     if not test_p.exists():
-        t = pq.read_table(SHARED / "ag_news" / "test.parquet").select(["text", "label"])
+        t = pq.read_table(data_root / "ag_news" / "test.parquet").select(["text", "label"])
         # a fixed stratified subset: the first test_rows/4 rows of each class in file order
         per = budget.test_rows // 4
         idx = [i for c in range(4) for i in [j for j, y in enumerate(t["label"].to_pylist()) if y == c][:per]]
@@ -173,17 +176,17 @@ def prepare_data(out: Path, budget: Budget) -> tuple[Path, Path]:
     return train_p, test_p
 
 
-def prepare_cic(out: Path, seed: int = 0) -> tuple[Path, Path, str]:
+def prepare_cic(out: Path, seed: int = 0, data_root: Path = SHARED) -> tuple[Path, Path, str]:
     """DataCLUE CIC tables and a BERT built from a config with the bert-base-chinese vocabulary (not pretrained:
     no Chinese weights are reachable offline). BERT-Tiny's shape (2 layers, hidden 128; Turc et al. 2019) so that
     the whole grid, meta methods included, trains on a CPU in under an hour."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    cic = SHARED / "dataclue_cic"
+    cic = data_root / "dataclue_cic"
     folder = out / "cic-bert-2l-128-not-pretrained"
     if not (folder / "config.json").exists():
-        tok = AutoTokenizer.from_pretrained(str(SHARED / "bert_base_chinese_tokenizer"))
+        tok = AutoTokenizer.from_pretrained(str(data_root / "bert_base_chinese_tokenizer"))
         cfg = BertConfig(
             vocab_size=tok.vocab_size,
             hidden_size=128,
@@ -444,6 +447,13 @@ def main() -> None:
     )
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
     ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
+    ap.add_argument(
+        "--data-root",
+        type=Path,
+        default=SHARED,
+        help="folder with ag_news/ (and dataclue_cic/, bert_base_chinese_tokenizer/ for --grid cic), "
+        "as benchmarks/prepare_data.py builds it [default: the project's ../shared/data]",
+    )
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
     if args.report:
@@ -465,13 +475,13 @@ def main() -> None:
         meta_only_epochs=args.meta_only_epochs,
     )
     if cic:
-        train_p, test_p, built = prepare_cic(args.out)
+        train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)
         model = args.model or built
     else:
         model = args.model or minilm_path()
-        train_p, test_p = prepare_data(args.out, budget)
+        train_p, test_p = prepare_data(args.out, budget, data_root=args.data_root)
     results = args.out / "results.jsonl"
-    cells = grids(args.seeds)[args.grid]
+    cells = grids(args.seeds, args.data_root.resolve())[args.grid]
     # --only NAME: that cell if one has exactly this name (IF20-u0.4-m10 is not IF20-u0.4-m100), else a substring
     exact = args.only in {c.name for c in cells}
     for cell in cells:

@@ -65,7 +65,9 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
         return {}
 
     monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(fidelity, "prepare_data", lambda out, budget: (out / "train.pq", out / "test.pq"))
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
     monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
     done = {"cell": "IF20-u0.4-m20", "method": "plain", "seed": 1, "accuracy": 0.6, "macro_f1": 0.5}
     (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
@@ -127,7 +129,9 @@ def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monke
         return {"accuracy": 0.5, "macro_f1": 0.5}
 
     monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(fidelity, "prepare_data", lambda out, budget: (out / "train.pq", out / "test.pq"))
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
     monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
     for only, cells in (("IF20-u0.4-m10", ["m10"]), ("IF20-u0.4-m1", ["m10", "m100"])):
         workdirs.clear()
