@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from mlrnet_cli.metrics import average_precision, precision_at_k, roc_auc  # numpy only, no torch
+from mlrnet_cli.metrics import detection_report  # numpy only, no torch
 
 FOLDS = 5
 SCORES = ("mlrnet-weight", "mwnet-weight", "stage1-loss", "cleanlab-lr", "cleanlab-stage1")
@@ -54,17 +54,12 @@ SCORES = ("mlrnet-weight", "mwnet-weight", "stage1-loss", "cleanlab-lr", "cleanl
 
 
 def detection_metrics(scores: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
-    """ROC-AUC, average precision and precision@k (k = number of noisy rows) of ``scores`` (high = noisy)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(noisy).astype(bool)
-    k = int(y.sum())
-    return {
-        "roc_auc": roc_auc(s, y),
-        "average_precision": average_precision(s, y),
-        "precision_at_k": precision_at_k(s, y, k),
-        "k": k,
-        "rows": int(y.size),
-    }
+    """ROC-AUC, average precision and precision@k (k = number of noisy rows) of ``scores`` (high = noisy).
+
+    The same computation `mlrnet weights` reports (``metrics.detection_report``), so the two tables agree."""
+    report = detection_report(np.asarray(scores, dtype=np.float64), np.asarray(noisy).astype(bool))
+    keys = ("roc_auc", "average_precision", "precision_at_k", "k")
+    return {**{key: report[key] for key in keys}, "rows": report["num_rows"]}
 
 
 def _mean(values: list[float | None]) -> float | None:
