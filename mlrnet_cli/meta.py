@@ -210,7 +210,8 @@ def _directional_losses(
         }
         if features is not None:
             assert fns.head is not None
-            logits = _call_with(model, fns.head, duals, features)
+            # the real forward ran under bf16 autocast on CUDA; this replay runs outside it, in the head's dtype
+            logits = _call_with(model, fns.head, duals, features.to(params[names[0]].dtype))
         else:
             with _replay_rng(rng, device):
                 _, logits = _call_with(model, fns.forward, duals, batch.inputs)
