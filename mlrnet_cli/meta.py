@@ -186,7 +186,8 @@ def _meta_logits(
             assert fns.head is not None
             with torch.no_grad():
                 features, _ = fns.forward(model, meta.inputs)
-            return _call_with(model, fns.head, params, features.detach())
+            # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
+            return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
         _, logits = _call_with(model, fns.forward, params, meta.inputs)
         return logits
 

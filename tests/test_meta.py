@@ -216,17 +216,30 @@ def test_meta_params_agree_when_only_the_head_trains():
     assert torch.equal(grads["all"], grads["head"]) and torch.equal(grads["all"], grads["last-1"])
 
 
-def test_head_path_takes_lower_precision_features_from_the_real_forward():
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_head_path_takes_lower_precision_features_from_the_real_forward(mode):
     """On CUDA the real forward runs under bf16 autocast, so its features are not in the head's dtype; the
-    head-only replay (eq. 5's directional losses) must still run, outside autocast, and give the same θ step."""
+    head-only meta forward at ŵ and the replay of the directional losses run outside it and give the same θ step."""
     model, batch, meta = _bert(), _batch(6, 0), _batch(4, 1)
     names = resolve_meta_params(model, "head", "classifier.")
-    exact, _ = _theta_grad(model, _meta_net("mlrnet"), batch, meta, alpha=2.0, names=names, normalize=True)
+    exact, _ = _theta_grad(model, _meta_net("mlrnet"), batch, meta, alpha=2.0, names=names, normalize=True, mode=mode)
     net = _meta_net("mlrnet")
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    low = lambda inputs: tuple(t.float() for t in _forward(model, inputs))  # noqa: E731
+    low = lambda m, inputs: tuple(t.float() for t in _forward(m, inputs))  # noqa: E731
+    fns = ClassifierFns(forward=low, head=_head, head_prefix="classifier.")
+    real = lambda inputs: low(model, inputs)  # noqa: E731
     meta_step(
-        model, net, opt, batch, meta, alpha=2.0, meta_params=names, normalize_weights=True, fns=FNS, real_forward=low
+        model,
+        net,
+        opt,
+        batch,
+        meta,
+        alpha=2.0,
+        meta_params=names,
+        normalize_weights=True,
+        fns=fns,
+        real_forward=real,
+        mode=mode,
     )
     lowered = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     assert exact.abs().max() > 0
