@@ -124,3 +124,19 @@ def mlrnet_logs(caplog: pytest.LogCaptureFixture):
     logger.removeHandler(caplog.handler)
     logger.setLevel(before)
     logger.propagate = propagate
+
+
+def trained_workspace(root: Path, model_dir: Path, collect: list[str], train: list[str]) -> Path:
+    """A workspace after corrupt, collect-losses and train, run through the CLI with the given options."""
+    from typer.testing import CliRunner
+
+    from mlrnet_cli.cli import app
+
+    ws = make_workspace(root)
+    for args in (
+        ["collect-losses", "-w", str(ws), "--model", str(model_dir), *collect],
+        ["train", "-w", str(ws), *train],
+    ):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+    return ws

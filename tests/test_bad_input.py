@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_workspace, write_synthetic_source
+from conftest import make_workspace, trained_workspace, write_synthetic_source
 from typer.testing import CliRunner
 
 from mlrnet_cli import artifacts
@@ -32,12 +32,7 @@ TRAIN = ["--epochs", "1", "--batch-size", "16", "--meta-per-class", "4", "--meta
 @pytest.fixture(scope="module")
 def done_ws(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A workspace after corrupt, collect-losses and train (1 epoch each): copied by every case."""
-    ws = make_workspace(tmp_path_factory.mktemp("bad-input") / "ws")
-    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "-w", str(ws), *TRAIN])
-    assert r.exit_code == 0, r.output
-    return ws
+    return trained_workspace(tmp_path_factory.mktemp("bad-input") / "ws", tiny_model_dir, COLLECT, TRAIN)
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_workspace, write_synthetic_source
+from conftest import trained_workspace, write_synthetic_source
 from typer.testing import CliRunner
 
 from mlrnet_cli import artifacts
@@ -43,12 +43,7 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def done_ws(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """corrupt, collect-losses and train (MLRNet, 1 epoch each, --max-length 24): copied by the tests."""
-    ws = make_workspace(tmp_path_factory.mktemp("first-hour") / "ws")
-    r = runner.invoke(app, ["collect-losses", "-w", str(ws), "--model", str(tiny_model_dir), *COLLECT])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "-w", str(ws), *TRAIN])
-    assert r.exit_code == 0, r.output
-    return ws
+    return trained_workspace(tmp_path_factory.mktemp("first-hour") / "ws", tiny_model_dir, COLLECT, TRAIN)
 
 
 @pytest.fixture
