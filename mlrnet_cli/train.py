@@ -1,4 +1,4 @@
-"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net or a plain baseline.
+"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net, MLC or a plain baseline.
 
 ``train(config, ...)`` reads ``data/train.arrow``, ``data/clean.arrow`` and ``losses.safetensors`` from the
 workspace, draws a balanced, seeded meta set from the clean pool (disjoint from the training rows) after
