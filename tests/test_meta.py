@@ -481,3 +481,21 @@ def test_lcn_gives_soft_labels_and_is_rebuilt_from_its_spec():
     assert type(rebuilt) is LabelCorrectionNet
     rebuilt.load_state_dict(lcn.state_dict())
     assert torch.equal(rebuilt(feats, labels), y)
+
+
+@pytest.mark.parametrize(("spec", "mode"), [("head", "jvp"), ("head", "unrolled"), ("all", "jvp")])
+def test_mlc_takes_lower_precision_features_and_logits_from_the_real_forward(spec, mode):
+    """Under bf16 autocast (CUDA) the real forward's features and logits are not in the LCN's or the head's dtype;
+    the LCN, the head-only replay and the soft-label losses cast them and give the same θ step."""
+    model, batch, meta = _bert(), _batch(6, 0, curves=False), _batch(4, 1, curves=False)
+    names = resolve_meta_params(model, spec, "classifier.")
+    exact, _ = _mlc_theta_grad(model, _lcn(), batch, meta, alpha=2.0, names=names, mode=mode)
+    lcn = _lcn()
+    low = lambda m, inputs: tuple(t.float() for t in _forward(m, inputs))  # noqa: E731
+    fns = ClassifierFns(forward=low, head=_head, head_prefix="classifier.")
+    opt = torch.optim.SGD(lcn.parameters(), lr=0.0)
+    real = lambda inputs: low(model, inputs)  # noqa: E731
+    out = mlc_step(model, lcn, opt, batch, meta, alpha=2.0, meta_params=names, fns=fns, real_forward=real, mode=mode)
+    lowered = torch.cat([p.grad.reshape(-1) for p in lcn.parameters()])
+    assert exact.abs().max() > 0 and out.losses.dtype == torch.float32  # the logits' precision, at least float32
+    torch.testing.assert_close(lowered, exact, rtol=1e-3, atol=1e-6)
