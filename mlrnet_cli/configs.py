@@ -17,16 +17,17 @@ C = TypeVar("C")
 
 
 class Method(str, Enum):
-    """`train --method`: the paper's method, MW-Net, and the three baselines."""
+    """`train --method`: the paper's method, MW-Net, MLC, and the three baselines."""
 
     mlrnet = "mlrnet"
     mwnet = "mwnet"
+    mlc = "mlc"
     plain = "plain"
     plain_meta = "plain-meta"
     meta_only = "meta-only"
 
 
-META_METHODS = (Method.mlrnet.value, Method.mwnet.value)
+META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
 
 
 class InitFrom(str, Enum):
@@ -129,7 +130,7 @@ class CollectConfig:
 class TrainConfig:
     """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
 
-    method: str = Method.mlrnet.value  # mlrnet | mwnet | plain | plain-meta | meta-only
+    method: str = Method.mlrnet.value  # mlrnet | mwnet | mlc | plain | plain-meta | meta-only
     meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
     epochs: int = 10  # paper: 10 on AG News
     lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
@@ -140,8 +141,8 @@ class TrainConfig:
     meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
     meta_interval: int = 1  # update θ every K classifier steps
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
-    label_emb_dim: int = 128  # §4.3: label embedding (C, 128)
-    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i
+    label_emb_dim: int = 128  # §4.3: label embedding (C, 128); also MLC's label embedding
+    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i; also MLC's hidden layers (its reference: 128)
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training
     dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)

@@ -1,4 +1,4 @@
-"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net or a plain baseline.
+"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net, MLC or a plain baseline.
 
 ``train(config, ...)`` reads ``data/train.arrow``, ``data/clean.arrow`` and ``losses.safetensors`` from the
 workspace, draws a balanced, seeded meta set from the clean pool (disjoint from the training rows) after
@@ -26,8 +26,8 @@ from mlrnet_cli.configs import Method, TrainConfig
 from mlrnet_cli.distributed import Shard
 from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
-from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, per_sample_loss, resolve_meta_params
-from mlrnet_cli.metanet import MLRNetMetaNet, MWNet, normalized_curves
+from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, mlc_step, per_sample_loss, resolve_meta_params
+from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, normalized_curves
 from mlrnet_cli.modeling import eval_mode, to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
@@ -285,7 +285,8 @@ def _load_model(
 
 
 def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches: _Batches) -> torch.nn.Module | None:
-    """θ of the method's meta-net (MW-Net's V(L_i), or MLRNet's V(DF(h, Y_emb, I))), the same on every rank."""
+    """θ of the method's meta-net (MW-Net's V(L_i), MLRNet's V(DF(h, Y_emb, I)), or MLC's label-correction
+    network ŷ(h, Y_emb)), the same on every rank."""
     torch.manual_seed(seeding.init_seed(config.seed))
     if config.method == "mwnet":
         meta_net: torch.nn.Module = MWNet()
@@ -299,6 +300,12 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
             inp.curves.shape[1],
             label_emb_dim=config.label_emb_dim,
             df_dim=config.df_dim,
+        )
+    elif config.method == "mlc":
+        with torch.no_grad():
+            probe_f, _ = batches.forward(model, batches.inputs_of("train", np.array([0])))
+        meta_net = LabelCorrectionNet(
+            probe_f.shape[-1], inp.manifest.num_classes, label_emb_dim=config.label_emb_dim, hidden_dim=config.df_dim
         )
     else:
         return None
@@ -457,10 +464,72 @@ class MetaStep:
         return run.finish(shard, len(chunk), res.loss, res.losses.mean())
 
 
+class MlcStep:
+    """``mlc``: Meta Label Correction (:func:`mlrnet_cli.meta.mlc_step`) on the training rows, the meta batch
+    drawn from the meta set as for :class:`MetaStep`; the LCN's probability of each row's observed label,
+    ŷ_i(ỹ_i), is summed for the epoch statistics (the history's ``weight_*`` columns)."""
+
+    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        cfg = run.config
+        self.run = run
+        # microsoft/MLC's meta optimiser: Adam with AMSGrad and no weight decay
+        self.optimizer = torch.optim.Adam(run.meta_net.parameters(), lr=cfg.meta_lr, weight_decay=0.0, amsgrad=True)
+        self.names = resolve_meta_params(run.model, cfg.meta_params, run.batches.head_prefix)
+        self.mbs = min(cfg.meta_batch_size or cfg.batch_size, len(run.inp.meta_pos))
+        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
+        self.meta_slot = torch.arange(self.mbs) + distributed.rank() * self.mbs
+
+    def meta_batch(self) -> StepBatch:
+        """This step's clean meta batch (one draw of the epoch's meta generator per step, as in MetaStep)."""
+        run, meta_pos = self.run, self.run.inp.meta_pos
+        mperm = torch.randperm(len(meta_pos), generator=run.epoch.meta_gen)
+        mpos = meta_pos[mperm[self.meta_slot % len(meta_pos)].numpy()]
+        return StepBatch(run.batches.inputs_of("clean", mpos), to_device(run.labels["clean"][mpos], run.device))
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, cfg = self.run, self.run.config
+        pos = np.array([p for _, p in run.chunk(shard)])
+        pos_t = torch.from_numpy(pos)
+        labels = to_device(run.labels["train"][pos_t], run.device)
+        batch = StepBatch(run.batches.inputs_of("train", pos), labels)
+        mb = self.meta_batch()
+        reduce_meta = None
+        if distributed.is_distributed():
+
+            def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
+                distributed.all_reduce_mean_(grads, share)
+
+        res = mlc_step(
+            run.model,
+            run.meta_net,
+            self.optimizer,
+            batch,
+            mb,
+            alpha=cfg.virtual_lr,
+            meta_params=self.names,
+            fns=run.batches.fns,
+            update_meta=index % cfg.meta_interval == 0,
+            mode=cfg.meta_mode,
+            meta_dropout=cfg.meta_dropout,
+            real_forward=run.real_forward,
+            reduce_meta_grads=reduce_meta,
+            meta_grad_scale=1.0 / cfg.virtual_lr,  # as in MetaStep: dL_meta/dθ is O(α)
+        )
+        if not shard.is_placeholder:
+            pos_d = to_device(pos_t, run.device)
+            agreement = res.soft_labels.gather(1, labels[:, None]).squeeze(1)
+            run.epoch.w_sum.index_add_(0, pos_d, agreement.double())
+            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
+            if res.meta_loss is not None:
+                run.epoch.meta_losses.append(res.meta_loss)
+        return run.finish(shard, len(pos), res.loss, res.losses.mean())
+
+
 #: the step of each --method (a new method: one step class, one line here, its tests)
 STEPS: dict[str, type] = {
     "mlrnet": MetaStep,
     "mwnet": MetaStep,
+    "mlc": MlcStep,
     "plain": PlainStep,
     "plain-meta": MixedStep,
     "meta-only": PlainStep,

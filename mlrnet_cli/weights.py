@@ -133,6 +133,12 @@ def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dic
             "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
         )
     tensors, meta = read_tensors(path, "meta-net")
+    if isinstance(meta.get("meta_net"), dict) and meta["meta_net"].get("kind") == "mlc":
+        raise ModelError(
+            f"{model_dir} was trained with `--method mlc`: its meta-net corrects labels (soft labels), it does not "
+            "weight rows",
+            "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
+        )
     spec = _find_spec(meta) or _find_spec_in_folder(model_dir)
     if spec is None:
         raise ArtifactError(f"{path} does not say which meta-net it holds (no spec in its metadata)")
