@@ -189,7 +189,8 @@ class TrainConfig:
         if self.meta_share and self.method not in META_METHODS:
             raise UsageError(
                 f"--meta-share applies to the meta methods ({', '.join(META_METHODS)}), not --method {self.method}",
-                "plain-meta and meta-only already train on the meta rows",
+                "it adds the meta batch to the meta step's real update; plain-meta and meta-only train on the "
+                "meta rows already",
             )
 
     def provenance_config(self) -> dict[str, Any]:
