@@ -34,6 +34,7 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
+META_METHODS = ("mwnet", "mlrnet")  # the methods `train --meta-share` applies to
 
 
 def minilm_path() -> str:
@@ -79,6 +80,9 @@ class Budget:
     # meta-only sees 80 rows, i.e. 5 steps an epoch: at the shared epoch budget it gets 1/20 of plain's steps
     meta_only_epochs: int | None = None  # None = epochs
     meta_pool_per_class: int = 200
+    # `train --meta-share S` for the meta methods (the meta batch also enters the real step); None = not passed,
+    # i.e. the CLI's default. Not a budget, but every row records it here and the run key follows it
+    meta_share: float | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -130,9 +134,18 @@ def method_epochs(method: str, budget: dict) -> int | None:
 
 def method_label(method: str, budget: dict) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
-    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``."""
+    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``; so is
+    a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``)."""
     epochs = method_epochs(method, budget)
-    return f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    share = budget.get("meta_share")
+    return f"{label}-share{share:g}" if share is not None and method in META_METHODS else label
+
+
+def method_train_args(method: str, budget: dict) -> list[str]:
+    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``)."""
+    share = budget.get("meta_share")
+    return ["--meta-share", f"{share:g}"] if share is not None and method in META_METHODS else []
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
@@ -323,6 +336,7 @@ def run_cell(
                 str(epochs),
                 *common,
                 *cell.extra_train,
+                *method_train_args(method, asdict(budget)),
                 "--json",
             ],
             log,
@@ -394,25 +408,34 @@ def report(out: Path) -> str:
                 f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
                 f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |"
             )
-    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed
-    others = [m for m in labels if m != "mlrnet"]
-    paired = [
+    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed; one table per
+    # MLRNet variant (e.g. mlrnet-share0.5 beside mlrnet)
+    paired: list[str] = []
+    for ref in [m for m in labels if method_of[m] == "mlrnet"]:
+        paired += _paired(by, cells, ref, [m for m in labels if m != ref])
+    return "\n".join(md + paired)
+
+
+def _paired(by: dict[tuple[str, str], list[dict]], cells: list[str], ref: str, others: list[str]) -> list[str]:
+    """The markdown table of ``ref`` minus each of ``others`` per cell, on the seeds both ran ([] if none)."""
+    block = [
         "",
-        "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):",
+        f"{'MLRNet' if ref == 'mlrnet' else ref} minus each method, test accuracy points, on the seeds both ran "
+        "(mean; wins / seeds):",
         "",
         "| cell | " + " | ".join(others) + " |",
         "|---|" + "---|" * len(others),
     ]
     for c in cells:
-        mine = {r["seed"]: r["accuracy"] for r in by.get((c, "mlrnet"), []) if r["accuracy"] is not None}
+        mine = {r["seed"]: r["accuracy"] for r in by.get((c, ref), []) if r["accuracy"] is not None}
         row = []
         for m in others:
             theirs = {r["seed"]: r["accuracy"] for r in by.get((c, m), []) if r["accuracy"] is not None}
             diffs = [100 * (mine[k] - theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
             row.append(f"{statistics.mean(diffs):+.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "-")
         if mine:
-            paired.append(f"| {c} | " + " | ".join(row) + " |")
-    return "\n".join(md + (paired if len(paired) > 5 else []))
+            block.append(f"| {c} | " + " | ".join(row) + " |")
+    return block if len(block) > 5 else []
 
 
 def main() -> None:
@@ -446,6 +469,13 @@ def main() -> None:
         help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain",
     )
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
+    ap.add_argument(
+        "--meta-share",
+        type=float,
+        default=None,
+        help="pass `train --meta-share S` to mwnet and mlrnet; their results are labelled (mlrnet-shareS) "
+        "[default: not passed, the CLI's default]",
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
     ap.add_argument(
         "--data-root",
@@ -473,6 +503,7 @@ def main() -> None:
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
         meta_only_epochs=args.meta_only_epochs,
+        meta_share=args.meta_share,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)
