@@ -36,6 +36,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: every method, in the tables' order; a cell runs METHODS_DEFAULT unless it names its own
 METHODS = ("plain", "plain-meta", "meta-only", "glc", "mwnet", "mlc", "mlrnet")
 METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
+#: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
+SHARE_METHODS = ("mwnet", "mlrnet")
 #: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
 NEEDS_STAGE1 = ("mlrnet", "glc")
 #: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method
@@ -101,6 +103,9 @@ class Budget:
     # meta-only sees 80 rows, i.e. 5 steps an epoch: at the shared epoch budget it gets 1/20 of plain's steps
     meta_only_epochs: int | None = None  # None = epochs
     meta_pool_per_class: int = 200
+    # `train --meta-share S` for the meta methods (the meta batch also enters the real step); None = not passed,
+    # i.e. the CLI's default. Not a budget, but every row records it here and the run key follows it
+    meta_share: float | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -147,8 +152,24 @@ def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
         for kind in ("uniform", "flip")
         for p in (0.2, 0.4, 0.6, 0.8)
     ]
-    smoke = [Cell("smoke", 4, "uniform:0.4", 5, 0, n_max=40, methods=("plain", "mwnet", "mlrnet"))]
-    return {"headline": headline, "table1-frozen": frozen, "table2-frozen": table2, "cic": cic, "smoke": smoke}
+    smoke = [
+        Cell(
+            "smoke",
+            4,
+            "uniform:0.4",
+            5,
+            0,
+            n_max=40,
+            methods=("plain", "mwnet", "mlrnet"),
+        )
+    ]
+    return {
+        "headline": headline,
+        "table1-frozen": frozen,
+        "table2-frozen": table2,
+        "cic": cic,
+        "smoke": smoke,
+    }
 
 
 @dataclass(frozen=True)
@@ -199,9 +220,18 @@ def method_epochs(method: str, budget: dict) -> int | None:
 
 def method_label(method: str, budget: dict) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
-    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``."""
+    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``; so is
+    a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``)."""
     epochs = method_epochs(method, budget)
-    return f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    share = budget.get("meta_share")
+    return f"{label}-share{share:g}" if share is not None and method in SHARE_METHODS else label
+
+
+def method_train_args(method: str, budget: dict) -> list[str]:
+    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``)."""
+    share = budget.get("meta_share")
+    return ["--meta-share", f"{share:g}"] if share is not None and method in SHARE_METHODS else []
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
@@ -251,7 +281,10 @@ def prepare_data(out: Path, budget: Budget, data_root: Path = SHARED) -> tuple[P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    train_p, test_p = out / "agnews-train-titled.parquet", out / f"agnews-test-{budget.test_rows}.parquet"
+    train_p, test_p = (
+        out / "agnews-train-titled.parquet",
+        out / f"agnews-test-{budget.test_rows}.parquet",
+    )
     if not train_p.exists():
         t = pq.read_table(data_root / "ag_news" / "train.parquet")
         pq.write_table(t.filter(t["has_title"]).select(["text", "label"]), train_p)
@@ -385,7 +418,19 @@ def run_cell(
     if cell.freeze_encoder:
         stage.append("--freeze-encoder")
     with _waiting_lock(out / "work" / f".{cell.base_key}.lock"):
-        _prepare_base(cell, base, budget, stage, train_p, test_p, methods or cell.methods, log, env, mlrnet, common)
+        _prepare_base(
+            cell,
+            base,
+            budget,
+            stage,
+            train_p,
+            test_p,
+            methods or cell.methods,
+            log,
+            env,
+            mlrnet,
+            common,
+        )
     rows = []
     commit = code_commit()
     for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
@@ -413,6 +458,7 @@ def run_cell(
                 str(epochs),
                 *common,
                 *cell.extra_train,
+                *method_train_args(method, asdict(budget)),
                 *variant.flags,  # after the cell's own flags: the later value of an option wins
                 "--json",
             ],
@@ -534,10 +580,17 @@ def report(out: Path) -> str:
                 f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
                 f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |"
             )
-    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed
-    ref = "mlrnet-tuned" if any(k[1] == "mlrnet-tuned" for k in by) else "mlrnet"
-    others = [m for m in labels if m != ref]
-    paired = [
+    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed: against the
+    # tuned MLRNet when there is one, else against each MLRNet variant (e.g. mlrnet-share0.5 beside mlrnet)
+    tuned = any(k[1] == "mlrnet-tuned" for k in by)
+    refs = ["mlrnet-tuned"] if tuned else [m for m in labels if method_of[m] == "mlrnet"]
+    paired = [line for ref in refs for line in _paired(by, cells, ref, [m for m in labels if m != ref])]
+    return "\n".join(md + paired + _noise_type_means(lines, labels) + _choices(everything))
+
+
+def _paired(by: dict[tuple[str, str], list[dict]], cells: list[str], ref: str, others: list[str]) -> list[str]:
+    """The markdown table of ``ref`` minus each of ``others`` per cell, on the seeds both ran ([] if none)."""
+    block = [
         "",
         f"{ref} minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):",
         "",
@@ -552,8 +605,8 @@ def report(out: Path) -> str:
             diffs = [100 * (mine[k] - theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
             row.append(f"{statistics.mean(diffs):+.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "-")
         if mine:
-            paired.append(f"| {c} | " + " | ".join(row) + " |")
-    return "\n".join(md + (paired if len(paired) > 5 else []) + _noise_type_means(lines, labels) + _choices(everything))
+            block.append(f"| {c} | " + " | ".join(row) + " |")
+    return block if len(block) > 5 else []
 
 
 def _noise_type_means(lines: list[dict], labels: list[str]) -> list[str]:
@@ -568,7 +621,11 @@ def _noise_type_means(lines: list[dict], labels: list[str]) -> list[str]:
     kinds = [k for k in ("uniform", "flip") if k in groups]
     if not any(max(len(v) for v in groups[k].values()) > 1 for k in kinds):
         return []
-    out = ["", "Mean test accuracy % over the noise levels of each type (IF 1; levels per mean in brackets):", ""]
+    out = [
+        "",
+        "Mean test accuracy % over the noise levels of each type (IF 1; levels per mean in brackets):",
+        "",
+    ]
     out += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for m in labels:
         cells = [groups[k].get(m) for k in kinds]
@@ -584,7 +641,11 @@ def _choices(rows: list[dict]) -> list[str]:
     tuned = [r for r in rows if r.get("candidates_dev_accuracy")]
     if not tuned:
         return []
-    out = ["", f"Meta settings chosen on the dev rows of seed {TUNING_SEED} (dev accuracy % per preset):", ""]
+    out = [
+        "",
+        f"Meta settings chosen on the dev rows of seed {TUNING_SEED} (dev accuracy % per preset):",
+        "",
+    ]
     out += [
         "| cell | method | " + " | ".join(META_PRESETS) + " | chosen |",
         "|---|---|" + "---|" * len(META_PRESETS) + "---|",
@@ -617,12 +678,23 @@ def _todo(cell: Cell, methods: tuple[str, ...], budget: dict, results: Path, *, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--grid", choices=["headline", "table1-frozen", "table2-frozen", "cic", "smoke"], default="headline"
+        "--grid",
+        choices=["headline", "table1-frozen", "table2-frozen", "cic", "smoke"],
+        default="headline",
     )
     ap.add_argument("--out", type=Path, default=Path("bench-work/fidelity"))
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
-    ap.add_argument("--only", default=None, help="run only the cell of this name, or else those whose name contains it")
-    ap.add_argument("--seed", type=int, default=None, help="run only this seed (e.g. one seed per process)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only the cell of this name, or else those whose name contains it",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="run only this seed (e.g. one seed per process)",
+    )
     ap.add_argument(
         "--methods",
         nargs="+",
@@ -638,14 +710,24 @@ def main() -> None:
         "METHOD@PRESET rows), then run as METHOD-tuned; other seeds reuse the choice",
     )
     ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
-    ap.add_argument("--epochs", type=int, default=None, help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]",
+    )
     ap.add_argument(
         "--stage1-epochs",
         type=int,
         default=None,
         help="collect-losses [default: --epochs if given, else 3 (full), 10 (frozen), 6 (cic)]",
     )
-    ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 5e-4 (cic)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default: 5e-5 (full), 1e-2 (frozen head), 5e-4 (cic)",
+    )
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
     ap.add_argument(
         "--meta-only-epochs",
@@ -654,7 +736,19 @@ def main() -> None:
         help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain",
     )
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
-    ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
+    ap.add_argument(
+        "--meta-share",
+        type=float,
+        default=None,
+        help="pass `train --meta-share S` to " + ", ".join(SHARE_METHODS) + "; their results are labelled "
+        "METHOD-shareS [default: not passed, the CLI's default]; not with --tune",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="print the markdown table of a finished run",
+    )
     ap.add_argument(
         "--data-root",
         type=Path,
@@ -664,6 +758,9 @@ def main() -> None:
     )
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
+    if args.tune and args.meta_share is not None:
+        # the tuning rows (METHOD@PRESET, METHOD-tuned) are not labelled by the share: they would mix
+        ap.error("--meta-share with --tune is not supported yet (the tuning rows' labels do not carry the share)")
     if args.report:
         print(report(args.report))
         return
@@ -681,6 +778,7 @@ def main() -> None:
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
         meta_only_epochs=args.meta_only_epochs,
+        meta_share=args.meta_share,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)
@@ -705,7 +803,16 @@ def main() -> None:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        rows = run_cell(cell, args.out, budget, model, train_p, test_p, methods=todo, results=results)
+        rows = run_cell(
+            cell,
+            args.out,
+            budget,
+            model,
+            train_p,
+            test_p,
+            methods=todo,
+            results=results,
+        )
         if args.tune and cell.seed == TUNING_SEED:
             rows += [r for m in TUNED_PRESETS if (r := record_choice(cell, m, results)) is not None]
         print(

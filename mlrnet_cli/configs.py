@@ -158,6 +158,9 @@ class TrainConfig:
     # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
     # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
     meta_dropout: bool = False
+    # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
+    # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
+    meta_share: float = 0.0
     # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
@@ -182,6 +185,23 @@ class TrainConfig:
         _fraction(self, "dev_fraction", "warmup_ratio")
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
+        if not (math.isfinite(self.meta_share) and self.meta_share >= 0):
+            raise ConfigError(f"--meta-share must be a finite number >= 0, got {self.meta_share}")
+        if self.meta_share and self.method not in META_METHODS:
+            raise UsageError(
+                f"--meta-share applies to the meta methods ({', '.join(META_METHODS)}), not --method {self.method}",
+                "it adds the meta batch to the meta step's real update; plain-meta and meta-only train on the "
+                "meta rows already",
+            )
+
+    def provenance_config(self) -> dict[str, Any]:
+        """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
+        on another device), and ``meta_share`` only when it is not 0 (runs from before it existed are the same)."""
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("compile", "device") and not (k == "meta_share" and v == 0.0)
+        }
 
 
 @dataclass(frozen=True)

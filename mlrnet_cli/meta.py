@@ -8,7 +8,9 @@ One call of :func:`meta_step` does, on a training mini-batch of n rows and a met
 2. eq. 5, the meta loss ``(1/m) Σ_j CE(F(x_j; ŵ), y_j)`` evaluated with ``torch.func.functional_call`` (the
    model is never rewritten), and one step of the meta optimiser on θ;
 3. eqs. 6/9, the weighted training loss ``Σ_i c_i(θ_new) L_i(w)``, returned with its graph for the caller's
-   optimiser (the real update reuses the training forward, so it sees the same dropout masks).
+   optimiser (the real update reuses the training forward, so it sees the same dropout masks); with
+   ``clean_share`` S > 0 (``--meta-share``, our extension) plus ``S · mean CE`` of the clean batch, whose rows run
+   in the same real forward (:func:`forward_with_clean`, :func:`add_clean_share`).
 
 The θ gradient is exact in both modes. Because w does not depend on θ, the chain rule gives
 ``dL_meta/dθ = −α Σ_i (∇L_meta(ŵ) · ∇L_i(w)) ∂c_i/∂θ``. ``mode="jvp"`` (default) gets the n directional
@@ -245,6 +247,49 @@ def _dual_logits(
         yield logits
 
 
+#: the real step's forward: one input dict, or a list of them whose outputs are concatenated (one DDP forward)
+RealForward = Callable[[Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]], tuple[torch.Tensor, ...]]
+
+
+def plain_forward(model: nn.Module, fns: ClassifierFns) -> RealForward:
+    """``fns.forward`` on ``model`` as a :data:`RealForward` (what ``distributed.training_forward`` gives in one
+    process without compile)."""
+
+    def forward(inputs: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        if isinstance(inputs, Mapping):
+            return fns.forward(model, inputs)
+        outs = [fns.forward(model, i) for i in inputs]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    return forward
+
+
+def forward_with_clean(
+    forward: RealForward, batch: StepBatch, clean: StepBatch | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The real step's one forward over the training rows and, when ``clean`` is given, the clean rows after them:
+    (training features, training logits, clean logits or None).
+
+    One call: under torchrun ``forward`` is the DDP module, which allows one forward per backward. The training
+    rows run first, so their dropout masks are those of a forward over them alone (the jvp mode replays it)."""
+    if clean is None:
+        features, logits = forward(batch.inputs)
+        return features, logits, None
+    n = batch.labels.shape[0]
+    features, logits = forward([batch.inputs, clean.inputs])
+    return features[:n], logits[:n], logits[n:]
+
+
+def add_clean_share(
+    loss: torch.Tensor, clean_logits: torch.Tensor | None, clean: StepBatch | None, share: float
+) -> torch.Tensor:
+    """``--meta-share S``, our extension of eqs. 6/9: the real step's loss plus S × the mean cross-entropy of the
+    clean rows (MLC's reference code trains on its clean batch too). ``loss`` itself when there is none."""
+    if clean_logits is None or clean is None or not share:
+        return loss
+    return loss + share * F.cross_entropy(_upcast(clean_logits), clean.labels).to(loss.dtype)
+
+
 def meta_step(
     model: nn.Module,
     meta_net: nn.Module,
@@ -258,10 +303,12 @@ def meta_step(
     fns: ClassifierFns,
     update_meta: bool = True,
     mode: str = "jvp",
-    real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    real_forward: RealForward | None = None,
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
     meta_grad_scale: float = 1.0,
     meta_dropout: bool = False,
+    clean_batch: StepBatch | None = None,
+    clean_share: float = 0.0,
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
@@ -278,6 +325,11 @@ def meta_step(
     The meta loss (eq. 5) is taken with the classifier in eval mode: no dropout noise in the estimate of ŵ's clean
     loss, and a cheaper meta forward (no dropout masks to draw). ``meta_dropout=True`` keeps the classifier's own
     mode there, as MW-Net's reference code does.
+
+    ``clean_share`` S > 0 with ``clean_batch`` (``--meta-share``, our extension): the clean rows join the real
+    forward after the training rows (:func:`forward_with_clean`) and ``output.loss`` becomes
+    ``Σ_i c_i L_i + S · mean CE(clean rows)``. The meta-net, the virtual step and ``output.losses``/``weights``
+    see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
@@ -287,8 +339,11 @@ def meta_step(
     # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
     # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
     attention = contextlib.nullcontext if head_only else math_attention
+    clean = clean_batch if clean_share else None
     with attention():
-        features, logits = real_forward(batch.inputs) if real_forward is not None else fns.forward(model, batch.inputs)
+        features, logits, clean_logits = forward_with_clean(
+            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
+        )
     losses = per_sample_loss(logits, batch.labels)
     feats = features.detach()
     loss_in = losses.detach()
@@ -341,6 +396,7 @@ def meta_step(
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
     loss = (weight_coefficients(weights, normalize_weights).to(losses.dtype) * losses).sum()
+    loss = add_clean_share(loss, clean_logits, clean, clean_share)
     return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss_value)
 
 

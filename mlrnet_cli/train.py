@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -406,7 +406,9 @@ class MixedStep(PlainStep):
 
 class MetaStep:
     """``mlrnet`` / ``mwnet``: Algorithm 1's bi-level step (:func:`mlrnet_cli.meta.meta_step`) on the training
-    rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics."""
+    rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics.
+    With ``--meta-share S`` the meta batch also enters the real step; the epoch's train loss stays the mean
+    cross-entropy of the training rows (comparable across S) and the weights are those of the training rows."""
 
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         cfg = run.config
@@ -449,6 +451,8 @@ class MetaStep:
             mode=cfg.meta_mode,
             meta_dropout=cfg.meta_dropout,
             real_forward=run.real_forward,
+            clean_batch=mb,  # --meta-share: the same meta rows also enter the real step
+            clean_share=cfg.meta_share,
             reduce_meta_grads=reduce_meta,
             # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
             # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees
@@ -727,10 +731,8 @@ def train(
     # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
         config, inp = _read_inputs(config, paths)
-        # compile and device: where and how fast it runs, not what it computes (a run resumes on another device)
-        provenance_config = {k: v for k, v in asdict(config).items() if k not in ("compile", "device")}
         meta = artifacts.make_meta(
-            "train", "model", config=provenance_config, seed=config.seed, inputs=inp.fingerprints
+            "train", "model", config=config.provenance_config(), seed=config.seed, inputs=inp.fingerprints
         )
         artifacts.guard_output(
             out / "history.arrow",

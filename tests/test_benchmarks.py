@@ -120,6 +120,57 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     assert "| IF20-u0.4-m20 | meta-only | 1 |" in table and "| IF20-u0.4-m20 | meta-only-e100 | 1 |" in table
 
 
+def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--meta-share S reaches the meta methods' train commands only, and their rows get their own key and label,
+    so they neither skip nor mix with the same methods run without it."""
+    trains: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        if sub == "train":
+            trains.append(cmd)
+        if sub != "eval":
+            return {}
+        share = "--meta-share" in trains[-1]
+        return {"accuracy": 0.7 if share else 0.6, "macro_f1": 0.5}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mlrnet"])
+    fidelity.main()
+    assert not any("--meta-share" in c for c in trains)
+    trains.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mwnet", "mlrnet", "--meta-share", "0.5"])
+    fidelity.main()
+    got = {c[c.index("--method") + 1]: c for c in trains}
+    assert list(got) == ["mwnet", "mlrnet"]  # plain does not take it: its run without the flag counts
+    for m, c in got.items():
+        assert c[c.index("--meta-share") + 1] == "0.5" and c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5")
+    rows = fidelity.read_results(tmp_path / "results.jsonl")
+    assert [fidelity.row_key(r)[2] for r in rows] == ["plain", "mlrnet", "mwnet-share0.5", "mlrnet-share0.5"]
+    assert rows[-1]["budget"]["meta_share"] == 0.5 and rows[0]["budget"]["meta_share"] is None
+    table = fidelity.report(tmp_path).splitlines()
+    assert "| IF20-u0.4-m20 | mlrnet | 1 | 60.00 | s0 60.00 | 50.00 | - |" in table
+    assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 1 | 70.00 | s0 70.00 | 50.00 | - |" in table
+    assert (
+        "mlrnet-share0.5 minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):" in table
+    )
+    # columns: the labels that ran but the reference: plain, mwnet-share0.5, mlrnet
+    assert table[-1] == "| IF20-u0.4-m20 | +10.00 (1/1) | +0.00 (0/1) | +10.00 (1/1) |"
+    trains.clear()
+    fidelity.main()  # all done: nothing reruns
+    assert trains == []
+    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0.5", "--tune"])
+    with pytest.raises(SystemExit):  # the tuning rows' labels do not carry the share
+        fidelity.main()
+
+
 def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workdirs: list[str] = []
 

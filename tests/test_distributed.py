@@ -154,7 +154,9 @@ def test_two_rank_collect_losses_matches_one_rank(tmp_path: Path) -> None:
     assert not (two.stage1 / "state").exists()
 
 
-def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: str, method: str = "mlrnet") -> None:
+def _train_worker(
+    rank: int, world: int, port: int, ws: str, model: str, out: str, method: str = "mlrnet", share: float = 0.0
+) -> None:
     """One rank of a spawned `train` run: the library call, then this rank's meta-net and classifier."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -191,6 +193,7 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
                 model=model,
                 label_emb_dim=8,
                 df_dim=8,
+                meta_share=share,
             ),
             workdir=ws,
         )
@@ -207,17 +210,22 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
     os._exit(0)
 
 
-@pytest.mark.parametrize("method", ["mlrnet", pytest.param("mlc", marks=pytest.mark.slow)])
-def test_two_rank_train_runs_and_keeps_ranks_identical(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "share"), [("mlrnet", 0.0), ("mlrnet", 0.5), pytest.param("mlc", 0.0, marks=pytest.mark.slow)]
+)
+def test_two_rank_train_runs_and_keeps_ranks_identical(
+    tmp_path: Path, tiny_model_dir: Path, method: str, share: float
+) -> None:
     """Spawned 2-rank MLRNet (and MLC) run: to the end, the meta-net (θ gradients averaged by all_reduce) and the
-    classifier (DDP) hold bit-identical parameters on both ranks, and rank 0 wrote the artifacts."""
+    classifier (DDP) hold bit-identical parameters on both ranks, and rank 0 wrote the artifacts. With
+    --meta-share the meta rows go through the same DDP forward as the training rows (one forward per backward)."""
     from test_train import write_losses
 
     ws = make_workspace(tmp_path / "ws")
     write_losses(ws, tiny_model_dir)
     torch.multiprocessing.spawn(
         _train_worker,
-        args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path), method),
+        args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path), method, share),
         nprocs=2,
         join=True,
     )
@@ -231,7 +239,8 @@ def test_two_rank_train_runs_and_keeps_ranks_identical(tmp_path: Path, tiny_mode
     assert (init.model / "last" / "meta_net.safetensors").is_file() and (init.model / "history.arrow").is_file()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in r0["history"] + r1["history"]]
     assert strip[:2] == strip[2:]  # statistics were summed over the ranks the same way
-    saved, _ = artifacts.read_tensors(init.model / "last" / "meta_net.safetensors")
+    saved, meta = artifacts.read_tensors(init.model / "last" / "meta_net.safetensors")
+    assert meta["config"].get("meta_share", 0.0) == share
     for k, v in saved.items():
         assert torch.equal(v, r0["meta_net"][k]), k
 

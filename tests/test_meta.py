@@ -268,6 +268,88 @@ def test_meta_step_leaves_classifier_grads_alone_and_returns_the_weighted_loss()
     assert model.classifier.weight.grad is not None
 
 
+def _share_step(model, net, batch, meta, *, share, mode="jvp", spec="all", real_forward=None, lr=1e-2):
+    """One meta_step with --meta-share ``share`` (θ moved by Adam, so c_i come from the updated meta-net)."""
+    names = resolve_meta_params(model, spec, "classifier.")
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    kwargs = {} if share is None else {"clean_batch": meta, "clean_share": share}
+    return meta_step(
+        model,
+        net,
+        opt,
+        batch,
+        meta,
+        alpha=2.0,
+        meta_params=names,
+        normalize_weights=True,
+        fns=FNS,
+        mode=mode,
+        real_forward=real_forward,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("mode", "spec"), [("jvp", "all"), ("unrolled", "all"), ("jvp", "head")])
+def test_meta_share_adds_the_meta_batch_to_the_real_step_gradient(mode, spec):
+    """--meta-share S: the real step's classifier gradient is that of Σ_i c_i L_i + S · mean CE(meta batch),
+    c_i from the meta-net after its update (eq. 9 plus our extension)."""
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    out = _share_step(model, net, batch, meta, share=0.5, mode=mode, spec=spec)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, net.parameters(), strict=True))  # θ moved first
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    feats, logits = _forward(model, batch.inputs)
+    losses = F.cross_entropy(logits, batch.labels, reduction="none")
+    with torch.no_grad():
+        c = weight_coefficients(net(feats, batch.labels, batch.curves, losses), True)
+    weighted = (c * losses).sum()
+    clean = F.cross_entropy(_forward(model, meta.inputs)[1], meta.labels)
+    want = torch.autograd.grad(weighted + 0.5 * clean, params, retain_graph=True)
+    paper = torch.autograd.grad(weighted, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert max(float((w - p).abs().max()) for w, p in zip(want, paper, strict=True)) > 1e-3  # the clean part counts
+    assert out.loss.item() == pytest.approx((weighted + 0.5 * clean).item(), rel=1e-12)
+
+
+def test_meta_share_zero_is_the_papers_loss_and_forward():
+    """S = 0 computes exactly what a step without a clean batch does; the meta rows never enter the real forward."""
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    outs, calls = [], []
+    for share in (None, 0.0):
+        model, net = _bert(dropout=0.2), _meta_net("mlrnet")
+
+        def real(inputs, model=model):
+            calls.append(type(inputs))
+            return _forward(model, inputs)
+
+        torch.manual_seed(5)
+        outs.append(_share_step(model, net, batch, meta, share=share, real_forward=real))
+    assert torch.equal(outs[0].loss, outs[1].loss) and torch.equal(outs[0].weights, outs[1].weights)
+    assert calls == [dict, dict]
+
+
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_meta_share_leaves_the_meta_net_and_its_inputs_alone(mode):
+    """With dropout on, S > 0 changes neither the θ step (the training rows run first in the shared forward, with
+    the dropout masks the jvp replay draws) nor the weights and losses, which cover the training rows only."""
+    batch, meta = _batch(6, 3), _batch(5, 4, curves=False)
+    runs = []
+    for share in (0.0, 0.5):
+        model, net = _bert(dropout=0.2), _meta_net("mlrnet")
+        torch.manual_seed(11)
+        out = _share_step(model, net, batch, meta, share=share, mode=mode)
+        runs.append((out, torch.cat([p.detach().reshape(-1) for p in net.parameters()])))
+    (a, theta_a), (b, theta_b) = runs
+    assert b.weights.shape == b.losses.shape == (6,)
+    torch.testing.assert_close(theta_a, theta_b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.losses, b.losses, rtol=0, atol=0)
+    torch.testing.assert_close(a.weights, b.weights, rtol=1e-12, atol=1e-14)
+    assert b.loss.item() > a.loss.item()  # the clean part was added
+
+
 def _theta_update(alpha: float, scale: float) -> torch.Tensor:
     """θ_after - θ_before for one Adam step with MW-Net's coupled weight decay 1e-4 (what `train` uses)."""
     model, net = _bert(), _meta_net("mlrnet")

@@ -192,6 +192,46 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
     assert r.exit_code == 1 and "different" in r.stderr
 
 
+def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`train --meta-share 0.5`: in the model's config, a different model than the paper's form (whose config
+    has no meta_share at all: earlier runs stay the same run), and a killed run resumes to identical artifacts."""
+    args = [*FAST, "--epochs", "2", "--meta-params", "last-1", "--device", "cpu"]
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots += [Path(shutil.copytree(roots[0], tmp_path / n)) for n in ("b", "c")]
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--meta-share", "0.5"])
+    assert r.exit_code == 0, r.output
+    model = roots[0] / "model"
+    assert artifacts.read_json(model / "best" / "train_config.json")["config"]["meta_share"] == 0.5
+    assert artifacts.read_any_meta(model / "last")["config"]["meta_share"] == 0.5
+    assert artifacts.table_meta(artifacts.read_table(model / "history.arrow"))["config"]["meta_share"] == 0.5
+    r = runner.invoke(app, ["train", "-w", str(roots[2]), *args, "--meta-share", "0"])
+    assert r.exit_code == 0, r.output
+    assert "meta_share" not in artifacts.read_json(roots[2] / "model" / "best" / "train_config.json")["config"]
+    last = "last/model.safetensors"
+    assert (model / last).read_bytes() != (roots[2] / "model" / last).read_bytes()
+    # the same run through the library, killed after epoch 1, then rerun by the CLI
+    cfg = TrainConfig(
+        method="mlrnet",
+        epochs=2,
+        batch_size=16,
+        max_length=24,
+        meta_per_class=4,
+        device="cpu",
+        meta_params="last-1",
+        meta_share=0.5,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=roots[1], progress=_Interrupt(2))
+    r = runner.invoke(app, ["train", "-w", str(roots[1]), *args, "--meta-share", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["resumed_from_epoch"] == 1
+    for f in ("last/model.safetensors", "last/meta_net.safetensors", "best/model.safetensors"):
+        assert (model / f).read_bytes() == (roots[1] / "model" / f).read_bytes(), f
+    h0, h1 = (artifacts.read_table(w / "model" / "history.arrow").drop(["seconds"]) for w in roots[:2])
+    assert h0.equals(h1)
+
+
 def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "plain-meta"])
     assert r.exit_code == 0, r.output

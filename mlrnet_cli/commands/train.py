@@ -66,6 +66,11 @@ def train_cmd(
         "Dropout in the meta batch's forward at w-hat (eq. 5), as in MW-Net's code. Off (default): the meta "
         "loss is taken in eval mode, like the dev evaluation.",
     ),
+    meta_share: float = _opt(
+        "meta_share",
+        "mlrnet/mwnet: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
+        "(our extension, as MLC's code does); 0 is the paper's exact form.",
+    ),
     meta_interval: int = _opt("meta_interval", "Update the meta-net every K steps."),
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
