@@ -37,7 +37,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("plain", "plain-meta", "meta-only", "glc", "mwnet", "mlc", "mlrnet")
 METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
 #: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
-SHARE_METHODS = ("mwnet", "mlrnet")
+SHARE_METHODS = ("mwnet", "mlc", "mlrnet")
 #: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
 NEEDS_STAGE1 = ("mlrnet", "glc")
 #: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method

@@ -437,6 +437,8 @@ def mlc_step(
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
     meta_grad_scale: float = 1.0,
     meta_dropout: bool = False,
+    clean_batch: StepBatch | None = None,
+    clean_share: float = 0.0,
 ) -> MlcStepOutput:
     """One step of Meta Label Correction (Zheng, Awadallah & Dumais, AAAI 2021) with one look-ahead step.
 
@@ -447,7 +449,8 @@ def mlc_step(
     returned loss is the soft-label cross-entropy against ``ŷ(θ_new)`` (detached), for the caller's optimiser.
 
     The arguments mean what they mean for :func:`meta_step` (modes, head-only path, dropout replay, gradient
-    scale and reduction); only the per-sample weights become soft labels.
+    scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
+    become soft labels.
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
@@ -455,8 +458,11 @@ def mlc_step(
     rng = _rng_snapshot(device)
     head_only = _head_only(meta_params, fns)
     attention = contextlib.nullcontext if head_only else math_attention
+    clean = clean_batch if clean_share else None
     with attention():
-        features, logits = real_forward(batch.inputs) if real_forward is not None else fns.forward(model, batch.inputs)
+        features, logits, clean_logits = forward_with_clean(
+            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
+        )
     feats = features.detach()
 
     meta_loss_value: torch.Tensor | None = None
@@ -490,7 +496,8 @@ def mlc_step(
     with torch.no_grad():
         soft = lcn(feats, batch.labels).detach()
     losses = soft_cross_entropy(logits, soft)
-    return MlcStepOutput(loss=losses.mean(), losses=losses.detach(), soft_labels=soft, meta_loss=meta_loss_value)
+    loss = add_clean_share(losses.mean(), clean_logits, clean, clean_share)
+    return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft, meta_loss=meta_loss_value)
 
 
 def _mlc_theta_grads(

@@ -518,6 +518,8 @@ class MlcStep:
             real_forward=run.real_forward,
             reduce_meta_grads=reduce_meta,
             meta_grad_scale=1.0 / cfg.virtual_lr,  # as in MetaStep: dL_meta/dθ is O(α)
+            clean_batch=mb,
+            clean_share=cfg.meta_share,
         )
         if not shard.is_placeholder:
             pos_d = to_device(pos_t, run.device)

@@ -545,6 +545,34 @@ def test_mlc_real_step_trains_on_the_updated_soft_labels():
     assert again.meta_loss is None and torch.allclose(again.losses, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_mlc_meta_share_adds_the_meta_batch_to_the_real_step_gradient(mode):
+    """--meta-share applies to mlc as to the other meta methods: the real step's classifier gradient is that of
+    mean CE_soft(ŷ(θ_new)) + S · mean CE(meta batch), and the LCN's step is the one without the share."""
+    batch, meta = _batch(6, 1, curves=False), _batch(5, 2, curves=False)
+    names = resolve_meta_params(_bert(), "all", "classifier.")
+    outs, lcns = [], []
+    for share in (0.0, 0.5):
+        model, lcn = _bert(), _lcn()
+        opt = torch.optim.Adam(lcn.parameters(), lr=1e-2)
+        kwargs = {"clean_batch": meta, "clean_share": share}
+        outs.append(
+            (model, mlc_step(model, lcn, opt, batch, meta, alpha=1.0, meta_params=names, fns=FNS, mode=mode, **kwargs))
+        )
+        lcns.append(torch.cat([p.detach().reshape(-1) for p in lcn.parameters()]))
+    torch.testing.assert_close(lcns[0], lcns[1], rtol=1e-12, atol=1e-14)
+    (_, paper), (model, out) = outs
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    feats, logits = _forward(model, batch.inputs)
+    soft_ce = -(out.soft_labels * torch.log_softmax(logits, -1)).sum(-1).mean()
+    clean = F.cross_entropy(_forward(model, meta.inputs)[1], meta.labels)
+    want = torch.autograd.grad(soft_ce + 0.5 * clean, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert out.loss.item() == pytest.approx(paper.loss.item() + 0.5 * clean.item(), rel=1e-12)
+
+
 def test_soft_cross_entropy_of_a_one_hot_label_is_the_cross_entropy():
     logits = torch.randn(5, C, generator=torch.Generator().manual_seed(0)).bfloat16()
     labels = torch.tensor([0, 1, 2, 1, 0])

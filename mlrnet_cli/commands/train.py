@@ -68,7 +68,7 @@ def train_cmd(
     ),
     meta_share: float = _opt(
         "meta_share",
-        "mlrnet/mwnet: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
+        "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
         "(our extension, as MLC's code does); 0 is the paper's exact form.",
     ),
     meta_interval: int = _opt("meta_interval", "Update the meta-net every K steps."),
