@@ -17,13 +17,14 @@ C = TypeVar("C")
 
 
 class Method(str, Enum):
-    """`train --method`: the paper's method, MW-Net, and the three baselines."""
+    """`train --method`: the paper's method, MW-Net, the three baselines, and Gold Loss Correction."""
 
     mlrnet = "mlrnet"
     mwnet = "mwnet"
     plain = "plain"
     plain_meta = "plain-meta"
     meta_only = "meta-only"
+    glc = "glc"
 
 
 META_METHODS = (Method.mlrnet.value, Method.mwnet.value)
@@ -129,7 +130,7 @@ class CollectConfig:
 class TrainConfig:
     """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
 
-    method: str = Method.mlrnet.value  # mlrnet | mwnet | plain | plain-meta | meta-only
+    method: str = Method.mlrnet.value  # mlrnet | mwnet | plain | plain-meta | meta-only | glc
     meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
     epochs: int = 10  # paper: 10 on AG News
     lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
