@@ -158,7 +158,7 @@ class TrainConfig:
     # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
     # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
     meta_dropout: bool = False
-    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
+    # torch.compile the training forward of plain / plain-meta / meta-only / glc; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
 

@@ -271,3 +271,13 @@ def test_two_rank_glc_shares_one_matrix_and_keeps_ranks_identical(ws: Path, tmp_
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in r0["history"] + r1["history"]]
     assert strip[:2] == strip[2:] and len(strip) == 4
+
+
+def test_train_help_describes_glc_with_its_paper() -> None:
+    r = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    assert "glc: Gold Loss Correction (Hendrycks, Mazeika, Wilson & Gimpel, NeurIPS 2018)" in text
+    assert "C^[i, j] = p(observed j | true i)" in text and "-log((softmax(f(x)) @ C^)[y])" in text
+    r = runner.invoke(app, ["train", "--method", "bogus"])
+    assert r.exit_code == 2 and "glc" in r.stderr  # one of the --method choices

@@ -26,7 +26,10 @@ HELP = """Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier on the bi
 [bold]Methods[/bold]: mlrnet (meta-net on the discriminative feature DF_i: [CLS] feature + label embedding +
 normalised loss curve, eq. 7); mwnet (Meta-Weight-Net: the loss alone); plain (fine-tune on the biased set);
 plain-meta (on train + the meta set); meta-only (on the meta set alone). The last two are the fair baselines:
-they use the same clean rows the meta methods get.
+they use the same clean rows the meta methods get. glc: Gold Loss Correction (Hendrycks, Mazeika, Wilson &
+Gimpel, NeurIPS 2018): the corruption matrix C^\\[i, j] = p(observed j | true i) is the collect-losses (stage1/)
+classifier's mean softmax over the meta rows of class i; then train + meta rows, with
+-log((softmax(f(x)) @ C^)\\[y]) on training rows and cross-entropy on meta rows. Needs collect-losses first.
 
 [bold]Meta step[/bold]: virtual step w^ = w - alpha * sum_i c_i grad L_i(w) over --meta-params, with
 c_i = v_i / sum(v) (--normalize-weights, default) or v_i / n (paper); meta loss on a clean mini-batch at w^;
@@ -88,7 +91,7 @@ def train_cmd(
     out: Path | None = path_option("--out", "Output folder", "WORKDIR/model"),
     compile_forward: bool = _opt(
         "compile",
-        "torch.compile the training forward of plain, plain-meta and meta-only. mlrnet and mwnet run "
+        "torch.compile the training forward of plain, plain-meta, meta-only and glc. mlrnet and mwnet run "
         "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
         "--compile",
     ),
