@@ -17,7 +17,7 @@ C = TypeVar("C")
 
 
 class Method(str, Enum):
-    """`train --method`: the paper's method, MW-Net, MLC, and the three baselines."""
+    """`train --method`: the paper's method, MW-Net, MLC, Gold Loss Correction, and the three baselines."""
 
     mlrnet = "mlrnet"
     mwnet = "mwnet"
@@ -25,6 +25,7 @@ class Method(str, Enum):
     plain = "plain"
     plain_meta = "plain-meta"
     meta_only = "meta-only"
+    glc = "glc"
 
 
 META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
@@ -130,7 +131,7 @@ class CollectConfig:
 class TrainConfig:
     """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
 
-    method: str = Method.mlrnet.value  # mlrnet | mwnet | mlc | plain | plain-meta | meta-only
+    method: str = Method.mlrnet.value  # mlrnet | mwnet | mlc | glc | plain | plain-meta | meta-only
     meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
     epochs: int = 10  # paper: 10 on AG News
     lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
@@ -161,7 +162,7 @@ class TrainConfig:
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
     # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
     meta_share: float = 0.0
-    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
+    # torch.compile the training forward of plain / plain-meta / meta-only / glc; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
 

@@ -28,7 +28,10 @@ normalised loss curve, eq. 7); mwnet (Meta-Weight-Net: the loss alone); mlc (Met
 AAAI 2021: a label-correction net turns feature + observed label into a soft label, meta-learned through the same
 look-ahead step, and the classifier trains on the soft labels); plain (fine-tune on the biased set);
 plain-meta (on train + the meta set); meta-only (on the meta set alone). The last two are the fair baselines:
-they use the same clean rows the meta methods get.
+they use the same clean rows the meta methods get. glc: Gold Loss Correction (Hendrycks, Mazeika, Wilson &
+Gimpel, NeurIPS 2018): the corruption matrix C^\\[i, j] = p(observed j | true i) is the collect-losses (stage1/)
+classifier's mean softmax over the meta rows of class i; then train + meta rows, with
+-log((softmax(f(x)) @ C^)\\[y]) on training rows and cross-entropy on meta rows. Needs collect-losses first.
 
 [bold]Meta step[/bold]: virtual step w^ = w - alpha * sum_i c_i grad L_i(w) over --meta-params, with
 c_i = v_i / sum(v) (--normalize-weights, default) or v_i / n (paper); meta loss on a clean mini-batch at w^;
@@ -95,7 +98,7 @@ def train_cmd(
     out: Path | None = path_option("--out", "Output folder", "WORKDIR/model"),
     compile_forward: bool = _opt(
         "compile",
-        "torch.compile the training forward of plain, plain-meta and meta-only. mlrnet, mwnet and mlc run "
+        "torch.compile the training forward of plain, plain-meta, meta-only and glc. mlrnet, mwnet and mlc run "
         "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
         "--compile",
     ),
