@@ -22,9 +22,9 @@ def build_tiny_model(folder: Path, num_labels: int = 4, hidden: int = 32, layers
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # the vocabulary as a dict: transformers 5 builds an empty WordPiece from ``vocab_file`` here, and every
+    # word would become [UNK] (a test model that sees only the text's length)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(TINY_VOCAB)}, do_lower_case=True)
     tok.save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(TINY_VOCAB),

@@ -195,3 +195,13 @@ def test_eval_mode_gives_every_module_its_own_flag_back_even_after_an_error() ->
         assert not any(m.training for m in net.modules())
         raise RuntimeError("boom")
     assert [m.training for m in net.modules()] == [True, True, True, False, False]
+
+
+def test_tiny_model_tokenizer_knows_its_vocabulary(tiny_model_dir) -> None:
+    """The test model must see the words: with transformers 5, a tokenizer built from vocab.txt had an empty
+    vocabulary and turned every word into [UNK]."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert tok.tokenize("war world 1") == ["w", "##a", "##r", "w", "##o", "##r", "##l", "##d", "1"]
+    assert tok.unk_token_id not in tok("sports and business")["input_ids"]
