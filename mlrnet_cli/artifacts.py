@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, DataError, Usa
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
+
+log = logging.getLogger("mlrnet")
 
 FORMAT_VERSION = 1
 META_KEY = "mlrnet"
@@ -237,7 +240,7 @@ def guard_report(
     describes them (an edited pipeline reran the stages before it).
 
     A report about something else (another model or table), a file mlrnet did not write, or an input is
-    refused as by :func:`guard_output`. Returns True when an older report will be replaced."""
+    refused as by :func:`guard_output`. Returns True (and logs it) when an older report will be replaced."""
     p = Path(path)
     replace_old = False
     if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
@@ -250,6 +253,8 @@ def guard_report(
             same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
             replace_old = same_subject and provenance(old) != provenance(meta)
     guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
+    if replace_old:
+        log.info("replacing %s (made from other inputs or settings)", path)
     return replace_old
 
 

@@ -222,13 +222,13 @@ def stage_meta(folder: Path) -> dict[str, Any]:
 
 
 def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What the stage that saved a model folder recorded: ``model`` (the pretrained base) and ``max_length``;
-    empty for a hub id or a folder mlrnet did not write."""
+    """What the stage that saved a model folder recorded: ``model`` (the pretrained base), ``max_length`` and
+    ``batch_size``; empty for a hub id or a folder mlrnet did not write."""
     path = Path(name_or_path)
     cfg = stage_meta(path).get("config") if path.is_dir() else None
     if not isinstance(cfg, dict):
         return {}
-    return {k: cfg[k] for k in ("model", "max_length") if cfg.get(k) is not None}
+    return {k: cfg[k] for k in ("model", "max_length", "batch_size") if cfg.get(k) is not None}
 
 
 def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool) -> Any:

@@ -34,7 +34,7 @@ from mlrnet_cli.artifacts import (
     write_table,
 )
 from mlrnet_cli.configs import WeightsConfig
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
+from mlrnet_cli.errors import ArtifactError, DataError, FingerprintMismatchError, ModelError
 from mlrnet_cli.inference import (
     Inference,
     check_finished,
@@ -219,10 +219,7 @@ def compute_weights(
     progress: Progress | None = None,
 ) -> WeightsResult:
     """Weight every training row with the trained meta-net; write ``weights.arrow`` (+ CSV, + PNG)."""
-    if config.top < 0:
-        raise ConfigError(f"--top must be ≥ 0, got {config.top}")
-    if config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    config.validate()
     if plot is not None:
         from mlrnet_cli.plot import require_matplotlib
 
@@ -264,10 +261,9 @@ def compute_weights(
     if plot is not None:
         paths["plot"] = Path(plot)
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
-    if guard_report(
+    guard_report(
         out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir], overwrite=overwrite
-    ):
-        log.info("replacing %s (made from other inputs or settings)", out_path)
+    )
     for p in paths.values():
         if p != out_path:
             guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)

@@ -106,19 +106,35 @@ JsonOption = typer.Option(False, "--json/--no-json", help="Print a JSON summary 
 OverwriteOption = typer.Option(
     False, "--overwrite/--no-overwrite", help="Replace existing artifacts even if they were made by a different run."
 )
-SeedOption = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give identical artifacts.")
+ModelOption = typer.Option(None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best].")
+
+#: help of the config fields several commands share, written once (each command's config gives the default)
+SHARED_HELP = {
+    "seed": "Random seed: the same inputs and seed give identical artifacts.",
+    "device": "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).",
+    "bf16": "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32).",
+    "batch_size": "Rows per forward pass.",
+    "max_length": "Truncate texts to this many tokens \\[default: as the model was trained, else 128].",
+    "allow_unfinished": "Use a model whose training run stopped early (warned and recorded).",
+    "allow_pickle": "Allow pickle weights (pytorch_model.bin): only for models you trust.",
+    "trust_remote_code": "Run the model repository's own code: only if you trust it.",
+    "text_column": "Text column of --data \\[default: text, sentence or content].",
+}
 
 
-def option(config: type, field: str, help: str, *flags: str, **kwargs: Any) -> Any:
-    """A Typer option for a config field, its default read from the dataclass (declared once); the flag is
-    ``--field-name`` unless given, and a boolean is a ``--x/--no-x`` flag."""
+def option(config: type, field: str, help: str | None = None, *flags: str, **kwargs: Any) -> Any:
+    """A Typer option for a config field, its default read from the dataclass and its help (unless given) from
+    :data:`SHARED_HELP`, so both are declared once; the flag is ``--field-name`` unless given, and a boolean is a
+    ``--x/--no-x`` flag. A default that is not a plain value (a ``NoiseSpec``) is shown and parsed as its string."""
     import dataclasses
 
     default = next(f.default for f in dataclasses.fields(config) if f.name == field)
+    if dataclasses.is_dataclass(default):
+        default = str(default)
     flags = flags or (f"--{field.replace('_', '-')}",)
-    if isinstance(default, bool) and len(flags) == 1:
+    if isinstance(default, bool) and len(flags) == 1 and "/" not in flags[0]:
         flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
-    return typer.Option(default, *flags, help=help, **kwargs)
+    return typer.Option(default, *flags, help=help or SHARED_HELP[field], **kwargs)
 
 
 def path_option(flag: str, what: str, default: str) -> Any:
@@ -197,9 +213,3 @@ def _root(
     ),
 ) -> None:
     """mlrnet command-line interface."""
-
-
-def not_built(command: str, issue: str) -> None:
-    from mlrnet_cli.errors import UsageError
-
-    raise UsageError(f"`mlrnet {command}` is not built yet ({issue})")

@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option
+from mlrnet_cli.commands._app import (
+    JsonOption,
+    ModelOption,
+    OverwriteOption,
+    WorkdirOption,
+    app,
+    emit,
+    option,
+    path_option,
+)
 from mlrnet_cli.configs import EvalConfig
 
 _opt = partial(option, EvalConfig)
@@ -24,27 +33,21 @@ WORKDIR/eval/predictions.arrow. stdout: a table of the metrics, or JSON with --j
 
 @app.command("eval", help=HELP)
 def eval_cmd(
-    model: str | None = typer.Option(
-        None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best]."
-    ),
-    data: Path | None = typer.Option(None, "--data", help="Labelled table \\[default: WORKDIR/data/test.arrow]."),
-    text_column: str | None = _opt("text_column", "Text column \\[default: text]."),
+    model: str | None = ModelOption,
+    data: Path | None = path_option("--data", "Labelled table", "WORKDIR/data/test.arrow"),
+    text_column: str | None = _opt("text_column"),
     label_column: str = _opt("label_column", "Label column (ids or class names)."),
     predictions: bool = typer.Option(
         False,
         "--predictions/--no-predictions",
         help="Also write eval/predictions.arrow (sample_id, label, predicted, probabilities).",
     ),
-    batch_size: int = _opt("batch_size", "Rows per forward pass."),
-    max_length: int | None = _opt(
-        "max_length", "Truncate texts to this many tokens \\[default: as the model was trained]."
-    ),
-    allow_unfinished: bool = _opt(
-        "allow_unfinished", "Use a model whose training run stopped early (warned and recorded)."
-    ),
-    device: str = _opt("device", "auto, cpu, cuda or cuda:N."),
-    bf16: bool = _opt("bf16", "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."),
-    out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/eval]."),
+    batch_size: int = _opt("batch_size"),
+    max_length: int | None = _opt("max_length"),
+    allow_unfinished: bool = _opt("allow_unfinished"),
+    device: str = _opt("device"),
+    bf16: bool = _opt("bf16"),
+    out: Path | None = path_option("--out", "Output folder", "WORKDIR/eval"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
@@ -66,10 +69,7 @@ def eval_cmd(
         progress=progress(),
     )
     if as_json:
-        import json
-
-        payload = {"artifacts": {k: str(v) for k, v in result.paths.items()}} | result.metrics
-        typer.echo(json.dumps(payload, indent=2, sort_keys=True))
+        emit(result.paths, result.metrics, as_json)
     else:
         _print_table(result.metrics)
 

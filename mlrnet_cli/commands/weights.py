@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
 from mlrnet_cli.configs import WeightsConfig
 
 _opt = partial(option, WeightsConfig)
@@ -35,21 +35,15 @@ def weights_cmd(
     plot: Path | None = typer.Option(
         None, "--plot", help="PNG: weight histograms and mean loss curves per group (needs mlrnet\\[plot])."
     ),
-    model: Path | None = typer.Option(None, "--model", help="Model folder \\[default: WORKDIR/model/best]."),
-    train: Path | None = typer.Option(None, "--train", help="Training table \\[default: WORKDIR/data/train.arrow]."),
-    losses: Path | None = typer.Option(
-        None, "--losses", help="Stage-1 loss curves \\[default: WORKDIR/losses.safetensors]."
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
-    batch_size: int = _opt("batch_size", "Rows per classifier forward pass."),
-    max_length: int | None = _opt(
-        "max_length", "Truncate texts to this many tokens \\[default: as the model was trained]."
-    ),
-    allow_unfinished: bool = _opt(
-        "allow_unfinished", "Use a model whose training run stopped early (warned and recorded)."
-    ),
-    device: str = _opt("device", "auto, cpu, cuda or cuda:N."),
-    bf16: bool = _opt("bf16", "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."),
+    model: Path | None = path_option("--model", "Model folder", "WORKDIR/model/best"),
+    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
+    losses: Path | None = path_option("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
+    out: Path | None = path_option("--out", "Weights table", "WORKDIR/weights.arrow"),
+    batch_size: int = _opt("batch_size"),
+    max_length: int | None = _opt("max_length"),
+    allow_unfinished: bool = _opt("allow_unfinished"),
+    device: str = _opt("device"),
+    bf16: bool = _opt("bf16"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
