@@ -310,20 +310,26 @@ def write_table(
 
 def read_table(path: str | os.PathLike[str], what: str = "table") -> pa.Table:
     """Read an mlrnet Arrow artifact (stream or file IPC format)."""
-    import pyarrow as pa
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
+    return _read_ipc(path, lambda reader: reader.read_all(), f"{what} {path}")
+
+
+def _read_ipc(path: str | os.PathLike[str], read: Callable[[Any], Any], what: str) -> Any:
+    """``read(reader)`` of an Arrow IPC file in the stream format (what mlrnet writes) or the file format."""
+    import pyarrow as pa
+
     try:
         with pa.memory_map(str(path)) as src:
             try:
-                return pa.ipc.open_stream(src).read_all()
+                return read(pa.ipc.open_stream(src))
             except pa.ArrowInvalid:
                 src.seek(0)
-                return pa.ipc.open_file(src).read_all()
+                return read(pa.ipc.open_file(src))
     except (pa.ArrowInvalid, OSError) as e:
-        raise ArtifactError(f"{what} {path} is not a readable Arrow file: {e}") from e
+        raise ArtifactError(f"{what} is not a readable Arrow file: {e}") from e
 
 
 def table_meta(table: pa.Table) -> dict[str, Any] | None:
@@ -332,17 +338,7 @@ def table_meta(table: pa.Table) -> dict[str, Any] | None:
 
 
 def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    import pyarrow as pa
-
-    try:
-        with pa.memory_map(str(path)) as src:
-            try:
-                schema = pa.ipc.open_stream(src).schema
-            except pa.ArrowInvalid:
-                src.seek(0)
-                schema = pa.ipc.open_file(src).schema
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable Arrow file: {e}") from e
+    schema = _read_ipc(path, lambda reader: reader.schema, str(path))
     raw = (schema.metadata or {}).get(META_KEY.encode())
     return json.loads(raw) if raw else None
 
@@ -421,9 +417,7 @@ def split_frozen_weights(folder: Path, head_prefix: str, link_from: list[Path] |
         "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
         "weight_map": {k: name for name, part in parts.items() for k in sorted(part)},
     }
-    atomic_write_bytes(
-        folder / "model.safetensors.index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
-    )
+    write_json(folder / "model.safetensors.index.json", index)
     whole.unlink()
     shard = folder / FROZEN_SHARD
     mine = None

@@ -178,6 +178,9 @@ def corrupt(
     names = {"label": list(d.label_map.names), "true_label": list(d.label_map.names)}
     out_fps = {k: write_table(paths[k], t, metas[k], class_names=names) for k, t in tables.items()}
 
+    def counts(labels: np.ndarray) -> list[int]:
+        return np.bincount(labels, minlength=d.c).tolist()
+
     manifest = {
         "mlrnet": metas["manifest"],
         "num_classes": d.c,
@@ -194,15 +197,11 @@ def corrupt(
         "n_max": n_max,
         "profile": profile,
         "counts": {
-            "source": np.bincount(d.true_source, minlength=d.c).tolist(),
-            "clean": np.bincount(tables["clean"].column("label").to_numpy(), minlength=d.c).tolist(),
-            "train_true": np.bincount(true_train, minlength=d.c).tolist(),
-            "train_observed": np.bincount(observed, minlength=d.c).tolist(),
-            "test": (
-                np.bincount(tables["test"].column("label").to_numpy(), minlength=d.c).tolist()
-                if "test" in tables
-                else None
-            ),
+            "source": counts(d.true_source),
+            "clean": counts(tables["clean"].column("label").to_numpy()),
+            "train_true": counts(true_train),
+            "train_observed": counts(observed),
+            "test": counts(tables["test"].column("label").to_numpy()) if "test" in tables else None,
         },
         "noise": {
             "spec": str(config.noise),

@@ -321,15 +321,9 @@ def training_forward(
     """The callable the real training step runs: ``fn(model, ·)`` directly in one process (the exact
     pre-existing path), through DDP (gradients all-reduced in the backward) under torchrun, optionally
     through ``torch.compile``."""
-    if not is_distributed() and not compile_forward:
-
-        def plain(inputs: Any) -> Any:
-            if isinstance(inputs, Mapping):
-                return fn(model, inputs)
-            return _concat([fn(model, i) for i in inputs])
-
-        return plain
     module: nn.Module = ForwardModule(model, fn)
+    if not is_distributed() and not compile_forward:
+        return module.forward  # no module call: no hooks, the plain function
     if is_distributed():
         import inspect
 

@@ -161,15 +161,21 @@ def _hub_unavailable(name: str) -> HubUnavailableError:
     )
 
 
-def _check_hub_access(name: str, loader: Any) -> None:
-    """For a hub id: fine if cached locally; otherwise the hub must be reachable."""
+def _from_pretrained(load: Any, name: str, local: bool) -> Any:
+    """``load(name)``. A hub id that is not cached locally needs the hub: it is probed first, so an offline machine
+    gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    if not local:
+        try:
+            load(name, local_files_only=True)
+        except Exception:
+            if not _hub_reachable():
+                raise _hub_unavailable(name) from None
     try:
-        loader(local_files_only=True)
-        return
-    except Exception:
-        pass
-    if not _hub_reachable():
-        raise _hub_unavailable(name)
+        return load(name)
+    except OSError as e:
+        if not local and "connect" in str(e).lower():
+            raise _hub_unavailable(name) from e
+        raise
 
 
 def _pickle_hint(pickle_option: bool) -> str:
@@ -246,20 +252,13 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
                 f"{path} is not a model folder (no config.json, no tokenizer)",
                 "pass --model a folder made by save_pretrained or a hub id",
             )
-    else:
-        _check_hub_access(
-            name,
-            lambda **kw: AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=trust_remote_code, **kw),
-        )
     try:
-        tok = AutoTokenizer.from_pretrained(
-            str(Path(name).expanduser()) if local else name, use_fast=True, trust_remote_code=trust_remote_code
+        tok = _from_pretrained(
+            lambda n, **kw: AutoTokenizer.from_pretrained(n, use_fast=True, trust_remote_code=trust_remote_code, **kw),
+            str(Path(name).expanduser()) if local else name,
+            local,
         )
-    except OSError as e:
-        if not local and "connect" in str(e).lower():
-            raise _hub_unavailable(name) from e
-        raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"{name!r} has no fast tokenizer", "use a model with a tokenizer.json")
@@ -276,15 +275,11 @@ def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool
     local = _is_local(name)
     if local:
         name = str(Path(name).expanduser())
-    else:
-        _check_hub_access(
-            name, lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
-        )
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return _from_pretrained(
+            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, local
+        )
     except OSError as e:
-        if not local and "connect" in str(e).lower():
-            raise _hub_unavailable(name) from e
         raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
     except (ValueError, KeyError) as e:
         raise ModelError(f"{name!r} is not a model this transformers version knows: {_first_line(e)}") from e
@@ -423,10 +418,6 @@ def head_name(model: torch.nn.Module) -> str:
     raise ModelError(f"cannot locate the classification head of {type(model).__name__}")  # pragma: no cover
 
 
-def _model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def features_and_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -451,7 +442,7 @@ def features_and_logits(
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        inputs = _model_inputs(input_ids, attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if params is None:
             out = model(**inputs)
         else:

@@ -407,28 +407,11 @@ def _weights_table(
 
 def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str, Any]]:
     """The k lowest-weight rows, most distrusted first, with class names for a human reader."""
-    if k == 0:
-        return []
-    rank = table.column("rank").to_numpy()
-    take = np.argsort(rank)[:k]
-    rows = table.take(take).to_pylist()
     out = []
-    for r in rows:
-        row = {
-            "rank": r["rank"],
-            "sample_id": r["sample_id"],
-            "weight": r["weight"],
-            "label": r["label"],
-            "label_name": class_names[r["label"]],
-            "predicted": r["predicted"],
-            "predicted_name": class_names[r["predicted"]],
-            "probability": r["probability"],
-            "text": r["text"],
-        }
-        if "true_label" in r:
-            row["true_label"] = r["true_label"]
-            row["is_noisy"] = r["is_noisy"]
-        out.append(row)
+    for r in table.take(np.argsort(table.column("rank").to_numpy())[:k]).to_pylist():
+        keep = ("rank", "sample_id", "weight", "label", "predicted", "probability", "text")
+        row = {key: r[key] for key in keep + (("true_label", "is_noisy") if "true_label" in r else ())}
+        out.append(row | {"label_name": class_names[r["label"]], "predicted_name": class_names[r["predicted"]]})
     return out
 
 
@@ -437,9 +420,6 @@ def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    keys = ["rank", "sample_id", "weight", "label", "label_name", "predicted", "predicted_name", "probability", "text"]
-    cols = {k: [r[k] for r in rows] for k in keys}
-    cols["new_label"] = [None] * len(rows)
     schema = pa.schema(
         [
             ("rank", pa.int64()),
@@ -454,5 +434,6 @@ def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             ("new_label", pa.string()),
         ]
     )
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}  # new_label: empty, for the relabeller
     with atomic_path(path) as tmp:
         pcsv.write_csv(pa.table(cols, schema=schema), tmp)
