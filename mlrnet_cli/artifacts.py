@@ -146,14 +146,10 @@ def follow_umask(folder: str | os.PathLike[str]) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomic, deterministic JSON (sorted keys, trailing newline)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:

@@ -54,11 +54,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def local_rank() -> int:
-    """This process's rank on its node (``LOCAL_RANK``), which picks its GPU."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
-
-
 def is_main() -> bool:
     """Rank 0: the only process that writes artifacts, shows progress and logs."""
     return rank() == 0
@@ -69,7 +64,7 @@ def resolve_device(spec: str) -> str:
     if not is_distributed() or not torch.cuda.is_available():
         return spec
     s = (spec or "auto").strip().lower()
-    return f"cuda:{local_rank()}" if s in ("auto", "cuda") else spec
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if s in ("auto", "cuda") else spec
 
 
 def init_from_env(timeout_s: float | None = None) -> bool:

@@ -1,15 +1,9 @@
 """Loading classifiers safely and reading the [CLS]/pooled features their heads consume.
 
-Every stage that runs a Hugging Face ``AutoModelForSequenceClassification`` goes through this module:
-
-- :func:`select_device`, :func:`autocast_context` (bf16 autocast + TF32 on CUDA, nothing on CPU);
-- :func:`load_tokenizer`, :func:`load_classifier`: safetensors only unless ``allow_pickle``, never remote code
-  unless ``trust_remote_code``, one-line :class:`~mlrnet_cli.errors.ModelError` /
-  :class:`~mlrnet_cli.errors.HubUnavailableError` for anything that cannot be loaded;
-- :func:`head_module`, :func:`features_and_logits`, :func:`head_logits`: the head input (the feature the
-  MLRNet meta-net reads, paper §3.3/§4.3) and the logits from one forward, and the head alone on cached
-  features (``--freeze-encoder``);
-- :func:`model_fingerprint` for cache keys and provenance; :func:`math_attention` for double backward.
+Every stage that runs a Hugging Face ``AutoModelForSequenceClassification`` goes through this module: devices
+and bf16 autocast; loading (safetensors only unless ``allow_pickle``, remote code only with ``trust_remote_code``,
+a one-line error for anything that cannot be loaded, offline in seconds); the head's input feature (what the
+MLRNet meta-net reads, paper §3.3/§4.3) and the head alone on cached features (``--freeze-encoder``).
 """
 
 from __future__ import annotations
@@ -60,12 +54,6 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def enable_tf32() -> None:
-    """Let fp32 matmuls use TF32 tensor cores on CUDA (Ampere+); a no-op elsewhere."""
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
-
-
 def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU.
 
@@ -73,7 +61,8 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
-    enable_tf32()
+    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (Ampere+)
+    torch.backends.cudnn.allow_tf32 = True
     if torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

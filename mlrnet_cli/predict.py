@@ -1,15 +1,9 @@
 """`mlrnet predict`: label new, unlabelled text with a trained classifier.
 
-The rows come from a table (Arrow/Parquet/CSV/JSON Lines) or from a list of texts (the CLI's stdin lines).
-Inference is the one `mlrnet eval` runs (:func:`mlrnet_cli.inference.run_classifier`: length-grouped batches,
-dynamic padding, bf16 on CUDA), so a row gets the same probabilities here as in ``eval --predictions``.
-Token limit and batch size default to the ones the model was trained with (its ``mlrnet.json``).
-
-Output, one row per input row: ``row`` (0-based position in the input: table row or stdin line),
-``sample_id`` (when the table has one), ``text`` (unless ``with_text=False``), ``label`` (the class name from
-the model's ``id2label``), ``label_id``, ``score`` (the top probability) and ``probs`` (every class's
-probability, in ``label_id`` order). Arrow files hold ``probs`` as a fixed-size list and the class names in
-their metadata; JSON Lines rows hold ``probs`` as an object keyed by class name.
+The rows come from a table or from a list of texts (the CLI's stdin lines). Inference is the one `mlrnet eval`
+runs (:mod:`mlrnet_cli.inference`), so a row gets the same probabilities here as in ``eval --predictions``;
+token limit and batch size default to the ones the model was trained with. The output columns are described
+in ``docs/predict.md``.
 """
 
 from __future__ import annotations

@@ -161,11 +161,6 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
-def quiet_logging() -> None:
-    """Non-zero ranks of a torchrun job: only errors reach stderr (rank 0 reports for everyone)."""
-    logging.getLogger("mlrnet").setLevel(logging.ERROR)
-
-
 def progress() -> Any:
     from mlrnet_cli.progress import RichProgress
 
@@ -181,8 +176,8 @@ def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
 
     with distributed.session():
         main = distributed.is_main()
-        if not main:
-            quiet_logging()
+        if not main:  # only errors reach stderr: rank 0 reports for everyone
+            logging.getLogger("mlrnet").setLevel(logging.ERROR)
         result = work(progress() if main else None)
         if main:
             report(result)
