@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -146,6 +146,18 @@ def stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], right: Container[str] = ()) -> Any:
+    """A borderless Rich table: columns named in ``right`` (default: all but the first) right-aligned, for numbers."""
+    from rich.table import Table
+
+    table = Table(title=title, box=None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if (col in right if right else i > 0) else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
+from mlrnet_cli.commands._app import (
+    JsonOption,
+    OverwriteOption,
+    WorkdirOption,
+    app,
+    emit,
+    option,
+    path_option,
+    rich_table,
+)
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec
 
 _opt = partial(option, CorruptConfig)
@@ -89,20 +98,14 @@ def corrupt_cmd(
 
 
 def _print_summary(manifest: dict, console) -> None:
-    from rich.table import Table
-
     counts = manifest["counts"]
     realised = (manifest["noise"].get("realised") or {}).get("per_class_rate")
-    table = Table(title=f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}", box=None)
-    for col in ("class", "source", "clean pool", "train (true)", "train (observed)", "realised noise"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for i, name in enumerate(manifest["class_names"]):
-        table.add_row(
-            name,
-            str(counts["source"][i]),
-            str(counts["clean"][i]),
-            str(counts["train_true"][i]),
-            str(counts["train_observed"][i]),
-            f"{realised[i]:.3f}" if realised else "unknown",
-        )
-    console.print(table)
+    rows = (
+        [name, *(str(counts[k][i]) for k in ("source", "clean", "train_true", "train_observed"))]
+        + [f"{realised[i]:.3f}" if realised else "unknown"]
+        for i, name in enumerate(manifest["class_names"])
+    )
+    columns = ("class", "source", "clean pool", "train (true)", "train (observed)", "realised noise")
+    console.print(
+        rich_table(f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}", columns, rows)
+    )

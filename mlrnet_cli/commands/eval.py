@@ -17,6 +17,7 @@ from mlrnet_cli.commands._app import (
     emit,
     option,
     path_option,
+    rich_table,
 )
 from mlrnet_cli.configs import EvalConfig
 
@@ -76,25 +77,15 @@ def eval_cmd(
 
 def _print_table(m: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()  # stdout: the metrics are this command's data
-    table = Table(
-        title=f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   micro-F1 {m['micro_f1']:.4f}"
-        f"   ({m['num_rows']} rows)",
-        box=None,
+    title = f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   micro-F1 {m['micro_f1']:.4f}"
+    scores = ("precision", "recall", "f1")
+    rows = ([r["name"], *(f"{r[k]:.4f}" for k in scores), str(r["support"])] for r in m["per_class"])
+    columns = ("class", "precision", "recall", "F1", "support")
+    console.print(rich_table(f"{title}   ({m['num_rows']} rows)", columns, rows))
+    names = m["class_names"]
+    cm_rows = ([name, *map(str, row)] for name, row in zip(names, m["confusion_matrix"], strict=True))
+    console.print(
+        rich_table("confusion matrix (rows: true, columns: predicted)", ["", *(n[:12] for n in names)], cm_rows)
     )
-    for col in ("class", "precision", "recall", "F1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for row in m["per_class"]:
-        table.add_row(
-            row["name"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
-        )
-    console.print(table)
-    cm = Table(title="confusion matrix (rows: true, columns: predicted)", box=None)
-    cm.add_column("")
-    for name in m["class_names"]:
-        cm.add_column(name[:12], justify="right")
-    for name, row in zip(m["class_names"], m["confusion_matrix"], strict=True):
-        cm.add_row(name, *map(str, row))
-    console.print(cm)

@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
+from mlrnet_cli.commands._app import (
+    JsonOption,
+    OverwriteOption,
+    WorkdirOption,
+    app,
+    emit,
+    option,
+    path_option,
+    rich_table,
+)
 from mlrnet_cli.configs import WeightsConfig
 
 _opt = partial(option, WeightsConfig)
@@ -75,15 +84,11 @@ def _fmt(x: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)", box=None)
-    for col in ("group", "rows", "mean", "q25", "median", "q75"):
-        t.add_column(col, justify="left" if col == "group" else "right")
-    for name, s in summary["groups"].items():
-        if s.get("count"):
-            t.add_row(name, str(s["count"]), _fmt(s["mean"]), _fmt(s["q25"]), _fmt(s["median"]), _fmt(s["q75"]))
-    console.print(t)
+    title = f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)"
+    stats = ("mean", "q25", "median", "q75")
+    groups = summary["groups"].items()
+    rows = ([name, str(s["count"]), *(_fmt(s[k]) for k in stats)] for name, s in groups if s.get("count"))
+    console.print(rich_table(title, ("group", "rows", *stats), rows))
     console.print(f"head classes: {', '.join(summary['head_classes'])}; tail: {', '.join(summary['tail_classes'])}")
     det = summary.get("noise_detection")
     if det:
@@ -97,16 +102,10 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights)"
         )
     if top:
-        tt = Table(title=f"{len(top)} most distrusted rows", box=None)
-        for col in ("rank", "weight", "label", "predicted", "text"):
-            tt.add_column(col, justify="right" if col in ("rank", "weight") else "left")
-        for r in top:
-            text = r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."
-            tt.add_row(
-                str(r["rank"]),
-                f"{r['weight']:.4f}",
-                r["label_name"],
-                f"{r['predicted_name']} ({r['probability']:.2f})",
-                text,
-            )
-        console.print(tt)
+        rows = (
+            [str(r["rank"]), f"{r['weight']:.4f}", r["label_name"], f"{r['predicted_name']} ({r['probability']:.2f})"]
+            + [r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."]
+            for r in top
+        )
+        columns = ("rank", "weight", "label", "predicted", "text")
+        console.print(rich_table(f"{len(top)} most distrusted rows", columns, rows, right=("rank", "weight")))
