@@ -247,19 +247,11 @@ def compute_weights(
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
     cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
-    meta = make_meta(
-        "weights",
-        "weights",
-        cfg,
-        None,
-        inputs,
-        **({"unfinished_training": unfinished} if unfinished is not None else {}),
-    )
-    paths: dict[str, Path] = {"weights": out_path}
-    if export_relabel is not None:
-        paths["relabel"] = Path(export_relabel)
-    if plot is not None:
-        paths["plot"] = Path(plot)
+    extra = {"unfinished_training": unfinished} if unfinished is not None else {}
+    meta = make_meta("weights", "weights", cfg, None, inputs, **extra)
+    paths = {"weights": out_path} | {
+        k: Path(p) for k, p in (("relabel", export_relabel), ("plot", plot)) if p is not None
+    }
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
     guard_report(
         out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir], overwrite=overwrite
@@ -299,19 +291,10 @@ def compute_weights(
             metrics.detection_report(1.0 - weight.astype(np.float64), is_noisy) if is_noisy is not None else None
         ),
     }
-    if unfinished is not None:
-        summary["unfinished_training"] = unfinished
+    summary |= extra
     top = _top_rows(table, config.top, class_names)
-    write_table(
-        out_path,
-        table,
-        meta,
-        class_names={
-            "label": class_names,
-            "predicted": class_names,
-            **({"true_label": class_names} if true_label is not None else {}),
-        },
-    )
+    named = ["label", "predicted"] + (["true_label"] if true_label is not None else [])
+    write_table(out_path, table, meta, class_names=dict.fromkeys(named, class_names))
     if export_relabel is not None:
         _write_relabel_csv(paths["relabel"], top)
     if plot is not None:
