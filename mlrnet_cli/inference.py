@@ -119,7 +119,9 @@ def autocast_context(device: torch.device, bf16: bool = True) -> Any:
     return modeling.autocast_context(device) if bf16 else contextlib.nullcontext()
 
 
-def read_text_table(path: str | os.PathLike[str], text_column: str | None, missing_hint: str) -> tuple[Any, list[str]]:
+def read_text_table(
+    path: str | os.PathLike[str], text_column: str | None, missing_hint: str, empty_hint: str | None = None
+) -> tuple[Any, list[str]]:
     """(table, texts) of an Arrow/Parquet/CSV/JSON Lines file: the text column as `corrupt` finds it (joined
     when several), no null or empty text."""
     from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
@@ -131,7 +133,7 @@ def read_text_table(path: str | os.PathLike[str], text_column: str | None, missi
         raise DataError(f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSONL")
     table = load_source(str(path)).table
     if table.num_rows == 0:
-        raise DataError(f"{path} has no rows")
+        raise DataError(f"{path} has no rows", empty_hint)
     cols = resolve_text_columns(table, [text_column] if text_column else None, str(path))
     return table, joined_text(table, cols, str(path))
 

@@ -167,7 +167,9 @@ def predict(
     max_length = resolve_max_length(config.max_length, trained)
 
     if data is not None:
-        table, items = read_text_table(data, config.text_column, "pass --data a table, or - for stdin")
+        table, items = read_text_table(
+            data, config.text_column, "pass --data a table, or - for stdin", "nothing to predict"
+        )
         ids, rows = sample_ids(table), np.arange(len(items), dtype=np.int64)
         data_fp = fingerprint_file(data)
     else:
