@@ -62,28 +62,11 @@ def detection_metrics(scores: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
     return {**{key: report[key] for key in keys}, "rows": report["num_rows"]}
 
 
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
-def within_label_metrics(scores: np.ndarray, noisy: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """The metrics computed among the rows of each observed label, and their unweighted mean over labels.
-
-    A label whose rows are all clean or all noisy has no ROC-AUC (and, without noisy rows, no AP or
-    precision@k); it is left out of that metric's mean, and ``labels_used`` says how many counted."""
-    s, y, lab = np.asarray(scores, dtype=np.float64), np.asarray(noisy).astype(bool), np.asarray(labels)
-    per = {int(c): detection_metrics(s[lab == c], y[lab == c]) for c in np.unique(lab)}
-    out: dict[str, Any] = {"per_label": per}
-    for m in ("roc_auc", "average_precision", "precision_at_k"):
-        out[m] = _mean([p[m] for p in per.values()])
-        out[f"{m}_labels_used"] = sum(p[m] is not None for p in per.values())
-    return out
-
-
 def cell_report(scores: np.ndarray, noisy: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Overall and within-label detection metrics of one score on one cell."""
-    return {"overall": detection_metrics(scores, noisy), "within_label": within_label_metrics(scores, noisy, labels)}
+    from mlrnet_cli.metrics import within_label_report
+
+    return {"overall": detection_metrics(scores, noisy), "within_label": within_label_report(scores, noisy, labels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,10 +146,10 @@ def weight_score(ws: Path, ids: np.ndarray) -> np.ndarray:
 
 def stage1_loss_score(base: Path, ids: np.ndarray) -> np.ndarray:
     from mlrnet_cli import artifacts
+    from mlrnet_cli.metrics import stage1_loss_score
 
     tensors, _ = artifacts.read_tensors(base / "losses.safetensors", "loss curves")
-    losses = tensors["losses"].double().numpy()
-    mean = losses[:, 1:].mean(axis=1) if losses.shape[1] > 1 else losses[:, 0]
+    mean = stage1_loss_score(tensors["losses"].double().numpy())
     return align(ids, tensors["sample_id"].numpy(), mean, str(base / "losses.safetensors"))
 
 

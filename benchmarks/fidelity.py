@@ -33,7 +33,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-METHODS = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
+#: every method, in the tables' order; a cell runs METHODS_DEFAULT unless it names its own
+METHODS = ("plain", "plain-meta", "meta-only", "glc", "mwnet", "mlc", "mlrnet")
+METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
+#: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
+SHARE_METHODS = ("mwnet", "mlc", "mlrnet")
+#: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
+NEEDS_STAGE1 = ("mlrnet", "glc")
+#: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method
+#: with a meta learning rate. ``mwnet-ref`` is MW-Net's reference setting (Shu et al., NeurIPS 2019): Adam 1e-3
+#: on the meta-net (weight decay 1e-4, which every meta method here has), 1/n weights as in its noisy-label script,
+#: the meta loss in training mode (dropout on). The θ gradient stays divided by α: at a fine-tuning α it would
+#: otherwise fall under Adam's eps (docs/train.md), which is the setting's scale, not MW-Net's method.
+META_PRESETS: dict[str, tuple[str, ...]] = {
+    "lr1e-5": ("--meta-lr", "1e-5"),
+    "lr1e-4": ("--meta-lr", "1e-4"),
+    "lr1e-3": ("--meta-lr", "1e-3"),
+    "mwnet-ref": ("--meta-lr", "1e-3", "--no-normalize-weights", "--meta-dropout"),
+}
+TUNED_PRESETS: dict[str, tuple[str, ...]] = {
+    "mwnet": ("lr1e-5", "lr1e-4", "lr1e-3", "mwnet-ref"),
+    "mlrnet": ("lr1e-5", "lr1e-4", "lr1e-3"),
+    "mlc": ("lr1e-5", "lr1e-4", "lr1e-3"),
+}
+#: the seed whose dev rows choose a tuned method's preset; the other seeds of the cell reuse the choice
+TUNING_SEED = 0
 
 
 def minilm_path() -> str:
@@ -52,7 +76,7 @@ class Cell:
     meta_per_class: int
     seed: int
     n_max: int | None = 1000
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS_DEFAULT
     freeze_encoder: bool = False
     dataset: str = "ag_news"  # or "cic": DataCLUE CIC, real label noise, a BERT that is not pretrained
     extra_corrupt: tuple[str, ...] = ()
@@ -79,6 +103,9 @@ class Budget:
     # meta-only sees 80 rows, i.e. 5 steps an epoch: at the shared epoch budget it gets 1/20 of plain's steps
     meta_only_epochs: int | None = None  # None = epochs
     meta_pool_per_class: int = 200
+    # `train --meta-share S` for the meta methods (the meta batch also enters the real step); None = not passed,
+    # i.e. the CLI's default. Not a budget, but every row records it here and the run key follows it
+    meta_share: float | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -118,8 +145,71 @@ def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
         )
         for s in range(seeds)
     ]
-    smoke = [Cell("smoke", 4, "uniform:0.4", 5, 0, n_max=40, methods=("plain", "mwnet", "mlrnet"))]
-    return {"headline": headline, "table1-frozen": frozen, "cic": cic, "smoke": smoke}
+    # the paper's Table 2 at CPU scale: no imbalance, uniform and flip noise at four levels, all seven methods,
+    # frozen encoder, one seed; 500 rows a class (not 1,000) so the tuned grid fits an afternoon on two cores
+    table2 = [
+        Cell(f"IF1-{kind}{p}", 1, f"{kind}:{p}", 100, 0, n_max=500, methods=METHODS, **fz)
+        for kind in ("uniform", "flip")
+        for p in (0.2, 0.4, 0.6, 0.8)
+    ]
+    smoke = [
+        Cell(
+            "smoke",
+            4,
+            "uniform:0.4",
+            5,
+            0,
+            n_max=40,
+            methods=("plain", "mwnet", "mlrnet"),
+        )
+    ]
+    return {
+        "headline": headline,
+        "table1-frozen": frozen,
+        "table2-frozen": table2,
+        "cic": cic,
+        "smoke": smoke,
+    }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of a cell: a method, its name in results and workspaces, and flags of its own (a tuning
+    candidate ``mwnet@lr1e-3``, or the tuned run ``mwnet-tuned`` with the preset its cell chose)."""
+
+    method: str
+    label: str
+    flags: tuple[str, ...] = ()
+    preset: str | None = None
+
+    @classmethod
+    def of(cls, method: str | Variant, budget: dict) -> Variant:
+        return method if isinstance(method, Variant) else cls(method, method_label(method, budget))
+
+
+def tuned_label(method: str) -> str:
+    return f"{method}-tuned"
+
+
+def candidates(method: str) -> list[Variant]:
+    """The tuning runs of ``method`` on the cell's tuning seed, one per preset."""
+    return [Variant(method, f"{method}@{p}", META_PRESETS[p], p) for p in TUNED_PRESETS[method]]
+
+
+def choose_preset(rows: list[dict], cell: str, method: str) -> tuple[str, dict[str, float | None]] | None:
+    """The preset of ``method`` with the best dev accuracy on ``cell``'s tuning seed (ties: the earlier preset in
+    TUNED_PRESETS), with every candidate's dev accuracy; None until every candidate has finished. Test rows
+    play no part."""
+    dev = {
+        r["label"].split("@", 1)[1]: r.get("dev_accuracy")
+        for r in rows
+        if r["cell"] == cell and r["seed"] == TUNING_SEED and r.get("label", "").startswith(f"{method}@")
+    }
+    if any(p not in dev for p in TUNED_PRESETS[method]):
+        return None
+    order = TUNED_PRESETS[method]
+    best = max(order, key=lambda p: (dev[p] if dev[p] is not None else -1.0, -order.index(p)))
+    return best, {p: dev[p] for p in order}
 
 
 def method_epochs(method: str, budget: dict) -> int | None:
@@ -130,9 +220,18 @@ def method_epochs(method: str, budget: dict) -> int | None:
 
 def method_label(method: str, budget: dict) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
-    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``."""
+    (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``; so is
+    a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``)."""
     epochs = method_epochs(method, budget)
-    return f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
+    share = budget.get("meta_share")
+    return f"{label}-share{share:g}" if share is not None and method in SHARE_METHODS else label
+
+
+def method_train_args(method: str, budget: dict) -> list[str]:
+    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``)."""
+    share = budget.get("meta_share")
+    return ["--meta-share", f"{share:g}"] if share is not None and method in SHARE_METHODS else []
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
@@ -141,8 +240,27 @@ def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, 
 
 
 def row_key(row: dict) -> tuple[str, int, str]:
-    """The run_key of a results.jsonl row."""
+    """The run_key of a results.jsonl row (rows before tuning carry no label: the method's label then)."""
+    if "label" in row:
+        return row["cell"], row["seed"], row["label"]
     return run_key(row["cell"], row["seed"], row["method"], row.get("budget", {}))
+
+
+def code_commit() -> str | None:
+    """The commit of the mlrnet code the runs use (written into every row), or None outside a git checkout."""
+    import mlrnet_cli
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(mlrnet_cli.__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
@@ -163,7 +281,10 @@ def prepare_data(out: Path, budget: Budget, data_root: Path = SHARED) -> tuple[P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    train_p, test_p = out / "agnews-train-titled.parquet", out / f"agnews-test-{budget.test_rows}.parquet"
+    train_p, test_p = (
+        out / "agnews-train-titled.parquet",
+        out / f"agnews-test-{budget.test_rows}.parquet",
+    )
     if not train_p.exists():
         t = pq.read_table(data_root / "ag_news" / "train.parquet")
         pq.write_table(t.filter(t["has_title"]).select(["text", "label"]), train_p)
@@ -247,8 +368,8 @@ def _prepare_base(
         if cell.n_max:
             cmd += ["--n-max", str(cell.n_max)]
         run(cmd, log, env)
-    # only MLRNet reads the stage-1 curves (the others get --model), so skip stage 1 when it does not run
-    if "mlrnet" in methods and not (base / "losses.safetensors").exists():
+    # only MLRNet (curves) and GLC (the stage-1 classifier) read stage 1, so skip it when neither runs
+    if any(Variant.of(m, {}).method in NEEDS_STAGE1 for m in methods) and not (base / "losses.safetensors").exists():
         run(
             [
                 *mlrnet,
@@ -297,10 +418,24 @@ def run_cell(
     if cell.freeze_encoder:
         stage.append("--freeze-encoder")
     with _waiting_lock(out / "work" / f".{cell.base_key}.lock"):
-        _prepare_base(cell, base, budget, stage, train_p, test_p, methods or cell.methods, log, env, mlrnet, common)
+        _prepare_base(
+            cell,
+            base,
+            budget,
+            stage,
+            train_p,
+            test_p,
+            methods or cell.methods,
+            log,
+            env,
+            mlrnet,
+            common,
+        )
     rows = []
-    for method in methods or cell.methods:
-        ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{method_label(method, asdict(budget))}"
+    commit = code_commit()
+    for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
+        method = variant.method
+        ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{variant.label}"
         ws.mkdir(parents=True, exist_ok=True)
         for name in ("data", "cache", "losses.safetensors", "stage1"):
             link = ws / name
@@ -308,7 +443,7 @@ def run_cell(
                 link.symlink_to((base / name).resolve())
         epochs = method_epochs(method, asdict(budget))
         t0 = time.perf_counter()
-        run(
+        trained = run(
             [
                 *mlrnet,
                 "train",
@@ -323,6 +458,8 @@ def run_cell(
                 str(epochs),
                 *common,
                 *cell.extra_train,
+                *method_train_args(method, asdict(budget)),
+                *variant.flags,  # after the cell's own flags: the later value of an option wins
                 "--json",
             ],
             log,
@@ -333,12 +470,16 @@ def run_cell(
         row = {
             "cell": cell.name,
             "method": method,
+            "label": variant.label,
+            "preset": variant.preset,
             "seed": cell.seed,
             "train_s": round(train_s, 1),
+            "dev_accuracy": trained.get("best_dev_accuracy"),
             "accuracy": metrics.get("accuracy"),
             "macro_f1": metrics.get("macro_f1"),
             "cell_config": asdict(cell),
             "budget": asdict(budget),
+            "commit": commit,
         }
         if method in ("mwnet", "mlrnet"):
             w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
@@ -348,9 +489,52 @@ def run_cell(
             row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
         rows.append(row)
         if results is not None:
-            with open(results, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            _append(results, row)
     return rows
+
+
+def _append(results: Path, row: dict) -> None:
+    with open(results, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def plan_tuned(cell: Cell, method: str, rows: list[dict]) -> list[Variant] | str:
+    """The runs ``--tune`` needs for ``method`` on ``cell``: on the tuning seed, the candidates not yet run (and,
+    once all have, the ``-tuned`` row copied from the chosen one: it is not trained again); on another seed, the
+    run with the preset the tuning seed chose. A string says why nothing can run yet."""
+    if cell.seed != TUNING_SEED:
+        chosen = next(
+            (
+                r
+                for r in rows
+                if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned_label(method)
+            ),
+            None,
+        )
+        if chosen is None:
+            return f"{method} on {cell.name}: run seed {TUNING_SEED} first (its dev rows choose the preset)"
+        p = chosen["preset"]
+        return [Variant(method, tuned_label(method), META_PRESETS[p], p)]
+    done = {r.get("label") for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed}
+    return [v for v in candidates(method) if v.label not in done]
+
+
+def record_choice(cell: Cell, method: str, results: Path) -> dict | None:
+    """Once every candidate of ``method`` ran on the tuning seed, write its ``-tuned`` row: the chosen candidate's
+    metrics, the choice and every candidate's dev accuracy."""
+    rows = read_results(results)
+    if any(row_key(r) == (cell.name, cell.seed, tuned_label(method)) for r in rows):
+        return None
+    choice = choose_preset(rows, cell.name, method)
+    if choice is None:
+        return None
+    preset, dev = choice
+    src = next(
+        r for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed and r.get("label") == f"{method}@{preset}"
+    )
+    row = dict(src, label=tuned_label(method), preset=preset, candidates_dev_accuracy=dev)
+    _append(results, row)
+    return row
 
 
 def read_results(path: Path) -> list[dict]:
@@ -362,9 +546,11 @@ def report(out: Path) -> str:
     if not (out / "results.jsonl").is_file():
         raise SystemExit(f"no results yet: {out / 'results.jsonl'} does not exist")
     # a method rerun on a finished workspace appends the same row again: keep each (cell, seed, method) once
-    lines = list({row_key(r): r for r in read_results(out / "results.jsonl")}.values())
+    everything = list({row_key(r): r for r in read_results(out / "results.jsonl")}.values())
+    # tuning candidates (METHOD@PRESET) go to their own table; the tuned run stands for the method
+    lines = [r for r in everything if "@" not in r.get("label", "")]
     by: dict[tuple[str, str], list[dict]] = {}
-    method_of = {m: m for m in METHODS}
+    method_of: dict[str, str] = {}  # label -> method, for the methods that ran
     for r in lines:
         cell, _, label = row_key(r)
         by.setdefault((cell, label), []).append(r)
@@ -394,50 +580,154 @@ def report(out: Path) -> str:
                 f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
                 f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |"
             )
-    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed
-    others = [m for m in labels if m != "mlrnet"]
-    paired = [
+    # the issue's targets compare methods on the same corrupted data, so compare them seed by seed: against the
+    # tuned MLRNet when there is one, else against each MLRNet variant (e.g. mlrnet-share0.5 beside mlrnet)
+    tuned = any(k[1] == "mlrnet-tuned" for k in by)
+    refs = ["mlrnet-tuned"] if tuned else [m for m in labels if method_of[m] == "mlrnet"]
+    paired = [line for ref in refs for line in _paired(by, cells, ref, [m for m in labels if m != ref])]
+    return "\n".join(md + paired + _noise_type_means(lines, labels) + _choices(everything))
+
+
+def _paired(by: dict[tuple[str, str], list[dict]], cells: list[str], ref: str, others: list[str]) -> list[str]:
+    """The markdown table of ``ref`` minus each of ``others`` per cell, on the seeds both ran ([] if none)."""
+    block = [
         "",
-        "MLRNet minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):",
+        f"{ref} minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):",
         "",
         "| cell | " + " | ".join(others) + " |",
         "|---|" + "---|" * len(others),
     ]
     for c in cells:
-        mine = {r["seed"]: r["accuracy"] for r in by.get((c, "mlrnet"), []) if r["accuracy"] is not None}
+        mine = {r["seed"]: r["accuracy"] for r in by.get((c, ref), []) if r["accuracy"] is not None}
         row = []
         for m in others:
             theirs = {r["seed"]: r["accuracy"] for r in by.get((c, m), []) if r["accuracy"] is not None}
             diffs = [100 * (mine[k] - theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
             row.append(f"{statistics.mean(diffs):+.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "-")
         if mine:
-            paired.append(f"| {c} | " + " | ".join(row) + " |")
-    return "\n".join(md + (paired if len(paired) > 5 else []))
+            block.append(f"| {c} | " + " | ".join(row) + " |")
+    return block if len(block) > 5 else []
+
+
+def _noise_type_means(lines: list[dict], labels: list[str]) -> list[str]:
+    """Table 2's summary: each method's test accuracy averaged over the noise levels of one noise type (cells
+    without imbalance and with several levels of that type)."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in lines:
+        cfg = r.get("cell_config") or {}
+        kind = str(cfg.get("noise", "none")).split(":")[0]
+        if cfg.get("imbalance") == 1 and kind in ("uniform", "flip") and r["accuracy"] is not None:
+            groups.setdefault(kind, {}).setdefault(row_key(r)[2], []).append(100 * r["accuracy"])
+    kinds = [k for k in ("uniform", "flip") if k in groups]
+    if not any(max(len(v) for v in groups[k].values()) > 1 for k in kinds):
+        return []
+    out = [
+        "",
+        "Mean test accuracy % over the noise levels of each type (IF 1; levels per mean in brackets):",
+        "",
+    ]
+    out += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m in labels:
+        cells = [groups[k].get(m) for k in kinds]
+        if any(cells):
+            out.append(
+                f"| {m} | " + " | ".join(f"{statistics.mean(v):.2f} ({len(v)})" if v else "-" for v in cells) + " |"
+            )
+    return out
+
+
+def _choices(rows: list[dict]) -> list[str]:
+    """The tuned methods' choices: every candidate's dev accuracy on the tuning seed, and the preset chosen."""
+    tuned = [r for r in rows if r.get("candidates_dev_accuracy")]
+    if not tuned:
+        return []
+    out = [
+        "",
+        f"Meta settings chosen on the dev rows of seed {TUNING_SEED} (dev accuracy % per preset):",
+        "",
+    ]
+    out += [
+        "| cell | method | " + " | ".join(META_PRESETS) + " | chosen |",
+        "|---|---|" + "---|" * len(META_PRESETS) + "---|",
+    ]
+    for r in tuned:
+        dev = r["candidates_dev_accuracy"]
+        cols = [f"{100 * dev[p]:.2f}" if dev.get(p) is not None else "-" for p in META_PRESETS]
+        out.append(f"| {r['cell']} | {r['method']} | " + " | ".join(cols) + f" | {r['preset']} |")
+    return out
+
+
+def _todo(cell: Cell, methods: tuple[str, ...], budget: dict, results: Path, *, tune: bool) -> tuple[Variant, ...]:
+    """The runs of ``cell`` not finished yet (read again for every cell: another process may have finished some
+    meanwhile); with ``tune``, a tuned method's candidates or its tuned run instead of the method itself."""
+    rows = read_results(results)
+    done = {row_key(r) for r in rows}
+    todo: list[Variant] = []
+    for m in methods:
+        if tune and m in TUNED_PRESETS:
+            plan = plan_tuned(cell, m, rows)
+            if isinstance(plan, str):
+                print(f"skip {plan}", file=sys.stderr)
+                continue
+            todo += plan
+        else:
+            todo.append(Variant.of(m, budget))
+    return tuple(v for v in todo if (cell.name, cell.seed, v.label) not in done)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=["headline", "table1-frozen", "cic", "smoke"], default="headline")
+    ap.add_argument(
+        "--grid",
+        choices=["headline", "table1-frozen", "table2-frozen", "cic", "smoke"],
+        default="headline",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-work/fidelity"))
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline cell")
-    ap.add_argument("--only", default=None, help="run only the cell of this name, or else those whose name contains it")
-    ap.add_argument("--seed", type=int, default=None, help="run only this seed (e.g. one seed per process)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only the cell of this name, or else those whose name contains it",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="run only this seed (e.g. one seed per process)",
+    )
     ap.add_argument(
         "--methods",
         nargs="+",
         choices=METHODS,
         default=None,
-        help="run only these methods, in this order [default: all five]",
+        help="run only these methods, in this order [default: the cell's]",
+    )
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help="methods with a meta learning rate (" + ", ".join(TUNED_PRESETS) + ") choose it on the dev rows of "
+        f"seed {TUNING_SEED} of each cell among the presets " + ", ".join(META_PRESETS) + " (written as "
+        "METHOD@PRESET rows), then run as METHOD-tuned; other seeds reuse the choice",
     )
     ap.add_argument("--model", default=None, help="model folder [default: offline MiniLM-L6]")
-    ap.add_argument("--epochs", type=int, default=None, help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="stage 2 [default: 5 (full), 10 (frozen), 6 (cic)]",
+    )
     ap.add_argument(
         "--stage1-epochs",
         type=int,
         default=None,
         help="collect-losses [default: --epochs if given, else 3 (full), 10 (frozen), 6 (cic)]",
     )
-    ap.add_argument("--lr", type=float, default=None, help="default: 5e-5 (full), 1e-2 (frozen head), 5e-4 (cic)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default: 5e-5 (full), 1e-2 (frozen head), 5e-4 (cic)",
+    )
     ap.add_argument("--max-length", type=int, default=None, help="default: 64 (AG News), 32 (cic)")
     ap.add_argument(
         "--meta-only-epochs",
@@ -446,7 +736,19 @@ def main() -> None:
         help="stage-2 epochs for meta-only [default: --epochs]; e.g. 100 gives it as many steps as plain",
     )
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
-    ap.add_argument("--report", type=Path, default=None, help="print the markdown table of a finished run")
+    ap.add_argument(
+        "--meta-share",
+        type=float,
+        default=None,
+        help="pass `train --meta-share S` to " + ", ".join(SHARE_METHODS) + "; their results are labelled "
+        "METHOD-shareS [default: not passed, the CLI's default]; not with --tune",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="print the markdown table of a finished run",
+    )
     ap.add_argument(
         "--data-root",
         type=Path,
@@ -456,13 +758,16 @@ def main() -> None:
     )
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
+    if args.tune and args.meta_share is not None:
+        # the tuning rows (METHOD@PRESET, METHOD-tuned) are not labelled by the share: they would mix
+        ap.error("--meta-share with --tune is not supported yet (the tuning rows' labels do not carry the share)")
     if args.report:
         print(report(args.report))
         return
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    frozen, cic = args.grid == "table1-frozen", args.grid == "cic"
+    frozen, cic = args.grid in ("table1-frozen", "table2-frozen"), args.grid == "cic"
     # cic: a small from-scratch encoder wants a larger lr (fixed before any run, not tuned);
     # its sentences are ~11 characters (so ~13 tokens)
     grid_epochs = 10 if frozen else 6 if cic else None  # the frozen and CIC grids use one count for both stages
@@ -473,6 +778,7 @@ def main() -> None:
         max_length=args.max_length or (32 if cic else Budget.max_length),
         test_rows=args.test_rows,
         meta_only_epochs=args.meta_only_epochs,
+        meta_share=args.meta_share,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)
@@ -489,19 +795,29 @@ def main() -> None:
             continue
         if args.seed is not None and cell.seed != args.seed:
             continue
-        # read again for every cell: another process may have finished some of its methods meanwhile
-        done = {row_key(r) for r in read_results(results)}
-        todo = tuple(
-            m for m in (args.methods or cell.methods) if run_key(cell.name, cell.seed, m, asdict(budget)) not in done
-        )
+        if args.tune and cell.seed == TUNING_SEED:  # a run stopped between its last candidate and the choice
+            for m in TUNED_PRESETS:
+                record_choice(cell, m, results)
+        todo = _todo(cell, args.methods or cell.methods, asdict(budget), results, tune=args.tune)
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        rows = run_cell(cell, args.out, budget, model, train_p, test_p, methods=todo, results=results)
+        rows = run_cell(
+            cell,
+            args.out,
+            budget,
+            model,
+            train_p,
+            test_p,
+            methods=todo,
+            results=results,
+        )
+        if args.tune and cell.seed == TUNING_SEED:
+            rows += [r for m in TUNED_PRESETS if (r := record_choice(cell, m, results)) is not None]
         print(
             f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
-            + ", ".join(f"{r['method']} {100 * (r['accuracy'] or 0):.2f}" for r in rows),
+            + ", ".join(f"{r.get('label', r['method'])} {100 * (r['accuracy'] or 0):.2f}" for r in rows),
             file=sys.stderr,
         )
     print(report(args.out))

@@ -17,16 +17,18 @@ C = TypeVar("C")
 
 
 class Method(str, Enum):
-    """`train --method`: the paper's method, MW-Net, and the three baselines."""
+    """`train --method`: the paper's method, MW-Net, MLC, Gold Loss Correction, and the three baselines."""
 
     mlrnet = "mlrnet"
     mwnet = "mwnet"
+    mlc = "mlc"
     plain = "plain"
     plain_meta = "plain-meta"
     meta_only = "meta-only"
+    glc = "glc"
 
 
-META_METHODS = (Method.mlrnet.value, Method.mwnet.value)
+META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
 
 
 class InitFrom(str, Enum):
@@ -217,7 +219,7 @@ class CollectConfig:
 class TrainConfig:
     """Stage-2 hyperparameters (defaults: paper §4.4 for AG News where it gives one)."""
 
-    method: str = Method.mlrnet.value  # mlrnet | mwnet | plain | plain-meta | meta-only
+    method: str = Method.mlrnet.value  # mlrnet | mwnet | mlc | glc | plain | plain-meta | meta-only
     meta_per_class: int = 100  # clean rows per class in the meta set (paper: 100, after MLC)
     epochs: int = 10  # paper: 10 on AG News
     lr: float = 1e-5  # classifier learning rate (paper: 1e-5, Adam with warm-up)
@@ -228,8 +230,8 @@ class TrainConfig:
     meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
     meta_interval: int = 1  # update θ every K classifier steps
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
-    label_emb_dim: int = 128  # §4.3: label embedding (C, 128)
-    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i
+    label_emb_dim: int = 128  # §4.3: label embedding (C, 128); also MLC's label embedding
+    df_dim: int = 128  # §4.3: size of the discriminative feature DF_i; also MLC's hidden layers (its reference: 128)
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training
     dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
@@ -245,7 +247,10 @@ class TrainConfig:
     # dropout in the meta batch's forward at ŵ (eq. 5). Off (eval mode): the meta loss is that of the classifier as
     # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
     meta_dropout: bool = False
-    # torch.compile the training forward of plain / plain-meta / meta-only; the meta methods run eagerly
+    # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
+    # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
+    meta_share: float = 0.0
+    # torch.compile the training forward of plain / plain-meta / meta-only / glc; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
 
@@ -269,6 +274,23 @@ class TrainConfig:
         _fraction(self, "dev_fraction", "warmup_ratio")
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
+        if not (math.isfinite(self.meta_share) and self.meta_share >= 0):
+            raise ConfigError(f"--meta-share must be a finite number >= 0, got {self.meta_share}")
+        if self.meta_share and self.method not in META_METHODS:
+            raise UsageError(
+                f"--meta-share applies to the meta methods ({', '.join(META_METHODS)}), not --method {self.method}",
+                "it adds the meta batch to the meta step's real update; plain-meta and meta-only train on the "
+                "meta rows already",
+            )
+
+    def provenance_config(self) -> dict[str, Any]:
+        """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
+        on another device), and ``meta_share`` only when it is not 0 (runs from before it existed are the same)."""
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("compile", "device") and not (k == "meta_share" and v == 0.0)
+        }
 
 
 # ---------------------------------------------------------------------------------------------

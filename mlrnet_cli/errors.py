@@ -53,3 +53,7 @@ class HubUnavailableError(MlrnetError):
 
 class WorkspaceBusyError(MlrnetError):
     """Another run is writing the same outputs (its lock is held)."""
+
+
+class Stage1MissingError(ArtifactError):
+    """A stage that needs the stage-1 classifier (`train --method glc`) found no finished `collect-losses` run."""

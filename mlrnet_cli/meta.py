@@ -1,4 +1,4 @@
-"""The bi-level meta step of MW-Net and MLRNet (paper §3.2, §3.4, Algorithm 1), on any unmodified HF classifier.
+"""The bi-level meta step of MW-Net, MLRNet and MLC (paper §3.2, §3.4, Algorithm 1), on any unmodified HF classifier.
 
 One call of :func:`meta_step` does, on a training mini-batch of n rows and a meta mini-batch of m clean rows:
 
@@ -8,7 +8,9 @@ One call of :func:`meta_step` does, on a training mini-batch of n rows and a met
 2. eq. 5, the meta loss ``(1/m) Σ_j CE(F(x_j; ŵ), y_j)`` evaluated with ``torch.func.functional_call`` (the
    model is never rewritten), and one step of the meta optimiser on θ;
 3. eqs. 6/9, the weighted training loss ``Σ_i c_i(θ_new) L_i(w)``, returned with its graph for the caller's
-   optimiser (the real update reuses the training forward, so it sees the same dropout masks).
+   optimiser (the real update reuses the training forward, so it sees the same dropout masks); with
+   ``clean_share`` S > 0 (``--meta-share``, our extension) plus ``S · mean CE`` of the clean batch, whose rows run
+   in the same real forward (:func:`forward_with_clean`, :func:`add_clean_share`).
 
 The θ gradient is exact in both modes. Because w does not depend on θ, the chain rule gives
 ``dL_meta/dθ = −α Σ_i (∇L_meta(ŵ) · ∇L_i(w)) ∂c_i/∂θ``. ``mode="jvp"`` (default) gets the n directional
@@ -16,6 +18,10 @@ derivatives ``s_i = ∇L_i(w) · ∇L_meta(ŵ)`` from one forward-mode pass at w
 dropout masks; it builds no second-order graph. ``mode="unrolled"`` is the textbook version: ŵ(θ) is built with
 ``create_graph=True`` and the meta loss is backpropagated through it. On MiniLM-L6 (CPU, ``--meta-params all``)
 both took about the same time, and ``jvp`` needed about 20 % less peak memory (``benchmarks/meta_step.py``).
+
+:func:`mlc_step` is Meta Label Correction's step (Zheng et al. 2021) on the same machinery: the meta-net is a
+label-correction network that gives soft labels instead of weights, the virtual step and the real step train on
+them (see its docstring for its exact θ gradient).
 
 Differentiated forwards run under the SDPA MATH kernel: on CPU, HF's default ``sdpa`` attention picks a flash
 kernel with no double backward and no forward-mode AD.
@@ -204,6 +210,28 @@ def _directional_losses(
     features: torch.Tensor | None,
 ) -> torch.Tensor:
     """s_i = ∇_w L_i(w) · t for every sample i in one forward-mode pass (the training forward, replayed)."""
+    with _dual_logits(model, fns, batch, names, tangents, rng=rng, device=device, features=features) as logits:
+        losses = per_sample_loss(logits, batch.labels)
+        tangent = fwAD.unpack_dual(losses).tangent
+    if tangent is None:  # the selected parameters do not reach the loss
+        return torch.zeros_like(batch.labels, dtype=torch.float32)
+    return tangent.detach()
+
+
+@contextlib.contextmanager
+def _dual_logits(
+    model: nn.Module,
+    fns: ClassifierFns,
+    batch: StepBatch,
+    names: Sequence[str],
+    tangents: Sequence[torch.Tensor],
+    *,
+    rng: tuple[torch.Tensor, torch.Tensor | None],
+    device: torch.device,
+    features: torch.Tensor | None,
+) -> Iterator[torch.Tensor]:
+    """The training batch's logits as dual tensors whose tangent is their derivative along ``tangents`` (the
+    training forward replayed with its dropout masks, or the head alone on ``features``), inside the dual level."""
     params = dict(model.named_parameters())
     with torch.no_grad(), fwAD.dual_level():
         duals = {
@@ -216,11 +244,50 @@ def _directional_losses(
         else:
             with _replay_rng(rng, device):
                 _, logits = _call_with(model, fns.forward, duals, batch.inputs)
-        losses = per_sample_loss(logits, batch.labels)
-        tangent = fwAD.unpack_dual(losses).tangent
-    if tangent is None:  # the selected parameters do not reach the loss
-        return torch.zeros_like(batch.labels, dtype=torch.float32)
-    return tangent.detach()
+        yield logits
+
+
+#: the real step's forward: one input dict, or a list of them whose outputs are concatenated (one DDP forward)
+RealForward = Callable[[Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]], tuple[torch.Tensor, ...]]
+
+
+def plain_forward(model: nn.Module, fns: ClassifierFns) -> RealForward:
+    """``fns.forward`` on ``model`` as a :data:`RealForward` (what ``distributed.training_forward`` gives in one
+    process without compile)."""
+
+    def forward(inputs: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        if isinstance(inputs, Mapping):
+            return fns.forward(model, inputs)
+        outs = [fns.forward(model, i) for i in inputs]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    return forward
+
+
+def forward_with_clean(
+    forward: RealForward, batch: StepBatch, clean: StepBatch | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The real step's one forward over the training rows and, when ``clean`` is given, the clean rows after them:
+    (training features, training logits, clean logits or None).
+
+    One call: under torchrun ``forward`` is the DDP module, which allows one forward per backward. The training
+    rows run first, so their dropout masks are those of a forward over them alone (the jvp mode replays it)."""
+    if clean is None:
+        features, logits = forward(batch.inputs)
+        return features, logits, None
+    n = batch.labels.shape[0]
+    features, logits = forward([batch.inputs, clean.inputs])
+    return features[:n], logits[:n], logits[n:]
+
+
+def add_clean_share(
+    loss: torch.Tensor, clean_logits: torch.Tensor | None, clean: StepBatch | None, share: float
+) -> torch.Tensor:
+    """``--meta-share S``, our extension of eqs. 6/9: the real step's loss plus S × the mean cross-entropy of the
+    clean rows (MLC's reference code trains on its clean batch too). ``loss`` itself when there is none."""
+    if clean_logits is None or clean is None or not share:
+        return loss
+    return loss + share * F.cross_entropy(_upcast(clean_logits), clean.labels).to(loss.dtype)
 
 
 def meta_step(
@@ -236,10 +303,12 @@ def meta_step(
     fns: ClassifierFns,
     update_meta: bool = True,
     mode: str = "jvp",
-    real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    real_forward: RealForward | None = None,
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
     meta_grad_scale: float = 1.0,
     meta_dropout: bool = False,
+    clean_batch: StepBatch | None = None,
+    clean_share: float = 0.0,
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
@@ -256,6 +325,11 @@ def meta_step(
     The meta loss (eq. 5) is taken with the classifier in eval mode: no dropout noise in the estimate of ŵ's clean
     loss, and a cheaper meta forward (no dropout masks to draw). ``meta_dropout=True`` keeps the classifier's own
     mode there, as MW-Net's reference code does.
+
+    ``clean_share`` S > 0 with ``clean_batch`` (``--meta-share``, our extension): the clean rows join the real
+    forward after the training rows (:func:`forward_with_clean`) and ``output.loss`` becomes
+    ``Σ_i c_i L_i + S · mean CE(clean rows)``. The meta-net, the virtual step and ``output.losses``/``weights``
+    see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
     """
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
@@ -265,8 +339,11 @@ def meta_step(
     # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
     # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
     attention = contextlib.nullcontext if head_only else math_attention
+    clean = clean_batch if clean_share else None
     with attention():
-        features, logits = real_forward(batch.inputs) if real_forward is not None else fns.forward(model, batch.inputs)
+        features, logits, clean_logits = forward_with_clean(
+            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
+        )
     losses = per_sample_loss(logits, batch.labels)
     feats = features.detach()
     loss_in = losses.detach()
@@ -319,4 +396,165 @@ def meta_step(
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
     loss = (weight_coefficients(weights, normalize_weights).to(losses.dtype) * losses).sum()
+    loss = add_clean_share(loss, clean_logits, clean, clean_share)
     return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLC: meta label correction
+
+
+@dataclass
+class MlcStepOutput:
+    """What one MLC step produced: the soft-label loss (with graph), per-sample soft-label losses, the soft labels
+    ŷ(θ_new) the loss was taken against, and the meta loss (all detached but ``loss``)."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    soft_labels: torch.Tensor
+    meta_loss: torch.Tensor | None  #: detached 0-d tensor, as in :class:`MetaStepOutput`
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``−Σ_c ŷ_c log softmax(z)_c`` per sample, at least in float32 (MLC's soft loss)."""
+    z = _upcast(logits)
+    return -(targets.to(z.dtype) * F.log_softmax(z, dim=-1)).sum(-1)
+
+
+def mlc_step(
+    model: nn.Module,
+    lcn: nn.Module,
+    lcn_opt: torch.optim.Optimizer | None,
+    batch: StepBatch,
+    meta_batch: StepBatch | None,
+    *,
+    alpha: float,
+    meta_params: Sequence[str],
+    fns: ClassifierFns,
+    update_meta: bool = True,
+    mode: str = "jvp",
+    real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
+    meta_grad_scale: float = 1.0,
+    meta_dropout: bool = False,
+    clean_batch: StepBatch | None = None,
+    clean_share: float = 0.0,
+) -> MlcStepOutput:
+    """One step of Meta Label Correction (Zheng, Awadallah & Dumais, AAAI 2021) with one look-ahead step.
+
+    The label-correction network θ (:class:`~mlrnet_cli.metanet.LabelCorrectionNet`) gives every training row a
+    soft label ``ŷ_i(θ)`` from its detached head-input feature and observed label. The virtual step is
+    ``ŵ = w − α ∇_w L_train(w, θ)`` with ``L_train = (1/n) Σ_i CE_soft(f(x_i; w), ŷ_i(θ))``; the meta loss is the
+    clean meta batch's cross-entropy at ŵ, and the LCN's optimiser steps on its exact gradient dL_meta/dθ. The
+    returned loss is the soft-label cross-entropy against ``ŷ(θ_new)`` (detached), for the caller's optimiser.
+
+    The arguments mean what they mean for :func:`meta_step` (modes, head-only path, dropout replay, gradient
+    scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
+    become soft labels.
+    """
+    if mode not in ("jvp", "unrolled"):
+        raise ConfigError(f"unknown meta-step mode {mode!r}")
+    device = batch.labels.device
+    rng = _rng_snapshot(device)
+    head_only = _head_only(meta_params, fns)
+    attention = contextlib.nullcontext if head_only else math_attention
+    clean = clean_batch if clean_share else None
+    with attention():
+        features, logits, clean_logits = forward_with_clean(
+            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
+        )
+    feats = features.detach()
+
+    meta_loss_value: torch.Tensor | None = None
+    if update_meta and meta_batch is not None and lcn_opt is not None:
+        theta = [p for p in lcn.parameters() if p.requires_grad]
+        with attention():
+            theta_grads, meta_loss = _mlc_theta_grads(
+                model,
+                lcn,
+                theta,
+                logits,
+                feats,
+                batch,
+                meta_batch,
+                alpha=alpha,
+                names=list(meta_params),
+                fns=fns,
+                head_only=head_only,
+                mode=mode,
+                meta_dropout=meta_dropout,
+                rng=rng,
+            )
+        lcn_opt.zero_grad(set_to_none=True)
+        for p, g in zip(theta, theta_grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
+        if reduce_meta_grads is not None:
+            reduce_meta_grads([p.grad for p in theta])
+        lcn_opt.step()
+        meta_loss_value = meta_loss.detach()
+
+    with torch.no_grad():
+        soft = lcn(feats, batch.labels).detach()
+    losses = soft_cross_entropy(logits, soft)
+    loss = add_clean_share(losses.mean(), clean_logits, clean, clean_share)
+    return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft, meta_loss=meta_loss_value)
+
+
+def _mlc_theta_grads(
+    model: nn.Module,
+    lcn: nn.Module,
+    theta: list[torch.Tensor],
+    logits: torch.Tensor,
+    feats: torch.Tensor,
+    batch: StepBatch,
+    meta_batch: StepBatch,
+    *,
+    alpha: float,
+    names: list[str],
+    fns: ClassifierFns,
+    head_only: bool,
+    mode: str,
+    meta_dropout: bool,
+    rng: tuple[torch.Tensor, torch.Tensor | None],
+) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """(dL_meta/dθ per LCN parameter, the meta loss) of one MLC look-ahead step.
+
+    w does not depend on θ, so ``dL_meta/dθ = −α ∂/∂θ [g_meta · ∇_w L_train(w, θ)]`` with ``g_meta = ∇L_meta(ŵ)``.
+    Through the logits z: ``g_meta · ∇_w L_train = Σ_ic (∂L_train/∂z_ic)(z, θ) dz_ic`` with ``dz`` the logits'
+    derivative along g_meta (one forward-mode pass, the training forward replayed), z and dz held fixed.
+    ``unrolled`` backpropagates through ŵ(θ) built with ``create_graph=True`` instead.
+    """
+    params = dict(model.named_parameters())
+    selected = [params[n] for n in names]
+    soft = lcn(feats, batch.labels)
+    if mode == "unrolled":
+        train_loss = soft_cross_entropy(logits, soft).mean()
+        grads = torch.autograd.grad(train_loss, selected, create_graph=True, retain_graph=True, allow_unused=True)
+        w_hat = {n: p if g is None else p - alpha * g for n, p, g in zip(names, selected, grads, strict=True)}
+        meta_loss = F.cross_entropy(
+            _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
+        )
+        return torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True), meta_loss
+    train_loss = soft_cross_entropy(logits, soft.detach()).mean()
+    grads = torch.autograd.grad(train_loss, selected, retain_graph=True, allow_unused=True)
+    w_hat = {
+        n: (p.detach() if g is None else (p - alpha * g).detach()).requires_grad_(True)
+        for n, p, g in zip(names, selected, grads, strict=True)
+    }
+    meta_loss = F.cross_entropy(
+        _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
+    )
+    g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
+    g_meta = [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]
+    with _dual_logits(
+        model, fns, batch, names, g_meta, rng=rng, device=batch.labels.device, features=feats if head_only else None
+    ) as dual:
+        dz = fwAD.unpack_dual(dual).tangent
+    if dz is None:  # the selected parameters do not reach the logits
+        return tuple(None for _ in theta), meta_loss
+    z = _upcast(logits.detach()).requires_grad_(True)
+    (dl_dz,) = torch.autograd.grad(soft_cross_entropy(z, soft).mean(), z, create_graph=True)
+    theta_grads = torch.autograd.grad(
+        dl_dz, theta, grad_outputs=-alpha * dz.detach().to(dl_dz.dtype), allow_unused=True
+    )
+    return theta_grads, meta_loss

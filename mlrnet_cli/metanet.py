@@ -1,8 +1,10 @@
-"""The meta-nets that turn a training sample into a weight in [0, 1]: MW-Net's and MLRNet's (paper §3.4, §4.3).
+"""The meta-nets: MW-Net's and MLRNet's turn a training sample into a weight in [0, 1] (paper §3.4, §4.3); MLC's
+label-correction network turns it into a soft label over the C classes (Zheng et al. 2021).
 
-Both share one call signature, ``forward(features, labels, curves, losses) -> weights [B]``, so the bi-level
-step in :mod:`mlrnet_cli.meta` is generic. Every input is expected to be detached already (stop-gradient):
-the meta-net never sends gradient back into the classifier.
+All share one call signature, ``forward(features, labels, curves, losses)``, returning weights ``[B]`` (MW-Net,
+MLRNet) or soft labels ``[B, C]`` (MLC), so the bi-level steps in :mod:`mlrnet_cli.meta` are generic. Every
+input is expected to be detached already (stop-gradient): a meta-net never sends gradient back into the
+classifier.
 """
 
 from __future__ import annotations
@@ -113,9 +115,62 @@ class MLRNetMetaNet(nn.Module):
         }
 
 
-def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet:
+class LabelCorrectionNet(nn.Module):
+    """MLC's label-correction network (LCN; Zheng, Awadallah & Dumais, AAAI 2021): a soft label
+    ``ŷ_i = softmax(g([h(x_i) ; Y_emb(ỹ_i)]; θ))`` over the C classes, from the classifier's head-input feature
+    and the observed label.
+
+    As in microsoft/MLC's ``MetaNet``: the label embedding, two Tanh layers of ``hidden_dim`` and a linear
+    layer to the C class logits, Xavier-initialised weights and zero biases (so a fresh LCN does not simply
+    copy the observed label). The reference sizes are a 64-d label embedding and 128 hidden units.
+    """
+
+    kind = "mlc"
+
+    def __init__(self, feature_dim: int, num_classes: int, label_emb_dim: int = 64, hidden_dim: int = 128) -> None:
+        super().__init__()
+        self.feature_dim, self.num_classes = feature_dim, num_classes
+        self.label_emb_dim, self.hidden_dim = label_emb_dim, hidden_dim
+        self.label_embedding = nn.Embedding(num_classes, label_emb_dim)
+        self.hidden = _tanh_mlp([feature_dim + label_emb_dim, hidden_dim, hidden_dim])
+        self.out = nn.Linear(hidden_dim, num_classes)
+        nn.init.xavier_uniform_(self.label_embedding.weight)
+        for layer in [*self.hidden, self.out]:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        curves: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ŷ_i(θ): a soft label (a probability vector over the C classes) per sample, ``[B, C]``."""
+        joint = torch.cat([features.to(self.out.weight.dtype), self.label_embedding(labels)], dim=-1)
+        return torch.softmax(self.out(self.hidden(joint)), dim=-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "label_emb_dim": self.label_emb_dim,
+            "hidden_dim": self.hidden_dim,
+        }
+
+
+def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrectionNet:
     """Rebuild a meta-net from the ``spec()`` saved beside its weights."""
     kind = spec.get("kind")
+    if kind == LabelCorrectionNet.kind:
+        return LabelCorrectionNet(
+            int(spec["feature_dim"]),
+            int(spec["num_classes"]),
+            label_emb_dim=int(spec["label_emb_dim"]),
+            hidden_dim=int(spec["hidden_dim"]),
+        )
     if kind == MWNet.kind:
         return MWNet(hidden=int(spec.get("hidden", 100)))
     if kind == MLRNetMetaNet.kind:

@@ -202,3 +202,32 @@ def detection_report(scores: ArrayLike, positives: ArrayLike) -> dict[str, Any]:
         "num_rows": int(s.size),
         "base_rate": float(k / s.size) if s.size else None,
     }
+
+
+def within_label_report(scores: ArrayLike, positives: ArrayLike, labels: ArrayLike) -> dict[str, Any]:
+    """:func:`detection_report` among the rows of each observed label, and each metric's unweighted mean over labels.
+
+    Within a label, a score cannot find noise by the label alone (a per-label switch scores 0.5). A label whose
+    rows are all clean or all noisy has no ROC-AUC (and, without noisy rows, no AP or precision@k); it is left
+    out of that metric's mean, and ``<metric>_labels_used`` says how many counted."""
+    s, y, lab = np.asarray(scores, dtype=np.float64), np.asarray(positives).astype(bool), np.asarray(labels)
+    per = {int(c): detection_report(s[lab == c], y[lab == c]) for c in np.unique(lab)}
+    out: dict[str, Any] = {"per_label": per}
+    for m in ("roc_auc", "average_precision", "precision_at_k"):
+        kept = [p[m] for p in per.values() if p[m] is not None]
+        out[m] = float(np.mean(kept)) if kept else None
+        out[f"{m}_labels_used"] = len(kept)
+    return out
+
+
+def noise_detection(scores: ArrayLike, noisy: ArrayLike, labels: ArrayLike) -> dict[str, Any]:
+    """How well ``scores`` (high = noisy) find the noisy rows: over all rows, plus ``within_label`` means."""
+    within = within_label_report(scores, noisy, labels)
+    return {**detection_report(scores, noisy), "within_label": {k: v for k, v in within.items() if k != "per_label"}}
+
+
+def stage1_loss_score(losses: ArrayLike) -> np.ndarray:
+    """The stage-1 loss alone as a noise score: each row's mean loss over the curve's epochs 1..T (epoch 0 is
+    the untrained classifier's loss; a one-point curve is used as it is)."""
+    arr = np.asarray(losses, dtype=np.float64)
+    return arr[:, 1:].mean(axis=1) if arr.shape[1] > 1 else arr[:, 0]

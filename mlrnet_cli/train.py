@@ -1,4 +1,4 @@
-"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net or a plain baseline.
+"""Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier with MLRNet, MW-Net, MLC or a plain baseline.
 
 ``train(config, ...)`` reads ``data/train.arrow``, ``data/clean.arrow`` and ``losses.safetensors`` from the
 workspace, draws a balanced, seeded meta set from the clean pool (disjoint from the training rows) after
@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from mlrnet_cli import artifacts, distributed, engine, locks, seeding, stageio
 from mlrnet_cli.configs import Method, TrainConfig
 from mlrnet_cli.distributed import Shard
 from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
-from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, per_sample_loss, resolve_meta_params
-from mlrnet_cli.metanet import MLRNetMetaNet, MWNet, normalized_curves
+from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, Stage1MissingError
+from mlrnet_cli.glc import forward_corrected_loss, glc_corruption_matrix
+from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, mlc_step, per_sample_loss, resolve_meta_params
+from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, normalized_curves
 from mlrnet_cli.modeling import eval_mode, to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
@@ -138,6 +139,7 @@ class _Inputs:
     meta_pos: np.ndarray  #: clean-table rows of the meta set
     dev_pos: np.ndarray  #: rows of the dev source (the dev table, else the clean table)
     dev_labels: np.ndarray
+    stage1: Path | None = None  #: the stage-1 classifier's folder (``glc`` estimates its Ĉ with it)
 
     @property
     def dev_source(self) -> str:
@@ -161,13 +163,49 @@ def _read_inputs(config: TrainConfig, paths: dict[str, Path | None]) -> tuple[Tr
     if not model_name:
         raise ConfigError("no model to train", "pass --model, or run collect-losses first (it records the model)")
     config = replace(config, model=str(model_name))
+    stage1 = paths.get("stage1")
+    if config.method == "glc":
+        fingerprints["stage1"] = _check_stage1(stage1, fingerprints["train"], config.model)
     dev_rows = None
     if paths["dev"] is not None:
         dev_rows = stageio.read_rows(paths["dev"], "dev table", manifest.num_classes)
         fingerprints["dev"] = dev_rows.fingerprint()
     meta_pos, dev_pos, dev_labels = _split(config, train_rows, clean_rows, dev_rows, manifest.num_classes)
-    inputs = _Inputs(train_rows, clean_rows, dev_rows, manifest, curves, fingerprints, meta_pos, dev_pos, dev_labels)
+    inputs = _Inputs(
+        train_rows, clean_rows, dev_rows, manifest, curves, fingerprints, meta_pos, dev_pos, dev_labels, stage1
+    )
     return config, inputs
+
+
+def stage1_model_path(stage1: Path) -> Path:
+    """The folder of the stage-1 classifier that `collect-losses` wrote into ``stage1``."""
+    return stage1 / "model" if (stage1 / "model" / "config.json").is_file() else stage1
+
+
+def _check_stage1(stage1: Path | None, train_fingerprint: str, model: str) -> str:
+    """``glc``: the stage-1 classifier exists, was trained on this training table and from ``model`` (whose
+    tokenizer makes the token ids it reads); its fingerprint."""
+    from mlrnet_cli import modeling
+
+    folder = stage1_model_path(stage1) if stage1 is not None else None
+    if folder is None or not (folder / "config.json").is_file() or not (stage1 / "mlrnet.json").is_file():
+        raise Stage1MissingError(
+            f"--method glc needs the stage-1 classifier, and {stage1} holds none",
+            "run `mlrnet collect-losses` first: GLC estimates the corruption matrix with its classifier",
+        )
+    meta = artifacts.read_json(stage1 / "mlrnet.json").get(artifacts.META_KEY) or {}
+    trained_on = (meta.get("inputs") or {}).get("train")
+    if trained_on != train_fingerprint:
+        raise FingerprintMismatchError(
+            f"the stage-1 classifier in {stage1} was trained on a different training table",
+            "rerun `mlrnet collect-losses` on this one",
+        )
+    if (meta.get("inputs") or {}).get("model") != modeling.model_fingerprint(model):
+        raise ConfigError(
+            f"--method glc: the stage-1 classifier in {stage1} was not fine-tuned from --model {model}",
+            "train with the model collect-losses used (the default), or rerun collect-losses with this one",
+        )
+    return modeling.model_fingerprint(folder)
 
 
 def _split(
@@ -271,7 +309,7 @@ def _load_model(
     device = modeling.select_device(distributed.resolve_device(config.device))
     init_path = config.model
     if config.init_from == "stage1":
-        init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
+        init_path = str(stage1_model_path(ws.stage1))
     tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = modeling.load_classifier(
         init_path,
@@ -285,7 +323,8 @@ def _load_model(
 
 
 def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches: _Batches) -> torch.nn.Module | None:
-    """θ of the method's meta-net (MW-Net's V(L_i), or MLRNet's V(DF(h, Y_emb, I))), the same on every rank."""
+    """θ of the method's meta-net (MW-Net's V(L_i), MLRNet's V(DF(h, Y_emb, I)), or MLC's label-correction
+    network ŷ(h, Y_emb)), the same on every rank."""
     torch.manual_seed(seeding.init_seed(config.seed))
     if config.method == "mwnet":
         meta_net: torch.nn.Module = MWNet()
@@ -299,6 +338,12 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
             inp.curves.shape[1],
             label_emb_dim=config.label_emb_dim,
             df_dim=config.df_dim,
+        )
+    elif config.method == "mlc":
+        with torch.no_grad():
+            probe_f, _ = batches.forward(model, batches.inputs_of("train", np.array([0])))
+        meta_net = LabelCorrectionNet(
+            probe_f.shape[-1], inp.manifest.num_classes, label_emb_dim=config.label_emb_dim, hidden_dim=config.df_dim
         )
     else:
         return None
@@ -399,7 +444,9 @@ class MixedStep(PlainStep):
 
 class MetaStep:
     """``mlrnet`` / ``mwnet``: Algorithm 1's bi-level step (:func:`mlrnet_cli.meta.meta_step`) on the training
-    rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics."""
+    rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics.
+    With ``--meta-share S`` the meta batch also enters the real step; the epoch's train loss stays the mean
+    cross-entropy of the training rows (comparable across S) and the weights are those of the training rows."""
 
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         cfg = run.config
@@ -442,6 +489,8 @@ class MetaStep:
             mode=cfg.meta_mode,
             meta_dropout=cfg.meta_dropout,
             real_forward=run.real_forward,
+            clean_batch=mb,  # --meta-share: the same meta rows also enter the real step
+            clean_share=cfg.meta_share,
             reduce_meta_grads=reduce_meta,
             # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
             # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees
@@ -457,13 +506,163 @@ class MetaStep:
         return run.finish(shard, len(chunk), res.loss, res.losses.mean())
 
 
+class MlcStep:
+    """``mlc``: Meta Label Correction (:func:`mlrnet_cli.meta.mlc_step`) on the training rows, the meta batch
+    drawn from the meta set as for :class:`MetaStep`; the LCN's probability of each row's observed label,
+    ŷ_i(ỹ_i), is summed for the epoch statistics (the history's ``weight_*`` columns)."""
+
+    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        cfg = run.config
+        self.run = run
+        # microsoft/MLC's meta optimiser: Adam with AMSGrad and no weight decay
+        self.optimizer = torch.optim.Adam(run.meta_net.parameters(), lr=cfg.meta_lr, weight_decay=0.0, amsgrad=True)
+        self.names = resolve_meta_params(run.model, cfg.meta_params, run.batches.head_prefix)
+        self.mbs = min(cfg.meta_batch_size or cfg.batch_size, len(run.inp.meta_pos))
+        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
+        self.meta_slot = torch.arange(self.mbs) + distributed.rank() * self.mbs
+
+    def meta_batch(self) -> StepBatch:
+        """This step's clean meta batch (one draw of the epoch's meta generator per step, as in MetaStep)."""
+        run, meta_pos = self.run, self.run.inp.meta_pos
+        mperm = torch.randperm(len(meta_pos), generator=run.epoch.meta_gen)
+        mpos = meta_pos[mperm[self.meta_slot % len(meta_pos)].numpy()]
+        return StepBatch(run.batches.inputs_of("clean", mpos), to_device(run.labels["clean"][mpos], run.device))
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, cfg = self.run, self.run.config
+        pos = np.array([p for _, p in run.chunk(shard)])
+        pos_t = torch.from_numpy(pos)
+        labels = to_device(run.labels["train"][pos_t], run.device)
+        batch = StepBatch(run.batches.inputs_of("train", pos), labels)
+        mb = self.meta_batch()
+        reduce_meta = None
+        if distributed.is_distributed():
+
+            def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
+                distributed.all_reduce_mean_(grads, share)
+
+        res = mlc_step(
+            run.model,
+            run.meta_net,
+            self.optimizer,
+            batch,
+            mb,
+            alpha=cfg.virtual_lr,
+            meta_params=self.names,
+            fns=run.batches.fns,
+            update_meta=index % cfg.meta_interval == 0,
+            mode=cfg.meta_mode,
+            meta_dropout=cfg.meta_dropout,
+            real_forward=run.real_forward,
+            reduce_meta_grads=reduce_meta,
+            meta_grad_scale=1.0 / cfg.virtual_lr,  # as in MetaStep: dL_meta/dθ is O(α)
+            clean_batch=mb,
+            clean_share=cfg.meta_share,
+        )
+        if not shard.is_placeholder:
+            pos_d = to_device(pos_t, run.device)
+            agreement = res.soft_labels.gather(1, labels[:, None]).squeeze(1)
+            run.epoch.w_sum.index_add_(0, pos_d, agreement.double())
+            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
+            if res.meta_loss is not None:
+                run.epoch.meta_losses.append(res.meta_loss)
+        return run.finish(shard, len(pos), res.loss, res.losses.mean())
+
+
+class GLCStep:
+    """``glc``: Gold Loss Correction (Hendrycks et al., NeurIPS 2018). Ĉ[i, j] ≈ p(observed j | true i) is the
+    stage-1 classifier's mean softmax over the meta rows of true class i (:func:`glc_corruption_matrix`),
+    estimated once; then a batch of training and meta rows (``_items``, as ``plain-meta``) trains on the
+    forward-corrected loss -log((softmax(f(x)) @ Ĉ)[ỹ]) for training rows and cross-entropy for the meta
+    (trusted) rows, averaged over the batch's rows."""
+
+    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        self.run = run
+        self.trusted_counts = np.bincount(
+            run.inp.clean.labels[run.inp.meta_pos], minlength=run.inp.manifest.num_classes
+        )
+        # rank 0 estimates and sends: every rank corrects with the very same Ĉ
+        matrix = _glc_matrix(run) if distributed.is_main() else None
+        self.set_matrix(distributed.broadcast_object(matrix))
+
+    def set_matrix(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix.to(torch.float64).cpu()  # the estimate as saved and recorded
+        self.corruption = to_device(self.matrix.float(), self.run.device)
+        names = self.run.inp.manifest.class_names
+        rows = "; ".join(
+            f"{n}: " + " ".join(f"{v:.3f}" for v in r) for n, r in zip(names, self.matrix.tolist(), strict=True)
+        )
+        log.info("glc: corruption matrix C^ (row: true class, columns: observed labels %s): %s", names, rows)
+        for c in np.flatnonzero(self.trusted_counts == 0):
+            log.warning("glc: class %r has no trusted (meta) rows: its row of C^ is the identity row", names[c])
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        run, chunk = self.run, self.run.chunk(shard)
+        sources = sorted({s for s, _ in chunk})
+        pos = {s: np.array([p for s2, p in chunk if s2 == s]) for s in sources}
+        labels = to_device(torch.cat([run.labels[s][pos[s].tolist()] for s in sources]), run.device)
+        trusted = to_device(torch.cat([torch.full((len(pos[s]),), s == "clean") for s in sources]), run.device)
+        logits = run.real_forward([run.batches.inputs_of(s, pos[s]) for s in sources])[1]
+        corrected = forward_corrected_loss(logits, labels, self.corruption)
+        loss = torch.where(trusted, per_sample_loss(logits, labels), corrected).mean()
+        return run.finish(shard, len(chunk), loss, loss.detach())
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"glc_matrix": self.matrix}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.set_matrix(state["glc_matrix"])  # the run's own estimate, whatever device it resumes on
+
+    def model_files(self, model_meta: dict[str, Any]) -> dict[str, Any]:
+        """``glc.json`` in each model folder: Ĉ with what it was estimated from."""
+        names = self.run.inp.manifest.class_names
+        return {
+            "glc.json": stageio.json_file(
+                {
+                    artifacts.META_KEY: {**model_meta, "kind": "glc"},
+                    "corruption_matrix": self.matrix.tolist(),
+                    "class_names": names,
+                    "trusted_rows_per_class": self.trusted_counts.tolist(),
+                    "identity_rows": [names[c] for c in np.flatnonzero(self.trusted_counts == 0)],
+                    "estimated_with": "stage1",
+                }
+            )
+        }
+
+
+def _glc_matrix(run: _Run) -> torch.Tensor:
+    """Ĉ from the stage-1 classifier (trained by collect-losses on the biased rows): its full forward over the
+    meta rows' token ids, in eval mode without gradients (whatever --freeze-encoder says: its encoder need not
+    be the one whose features train caches)."""
+    from mlrnet_cli import inference, modeling
+
+    cfg, inp = run.config, run.inp
+    assert inp.stage1 is not None
+    model = modeling.load_classifier(
+        stage1_model_path(inp.stage1),
+        inp.manifest.num_classes,
+        inp.manifest.class_names,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = model.to(run.device).eval()
+    token_ids = run.batches.tokens["clean"].rows(inp.meta_pos)
+    out = inference.run_classifier(
+        model, token_ids, pad_id=run.batches.pad_id, batch_size=cfg.batch_size * 2, progress=NullProgress()
+    )
+    probs = torch.from_numpy(out.probabilities)
+    return glc_corruption_matrix(probs, torch.from_numpy(inp.clean.labels[inp.meta_pos]), inp.manifest.num_classes)
+
+
 #: the step of each --method (a new method: one step class, one line here, its tests)
 STEPS: dict[str, type] = {
     "mlrnet": MetaStep,
     "mwnet": MetaStep,
+    "mlc": MlcStep,
     "plain": PlainStep,
     "plain-meta": MixedStep,
     "meta-only": PlainStep,
+    "glc": GLCStep,
 }
 
 
@@ -471,7 +670,7 @@ def _items(config: TrainConfig, inp: _Inputs) -> list[tuple[str, int]]:
     """What each method trains on: rows of the training table and/or of the meta set."""
     train = [("train", int(p)) for p in range(len(inp.train))]
     meta = [("clean", int(p)) for p in inp.meta_pos]
-    return {"plain-meta": train + meta, "meta-only": meta}.get(config.method, train)
+    return {"plain-meta": train + meta, "glc": train + meta, "meta-only": meta}.get(config.method, train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,6 +771,7 @@ class _Hooks:
             files["meta_net.safetensors"] = lambda p: artifacts.write_tensors(
                 p, net.state_dict(), {**model_meta, "meta_net": net.spec()}
             )
+        files.update(getattr(self.step, "model_files", lambda _meta: {})(model_meta))  # a method's own record
         files["train_config.json"] = stageio.json_file({**extra, "config": model_meta["config"]})
         files["mlrnet.json"] = stageio.json_file({artifacts.META_KEY: model_meta})
         frozen = None
@@ -583,6 +783,7 @@ class _Hooks:
         state: dict[str, Any] = {"best_acc": self.best_acc, "best_epoch": self.best_epoch}
         if self.run.meta_net is not None:
             state.update(meta_net=self.run.meta_net.state_dict(), meta_opt=self.step.optimizer.state_dict())
+        state.update(getattr(self.step, "extra_state", dict)())  # a step's own state (glc: its Ĉ)
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -590,6 +791,8 @@ class _Hooks:
         if self.run.meta_net is not None:
             self.run.meta_net.load_state_dict(state["meta_net"])
             self.step.optimizer.load_state_dict(state["meta_opt"])
+        if hasattr(self.step, "load_extra_state"):
+            self.step.load_extra_state(state)
 
 
 def _weight_stats(ep: _Epoch, noisy: np.ndarray | None, epoch: int) -> dict[str, Any]:
@@ -654,14 +857,13 @@ def train(
         "losses": Path(losses_path or ws.losses),
         "manifest": Path(manifest_path or ws.manifest),
         "dev": Path(dev_path) if dev_path is not None else None,
+        "stage1": ws.stage1,
     }
     # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
         config, inp = _read_inputs(config, paths)
-        # compile and device: where and how fast it runs, not what it computes (a run resumes on another device)
-        provenance_config = {k: v for k, v in asdict(config).items() if k not in ("compile", "device")}
         meta = artifacts.make_meta(
-            "train", "model", config=provenance_config, seed=config.seed, inputs=inp.fingerprints
+            "train", "model", config=config.provenance_config(), seed=config.seed, inputs=inp.fingerprints
         )
         artifacts.guard_output(
             out / "history.arrow",

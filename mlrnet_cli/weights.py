@@ -133,6 +133,12 @@ def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dic
             "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
         )
     tensors, meta = read_tensors(path, "meta-net")
+    if isinstance(meta.get("meta_net"), dict) and meta["meta_net"].get("kind") == "mlc":
+        raise ModelError(
+            f"{model_dir} was trained with `--method mlc`: its meta-net corrects labels (soft labels), it does not "
+            "weight rows",
+            "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
+        )
     spec = _find_spec(meta) or _find_spec_in_folder(model_dir)
     if spec is None:
         raise ArtifactError(f"{path} does not say which meta-net it holds (no spec in its metadata)")
@@ -242,7 +248,7 @@ def compute_weights(
     true_label = rows.true_labels if rows.true_labels is not None and (rows.true_labels >= 0).all() else None
 
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
-    curves = _curves(losses_path, rows, spec, inputs)
+    curves, stage1_losses = _curves(losses_path, rows, spec, inputs)
     max_length = resolve_max_length(config.max_length, train_cfg)
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
@@ -287,9 +293,7 @@ def compute_weights(
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
-        "noise_detection": (
-            metrics.detection_report(1.0 - weight.astype(np.float64), is_noisy) if is_noisy is not None else None
-        ),
+        "noise_detection": _noise_detection(weight, is_noisy, labels, stage1_losses),
     }
     summary |= extra
     top = _top_rows(table, config.top, class_names)
@@ -304,12 +308,28 @@ def compute_weights(
     return WeightsResult(table, summary, top, paths)
 
 
-def _curves(losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs: dict[str, str]) -> np.ndarray | None:
-    """The normalised curves I_i of the training rows (their fingerprint into ``inputs``); MLRNet needs them."""
+def _noise_detection(
+    weight: np.ndarray, is_noisy: np.ndarray | None, labels: np.ndarray, stage1_losses: np.ndarray | None
+) -> dict[str, Any] | None:
+    """Low weight as a noise score, overall and within each observed label, beside the stage-1 loss alone (the
+    baseline the weights should beat: the curves already hold it)."""
+    if is_noisy is None:
+        return None
+    det = metrics.noise_detection(1.0 - weight.astype(np.float64), is_noisy, labels)
+    if stage1_losses is not None:
+        det["stage1_loss"] = metrics.noise_detection(metrics.stage1_loss_score(stage1_losses), is_noisy, labels)
+    return det
+
+
+def _curves(
+    losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs: dict[str, str]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The normalised curves I_i of the training rows (their fingerprint into ``inputs``; MLRNet needs them) and
+    the raw stage-1 losses."""
     if not losses_path.is_file():
         if spec["kind"] == "mlrnet":
             raise ArtifactError(f"loss curves not found: {losses_path}", "run `mlrnet collect-losses` first")
-        return None
+        return None, None
     read = stageio.read_curves(losses_path, rows)
     inputs["losses"] = read.fingerprint
     curves = normalized_curves(read.losses, torch.as_tensor(rows.labels)).numpy()
@@ -317,7 +337,7 @@ def _curves(losses_path: Path, rows: stageio.Rows, spec: dict[str, Any], inputs:
         raise FingerprintMismatchError(
             f"{losses_path} has curves of length {curves.shape[1]}, the meta-net expects {spec['curve_len']}"
         )
-    return curves
+    return curves, read.losses.double().numpy()
 
 
 def _classifier_pass(

@@ -394,6 +394,16 @@ CASES = [
     Case("train-meta-params-typo", "train", None, [*TRAIN, "--meta-params", "lats-1"], "--meta-params"),
     Case("train-dev-fraction-above-1", "train", None, [*TRAIN, "--dev-fraction", "1.5"], "--dev-fraction"),
     Case("train-unwritable-out", "train", _a_file, [*TRAIN, "--out", "{tmp}/afile/model"], "afile"),
+    Case("train-negative-meta-share", "train", None, [*TRAIN, "--meta-share", "-0.5"], "--meta-share must be"),
+    Case("train-nan-meta-share", "train", None, [*TRAIN, "--meta-share", "nan"], "--meta-share must be"),
+    Case(
+        "train-meta-share-plain-meta",
+        "train",
+        None,
+        [*TRAIN, "--method", "plain-meta", "--meta-share", "0.5"],
+        "--meta-share applies",
+        code=2,
+    ),
     # eval ---------------------------------------------------------------------------------
     Case(
         "eval-missing-label-column",

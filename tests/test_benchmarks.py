@@ -47,7 +47,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | - |"
     assert table[3] == "| A | mlrnet | 1 | 80.00 | s0 80.00 | 75.00 | 0.900 |"
     # paired on the seeds both ran: only seed 0 has both, 80 - 60
-    assert table[-1] == "| A | +20.00 (1/1) | - | - | - |"
+    assert table[-1] == "| A | +20.00 (1/1) |"  # a column per method that ran
 
 
 def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
@@ -118,6 +118,57 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
     assert trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-meta-only")
     table = fidelity.report(tmp_path)
     assert "| IF20-u0.4-m20 | meta-only | 1 |" in table and "| IF20-u0.4-m20 | meta-only-e100 | 1 |" in table
+
+
+def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--meta-share S reaches the meta methods' train commands only, and their rows get their own key and label,
+    so they neither skip nor mix with the same methods run without it."""
+    trains: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        if sub == "train":
+            trains.append(cmd)
+        if sub != "eval":
+            return {}
+        share = "--meta-share" in trains[-1]
+        return {"accuracy": 0.7 if share else 0.6, "macro_f1": 0.5}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mlrnet"])
+    fidelity.main()
+    assert not any("--meta-share" in c for c in trains)
+    trains.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mwnet", "mlrnet", "--meta-share", "0.5"])
+    fidelity.main()
+    got = {c[c.index("--method") + 1]: c for c in trains}
+    assert list(got) == ["mwnet", "mlrnet"]  # plain does not take it: its run without the flag counts
+    for m, c in got.items():
+        assert c[c.index("--meta-share") + 1] == "0.5" and c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5")
+    rows = fidelity.read_results(tmp_path / "results.jsonl")
+    assert [fidelity.row_key(r)[2] for r in rows] == ["plain", "mlrnet", "mwnet-share0.5", "mlrnet-share0.5"]
+    assert rows[-1]["budget"]["meta_share"] == 0.5 and rows[0]["budget"]["meta_share"] is None
+    table = fidelity.report(tmp_path).splitlines()
+    assert "| IF20-u0.4-m20 | mlrnet | 1 | 60.00 | s0 60.00 | 50.00 | - |" in table
+    assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 1 | 70.00 | s0 70.00 | 50.00 | - |" in table
+    assert (
+        "mlrnet-share0.5 minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):" in table
+    )
+    # columns: the labels that ran but the reference: plain, mwnet-share0.5, mlrnet
+    assert table[-1] == "| IF20-u0.4-m20 | +10.00 (1/1) | +0.00 (0/1) | +10.00 (1/1) |"
+    trains.clear()
+    fidelity.main()  # all done: nothing reruns
+    assert trains == []
+    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0.5", "--tune"])
+    with pytest.raises(SystemExit):  # the tuning rows' labels do not carry the share
+        fidelity.main()
 
 
 def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,3 +297,95 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir
     manifest = json.loads((out / "base" / "data" / "manifest.json").read_text())
     assert manifest["profile"][0] == 40 and manifest["profile"][-1] == 2
     assert manifest["counts"]["train_true"] == manifest["profile"]
+
+
+def test_tune_chooses_the_meta_setting_on_dev_rows_of_seed_0_and_reuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tune: every preset runs on seed 0, the best dev accuracy chooses (test accuracy, which here ranks the
+    presets the other way round, plays no part), the tuned row copies the chosen run, and seed 1 runs the
+    choice only, after seed 0 has chosen."""
+    calls: list[list[str]] = []
+    dev_of = {"1e-5": 0.50, "1e-4": 0.70, "1e-3": 0.60}
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        args = cmd[cmd.index("mlrnet_cli") + 2 :]
+        calls.append([sub, *args])
+        if sub == "train":
+            lr = [args[i + 1] for i, a in enumerate(args) if a == "--meta-lr"][-1:] or ["1e-5"]  # the last counts
+            lr = lr[0]
+            dev = dev_of[lr] + (0.05 if "--no-normalize-weights" in args else 0.0)
+            ws = Path(args[args.index("--workdir") + 1])
+            (ws / "dev.txt").write_text(str(dev))
+            return {"best_dev_accuracy": dev}
+        if sub == "eval":
+            ws = Path(args[args.index("--workdir") + 1])
+            return {"accuracy": 1 - float((ws / "dev.txt").read_text()), "macro_f1": 0.4}
+        return {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--out", str(tmp_path)]
+    base += ["--methods", "plain", "mwnet", "--tune"]
+
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "1"])  # seed 1 before seed 0: nothing to reuse yet
+    fidelity.main()
+    assert [c[c.index("--method") + 1] for c in calls if c[0] == "train"] == ["plain"]
+
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "0"])
+    fidelity.main()
+    trains = [c for c in calls if c[0] == "train"]
+    assert [c[c.index("--workdir") + 1].rsplit("-m20-", 1)[1] for c in trains] == [
+        "plain",
+        "mwnet@lr1e-5",
+        "mwnet@lr1e-4",
+        "mwnet@lr1e-3",
+        "mwnet@mwnet-ref",
+    ]
+    rows = fidelity.read_results(tmp_path / "results.jsonl")
+    tuned = [r for r in rows if r.get("label") == "mwnet-tuned"]
+    assert len(tuned) == 1 and tuned[0]["seed"] == 0
+    # mwnet-ref (1e-3 with 1/n weights: 0.65) loses to lr1e-4 (0.70) on dev, though lr1e-5 has the best test accuracy
+    assert tuned[0]["preset"] == "lr1e-4" and tuned[0]["accuracy"] == pytest.approx(0.30)
+    assert tuned[0]["candidates_dev_accuracy"] == pytest.approx(
+        {"lr1e-5": 0.5, "lr1e-4": 0.7, "lr1e-3": 0.6, "mwnet-ref": 0.65}
+    )
+
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "1"])
+    fidelity.main()
+    trains = [c for c in calls if c[0] == "train"]
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mwnet-tuned")
+    assert trains[0][trains[0].index("--meta-lr") + 1] == "1e-4" and "--no-normalize-weights" not in trains[0]
+
+    table = fidelity.report(tmp_path)
+    assert "| IF20-u0.4-m20 | mwnet-tuned | 2 |" in table
+    assert "| IF20-u0.4-m20 | mwnet@lr1e-4 |" not in table  # candidates only in the choices table
+    assert "| IF20-u0.4-m20 | mwnet | 50.00 | 70.00 | 60.00 | 65.00 | lr1e-4 |" in table
+
+
+def test_table2_grid_and_its_mean_per_noise_type(tmp_path: Path) -> None:
+    t2 = fidelity.grids(1)["table2-frozen"]
+    assert sorted(c.noise for c in t2) == sorted(f"{k}:{p}" for k in ("uniform", "flip") for p in (0.2, 0.4, 0.6, 0.8))
+    assert all(c.imbalance == 1 and c.freeze_encoder and c.methods == fidelity.METHODS for c in t2)
+    assert len({c.base_key for c in t2}) == 8
+    rows = [
+        {
+            "cell": c.name,
+            "method": m,
+            "seed": 0,
+            "accuracy": acc,
+            "macro_f1": acc,
+            "cell_config": {"imbalance": 1, "noise": c.noise},
+        }
+        for c, accs in zip(t2[:2] + t2[4:5], ((0.9, 0.8), (0.7, 0.6), (0.5, 0.2)), strict=True)
+        for m, acc in zip(("plain", "glc"), accs, strict=True)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = fidelity.report(tmp_path)
+    assert "| plain | 80.00 (2) | 50.00 (1) |" in table and "| glc | 70.00 (2) | 20.00 (1) |" in table

@@ -154,7 +154,9 @@ def test_two_rank_collect_losses_matches_one_rank(tmp_path: Path) -> None:
     assert not (two.stage1 / "state").exists()
 
 
-def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: str) -> None:
+def _train_worker(
+    rank: int, world: int, port: int, ws: str, model: str, out: str, method: str = "mlrnet", share: float = 0.0
+) -> None:
     """One rank of a spawned `train` run: the library call, then this rank's meta-net and classifier."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -166,7 +168,8 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
     from mlrnet_cli.train import TrainConfig
 
     made: dict[str, torch.nn.Module] = {}
-    make_net, load = train_mod.MLRNetMetaNet, modeling.load_classifier
+    net_class = "LabelCorrectionNet" if method == "mlc" else "MLRNetMetaNet"
+    make_net, load = getattr(train_mod, net_class), modeling.load_classifier
 
     def spy_net(*a, **k):  # noqa: ANN002, ANN003, ANN202
         made["meta_net"] = make_net(*a, **k)
@@ -176,11 +179,12 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
         made["model"] = load(*a, **k)
         return made["model"]
 
-    train_mod.MLRNetMetaNet, modeling.load_classifier = spy_net, spy_load
+    setattr(train_mod, net_class, spy_net)
+    modeling.load_classifier = spy_load
     with distributed.session(timeout_s=120):
         result = train_mod.train(
             TrainConfig(
-                method="mlrnet",
+                method=method,
                 epochs=2,
                 batch_size=6,
                 meta_per_class=4,
@@ -189,6 +193,7 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
                 model=model,
                 label_emb_dim=8,
                 df_dim=8,
+                meta_share=share,
             ),
             workdir=ws,
         )
@@ -205,15 +210,24 @@ def _train_worker(rank: int, world: int, port: int, ws: str, model: str, out: st
     os._exit(0)
 
 
-def test_two_rank_train_runs_and_keeps_ranks_identical(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Spawned 2-rank MLRNet run: to the end, the meta-net (θ gradients averaged by all_reduce) and the
-    classifier (DDP) hold bit-identical parameters on both ranks, and rank 0 wrote the artifacts."""
+@pytest.mark.parametrize(
+    ("method", "share"), [("mlrnet", 0.0), ("mlrnet", 0.5), pytest.param("mlc", 0.0, marks=pytest.mark.slow)]
+)
+def test_two_rank_train_runs_and_keeps_ranks_identical(
+    tmp_path: Path, tiny_model_dir: Path, method: str, share: float
+) -> None:
+    """Spawned 2-rank MLRNet (and MLC) run: to the end, the meta-net (θ gradients averaged by all_reduce) and the
+    classifier (DDP) hold bit-identical parameters on both ranks, and rank 0 wrote the artifacts. With
+    --meta-share the meta rows go through the same DDP forward as the training rows (one forward per backward)."""
     from test_train import write_losses
 
     ws = make_workspace(tmp_path / "ws")
     write_losses(ws, tiny_model_dir)
     torch.multiprocessing.spawn(
-        _train_worker, args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path)), nprocs=2, join=True
+        _train_worker,
+        args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path), method, share),
+        nprocs=2,
+        join=True,
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["epochs_run"] == r1["epochs_run"] == 2
@@ -225,7 +239,8 @@ def test_two_rank_train_runs_and_keeps_ranks_identical(tmp_path: Path, tiny_mode
     assert (init.model / "last" / "meta_net.safetensors").is_file() and (init.model / "history.arrow").is_file()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in r0["history"] + r1["history"]]
     assert strip[:2] == strip[2:]  # statistics were summed over the ranks the same way
-    saved, _ = artifacts.read_tensors(init.model / "last" / "meta_net.safetensors")
+    saved, meta = artifacts.read_tensors(init.model / "last" / "meta_net.safetensors")
+    assert meta["config"].get("meta_share", 0.0) == share
     for k, v in saved.items():
         assert torch.equal(v, r0["meta_net"][k]), k
 

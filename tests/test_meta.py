@@ -13,11 +13,13 @@ from mlrnet_cli.meta import (
     ClassifierFns,
     StepBatch,
     meta_step,
+    mlc_step,
     parse_meta_params,
     resolve_meta_params,
+    soft_cross_entropy,
     weight_coefficients,
 )
-from mlrnet_cli.metanet import MLRNetMetaNet, MWNet, build_meta_net
+from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, build_meta_net
 
 C, T1 = 3, 4
 
@@ -266,6 +268,88 @@ def test_meta_step_leaves_classifier_grads_alone_and_returns_the_weighted_loss()
     assert model.classifier.weight.grad is not None
 
 
+def _share_step(model, net, batch, meta, *, share, mode="jvp", spec="all", real_forward=None, lr=1e-2):
+    """One meta_step with --meta-share ``share`` (θ moved by Adam, so c_i come from the updated meta-net)."""
+    names = resolve_meta_params(model, spec, "classifier.")
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    kwargs = {} if share is None else {"clean_batch": meta, "clean_share": share}
+    return meta_step(
+        model,
+        net,
+        opt,
+        batch,
+        meta,
+        alpha=2.0,
+        meta_params=names,
+        normalize_weights=True,
+        fns=FNS,
+        mode=mode,
+        real_forward=real_forward,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("mode", "spec"), [("jvp", "all"), ("unrolled", "all"), ("jvp", "head")])
+def test_meta_share_adds_the_meta_batch_to_the_real_step_gradient(mode, spec):
+    """--meta-share S: the real step's classifier gradient is that of Σ_i c_i L_i + S · mean CE(meta batch),
+    c_i from the meta-net after its update (eq. 9 plus our extension)."""
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    out = _share_step(model, net, batch, meta, share=0.5, mode=mode, spec=spec)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, net.parameters(), strict=True))  # θ moved first
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    feats, logits = _forward(model, batch.inputs)
+    losses = F.cross_entropy(logits, batch.labels, reduction="none")
+    with torch.no_grad():
+        c = weight_coefficients(net(feats, batch.labels, batch.curves, losses), True)
+    weighted = (c * losses).sum()
+    clean = F.cross_entropy(_forward(model, meta.inputs)[1], meta.labels)
+    want = torch.autograd.grad(weighted + 0.5 * clean, params, retain_graph=True)
+    paper = torch.autograd.grad(weighted, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert max(float((w - p).abs().max()) for w, p in zip(want, paper, strict=True)) > 1e-3  # the clean part counts
+    assert out.loss.item() == pytest.approx((weighted + 0.5 * clean).item(), rel=1e-12)
+
+
+def test_meta_share_zero_is_the_papers_loss_and_forward():
+    """S = 0 computes exactly what a step without a clean batch does; the meta rows never enter the real forward."""
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    outs, calls = [], []
+    for share in (None, 0.0):
+        model, net = _bert(dropout=0.2), _meta_net("mlrnet")
+
+        def real(inputs, model=model):
+            calls.append(type(inputs))
+            return _forward(model, inputs)
+
+        torch.manual_seed(5)
+        outs.append(_share_step(model, net, batch, meta, share=share, real_forward=real))
+    assert torch.equal(outs[0].loss, outs[1].loss) and torch.equal(outs[0].weights, outs[1].weights)
+    assert calls == [dict, dict]
+
+
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_meta_share_leaves_the_meta_net_and_its_inputs_alone(mode):
+    """With dropout on, S > 0 changes neither the θ step (the training rows run first in the shared forward, with
+    the dropout masks the jvp replay draws) nor the weights and losses, which cover the training rows only."""
+    batch, meta = _batch(6, 3), _batch(5, 4, curves=False)
+    runs = []
+    for share in (0.0, 0.5):
+        model, net = _bert(dropout=0.2), _meta_net("mlrnet")
+        torch.manual_seed(11)
+        out = _share_step(model, net, batch, meta, share=share, mode=mode)
+        runs.append((out, torch.cat([p.detach().reshape(-1) for p in net.parameters()])))
+    (a, theta_a), (b, theta_b) = runs
+    assert b.weights.shape == b.losses.shape == (6,)
+    torch.testing.assert_close(theta_a, theta_b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.losses, b.losses, rtol=0, atol=0)
+    torch.testing.assert_close(a.weights, b.weights, rtol=1e-12, atol=1e-14)
+    assert b.loss.item() > a.loss.item()  # the clean part was added
+
+
 def _theta_update(alpha: float, scale: float) -> torch.Tensor:
     """θ_after - θ_before for one Adam step with MW-Net's coupled weight decay 1e-4 (what `train` uses)."""
     model, net = _bert(), _meta_net("mlrnet")
@@ -360,3 +444,168 @@ def test_weight_coefficients():
     assert torch.allclose(weight_coefficients(w, False), w / 4)
     assert torch.allclose(weight_coefficients(w, True), w)
     assert torch.equal(weight_coefficients(torch.zeros(3), True), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLC: the label-correction network's θ gradient and the soft-label real step
+
+
+def _lcn(seed: int = 1) -> LabelCorrectionNet:
+    torch.manual_seed(seed)
+    return LabelCorrectionNet(16, C, label_emb_dim=8, hidden_dim=8).double()
+
+
+def _mlc_theta_grad(model, lcn, batch, meta, *, alpha, names, fns=FNS, mode="jvp"):
+    opt = torch.optim.SGD(lcn.parameters(), lr=0.0)
+    out = mlc_step(model, lcn, opt, batch, meta, alpha=alpha, meta_params=names, fns=fns, mode=mode)
+    return torch.cat([p.grad.reshape(-1) for p in lcn.parameters()]), out
+
+
+def _mlc_meta_loss_reference(model, lcn, batch, meta, *, alpha, names):
+    """L_meta(ŵ(θ)) the plain way: ŵ = w − α ∇_w mean_i CE_soft(f(x_i; w), ŷ_i(θ)) on a real parameter copy."""
+    feats, logits = _forward(model, batch.inputs)
+    soft = lcn(feats.detach(), batch.labels).detach()
+    train_loss = -(soft * F.log_softmax(logits, -1)).sum(-1).mean()
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(train_loss, [params[n] for n in names])
+    stepped = copy.deepcopy(model)
+    sp = dict(stepped.named_parameters())
+    with torch.no_grad():
+        for n, g in zip(names, grads, strict=True):
+            sp[n].sub_(alpha * g)
+    stepped.eval()
+    _, mlogits = _forward(stepped, meta.inputs)
+    return F.cross_entropy(mlogits, meta.labels).item()
+
+
+@pytest.mark.parametrize(
+    ("spec", "mode"), [("all", "jvp"), ("all", "unrolled"), ("head", "jvp"), ("head", "unrolled"), ("last-1", "jvp")]
+)
+def test_mlc_theta_gradient_matches_central_finite_differences(spec, mode):
+    model, lcn = _bert(), _lcn()
+    batch, meta = _batch(6, 1, curves=False), _batch(5, 2, curves=False)
+    alpha, eps = 3.0, 1e-5
+    names = resolve_meta_params(model, spec, "classifier.")
+    grad, _ = _mlc_theta_grad(model, lcn, batch, meta, alpha=alpha, names=names, mode=mode)
+    assert grad.abs().max() > 1e-6  # a live LCN, not a vacuous comparison
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in lcn.parameters()]
+        vals = []
+        for sign in (1, -1):
+            moved = copy.deepcopy(lcn)
+            with torch.no_grad():
+                for p, dp in zip(moved.parameters(), d, strict=True):
+                    p.add_(sign * eps * dp)
+            vals.append(_mlc_meta_loss_reference(model, moved, batch, meta, alpha=alpha, names=names))
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        analytic = float(grad @ torch.cat([x.reshape(-1) for x in d]))
+        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_mlc_jvp_and_unrolled_agree_with_dropout_on():
+    """The forward-mode pass replays the training forward's dropout masks, so both modes give one gradient."""
+    batch, meta = _batch(6, 3, curves=False), _batch(5, 4, curves=False)
+    grads = []
+    for mode in ("jvp", "unrolled"):
+        model = _bert(dropout=0.2)
+        names = resolve_meta_params(model, "all", "classifier.")
+        torch.manual_seed(123)
+        g, _ = _mlc_theta_grad(model, _lcn(), batch, meta, alpha=2.0, names=names, mode=mode)
+        grads.append(g)
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+def test_mlc_real_step_trains_on_the_updated_soft_labels():
+    model, lcn = _bert(), _lcn()
+    batch, meta = _batch(6, 1, curves=False), _batch(5, 2, curves=False)
+    names = resolve_meta_params(model, "all", "classifier.")
+    before = copy.deepcopy(lcn)
+    opt = torch.optim.Adam(lcn.parameters(), lr=1e-2)
+    out = mlc_step(model, lcn, opt, batch, meta, alpha=1.0, meta_params=names, fns=FNS)
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        feats, logits = _forward(model, batch.inputs)
+        soft = lcn(feats, batch.labels)  # the *updated* θ
+        old = before(feats, batch.labels)
+        expected = -(soft * torch.log_softmax(logits, -1)).sum(-1)
+    assert not torch.allclose(soft, old)  # θ moved, and the real step uses where it moved to
+    assert torch.allclose(out.soft_labels, soft, rtol=0, atol=1e-14)
+    assert torch.allclose(out.soft_labels.sum(-1), torch.ones(6, dtype=torch.float64))
+    assert torch.allclose(out.losses, expected, rtol=1e-12)
+    assert out.loss.item() == pytest.approx(expected.mean().item(), rel=1e-12)
+    assert out.meta_loss is not None
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+    # between --meta-interval steps θ stays, and the loss is against the current soft labels
+    fixed = copy.deepcopy(lcn)
+    again = mlc_step(model, lcn, None, batch, None, alpha=1.0, meta_params=names, fns=FNS, update_meta=False)
+    assert all(torch.equal(a, b) for a, b in zip(fixed.parameters(), lcn.parameters(), strict=True))
+    assert again.meta_loss is None and torch.allclose(again.losses, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_mlc_meta_share_adds_the_meta_batch_to_the_real_step_gradient(mode):
+    """--meta-share applies to mlc as to the other meta methods: the real step's classifier gradient is that of
+    mean CE_soft(ŷ(θ_new)) + S · mean CE(meta batch), and the LCN's step is the one without the share."""
+    batch, meta = _batch(6, 1, curves=False), _batch(5, 2, curves=False)
+    names = resolve_meta_params(_bert(), "all", "classifier.")
+    outs, lcns = [], []
+    for share in (0.0, 0.5):
+        model, lcn = _bert(), _lcn()
+        opt = torch.optim.Adam(lcn.parameters(), lr=1e-2)
+        kwargs = {"clean_batch": meta, "clean_share": share}
+        outs.append(
+            (model, mlc_step(model, lcn, opt, batch, meta, alpha=1.0, meta_params=names, fns=FNS, mode=mode, **kwargs))
+        )
+        lcns.append(torch.cat([p.detach().reshape(-1) for p in lcn.parameters()]))
+    torch.testing.assert_close(lcns[0], lcns[1], rtol=1e-12, atol=1e-14)
+    (_, paper), (model, out) = outs
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    feats, logits = _forward(model, batch.inputs)
+    soft_ce = -(out.soft_labels * torch.log_softmax(logits, -1)).sum(-1).mean()
+    clean = F.cross_entropy(_forward(model, meta.inputs)[1], meta.labels)
+    want = torch.autograd.grad(soft_ce + 0.5 * clean, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert out.loss.item() == pytest.approx(paper.loss.item() + 0.5 * clean.item(), rel=1e-12)
+
+
+def test_soft_cross_entropy_of_a_one_hot_label_is_the_cross_entropy():
+    logits = torch.randn(5, C, generator=torch.Generator().manual_seed(0)).bfloat16()
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    soft = soft_cross_entropy(logits, F.one_hot(labels, C).float())
+    assert soft.dtype == torch.float32
+    torch.testing.assert_close(soft, F.cross_entropy(logits.float(), labels, reduction="none"))
+
+
+def test_lcn_gives_soft_labels_and_is_rebuilt_from_its_spec():
+    lcn = _lcn().float()
+    g = torch.Generator().manual_seed(0)
+    feats, labels = 10 * torch.randn(32, 16, generator=g), torch.randint(0, C, (32,), generator=g)
+    y = lcn(feats, labels)
+    assert y.shape == (32, C) and bool((y >= 0).all()) and torch.allclose(y.sum(-1), torch.ones(32))
+    rebuilt = build_meta_net(lcn.spec())
+    assert type(rebuilt) is LabelCorrectionNet
+    rebuilt.load_state_dict(lcn.state_dict())
+    assert torch.equal(rebuilt(feats, labels), y)
+
+
+@pytest.mark.parametrize(("spec", "mode"), [("head", "jvp"), ("head", "unrolled"), ("all", "jvp")])
+def test_mlc_takes_lower_precision_features_and_logits_from_the_real_forward(spec, mode):
+    """Under bf16 autocast (CUDA) the real forward's features and logits are not in the LCN's or the head's dtype;
+    the LCN, the head-only replay and the soft-label losses cast them and give the same θ step."""
+    model, batch, meta = _bert(), _batch(6, 0, curves=False), _batch(4, 1, curves=False)
+    names = resolve_meta_params(model, spec, "classifier.")
+    exact, _ = _mlc_theta_grad(model, _lcn(), batch, meta, alpha=2.0, names=names, mode=mode)
+    lcn = _lcn()
+    low = lambda m, inputs: tuple(t.float() for t in _forward(m, inputs))  # noqa: E731
+    fns = ClassifierFns(forward=low, head=_head, head_prefix="classifier.")
+    opt = torch.optim.SGD(lcn.parameters(), lr=0.0)
+    real = lambda inputs: low(model, inputs)  # noqa: E731
+    out = mlc_step(model, lcn, opt, batch, meta, alpha=2.0, meta_params=names, fns=fns, real_forward=real, mode=mode)
+    lowered = torch.cat([p.grad.reshape(-1) for p in lcn.parameters()])
+    assert exact.abs().max() > 0 and out.losses.dtype == torch.float32  # the logits' precision, at least float32
+    torch.testing.assert_close(lowered, exact, rtol=1e-3, atol=1e-6)

@@ -107,3 +107,23 @@ def test_precision_at_k_and_detection_report() -> None:
     assert rep["roc_auc"] == pytest.approx(0.75)
     assert rep["average_precision"] == pytest.approx(5 / 6)
     assert rep["base_rate"] == pytest.approx(0.5)
+
+
+def test_within_label_report_ignores_what_the_label_alone_tells() -> None:
+    """A score that only follows the label (a per-label switch) finds noise overall but is at chance within
+    each label; a score that ranks noise inside every label is perfect within labels."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    noisy = np.array([1, 1, 1, 0, 0, 0, 1, 0], dtype=bool)
+    switch = np.where(labels == 0, 0.9, 0.1)
+    rep = metrics.noise_detection(switch, noisy, labels)
+    # 16 noisy/clean pairs: 9 won (0.9 over 0.1), 6 tied (half each), 1 lost
+    assert rep["roc_auc"] == pytest.approx(12 / 16)
+    assert rep["within_label"]["roc_auc"] == pytest.approx(0.5) and rep["within_label"]["roc_auc_labels_used"] == 2
+    inside = np.array([0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.9, 0.4])
+    assert metrics.noise_detection(inside, noisy, labels)["within_label"]["roc_auc"] == 1.0
+
+
+def test_stage1_loss_score_leaves_out_the_untrained_epoch() -> None:
+    curves = np.array([[5.0, 1.0, 3.0], [0.0, 2.0, 2.0]])
+    np.testing.assert_allclose(metrics.stage1_loss_score(curves), [2.0, 2.0])
+    np.testing.assert_allclose(metrics.stage1_loss_score(curves[:, :1]), [5.0, 0.0])

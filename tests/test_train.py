@@ -69,6 +69,7 @@ def ws(workspace: Path, tiny_model_dir: Path) -> Path:
         ["--method", "plain-meta"],
         ["--method", "meta-only"],
         ["--method", "mlrnet", "--freeze-encoder", "--meta-params", "head", "--meta-interval", "2"],
+        ["--method", "mlc", "--meta-params", "last-1", "--meta-interval", "2"],
     ],
 )
 def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: pytest.LogCaptureFixture) -> None:
@@ -79,7 +80,7 @@ def test_every_method_runs_from_the_cli(ws: Path, args: list[str], mlrnet_logs: 
     weights_file = "model.safetensors.index.json" if "--freeze-encoder" in args else "model.safetensors"  # shards
     assert (best / weights_file).is_file() and (best / "config.json").is_file()
     assert (best / "tokenizer.json").is_file() or (best / "vocab.txt").is_file()
-    meta_method = args[1] in ("mlrnet", "mwnet")
+    meta_method = args[1] in ("mlrnet", "mwnet", "mlc")
     assert (best / "meta_net.safetensors").is_file() == meta_method
     hist = artifacts.read_table(out["artifacts"]["history"]).to_pylist()
     assert [h["epoch"] for h in hist] == [1]
@@ -191,6 +192,46 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
     assert r.exit_code == 1 and "different" in r.stderr
 
 
+def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`train --meta-share 0.5`: in the model's config, a different model than the paper's form (whose config
+    has no meta_share at all: earlier runs stay the same run), and a killed run resumes to identical artifacts."""
+    args = [*FAST, "--epochs", "2", "--meta-params", "last-1", "--device", "cpu"]
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots += [Path(shutil.copytree(roots[0], tmp_path / n)) for n in ("b", "c")]
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--meta-share", "0.5"])
+    assert r.exit_code == 0, r.output
+    model = roots[0] / "model"
+    assert artifacts.read_json(model / "best" / "train_config.json")["config"]["meta_share"] == 0.5
+    assert artifacts.read_any_meta(model / "last")["config"]["meta_share"] == 0.5
+    assert artifacts.table_meta(artifacts.read_table(model / "history.arrow"))["config"]["meta_share"] == 0.5
+    r = runner.invoke(app, ["train", "-w", str(roots[2]), *args, "--meta-share", "0"])
+    assert r.exit_code == 0, r.output
+    assert "meta_share" not in artifacts.read_json(roots[2] / "model" / "best" / "train_config.json")["config"]
+    last = "last/model.safetensors"
+    assert (model / last).read_bytes() != (roots[2] / "model" / last).read_bytes()
+    # the same run through the library, killed after epoch 1, then rerun by the CLI
+    cfg = TrainConfig(
+        method="mlrnet",
+        epochs=2,
+        batch_size=16,
+        max_length=24,
+        meta_per_class=4,
+        device="cpu",
+        meta_params="last-1",
+        meta_share=0.5,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=roots[1], progress=_Interrupt(2))
+    r = runner.invoke(app, ["train", "-w", str(roots[1]), *args, "--meta-share", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["resumed_from_epoch"] == 1
+    for f in ("last/model.safetensors", "last/meta_net.safetensors", "best/model.safetensors"):
+        assert (model / f).read_bytes() == (roots[1] / "model" / f).read_bytes(), f
+    h0, h1 = (artifacts.read_table(w / "model" / "history.arrow").drop(["seconds"]) for w in roots[:2])
+    assert h0.equals(h1)
+
+
 def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "plain-meta"])
     assert r.exit_code == 0, r.output
@@ -298,3 +339,80 @@ def test_chains_after_real_collect_losses(workspace: Path, tiny_model_dir: Path)
     assert (
         artifacts.read_tensors(Path(out["artifacts"]["best"]) / "meta_net.safetensors")[1]["meta_net"]["curve_len"] == 2
     )
+
+
+@pytest.mark.parametrize(
+    "args", [["--freeze-encoder"], ["--meta-params", "last-1", "--meta-mode", "unrolled", "--meta-interval", "2"]]
+)
+def test_mlc_on_the_chained_workspace_resumes_identically(
+    tmp_path: Path, tiny_model_dir: Path, args: list[str], one_thread: None
+) -> None:
+    """`train --method mlc` after a real collect-losses, through the CLI: a run killed after epoch 1 and rerun
+    writes the same model, label-correction network and history as an uninterrupted one; `weights` refuses it."""
+    roots = [make_workspace(tmp_path / "a")]
+    collect = ["collect-losses", "-w", str(roots[0]), "--model", str(tiny_model_dir), "--epochs", "1"]
+    r = runner.invoke(app, [*collect, "--max-length", "24"])
+    assert r.exit_code == 0, r.output
+    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    cli = [*FAST, "--epochs", "2", "--method", "mlc", *args, "--json"]
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *cli])
+    assert r.exit_code == 0, r.output
+    full = json.loads(r.stdout)
+    cfg = TrainConfig(
+        method="mlc",
+        epochs=2,
+        batch_size=16,
+        max_length=24,
+        meta_per_class=4,
+        freeze_encoder="--freeze-encoder" in args,
+        meta_params="last-1" if "last-1" in args else "all",
+        meta_mode="unrolled" if "unrolled" in args else "jvp",
+        meta_interval=2 if "--meta-interval" in args else 1,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=roots[1], progress=_Interrupt(2))
+    state = torch.load(roots[1] / "model" / "state" / "state.pt", weights_only=True)
+    assert state["meta_net"]["out.weight"].shape == (4, 128)  # the LCN and its optimiser are in the checkpoint
+    assert state["meta_opt"]["state"] and "max_exp_avg_sq" in state["meta_opt"]["state"][0]  # AMSGrad
+    r = runner.invoke(app, ["train", "-w", str(roots[1]), *cli])
+    assert r.exit_code == 0, r.output
+    resumed = json.loads(r.stdout)
+    assert resumed["resumed_from_epoch"] == 1 and full["resumed_from_epoch"] == 0
+    files = sorted(p.relative_to(roots[0] / "model") for p in (roots[0] / "model").rglob("*.safetensors"))
+    assert Path("last/meta_net.safetensors") in files and Path("best/meta_net.safetensors") in files
+    for f in files:
+        assert (roots[0] / "model" / f).read_bytes() == (roots[1] / "model" / f).read_bytes(), f
+    h0 = artifacts.read_table(roots[0] / "model" / "history.arrow").drop(["seconds"])
+    h1 = artifacts.read_table(roots[1] / "model" / "history.arrow").drop(["seconds"])
+    assert h0.equals(h1)
+    hist = h0.to_pylist()
+    # the weight columns hold the LCN's probability of the observed label, ŷ_i(ỹ_i)
+    assert all(0.0 < h["weight_mean"] < 1.0 and h["meta_loss"] > 0 for h in hist)
+    _, meta = artifacts.read_tensors(roots[0] / "model" / "best" / "meta_net.safetensors")
+    assert meta["meta_net"]["kind"] == "mlc" and meta["meta_net"]["hidden_dim"] == 128
+    r = runner.invoke(app, ["weights", "-w", str(roots[0])])
+    _one_line_error(r, 1, "--method mlc", "--method mlrnet")
+
+
+def test_mlc_real_step_trains_on_the_corrected_labels(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classifier's loss in `train --method mlc` is mlc_step's soft-label loss, and the epoch's soft-label
+    agreement is the mean LCN probability of the observed labels the steps returned."""
+    seen: list[tuple[int, float, float]] = []
+    real = train_mod.mlc_step
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        labels = a[3].labels
+        assert out.loss.item() == pytest.approx(out.losses.mean().item(), rel=1e-6)
+        seen.append((len(labels), out.loss.item(), out.soft_labels.gather(1, labels[:, None]).sum().item()))
+        assert kw["meta_grad_scale"] == pytest.approx(1 / kw["alpha"])
+        return out
+
+    monkeypatch.setattr(train_mod, "mlc_step", spy)
+    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "mlc", "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["history"]
+    n = len(artifacts.read_table(ws / "data" / "train.arrow"))
+    assert sum(k for k, _, _ in seen) == n  # every training row once
+    assert row["train_loss"] == pytest.approx(sum(k * loss for k, loss, _ in seen) / n, rel=1e-6)
+    assert row["weight_mean"] == pytest.approx(sum(a for _, _, a in seen) / n, rel=1e-6)

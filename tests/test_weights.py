@@ -165,6 +165,14 @@ def test_weights_cli_summary_top_export_and_plot(tmp_path: Path, tiny_model_dir:
     assert det["k"] == int(rows["is_noisy"].sum())
     assert det["roc_auc"] == pytest.approx(metrics.roc_auc(-w, rows["is_noisy"]))
     assert det["precision_at_k"] == pytest.approx(metrics.precision_at_k(-w, rows["is_noisy"], det["k"]))
+    # beside it: the same within each observed label, and the stage-1 loss alone (mean over epochs 1..T)
+    within = metrics.within_label_report(-w, rows["is_noisy"], rows["label"])
+    assert det["within_label"]["roc_auc"] == pytest.approx(within["roc_auc"])
+    assert det["within_label"]["roc_auc_labels_used"] == within["roc_auc_labels_used"] > 0
+    s1 = rows["losses"][:, 1:].astype(np.float64).mean(axis=1)
+    assert det["stage1_loss"]["roc_auc"] == pytest.approx(metrics.roc_auc(s1, rows["is_noisy"]))
+    # this table's noisy rows have a loss higher by 1 at every epoch: the stage-1 loss finds them all
+    assert det["stage1_loss"]["roc_auc"] == 1.0 and det["stage1_loss"]["within_label"]["roc_auc"] == 1.0
 
     assert [r["rank"] for r in out["top"]] == [1, 2, 3, 4, 5]
     with open(relabel, newline="") as fh:

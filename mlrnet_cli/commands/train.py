@@ -1,4 +1,4 @@
-"""`mlrnet train`: stage 2, the MLRNet / MW-Net bi-level meta step, or a plain baseline."""
+"""`mlrnet train`: stage 2, the MLRNet / MW-Net / MLC bi-level meta step, or a plain baseline."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ _opt = partial(option, TrainConfig)
 HELP = """Stage 2 (paper §3.2-3.4, Algorithm 1): train the classifier on the biased set, guided by a clean meta set.
 
 [bold]Methods[/bold]: mlrnet (meta-net on the discriminative feature DF_i: [CLS] feature + label embedding +
-normalised loss curve, eq. 7); mwnet (Meta-Weight-Net: the loss alone); plain (fine-tune on the biased set);
+normalised loss curve, eq. 7); mwnet (Meta-Weight-Net: the loss alone); mlc (Meta Label Correction, Zheng et al.
+AAAI 2021: a label-correction net turns feature + observed label into a soft label, meta-learned through the same
+look-ahead step, and the classifier trains on the soft labels); plain (fine-tune on the biased set);
 plain-meta (on train + the meta set); meta-only (on the meta set alone). The last two are the fair baselines:
-they use the same clean rows the meta methods get.
+they use the same clean rows the meta methods get. glc: Gold Loss Correction (Hendrycks, Mazeika, Wilson &
+Gimpel, NeurIPS 2018): the corruption matrix C^\\[i, j] = p(observed j | true i) is the collect-losses (stage1/)
+classifier's mean softmax over the meta rows of class i; then train + meta rows, with
+-log((softmax(f(x)) @ C^)\\[y]) on training rows and cross-entropy on meta rows. Needs collect-losses first.
 
 [bold]Meta step[/bold]: virtual step w^ = w - alpha * sum_i c_i grad L_i(w) over --meta-params, with
 c_i = v_i / sum(v) (--normalize-weights, default) or v_i / n (paper); meta loss on a clean mini-batch at w^;
@@ -55,10 +60,15 @@ def train_cmd(
         "Dropout in the meta batch's forward at w-hat (eq. 5), as in MW-Net's code. Off (default): the meta "
         "loss is taken in eval mode, like the dev evaluation.",
     ),
+    meta_share: float = _opt(
+        "meta_share",
+        "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
+        "(our extension, as MLC's code does); 0 is the paper's exact form.",
+    ),
     meta_interval: int = _opt("meta_interval", "Update the meta-net every K steps."),
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
-    label_emb_dim: int = _opt("label_emb_dim", "MLRNet label-embedding size."),
-    df_dim: int = _opt("df_dim", "MLRNet discriminative-feature size."),
+    label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
+    df_dim: int = _opt("df_dim", "MLRNet discriminative-feature size (MLC: its hidden layers)."),
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),
     dev_fraction: float = _opt("dev_fraction", "Part of the clean pool held out per class for model selection."),
@@ -79,7 +89,7 @@ def train_cmd(
     out: Path | None = path_option("--out", "Output folder", "WORKDIR/model"),
     compile_forward: bool = _opt(
         "compile",
-        "torch.compile the training forward of plain, plain-meta and meta-only. mlrnet and mwnet run "
+        "torch.compile the training forward of plain, plain-meta, meta-only and glc. mlrnet, mwnet and mlc run "
         "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
         "--compile",
     ),

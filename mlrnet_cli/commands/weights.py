@@ -97,9 +97,20 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
             f"(noise rate {_fmt(det['base_rate'])})"
         )
+        s1 = det.get("stage1_loss")
+        console.print(
+            f"  within each label (mean over labels): ROC-AUC {_fmt(det['within_label']['roc_auc'])}"
+            + (
+                f"; the stage-1 loss alone: ROC-AUC {_fmt(s1['roc_auc'])}, within each label "
+                f"{_fmt(s1['within_label']['roc_auc'])}"
+                if s1
+                else ""
+            )
+        )
         console.print(
             "  ROC-AUC: the chance that a noisy row weighs less than a clean one (1 = all noise found, 0.5 = chance, "
-            "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights)"
+            "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights); "
+            "within a label, weights that only follow the label score 0.5"
         )
     if top:
         rows = (
