@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from mlrnet_cli.errors import ArtifactError, ArtifactExistsError, DataError, Usa
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
+
+log = logging.getLogger("mlrnet")
 
 FORMAT_VERSION = 1
 META_KEY = "mlrnet"
@@ -143,14 +146,10 @@ def follow_umask(folder: str | os.PathLike[str]) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomic, deterministic JSON (sorted keys, trailing newline)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
@@ -237,7 +236,7 @@ def guard_report(
     describes them (an edited pipeline reran the stages before it).
 
     A report about something else (another model or table), a file mlrnet did not write, or an input is
-    refused as by :func:`guard_output`. Returns True when an older report will be replaced."""
+    refused as by :func:`guard_output`. Returns True (and logs it) when an older report will be replaced."""
     p = Path(path)
     replace_old = False
     if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
@@ -250,6 +249,8 @@ def guard_report(
             same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
             replace_old = same_subject and provenance(old) != provenance(meta)
     guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
+    if replace_old:
+        log.info("replacing %s (made from other inputs or settings)", path)
     return replace_old
 
 
@@ -305,20 +306,26 @@ def write_table(
 
 def read_table(path: str | os.PathLike[str], what: str = "table") -> pa.Table:
     """Read an mlrnet Arrow artifact (stream or file IPC format)."""
-    import pyarrow as pa
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
+    return _read_ipc(path, lambda reader: reader.read_all(), f"{what} {path}")
+
+
+def _read_ipc(path: str | os.PathLike[str], read: Callable[[Any], Any], what: str) -> Any:
+    """``read(reader)`` of an Arrow IPC file in the stream format (what mlrnet writes) or the file format."""
+    import pyarrow as pa
+
     try:
         with pa.memory_map(str(path)) as src:
             try:
-                return pa.ipc.open_stream(src).read_all()
+                return read(pa.ipc.open_stream(src))
             except pa.ArrowInvalid:
                 src.seek(0)
-                return pa.ipc.open_file(src).read_all()
+                return read(pa.ipc.open_file(src))
     except (pa.ArrowInvalid, OSError) as e:
-        raise ArtifactError(f"{what} {path} is not a readable Arrow file: {e}") from e
+        raise ArtifactError(f"{what} is not a readable Arrow file: {e}") from e
 
 
 def table_meta(table: pa.Table) -> dict[str, Any] | None:
@@ -327,17 +334,7 @@ def table_meta(table: pa.Table) -> dict[str, Any] | None:
 
 
 def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    import pyarrow as pa
-
-    try:
-        with pa.memory_map(str(path)) as src:
-            try:
-                schema = pa.ipc.open_stream(src).schema
-            except pa.ArrowInvalid:
-                src.seek(0)
-                schema = pa.ipc.open_file(src).schema
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable Arrow file: {e}") from e
+    schema = _read_ipc(path, lambda reader: reader.schema, str(path))
     raw = (schema.metadata or {}).get(META_KEY.encode())
     return json.loads(raw) if raw else None
 
@@ -416,9 +413,7 @@ def split_frozen_weights(folder: Path, head_prefix: str, link_from: list[Path] |
         "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
         "weight_map": {k: name for name, part in parts.items() for k in sorted(part)},
     }
-    atomic_write_bytes(
-        folder / "model.safetensors.index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
-    )
+    write_json(folder / "model.safetensors.index.json", index)
     whole.unlink()
     shard = folder / FROZEN_SHARD
     mine = None

@@ -47,9 +47,6 @@ def main(argv: list[str] | None = None) -> None:
         if _in_torchrun_worker():
             _leave_torchrun_worker(e.code)
         raise
-    except KeyboardInterrupt:
-        sys.stderr.write("mlrnet: interrupted (rerun the same command to resume)\n")
-        sys.exit(130)
     except Exception as e:  # a bug, not a user error: one line unless debugging
         if os.environ.get("MLRNET_DEBUG"):
             raise

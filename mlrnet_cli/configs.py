@@ -1,6 +1,6 @@
-"""The settings of `collect-losses`, `train`, `eval` and `weights`, declared once: frozen dataclasses with documented
-defaults, and the choices as Enums. The CLI reads its defaults and choices from here and builds the configs
-from the parsed parameters (:func:`build`), so this module imports neither torch nor a stage.
+"""The settings of every command, declared once: frozen dataclasses with documented defaults, and the choices as
+Enums. The CLI reads its defaults and choices from here and builds the configs from the parsed parameters
+(:func:`build`), so this module imports neither torch, numpy nor a stage.
 """
 
 from __future__ import annotations
@@ -89,6 +89,94 @@ def build(cls: type[C], params: dict[str, Any], **renamed: Any) -> C:
     values), plus ``renamed`` ones (a parameter whose name differs from its field)."""
     values = {f.name: params[f.name] for f in fields(cls) if f.name in params} | renamed
     return cls(**{k: v.value if isinstance(v, Enum) else v for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# corrupt
+
+NOISE_KINDS = ("none", "uniform", "flip", "pair")
+DEFAULT_META_POOL = 500
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """``none``, ``uniform:P``, ``flip:P`` or ``pair:P`` with P in [0, 1]."""
+
+    kind: str = "none"
+    p: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> NoiseSpec:
+        s = spec.strip().lower()
+        if s in ("none", "0", ""):
+            return cls()
+        m = re.fullmatch(r"([a-z]+):([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", s)
+        if not m:
+            raise ConfigError(f"bad noise spec {spec!r}", "use none, uniform:P, flip:P or pair:P, e.g. uniform:0.4")
+        kind, p = m.group(1), float(m.group(2))
+        if kind not in NOISE_KINDS[1:]:
+            raise ConfigError(f"unknown noise kind {kind!r} in {spec!r}", "use uniform, flip or pair")
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"noise probability {p} in {spec!r} is outside [0, 1]")
+        return cls(kind, p)
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.p:g}"
+
+
+@dataclass(frozen=True)
+class CorruptConfig:
+    """How `corrupt` biases the data. Defaults leave it untouched apart from setting the clean pool aside."""
+
+    imbalance: float = 1.0
+    """Imbalance factor F ≥ 1: head rows / tail rows."""
+    n_max: int | None = None
+    """Rows the head class keeps; default: the smallest class's available rows (exact profile)."""
+    class_order: str = "given"
+    """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
+    noise: NoiseSpec = NoiseSpec()
+    meta_pool_per_class: int | None = None
+    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
+    None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given."""
+    seed: int = 0
+    test_fraction: float | None = None
+    """Share of each class held out as the test split when the source has none; None: 0.2
+    (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)."""
+
+    def validate(self) -> None:
+        if self.meta_pool_per_class is not None and self.meta_pool_per_class < 1:
+            raise ConfigError(
+                f"--meta-pool-per-class must be ≥ 1, got {self.meta_pool_per_class}",
+                "every train method draws its dev rows from the clean pool, and the meta methods their meta set",
+            )
+        if self.test_fraction is not None and not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must be in [0, 1), got {self.test_fraction:g}")
+        if self.n_max is not None and self.n_max < 1:
+            raise ConfigError("--n-max must be ≥ 1")
+        if self.imbalance < 1 or not math.isfinite(self.imbalance):
+            raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {self.imbalance:g}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["noise"] = str(self.noise)
+        if d["test_fraction"] is None:  # unused (the source has a test split): artifacts stay as before it existed
+            del d["test_fraction"]
+        return d
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where `corrupt` reads the data, and which columns hold text and labels."""
+
+    data: str | None = None
+    split: str = "train"
+    test_data: str | None = None
+    test_split: str = "test"
+    clean_data: str | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    true_label_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +293,18 @@ class TrainConfig:
         }
 
 
+# ---------------------------------------------------------------------------------------------
+# inference: eval, weights, predict
+
+
+def _check_sizes(config: Any) -> None:
+    """``--batch-size`` ≥ 1 and ``--max-length`` ≥ 2 (None: as the model was trained)."""
+    if config.batch_size is not None and config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Inference settings of `mlrnet eval` (none of them change the metrics, only speed and memory)."""
@@ -224,6 +324,9 @@ class EvalConfig:
     allow_unfinished: bool = False
     """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
 
+    def validate(self) -> None:
+        _check_sizes(self)
+
 
 @dataclass(frozen=True)
 class WeightsConfig:
@@ -241,3 +344,29 @@ class WeightsConfig:
     """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
     allow_unfinished: bool = False
     """Use a model whose training run stopped before its last epoch (warned about and recorded)."""
+
+    def validate(self) -> None:
+        if self.top < 0:
+            raise ConfigError(f"--top must be ≥ 0, got {self.top}")
+        _check_sizes(self)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of `mlrnet predict`. ``None`` means: as the model was trained (its mlrnet.json), else the fallback."""
+
+    batch_size: int | None = None
+    """Rows per forward pass [default: the model's training batch size, else 64]."""
+    max_length: int | None = None
+    """Texts are truncated to this many tokens [default: the model's training --max-length, else 128]."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """Autocast to bfloat16 on CUDA (ignored on CPU)."""
+    text_column: str | None = None
+    """Text column of the table [default: text (what `corrupt` writes and `train` reads), sentence or content]."""
+    with_text: bool = True
+    """Copy each row's text into the output."""
+
+    def validate(self) -> None:
+        _check_sizes(self)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from mlrnet_cli import seeding
 from mlrnet_cli.artifacts import guard_output, make_meta, write_json, write_table
+from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec
 from mlrnet_cli.data import (
     LabelMap,
     Source,
@@ -43,77 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlrnet")
 
-NOISE_KINDS = ("none", "uniform", "flip", "pair")
-DEFAULT_META_POOL = 500
-DEFAULT_TEST_FRACTION = 0.2
 RESERVED = ("sample_id", "text", "label", "true_label", "is_noisy")
-
-
-@dataclass(frozen=True)
-class NoiseSpec:
-    """``none``, ``uniform:P``, ``flip:P`` or ``pair:P`` with P in [0, 1]."""
-
-    kind: str = "none"
-    p: float = 0.0
-
-    @classmethod
-    def parse(cls, spec: str) -> NoiseSpec:
-        s = spec.strip().lower()
-        if s in ("none", "0", ""):
-            return cls()
-        m = re.fullmatch(r"([a-z]+):([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", s)
-        if not m:
-            raise ConfigError(f"bad noise spec {spec!r}", "use none, uniform:P, flip:P or pair:P, e.g. uniform:0.4")
-        kind, p = m.group(1), float(m.group(2))
-        if kind not in NOISE_KINDS[1:]:
-            raise ConfigError(f"unknown noise kind {kind!r} in {spec!r}", "use uniform, flip or pair")
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"noise probability {p} in {spec!r} is outside [0, 1]")
-        return cls(kind, p)
-
-    def __str__(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.p:g}"
-
-
-@dataclass(frozen=True)
-class CorruptConfig:
-    """How to bias the data. Defaults leave it untouched apart from setting the clean pool aside."""
-
-    imbalance: float = 1.0
-    """Imbalance factor F ≥ 1: head rows / tail rows."""
-    n_max: int | None = None
-    """Rows the head class keeps; default: the smallest class's available rows (exact profile)."""
-    class_order: str = "given"
-    """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
-    noise: NoiseSpec = field(default_factory=NoiseSpec)
-    meta_pool_per_class: int | None = None
-    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
-    None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given."""
-    seed: int = 0
-    test_fraction: float | None = None
-    """Share of each class held out as the test split when the source has none; None: 0.2
-    (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)."""
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["noise"] = str(self.noise)
-        if d["test_fraction"] is None:  # unused (the source has a test split): artifacts stay as before it existed
-            del d["test_fraction"]
-        return d
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Where the data comes from and which columns hold text and labels."""
-
-    data: str | None = None
-    split: str = "train"
-    test_data: str | None = None
-    test_split: str = "test"
-    clean_data: str | None = None
-    text_columns: tuple[str, ...] = ()
-    label_column: str = "label"
-    true_label_column: str | None = None
 
 
 @dataclass
@@ -211,7 +141,7 @@ def corrupt(
     overwrite: bool = False,
 ) -> CorruptResult:
     """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
-    _validate(config)
+    config.validate()
     rng = seeding.corrupt_rng(config.seed)  # one stream, drawn in this order: class order, pool, rows, noise
     d = _read_source(config, inputs)
     order = resolve_class_order(config.class_order, d.label_map, rng)
@@ -219,7 +149,9 @@ def corrupt(
     test_src, test_fraction, test_idx = _test_split(config, inputs, d.true_source, d.c)
     held = np.zeros(len(d.texts), dtype=bool)
     held[test_idx] = True
-    pool_n = _default(config.meta_pool_per_class, DEFAULT_META_POOL if inputs.clean_data is None else None)
+    pool_n = config.meta_pool_per_class
+    if pool_n is None and inputs.clean_data is None:
+        pool_n = DEFAULT_META_POOL
     # 1. clean pool, before any corruption
     clean, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
     # 2. imbalance on the rest, by true label
@@ -246,6 +178,9 @@ def corrupt(
     names = {"label": list(d.label_map.names), "true_label": list(d.label_map.names)}
     out_fps = {k: write_table(paths[k], t, metas[k], class_names=names) for k, t in tables.items()}
 
+    def counts(labels: np.ndarray) -> list[int]:
+        return np.bincount(labels, minlength=d.c).tolist()
+
     manifest = {
         "mlrnet": metas["manifest"],
         "num_classes": d.c,
@@ -262,15 +197,11 @@ def corrupt(
         "n_max": n_max,
         "profile": profile,
         "counts": {
-            "source": np.bincount(d.true_source, minlength=d.c).tolist(),
-            "clean": np.bincount(tables["clean"].column("label").to_numpy(), minlength=d.c).tolist(),
-            "train_true": np.bincount(true_train, minlength=d.c).tolist(),
-            "train_observed": np.bincount(observed, minlength=d.c).tolist(),
-            "test": (
-                np.bincount(tables["test"].column("label").to_numpy(), minlength=d.c).tolist()
-                if "test" in tables
-                else None
-            ),
+            "source": counts(d.true_source),
+            "clean": counts(tables["clean"].column("label").to_numpy()),
+            "train_true": counts(true_train),
+            "train_observed": counts(observed),
+            "test": counts(tables["test"].column("label").to_numpy()) if "test" in tables else None,
         },
         "noise": {
             "spec": str(config.noise),
@@ -294,20 +225,6 @@ def corrupt(
         if not d.truth_known:
             log.warning("the held-out test rows carry --data's own labels, which may be noisy")
     return CorruptResult(paths, manifest)
-
-
-def _validate(config: CorruptConfig) -> None:
-    if config.meta_pool_per_class is not None and config.meta_pool_per_class < 1:
-        raise ConfigError(
-            f"--meta-pool-per-class must be ≥ 1, got {config.meta_pool_per_class}",
-            "every train method draws its dev rows from the clean pool, and the meta methods their meta set",
-        )
-    if config.test_fraction is not None and not 0.0 <= config.test_fraction < 1.0:
-        raise ConfigError(f"--test-fraction must be in [0, 1), got {config.test_fraction:g}")
-    if config.n_max is not None and config.n_max < 1:
-        raise ConfigError("--n-max must be ≥ 1")
-    if config.imbalance < 1 or not math.isfinite(config.imbalance):
-        raise ConfigError(f"--imbalance must be ≥ 1 (max/min class ratio), got {config.imbalance:g}")
 
 
 @dataclass(frozen=True)
@@ -361,12 +278,7 @@ def _clean_pool(
     c, names = d.c, d.label_map.names
     if inputs.clean_data is not None:
         clean_src = load_source(inputs.clean_data, inputs.split)
-        clean_cols = resolve_text_columns(clean_src.table, list(inputs.text_columns), clean_src.origin)
-        clean_texts = joined_text(clean_src.table, clean_cols, clean_src.origin)
-        clean_labels = np.asarray(
-            d.label_map.encode(raw_labels(clean_src.table, inputs.label_column, clean_src.origin), clean_src.origin),
-            dtype=np.int64,
-        )
+        clean_cols, clean_texts, clean_labels = _read_labelled(clean_src, inputs, d.label_map)
         pool_counts = np.bincount(clean_labels, minlength=c)
         need = pool_n or 1  # the pool is the whole table; an explicit size is a floor it must reach
         short = [names[i] for i in range(c) if pool_counts[i] < need]
@@ -474,19 +386,10 @@ def _tables(
             pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx], true_source[pool_idx], extra_cols, pool_idx
         )
     if test_src is not None:
-        t_cols = resolve_text_columns(test_src.table, list(inputs.text_columns), test_src.origin)
-        t_labels = np.asarray(
-            d.label_map.encode(raw_labels(test_src.table, inputs.label_column, test_src.origin), test_src.origin),
-            dtype=np.int64,
-        )
+        t_cols, t_texts, t_labels = _read_labelled(test_src, inputs, d.label_map)
         t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
         out["test"] = _make_table(
-            t_rows,
-            joined_text(test_src.table, t_cols, test_src.origin),
-            t_labels,
-            t_labels,
-            _extra_columns(test_src.table, t_cols, inputs),
-            t_rows,
+            t_rows, t_texts, t_labels, t_labels, _extra_columns(test_src.table, t_cols, inputs), t_rows
         )
     elif len(test_idx):
         t_labels = true_source[test_idx]
@@ -508,13 +411,9 @@ def _test_split(
         )
     if test_src is not None:
         return test_src, None, np.zeros(0, dtype=np.int64)
-    fraction = _default(config.test_fraction, DEFAULT_TEST_FRACTION)
+    fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
     rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
     return None, fraction, rows
-
-
-def _default(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
@@ -527,6 +426,14 @@ def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: i
         rows = np.flatnonzero(labels == k)
         parts.append(rng.choice(rows, size=round_half_up(len(rows) * fraction), replace=False))
     return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def _read_labelled(src: Source, inputs: InputSpec, label_map: LabelMap) -> tuple[list[str], list[str], np.ndarray]:
+    """(text columns, texts, class ids) of --clean-data or --test-data, in --data's classes."""
+    cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
+    texts = joined_text(src.table, cols, src.origin)
+    labels = label_map.encode(raw_labels(src.table, inputs.label_column, src.origin), src.origin)
+    return cols, texts, np.asarray(labels, dtype=np.int64)
 
 
 def _load_test(inputs: InputSpec) -> Source | None:

@@ -37,16 +37,13 @@ def embedded_dir() -> Path:
     return Path(str(resources.files("mlrnet_cli") / "resources" / "ag_news_sample"))
 
 
-def embedded_class_names() -> list[str]:
-    return json.loads((embedded_dir() / "classes.json").read_text())
-
-
 def load_source(spec: str | None, split: str = "train") -> Source:
     """Load ``spec``: None (embedded sample), a local file/folder, or a hub dataset name."""
     if spec is None or spec == EMBEDDED:
         path = embedded_dir() / f"{'test' if split == 'test' else 'train'}.parquet"
         src = _read_local(path)
-        return Source(src, f"{EMBEDDED}/{path.name}", fingerprint_file(path), embedded_class_names())
+        names = json.loads((embedded_dir() / "classes.json").read_text())
+        return Source(src, f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
     path = Path(spec)
     if path.exists():
         if path.is_dir():

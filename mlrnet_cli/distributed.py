@@ -54,11 +54,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def local_rank() -> int:
-    """This process's rank on its node (``LOCAL_RANK``), which picks its GPU."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
-
-
 def is_main() -> bool:
     """Rank 0: the only process that writes artifacts, shows progress and logs."""
     return rank() == 0
@@ -69,7 +64,7 @@ def resolve_device(spec: str) -> str:
     if not is_distributed() or not torch.cuda.is_available():
         return spec
     s = (spec or "auto").strip().lower()
-    return f"cuda:{local_rank()}" if s in ("auto", "cuda") else spec
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if s in ("auto", "cuda") else spec
 
 
 def init_from_env(timeout_s: float | None = None) -> bool:
@@ -321,15 +316,9 @@ def training_forward(
     """The callable the real training step runs: ``fn(model, ·)`` directly in one process (the exact
     pre-existing path), through DDP (gradients all-reduced in the backward) under torchrun, optionally
     through ``torch.compile``."""
-    if not is_distributed() and not compile_forward:
-
-        def plain(inputs: Any) -> Any:
-            if isinstance(inputs, Mapping):
-                return fn(model, inputs)
-            return _concat([fn(model, i) for i in inputs])
-
-        return plain
     module: nn.Module = ForwardModule(model, fn)
+    if not is_distributed() and not compile_forward:
+        return module.forward  # no module call: no hooks, the plain function
     if is_distributed():
         import inspect
 

@@ -1,9 +1,5 @@
-"""`mlrnet eval`: accuracy (the paper's metric), F1s, per-class scores and the confusion matrix of a classifier.
-
-Inference is batched and gradient-free; rows are grouped by token length so each batch is padded only to
-its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. The same loop
-(:func:`run_classifier`) also gives ``mlrnet weights`` the classifier's features and logits.
-"""
+"""`mlrnet eval`: accuracy (the paper's metric), F1s, per-class scores and the confusion matrix of a classifier,
+through the inference `weights` and `predict` share (:mod:`mlrnet_cli.inference`)."""
 
 from __future__ import annotations
 
@@ -27,21 +23,24 @@ from mlrnet_cli.artifacts import (
     write_table,
 )
 from mlrnet_cli.configs import EvalConfig
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError
+from mlrnet_cli.data import raw_labels
+from mlrnet_cli.errors import ArtifactError, DataError
 from mlrnet_cli.inference import (
-    TABLE_SUFFIXES,
     check_finished,
+    classify_texts,
     load_trained_classifier,
+    read_text_table,
     resolve_max_length,
     resolve_model,
-    run_classifier,
-    tokenize,
+    sample_ids,
 )
 from mlrnet_cli.modeling import trained_settings
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
+
+MISSING_HINT = "pass --data an Arrow, Parquet, CSV or JSONL file"
 
 
 @dataclass
@@ -50,35 +49,6 @@ class EvalResult:
 
     metrics: dict[str, Any]
     paths: dict[str, Path]
-
-
-# ---------------------------------------------------------------------------------------------
-# model loading and inference (shared with `mlrnet weights`)
-
-
-def read_labelled_table(
-    path: str | os.PathLike[str],
-    class_names: Sequence[str],
-    *,
-    text_column: str | None = None,
-    label_column: str = "label",
-    label_values: Sequence[Any] | None = None,
-) -> tuple[Any, list[str], np.ndarray]:
-    """(table, texts, class ids) from an Arrow/Parquet/CSV/JSONL file; string labels are mapped by class name."""
-    from mlrnet_cli.data import joined_text, load_source, raw_labels, resolve_text_columns
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no such file: {path}", "pass --data an Arrow, Parquet, CSV or JSONL file")
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSONL")
-    table = load_source(str(path)).table
-    if table.num_rows == 0:
-        raise DataError(f"{path} has no rows")
-    cols = resolve_text_columns(table, [text_column] if text_column else None, str(path))
-    texts = joined_text(table, cols, str(path))
-    labels = encode_labels(raw_labels(table, label_column, str(path)), class_names, label_values, str(path))
-    return table, texts, labels
 
 
 def encode_labels(
@@ -148,17 +118,14 @@ def evaluate(
     """Evaluate a classifier on a labelled table; write ``eval/metrics.json`` (and ``eval/predictions.arrow``)."""
     import pyarrow as pa
 
-    if config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
-    if config.max_length is not None and config.max_length < 2:
-        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
+    config.validate()
     ws = Workspace.at(workdir)
     model_id = resolve_model(model, ws)
     data_path = Path(data) if data is not None else ws.test
     if not data_path.is_file():
         if data is None:
             raise _no_test_table(ws)
-        raise DataError(f"no such file: {data_path}", "pass --data an Arrow, Parquet, CSV or JSONL file")
+        raise DataError(f"no such file: {data_path}", MISSING_HINT)
     out = Path(out_dir) if out_dir is not None else ws.eval
     paths = {"metrics": out / "metrics.json"}
     if predictions:
@@ -173,31 +140,25 @@ def evaluate(
     metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
     for k, p in paths.items():
         # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
-        if guard_report(
+        guard_report(
             p,
             metas[k],
             about=("model", "data"),
             inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
             overwrite=overwrite,
-        ):
-            log.info("replacing %s (made from other inputs or settings)", p)
+        )
         check_writable(p)
 
     device = modeling.select_device(config.device)
     clf, class_names, label_values = load_trained_classifier(model_id, ws, device)
     tokenizer = modeling.load_tokenizer(model_id)
-    table, texts, labels = read_labelled_table(
-        data_path,
-        class_names,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        label_values=label_values,
+    table, texts = read_text_table(data_path, config.text_column, MISSING_HINT)
+    labels = encode_labels(
+        raw_labels(table, config.label_column, str(data_path)), class_names, label_values, str(data_path)
     )
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
-    token_ids = tokenize(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inf = run_classifier(
-        clf, token_ids, pad_id=pad_id, batch_size=config.batch_size, bf16=config.bf16, progress=progress
+    inf = classify_texts(
+        clf, tokenizer, texts, max_length, batch_size=config.batch_size, bf16=config.bf16, progress=progress
     )
     probs = inf.probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
@@ -207,11 +168,8 @@ def evaluate(
         report["unfinished_training"] = unfinished
     write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
     if predictions:
-        ids = (
-            table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
-            if "sample_id" in table.column_names
-            else np.arange(len(texts), dtype=np.int64)
-        )
+        ids = sample_ids(table)
+        ids = np.arange(len(texts), dtype=np.int64) if ids is None else ids
         pred_tbl = pa.table(
             {
                 "sample_id": pa.array(ids),

@@ -119,6 +119,38 @@ def autocast_context(device: torch.device, bf16: bool = True) -> Any:
     return modeling.autocast_context(device) if bf16 else contextlib.nullcontext()
 
 
+def read_text_table(
+    path: str | os.PathLike[str], text_column: str | None, missing_hint: str, empty_hint: str | None = None
+) -> tuple[Any, list[str]]:
+    """(table, texts) of an Arrow/Parquet/CSV/JSON Lines file: the text column as `corrupt` finds it (joined
+    when several), no null or empty text."""
+    from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}", missing_hint)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSONL")
+    table = load_source(str(path)).table
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no rows", empty_hint)
+    cols = resolve_text_columns(table, [text_column] if text_column else None, str(path))
+    return table, joined_text(table, cols, str(path))
+
+
+def sample_ids(table: Any) -> np.ndarray | None:
+    """A table's ``sample_id`` column as int64, or None when it has none."""
+    if "sample_id" not in table.column_names:
+        return None
+    return table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def classify_texts(clf: Any, tokenizer: Any, texts: Sequence[str], max_length: int, **kwargs: Any) -> Inference:
+    """:func:`run_classifier` (``kwargs``: its options) on raw texts, tokenized and truncated first."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return run_classifier(clf, tokenize(tokenizer, texts, max_length), pad_id=pad_id, **kwargs)
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated, unpadded (padding happens per batch)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)

@@ -1,15 +1,9 @@
 """Loading classifiers safely and reading the [CLS]/pooled features their heads consume.
 
-Every stage that runs a Hugging Face ``AutoModelForSequenceClassification`` goes through this module:
-
-- :func:`select_device`, :func:`autocast_context` (bf16 autocast + TF32 on CUDA, nothing on CPU);
-- :func:`load_tokenizer`, :func:`load_classifier`: safetensors only unless ``allow_pickle``, never remote code
-  unless ``trust_remote_code``, one-line :class:`~mlrnet_cli.errors.ModelError` /
-  :class:`~mlrnet_cli.errors.HubUnavailableError` for anything that cannot be loaded;
-- :func:`head_module`, :func:`features_and_logits`, :func:`head_logits`: the head input (the feature the
-  MLRNet meta-net reads, paper §3.3/§4.3) and the logits from one forward, and the head alone on cached
-  features (``--freeze-encoder``);
-- :func:`model_fingerprint` for cache keys and provenance; :func:`math_attention` for double backward.
+Every stage that runs a Hugging Face ``AutoModelForSequenceClassification`` goes through this module: devices
+and bf16 autocast; loading (safetensors only unless ``allow_pickle``, remote code only with ``trust_remote_code``,
+a one-line error for anything that cannot be loaded, offline in seconds); the head's input feature (what the
+MLRNet meta-net reads, paper §3.3/§4.3) and the head alone on cached features (``--freeze-encoder``).
 """
 
 from __future__ import annotations
@@ -60,12 +54,6 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def enable_tf32() -> None:
-    """Let fp32 matmuls use TF32 tensor cores on CUDA (Ampere+); a no-op elsewhere."""
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
-
-
 def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU.
 
@@ -73,7 +61,8 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
-    enable_tf32()
+    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (Ampere+)
+    torch.backends.cudnn.allow_tf32 = True
     if torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -161,15 +150,21 @@ def _hub_unavailable(name: str) -> HubUnavailableError:
     )
 
 
-def _check_hub_access(name: str, loader: Any) -> None:
-    """For a hub id: fine if cached locally; otherwise the hub must be reachable."""
+def _from_pretrained(load: Any, name: str, local: bool) -> Any:
+    """``load(name)``. A hub id that is not cached locally needs the hub: it is probed first, so an offline machine
+    gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    if not local:
+        try:
+            load(name, local_files_only=True)
+        except Exception:
+            if not _hub_reachable():
+                raise _hub_unavailable(name) from None
     try:
-        loader(local_files_only=True)
-        return
-    except Exception:
-        pass
-    if not _hub_reachable():
-        raise _hub_unavailable(name)
+        return load(name)
+    except OSError as e:
+        if not local and "connect" in str(e).lower():
+            raise _hub_unavailable(name) from e
+        raise
 
 
 def _pickle_hint(pickle_option: bool) -> str:
@@ -222,13 +217,13 @@ def stage_meta(folder: Path) -> dict[str, Any]:
 
 
 def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What the stage that saved a model folder recorded: ``model`` (the pretrained base) and ``max_length``;
-    empty for a hub id or a folder mlrnet did not write."""
+    """What the stage that saved a model folder recorded: ``model`` (the pretrained base), ``max_length`` and
+    ``batch_size``; empty for a hub id or a folder mlrnet did not write."""
     path = Path(name_or_path)
     cfg = stage_meta(path).get("config") if path.is_dir() else None
     if not isinstance(cfg, dict):
         return {}
-    return {k: cfg[k] for k in ("model", "max_length") if cfg.get(k) is not None}
+    return {k: cfg[k] for k in ("model", "max_length", "batch_size") if cfg.get(k) is not None}
 
 
 def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool) -> Any:
@@ -246,20 +241,13 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
                 f"{path} is not a model folder (no config.json, no tokenizer)",
                 "pass --model a folder made by save_pretrained or a hub id",
             )
-    else:
-        _check_hub_access(
-            name,
-            lambda **kw: AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=trust_remote_code, **kw),
-        )
     try:
-        tok = AutoTokenizer.from_pretrained(
-            str(Path(name).expanduser()) if local else name, use_fast=True, trust_remote_code=trust_remote_code
+        tok = _from_pretrained(
+            lambda n, **kw: AutoTokenizer.from_pretrained(n, use_fast=True, trust_remote_code=trust_remote_code, **kw),
+            str(Path(name).expanduser()) if local else name,
+            local,
         )
-    except OSError as e:
-        if not local and "connect" in str(e).lower():
-            raise _hub_unavailable(name) from e
-        raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"{name!r} has no fast tokenizer", "use a model with a tokenizer.json")
@@ -276,15 +264,11 @@ def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool
     local = _is_local(name)
     if local:
         name = str(Path(name).expanduser())
-    else:
-        _check_hub_access(
-            name, lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
-        )
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return _from_pretrained(
+            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, local
+        )
     except OSError as e:
-        if not local and "connect" in str(e).lower():
-            raise _hub_unavailable(name) from e
         raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
     except (ValueError, KeyError) as e:
         raise ModelError(f"{name!r} is not a model this transformers version knows: {_first_line(e)}") from e
@@ -423,10 +407,6 @@ def head_name(model: torch.nn.Module) -> str:
     raise ModelError(f"cannot locate the classification head of {type(model).__name__}")  # pragma: no cover
 
 
-def _model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def features_and_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -451,7 +431,7 @@ def features_and_logits(
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        inputs = _model_inputs(input_ids, attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if params is None:
             out = model(**inputs)
         else:

@@ -1,15 +1,9 @@
 """`mlrnet predict`: label new, unlabelled text with a trained classifier.
 
-The rows come from a table (Arrow/Parquet/CSV/JSON Lines) or from a list of texts (the CLI's stdin lines).
-Inference is the one `mlrnet eval` runs (:func:`mlrnet_cli.inference.run_classifier`: length-grouped batches,
-dynamic padding, bf16 on CUDA), so a row gets the same probabilities here as in ``eval --predictions``.
-Token limit and batch size default to the ones the model was trained with (its ``mlrnet.json``).
-
-Output, one row per input row: ``row`` (0-based position in the input: table row or stdin line),
-``sample_id`` (when the table has one), ``text`` (unless ``with_text=False``), ``label`` (the class name from
-the model's ``id2label``), ``label_id``, ``score`` (the top probability) and ``probs`` (every class's
-probability, in ``label_id`` order). Arrow files hold ``probs`` as a fixed-size list and the class names in
-their metadata; JSON Lines rows hold ``probs`` as an object keyed by class name.
+The rows come from a table or from a list of texts (the CLI's stdin lines). Inference is the one `mlrnet eval`
+runs (:mod:`mlrnet_cli.inference`), so a row gets the same probabilities here as in ``eval --predictions``;
+token limit and batch size default to the ones the model was trained with. The output columns are described
+in ``docs/predict.md``.
 """
 
 from __future__ import annotations
@@ -33,12 +27,18 @@ from mlrnet_cli.artifacts import (
     fingerprint_obj,
     guard_output,
     make_meta,
-    read_any_meta,
     write_table,
 )
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, UsageError
-from mlrnet_cli.inference import TABLE_SUFFIXES, model_num_labels, resolve_model, run_classifier, tokenize
-from mlrnet_cli.modeling import load_tokenizer
+from mlrnet_cli.configs import PredictConfig
+from mlrnet_cli.errors import DataError, UsageError
+from mlrnet_cli.inference import (
+    classify_texts,
+    model_num_labels,
+    read_text_table,
+    resolve_max_length,
+    resolve_model,
+    sample_ids,
+)
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
@@ -46,25 +46,6 @@ log = logging.getLogger("mlrnet")
 
 FORMATS = {"arrow": (".arrow", ".feather", ".ipc"), "jsonl": (".jsonl", ".ndjson", ".json")}
 FALLBACK_BATCH_SIZE = 64
-FALLBACK_MAX_LENGTH = 128
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Settings of `mlrnet predict`. ``None`` means: as the model was trained (its mlrnet.json), else the fallback."""
-
-    batch_size: int | None = None
-    """Rows per forward pass [default: the model's training batch size, else 64]."""
-    max_length: int | None = None
-    """Texts are truncated to this many tokens [default: the model's training --max-length, else 128]."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """Autocast to bfloat16 on CUDA (ignored on CPU)."""
-    text_column: str | None = None
-    """Text column of the table [default: text (what `corrupt` writes and `train` reads), sentence or content]."""
-    with_text: bool = True
-    """Copy each row's text into the output."""
 
 
 @dataclass
@@ -84,47 +65,12 @@ class PredictResult:
 # inputs
 
 
-def read_texts(path: str | os.PathLike[str], text_column: str | None = None) -> tuple[list[str], np.ndarray | None]:
-    """(texts, sample_ids or None) of a table; a text column as `eval` finds it, and no null or empty text."""
-    from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no such file: {path}", "pass --data a table, or - for stdin")
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(
-            f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSON Lines"
-        )
-    table = load_source(str(path)).table
-    if table.num_rows == 0:
-        raise DataError(f"{path} has no rows", "nothing to predict")
-    cols = resolve_text_columns(table, [text_column] if text_column else None, str(path))
-    texts = joined_text(table, cols, str(path))
-    ids = None
-    if "sample_id" in table.column_names:
-        ids = table.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    return texts, ids
-
-
 def text_lines(lines: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(texts, line indices) of stdin lines: blank lines are skipped, the others keep their line number."""
     rows = [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
     if not rows:
         raise DataError("no text on stdin (every line was empty)", "pipe one text per line, or pass --data FILE")
     return [t for _, t in rows], np.array([i for i, _ in rows], dtype=np.int64)
-
-
-def trained_settings(model_id: str) -> dict[str, Any]:
-    """The config a stage recorded in the model folder's mlrnet.json (empty for a hub id or a foreign folder)."""
-    path = Path(model_id)
-    if not path.is_dir():
-        return {}
-    try:
-        meta = read_any_meta(path) or {}
-    except ArtifactError:
-        return {}
-    config = meta.get("config")
-    return config if isinstance(config, dict) else {}
 
 
 def output_format(out: Path | None, fmt: str | None) -> str:
@@ -212,24 +158,23 @@ def predict(
     """
     if (data is None) == (texts is None):
         raise UsageError("give either a table (--data) or texts (stdin), not both or neither")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
-    if config.max_length is not None and config.max_length < 2:
-        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
+    config.validate()
     out_path = Path(out) if out is not None else None
     out_fmt = output_format(out_path, fmt)
     model_id = resolve_model(model, Workspace.at(workdir))
-    trained = trained_settings(model_id)
+    trained = modeling.trained_settings(model_id)
     batch_size = config.batch_size or int(trained.get("batch_size") or FALLBACK_BATCH_SIZE)
-    max_length = config.max_length or int(trained.get("max_length") or FALLBACK_MAX_LENGTH)
+    max_length = resolve_max_length(config.max_length, trained)
 
     if data is not None:
-        items, sample_ids = read_texts(data, config.text_column)
-        rows = np.arange(len(items), dtype=np.int64)
+        table, items = read_text_table(
+            data, config.text_column, "pass --data a table, or - for stdin", "nothing to predict"
+        )
+        ids, rows = sample_ids(table), np.arange(len(items), dtype=np.int64)
         data_fp = fingerprint_file(data)
     else:
         items, rows = text_lines(list(texts or []))
-        sample_ids, data_fp = None, fingerprint_obj(items)
+        ids, data_fp = None, fingerprint_obj(items)
     num_labels = model_num_labels(model_id)
     cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
     cfg |= {"model": model_id, "data": str(data) if data is not None else "<texts>", "max_length": max_length}
@@ -242,14 +187,18 @@ def predict(
     device = modeling.select_device(config.device)
     clf = modeling.load_classifier(model_id, num_labels).to(device).eval()
     class_names = [str(clf.config.id2label.get(i, i)) for i in range(num_labels)]
-    tokenizer = load_tokenizer(model_id)
     log.info("predicting %d rows with %s (%s, max length %d)", len(items), model_id, device, max_length)
-    token_ids = tokenize(tokenizer, items, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inf = run_classifier(
-        clf, token_ids, pad_id=pad_id, batch_size=batch_size, bf16=config.bf16, progress=progress, description="predict"
+    inf = classify_texts(
+        clf,
+        modeling.load_tokenizer(model_id),
+        items,
+        max_length,
+        batch_size=batch_size,
+        bf16=config.bf16,
+        progress=progress,
+        description="predict",
     )
-    table = predictions_table(items if config.with_text else None, rows, sample_ids, inf.probabilities, class_names)
+    table = predictions_table(items if config.with_text else None, rows, ids, inf.probabilities, class_names)
     meta["class_names"] = class_names
     if out_path is not None:
         write_predictions(out_path, table, meta, class_names, out_fmt)

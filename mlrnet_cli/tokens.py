@@ -1,12 +1,8 @@
 """Token-id and feature caches shared by every stage, and dynamic padding.
 
-- :func:`tokenize_table` tokenizes a table's ``text`` column once (fast tokenizer, batched, truncated, not
-  padded) and caches it as ``<cache>/tokens-<key>.arrow`` (``sample_id`` int64, ``input_ids`` list<int32>),
-  keyed by tokenizer, max length and the table's fingerprint.
-- :func:`pad_batch` pads a batch to its own longest row; :func:`length_grouped_batches` groups rows of similar
-  length for no-grad passes (eval, feature extraction).
-- :func:`encode_features` runs the encoder once over a token cache and caches the head-input features
-  (``--freeze-encoder``) as ``<cache>/features-<key>.safetensors``.
+A table's texts are tokenized once (truncated, not padded) into ``<cache>/tokens-<key>.arrow``, keyed by
+tokenizer, max length and the table's fingerprint; a frozen encoder's head-input features (``--freeze-encoder``)
+are cached as ``<cache>/features-<key>.safetensors``. Batches are padded to their own longest row.
 """
 
 from __future__ import annotations

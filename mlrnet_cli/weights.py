@@ -34,7 +34,7 @@ from mlrnet_cli.artifacts import (
     write_table,
 )
 from mlrnet_cli.configs import WeightsConfig
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, ModelError
+from mlrnet_cli.errors import ArtifactError, DataError, FingerprintMismatchError, ModelError
 from mlrnet_cli.inference import (
     Inference,
     check_finished,
@@ -225,10 +225,7 @@ def compute_weights(
     progress: Progress | None = None,
 ) -> WeightsResult:
     """Weight every training row with the trained meta-net; write ``weights.arrow`` (+ CSV, + PNG)."""
-    if config.top < 0:
-        raise ConfigError(f"--top must be ≥ 0, got {config.top}")
-    if config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
+    config.validate()
     if plot is not None:
         from mlrnet_cli.plot import require_matplotlib
 
@@ -256,24 +253,15 @@ def compute_weights(
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
     cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
-    meta = make_meta(
-        "weights",
-        "weights",
-        cfg,
-        None,
-        inputs,
-        **({"unfinished_training": unfinished} if unfinished is not None else {}),
-    )
-    paths: dict[str, Path] = {"weights": out_path}
-    if export_relabel is not None:
-        paths["relabel"] = Path(export_relabel)
-    if plot is not None:
-        paths["plot"] = Path(plot)
+    extra = {"unfinished_training": unfinished} if unfinished is not None else {}
+    meta = make_meta("weights", "weights", cfg, None, inputs, **extra)
+    paths = {"weights": out_path} | {
+        k: Path(p) for k, p in (("relabel", export_relabel), ("plot", plot)) if p is not None
+    }
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
-    if guard_report(
+    guard_report(
         out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir], overwrite=overwrite
-    ):
-        log.info("replacing %s (made from other inputs or settings)", out_path)
+    )
     for p in paths.values():
         if p != out_path:
             guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
@@ -307,19 +295,10 @@ def compute_weights(
         "groups": group_summary(weight, groups),
         "noise_detection": _noise_detection(weight, is_noisy, labels, stage1_losses),
     }
-    if unfinished is not None:
-        summary["unfinished_training"] = unfinished
+    summary |= extra
     top = _top_rows(table, config.top, class_names)
-    write_table(
-        out_path,
-        table,
-        meta,
-        class_names={
-            "label": class_names,
-            "predicted": class_names,
-            **({"true_label": class_names} if true_label is not None else {}),
-        },
-    )
+    named = ["label", "predicted"] + (["true_label"] if true_label is not None else [])
+    write_table(out_path, table, meta, class_names=dict.fromkeys(named, class_names))
     if export_relabel is not None:
         _write_relabel_csv(paths["relabel"], top)
     if plot is not None:
@@ -431,28 +410,11 @@ def _weights_table(
 
 def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str, Any]]:
     """The k lowest-weight rows, most distrusted first, with class names for a human reader."""
-    if k == 0:
-        return []
-    rank = table.column("rank").to_numpy()
-    take = np.argsort(rank)[:k]
-    rows = table.take(take).to_pylist()
     out = []
-    for r in rows:
-        row = {
-            "rank": r["rank"],
-            "sample_id": r["sample_id"],
-            "weight": r["weight"],
-            "label": r["label"],
-            "label_name": class_names[r["label"]],
-            "predicted": r["predicted"],
-            "predicted_name": class_names[r["predicted"]],
-            "probability": r["probability"],
-            "text": r["text"],
-        }
-        if "true_label" in r:
-            row["true_label"] = r["true_label"]
-            row["is_noisy"] = r["is_noisy"]
-        out.append(row)
+    for r in table.take(np.argsort(table.column("rank").to_numpy())[:k]).to_pylist():
+        keep = ("rank", "sample_id", "weight", "label", "predicted", "probability", "text")
+        row = {key: r[key] for key in keep + (("true_label", "is_noisy") if "true_label" in r else ())}
+        out.append(row | {"label_name": class_names[r["label"]], "predicted_name": class_names[r["predicted"]]})
     return out
 
 
@@ -461,9 +423,6 @@ def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    keys = ["rank", "sample_id", "weight", "label", "label_name", "predicted", "predicted_name", "probability", "text"]
-    cols = {k: [r[k] for r in rows] for k in keys}
-    cols["new_label"] = [None] * len(rows)
     schema = pa.schema(
         [
             ("rank", pa.int64()),
@@ -478,5 +437,6 @@ def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             ("new_label", pa.string()),
         ]
     )
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}  # new_label: empty, for the relabeller
     with atomic_path(path) as tmp:
         pcsv.write_csv(pa.table(cols, schema=schema), tmp)

@@ -21,13 +21,6 @@ DEFAULT_WORKDIR = "mlrnet-work"
 ENV_WORKDIR = "MLRNET_WORKDIR"
 
 
-def resolve_workdir(workdir: str | os.PathLike[str] | None = None) -> Path:
-    """``--workdir`` if given, else ``$MLRNET_WORKDIR``, else ``./mlrnet-work``."""
-    if workdir is not None:
-        return Path(workdir)
-    return Path(os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR)
-
-
 @dataclass(frozen=True)
 class Workspace:
     """Default artifact paths inside one workspace folder."""
@@ -36,7 +29,8 @@ class Workspace:
 
     @classmethod
     def at(cls, workdir: str | os.PathLike[str] | None = None) -> Workspace:
-        return cls(resolve_workdir(workdir))
+        """``--workdir`` if given, else ``$MLRNET_WORKDIR``, else ``./mlrnet-work``."""
+        return cls(Path(workdir if workdir is not None else os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR))
 
     @property
     def data(self) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,19 +106,35 @@ JsonOption = typer.Option(False, "--json/--no-json", help="Print a JSON summary 
 OverwriteOption = typer.Option(
     False, "--overwrite/--no-overwrite", help="Replace existing artifacts even if they were made by a different run."
 )
-SeedOption = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give identical artifacts.")
+ModelOption = typer.Option(None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best].")
+
+#: help of the config fields several commands share, written once (each command's config gives the default)
+SHARED_HELP = {
+    "seed": "Random seed: the same inputs and seed give identical artifacts.",
+    "device": "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).",
+    "bf16": "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32).",
+    "batch_size": "Rows per forward pass.",
+    "max_length": "Truncate texts to this many tokens \\[default: as the model was trained, else 128].",
+    "allow_unfinished": "Use a model whose training run stopped early (warned and recorded).",
+    "allow_pickle": "Allow pickle weights (pytorch_model.bin): only for models you trust.",
+    "trust_remote_code": "Run the model repository's own code: only if you trust it.",
+    "text_column": "Text column of --data \\[default: text, sentence or content].",
+}
 
 
-def option(config: type, field: str, help: str, *flags: str, **kwargs: Any) -> Any:
-    """A Typer option for a config field, its default read from the dataclass (declared once); the flag is
-    ``--field-name`` unless given, and a boolean is a ``--x/--no-x`` flag."""
+def option(config: type, field: str, help: str | None = None, *flags: str, **kwargs: Any) -> Any:
+    """A Typer option for a config field, its default read from the dataclass and its help (unless given) from
+    :data:`SHARED_HELP`, so both are declared once; the flag is ``--field-name`` unless given, and a boolean is a
+    ``--x/--no-x`` flag. A default that is not a plain value (a ``NoiseSpec``) is shown and parsed as its string."""
     import dataclasses
 
     default = next(f.default for f in dataclasses.fields(config) if f.name == field)
+    if dataclasses.is_dataclass(default):
+        default = str(default)
     flags = flags or (f"--{field.replace('_', '-')}",)
-    if isinstance(default, bool) and len(flags) == 1:
+    if isinstance(default, bool) and len(flags) == 1 and "/" not in flags[0]:
         flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
-    return typer.Option(default, *flags, help=help, **kwargs)
+    return typer.Option(default, *flags, help=help or SHARED_HELP[field], **kwargs)
 
 
 def path_option(flag: str, what: str, default: str) -> Any:
@@ -132,6 +148,18 @@ def stderr_console() -> Any:
     return Console(stderr=True)
 
 
+def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], right: Container[str] = ()) -> Any:
+    """A borderless Rich table: columns named in ``right`` (default: all but the first) right-aligned, for numbers."""
+    from rich.table import Table
+
+    table = Table(title=title, box=None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if (col in right if right else i > 0) else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Library logs (logger ``mlrnet``) go to stderr through Rich."""
     from rich.logging import RichHandler
@@ -143,11 +171,6 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose or os.environ.get("MLRNET_DEBUG") else logging.INFO)
     logger.propagate = False
-
-
-def quiet_logging() -> None:
-    """Non-zero ranks of a torchrun job: only errors reach stderr (rank 0 reports for everyone)."""
-    logging.getLogger("mlrnet").setLevel(logging.ERROR)
 
 
 def progress() -> Any:
@@ -165,8 +188,8 @@ def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
 
     with distributed.session():
         main = distributed.is_main()
-        if not main:
-            quiet_logging()
+        if not main:  # only errors reach stderr: rank 0 reports for everyone
+            logging.getLogger("mlrnet").setLevel(logging.ERROR)
         result = work(progress() if main else None)
         if main:
             report(result)
@@ -197,9 +220,3 @@ def _root(
     ),
 ) -> None:
     """mlrnet command-line interface."""
-
-
-def not_built(command: str, issue: str) -> None:
-    from mlrnet_cli.errors import UsageError
-
-    raise UsageError(f"`mlrnet {command}` is not built yet ({issue})")

@@ -7,16 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mlrnet_cli.commands._app import (
-    JsonOption,
-    OverwriteOption,
-    SeedOption,
-    WorkdirOption,
-    app,
-    emit,
-    option,
-    path_option,
-)
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
 from mlrnet_cli.configs import CollectConfig, Record
 
 _opt = partial(option, CollectConfig)
@@ -57,10 +48,10 @@ def collect_losses_cmd(
     weight_decay: float = _opt("weight_decay", "AdamW weight decay."),
     record: Record = _opt("record", "train: losses from the training forward (free); eval: extra no-dropout pass."),
     freeze_encoder: bool = _opt("freeze_encoder", "Encode once, cache [CLS]/pooled features, train only the head."),
-    device: str = _opt("device", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
-    seed: int = SeedOption,
-    allow_pickle: bool = _opt("allow_pickle", "Allow pickle weights (pytorch_model.bin): only for models you trust."),
-    trust_remote_code: bool = _opt("trust_remote_code", "Run the model repository's own code: only if you trust it."),
+    device: str = _opt("device"),
+    seed: int = _opt("seed"),
+    allow_pickle: bool = _opt("allow_pickle"),
+    trust_remote_code: bool = _opt("trust_remote_code"),
     compile_forward: bool = _opt(
         "compile", "torch.compile the training forward (stage 1 is plain fine-tuning, so all of it).", "--compile"
     ),

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-import typer
+from mlrnet_cli.commands._app import (
+    JsonOption,
+    OverwriteOption,
+    WorkdirOption,
+    app,
+    emit,
+    option,
+    path_option,
+    rich_table,
+)
+from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, SeedOption, WorkdirOption, app, emit
+_opt = partial(option, CorruptConfig)
+_in = partial(option, InputSpec)
 
 HELP = """Bias a clean labelled text set as in the paper (§4.2): imbalance first, then label noise.
 
@@ -25,86 +37,60 @@ Writes data/train.arrow, data/clean.arrow, data/test.arrow and data/manifest.jso
 
 @app.command("corrupt", help=HELP)
 def corrupt_cmd(
-    imbalance: float = typer.Option(1.0, "--imbalance", help="Imbalance factor F ≥ 1: head rows / tail rows."),
-    noise: str = typer.Option("none", "--noise", help="none, uniform:P, flip:P or pair:P (P in [0, 1])."),
-    n_max: int | None = typer.Option(
-        None,
-        "--n-max",
-        help="Rows the head class keeps \\[default: the smallest class's rows, so the profile is exact].",
+    imbalance: float = _opt("imbalance", "Imbalance factor F ≥ 1: head rows / tail rows."),
+    noise: str = _opt("noise", "none, uniform:P, flip:P or pair:P (P in [0, 1])."),
+    n_max: int | None = _opt(
+        "n_max", "Rows the head class keeps \\[default: the smallest class's rows, so the profile is exact]."
     ),
-    class_order: str = typer.Option(
-        "given",
-        "--class-order",
-        help="Which classes are the tail: given (0 is the head), shuffle (seeded), "
+    class_order: str = _opt(
+        "class_order",
+        "Which classes are the tail: given (0 is the head), shuffle (seeded), "
         "or a comma list of class names/ids, head first.",
     ),
-    meta_pool_per_class: int | None = typer.Option(
-        None,
-        "--meta-pool-per-class",
-        help="Clean rows per class set aside before corruption (for `train`) "
-        "\\[default: 500; with --clean-data, that whole table].",
+    meta_pool_per_class: int | None = _opt(
+        "meta_pool_per_class",
+        "Clean rows per class set aside before corruption (for `train`) "
+        f"\\[default: {DEFAULT_META_POOL}; with --clean-data, that whole table].",
         show_default=False,
     ),
-    data: str | None = typer.Option(
-        None,
-        "--data",
-        help="Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
+    data: str | None = _in(
+        "data",
+        "Parquet/CSV/JSONL/Arrow file, a datasets.save_to_disk folder, or a hub dataset name "
         "\\[default: the embedded AG News sample].",
     ),
-    split: str = typer.Option("train", "--split", help="Split to read from a hub dataset or DatasetDict folder."),
-    test_data: str | None = typer.Option(
-        None, "--test-data", help="Test table \\[default: the dataset's own test split, if it has one]."
-    ),
-    test_split: str = typer.Option("test", "--test-split", help="Split name of the test data."),
-    test_fraction: float | None = typer.Option(
-        None,
-        "--test-fraction",
-        help="Share of each class held out as the test split when --data has none "
-        "(before the clean pool and the bias are drawn; 0: no test split) \\[default: 0.2].",
+    split: str = _in("split", "Split to read from a hub dataset or DatasetDict folder."),
+    test_data: str | None = _in("test_data", "Test table \\[default: the dataset's own test split, if it has one]."),
+    test_split: str = _in("test_split", "Split name of the test data."),
+    test_fraction: float | None = _opt(
+        "test_fraction",
+        "Share of each class held out as the test split when --data has none "
+        f"(before the clean pool and the bias are drawn; 0: no test split) \\[default: {DEFAULT_TEST_FRACTION}].",
         show_default=False,
     ),
-    clean_data: str | None = typer.Option(
-        None, "--clean-data", help="A trusted table for the clean pool (for data that is already noisy)."
-    ),
-    text_column: list[str] = typer.Option(
-        [],
+    clean_data: str | None = _in("clean_data", "A trusted table for the clean pool (for data that is already noisy)."),
+    text_column: list[str] = _in(
+        "text_columns",
+        "Text column; repeat to join several (e.g. title + description) \\[default: text, sentence or content].",
         "--text-column",
-        help="Text column; repeat to join several (e.g. title + description) \\[default: text, sentence or content].",
     ),
-    label_column: str = typer.Option("label", "--label-column", help="Label column (ints or strings)."),
-    true_label_column: str | None = typer.Option(
-        None, "--true-label-column", help="Column with the true labels of already-noisy benchmark data."
+    label_column: str = _in("label_column", "Label column (ints or strings)."),
+    true_label_column: str | None = _in(
+        "true_label_column", "Column with the true labels of already-noisy benchmark data."
     ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder \\[default: WORKDIR/data]."),
-    seed: int = SeedOption,
+    out: Path | None = path_option("--out", "Output folder", "WORKDIR/data"),
+    seed: int = _opt("seed"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
     from mlrnet_cli.commands._app import setup_logging, stderr_console
-    from mlrnet_cli.corrupt import CorruptConfig, InputSpec, NoiseSpec, corrupt
+    from mlrnet_cli.configs import NoiseSpec, build
+    from mlrnet_cli.corrupt import corrupt
     from mlrnet_cli.workspace import Workspace
 
     setup_logging()
-    config = CorruptConfig(
-        imbalance=imbalance,
-        n_max=n_max,
-        class_order=class_order,
-        noise=NoiseSpec.parse(noise),
-        meta_pool_per_class=meta_pool_per_class,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
-    inputs = InputSpec(
-        data=data,
-        split=split,
-        test_data=test_data,
-        test_split=test_split,
-        clean_data=clean_data,
-        text_columns=tuple(text_column),
-        label_column=label_column,
-        true_label_column=true_label_column,
-    )
+    config = build(CorruptConfig, locals(), noise=NoiseSpec.parse(noise))
+    inputs = build(InputSpec, locals(), text_columns=tuple(text_column))
     result = corrupt(config, inputs, out or Workspace.at(workdir).data, overwrite=overwrite)
     _print_summary(result.manifest, stderr_console())
     m = result.manifest
@@ -112,20 +98,14 @@ def corrupt_cmd(
 
 
 def _print_summary(manifest: dict, console) -> None:
-    from rich.table import Table
-
     counts = manifest["counts"]
     realised = (manifest["noise"].get("realised") or {}).get("per_class_rate")
-    table = Table(title=f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}", box=None)
-    for col in ("class", "source", "clean pool", "train (true)", "train (observed)", "realised noise"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for i, name in enumerate(manifest["class_names"]):
-        table.add_row(
-            name,
-            str(counts["source"][i]),
-            str(counts["clean"][i]),
-            str(counts["train_true"][i]),
-            str(counts["train_observed"][i]),
-            f"{realised[i]:.3f}" if realised else "unknown",
-        )
-    console.print(table)
+    rows = (
+        [name, *(str(counts[k][i]) for k in ("source", "clean", "train_true", "train_observed"))]
+        + [f"{realised[i]:.3f}" if realised else "unknown"]
+        for i, name in enumerate(manifest["class_names"])
+    )
+    columns = ("class", "source", "clean pool", "train (true)", "train (observed)", "realised noise")
+    console.print(
+        rich_table(f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}", columns, rows)
+    )

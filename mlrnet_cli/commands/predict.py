@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import typer
 
-from mlrnet_cli.commands._app import OverwriteOption, WorkdirOption, app
+from mlrnet_cli.commands._app import ModelOption, OverwriteOption, WorkdirOption, app, option
+from mlrnet_cli.configs import PredictConfig
+
+_opt = partial(option, PredictConfig)
 
 HELP = """Label new, unlabelled text with a trained classifier: the predicted class and every class's probability.
 
@@ -28,43 +32,29 @@ def predict_cmd(
     data: str | None = typer.Option(
         None, "--data", help="Table of texts, or - for stdin \\[default: stdin, one text per line]."
     ),
-    model: str | None = typer.Option(
-        None, "--model", help="Classifier folder or hub id \\[default: WORKDIR/model/best]."
-    ),
-    text_column: str | None = typer.Option(
-        None, "--text-column", help="Text column of --data \\[default: text, sentence or content]."
-    ),
+    model: str | None = ModelOption,
+    text_column: str | None = _opt("text_column"),
     out: Path | None = typer.Option(None, "--out", help="Output file, .arrow or .jsonl \\[default: stdout]."),
     fmt: str | None = typer.Option(
         None, "--format", help="arrow or jsonl \\[default: from the --out suffix; jsonl on stdout]."
     ),
-    with_text: bool = typer.Option(True, "--with-text/--no-text", help="Copy each text into the output."),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Rows per forward pass \\[default: the model's training batch size, else 64]."
+    with_text: bool = _opt("with_text", "Copy each text into the output.", "--with-text/--no-text"),
+    batch_size: int | None = _opt(
+        "batch_size", "Rows per forward pass \\[default: the model's training batch size, else 64]."
     ),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Truncate texts to this many tokens \\[default: as in training, else 128]."
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(
-        True, "--bf16/--no-bf16", help="bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."
-    ),
+    max_length: int | None = _opt("max_length"),
+    device: str = _opt("device"),
+    bf16: bool = _opt("bf16"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
 ) -> None:
     from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli.configs import build
     from mlrnet_cli.errors import UsageError
-    from mlrnet_cli.predict import PredictConfig, predict
+    from mlrnet_cli.predict import predict
 
     setup_logging()
-    config = PredictConfig(
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-        bf16=bf16,
-        text_column=text_column,
-        with_text=with_text,
-    )
+    config = build(PredictConfig, locals())
     texts = None
     if data is None or data == "-":
         if sys.stdin is None or sys.stdin.isatty():

@@ -7,16 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mlrnet_cli.commands._app import (
-    JsonOption,
-    OverwriteOption,
-    SeedOption,
-    WorkdirOption,
-    app,
-    emit,
-    option,
-    path_option,
-)
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
 from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig
 
 _opt = partial(option, TrainConfig)
@@ -88,9 +79,9 @@ def train_cmd(
     warmup_ratio: float = _opt("warmup_ratio", "Fraction of the steps spent warming up."),
     weight_decay: float = _opt("weight_decay", "AdamW weight decay of the classifier."),
     model: str | None = _opt("model", "Hub id or local folder \\[default: the model collect-losses recorded]."),
-    device: str = _opt("device", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
-    allow_pickle: bool = _opt("allow_pickle", "Allow pickle (.bin) weights."),
-    trust_remote_code: bool = _opt("trust_remote_code", "Allow a model's own code to run."),
+    device: str = _opt("device"),
+    allow_pickle: bool = _opt("allow_pickle"),
+    trust_remote_code: bool = _opt("trust_remote_code"),
     train_path: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
     clean_path: Path | None = path_option("--clean", "Clean pool", "WORKDIR/data/clean.arrow"),
     losses_path: Path | None = path_option("--losses", "Loss curves", "WORKDIR/losses.safetensors"),
@@ -102,7 +93,7 @@ def train_cmd(
         "eagerly: their meta step differentiates twice (or in forward mode) through functional_call.",
         "--compile",
     ),
-    seed: int = SeedOption,
+    seed: int = _opt("seed"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,

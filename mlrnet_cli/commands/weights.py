@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option
+from mlrnet_cli.commands._app import (
+    JsonOption,
+    OverwriteOption,
+    WorkdirOption,
+    app,
+    emit,
+    option,
+    path_option,
+    rich_table,
+)
 from mlrnet_cli.configs import WeightsConfig
 
 _opt = partial(option, WeightsConfig)
@@ -35,21 +44,15 @@ def weights_cmd(
     plot: Path | None = typer.Option(
         None, "--plot", help="PNG: weight histograms and mean loss curves per group (needs mlrnet\\[plot])."
     ),
-    model: Path | None = typer.Option(None, "--model", help="Model folder \\[default: WORKDIR/model/best]."),
-    train: Path | None = typer.Option(None, "--train", help="Training table \\[default: WORKDIR/data/train.arrow]."),
-    losses: Path | None = typer.Option(
-        None, "--losses", help="Stage-1 loss curves \\[default: WORKDIR/losses.safetensors]."
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Weights table \\[default: WORKDIR/weights.arrow]."),
-    batch_size: int = _opt("batch_size", "Rows per classifier forward pass."),
-    max_length: int | None = _opt(
-        "max_length", "Truncate texts to this many tokens \\[default: as the model was trained]."
-    ),
-    allow_unfinished: bool = _opt(
-        "allow_unfinished", "Use a model whose training run stopped early (warned and recorded)."
-    ),
-    device: str = _opt("device", "auto, cpu, cuda or cuda:N."),
-    bf16: bool = _opt("bf16", "bfloat16 autocast on CUDA (--no-bf16: float32 there too; CPU is float32)."),
+    model: Path | None = path_option("--model", "Model folder", "WORKDIR/model/best"),
+    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
+    losses: Path | None = path_option("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
+    out: Path | None = path_option("--out", "Weights table", "WORKDIR/weights.arrow"),
+    batch_size: int = _opt("batch_size"),
+    max_length: int | None = _opt("max_length"),
+    allow_unfinished: bool = _opt("allow_unfinished"),
+    device: str = _opt("device"),
+    bf16: bool = _opt("bf16"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
@@ -81,15 +84,11 @@ def _fmt(x: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)", box=None)
-    for col in ("group", "rows", "mean", "q25", "median", "q75"):
-        t.add_column(col, justify="left" if col == "group" else "right")
-    for name, s in summary["groups"].items():
-        if s.get("count"):
-            t.add_row(name, str(s["count"]), _fmt(s["mean"]), _fmt(s["q25"]), _fmt(s["median"]), _fmt(s["q75"]))
-    console.print(t)
+    title = f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)"
+    stats = ("mean", "q25", "median", "q75")
+    groups = summary["groups"].items()
+    rows = ([name, str(s["count"]), *(_fmt(s[k]) for k in stats)] for name, s in groups if s.get("count"))
+    console.print(rich_table(title, ("group", "rows", *stats), rows))
     console.print(f"head classes: {', '.join(summary['head_classes'])}; tail: {', '.join(summary['tail_classes'])}")
     det = summary.get("noise_detection")
     if det:
@@ -114,16 +113,10 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             "within a label, weights that only follow the label score 0.5"
         )
     if top:
-        tt = Table(title=f"{len(top)} most distrusted rows", box=None)
-        for col in ("rank", "weight", "label", "predicted", "text"):
-            tt.add_column(col, justify="right" if col in ("rank", "weight") else "left")
-        for r in top:
-            text = r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."
-            tt.add_row(
-                str(r["rank"]),
-                f"{r['weight']:.4f}",
-                r["label_name"],
-                f"{r['predicted_name']} ({r['probability']:.2f})",
-                text,
-            )
-        console.print(tt)
+        rows = (
+            [str(r["rank"]), f"{r['weight']:.4f}", r["label_name"], f"{r['predicted_name']} ({r['probability']:.2f})"]
+            + [r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."]
+            for r in top
+        )
+        columns = ("rank", "weight", "label", "predicted", "text")
+        console.print(rich_table(f"{len(top)} most distrusted rows", columns, rows, right=("rank", "weight")))
