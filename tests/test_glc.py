@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VOCAB, build_tiny_model, make_workspace
+from conftest import build_tiny_model, make_workspace
 from typer.testing import CliRunner
 
 from mlrnet_cli import artifacts
@@ -77,23 +77,12 @@ def test_forward_corrected_loss_matches_a_hand_computation() -> None:
 # end to end
 
 
-def _word_tiny_model(folder: Path) -> Path:
-    """The tiny BERT with a tokenizer that sees the words: under transformers 5, ``build_tiny_model``'s
-    ``BertTokenizerFast(vocab_file=...)`` gets an empty vocabulary and reads every word as [UNK], so its
-    classifier sees only lengths and its Ĉ has equal rows (the vocabulary passed as ``vocab`` works)."""
-    from transformers import BertTokenizerFast
-
-    build_tiny_model(folder)
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(TINY_VOCAB)}, do_lower_case=True).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace after corrupt (balanced, 20 % uniform noise) and a real collect-losses that learns enough
     (6 epochs at lr 5e-3) for a Ĉ whose rows differ."""
     root = tmp_path_factory.mktemp("glc")
-    model = _word_tiny_model(root / "model")
+    model = build_tiny_model(root / "model")
     ws = make_workspace(root / "ws", imbalance=1.0, noise="uniform:0.2")
     args = ["collect-losses", "-w", str(ws), "--model", str(model), "--epochs", "6", "--lr", "5e-3"]
     r = runner.invoke(app, [*args, "--max-length", "24", "--batch-size", "16"])
