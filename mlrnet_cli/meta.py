@@ -290,6 +290,62 @@ def add_clean_share(
     return loss + share * F.cross_entropy(_upcast(clean_logits), clean.labels).to(loss.dtype)
 
 
+@dataclass
+class _RealPass:
+    """The real step's forward of meta_step / mlc_step, and what their meta update needs to know about it."""
+
+    device: torch.device
+    rng: tuple[torch.Tensor, torch.Tensor | None]
+    head_only: bool
+    attention: Callable[[], contextlib.AbstractContextManager[None]]
+    clean: StepBatch | None
+    features: torch.Tensor
+    logits: torch.Tensor
+    clean_logits: torch.Tensor | None
+
+
+def _real_pass(
+    model: nn.Module,
+    fns: ClassifierFns,
+    batch: StepBatch,
+    meta_params: Sequence[str],
+    mode: str,
+    real_forward: RealForward | None,
+    clean: StepBatch | None,
+) -> _RealPass:
+    """The RNG snapshot (the jvp mode replays the dropout masks), then the one real forward over the training
+    rows and, with ``--meta-share``, the clean rows after them."""
+    if mode not in ("jvp", "unrolled"):
+        raise ConfigError(f"unknown meta-step mode {mode!r}")
+    device = batch.labels.device
+    rng = _rng_snapshot(device)
+    head_only = _head_only(meta_params, fns)
+    # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
+    # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
+    attention = contextlib.nullcontext if head_only else math_attention
+    with attention():
+        features, logits, clean_logits = forward_with_clean(
+            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
+        )
+    return _RealPass(device, rng, head_only, attention, clean, features, logits, clean_logits)
+
+
+def _step_theta(
+    opt: torch.optim.Optimizer,
+    theta: list[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    scale: float,
+    reduce: Callable[[list[torch.Tensor]], None] | None,
+) -> None:
+    """One optimiser step of the meta-net on its exact gradient, scaled (and averaged over ranks by ``reduce``)."""
+    opt.zero_grad(set_to_none=True)
+    for p, g in zip(theta, grads, strict=True):
+        p.grad = torch.zeros_like(p) if g is None else g.detach() * scale
+    if reduce is not None:
+        reduce([p.grad for p in theta])
+    opt.step()
+
+
 def meta_step(
     model: nn.Module,
     meta_net: nn.Module,
@@ -331,19 +387,9 @@ def meta_step(
     ``Σ_i c_i L_i + S · mean CE(clean rows)``. The meta-net, the virtual step and ``output.losses``/``weights``
     see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
     """
-    if mode not in ("jvp", "unrolled"):
-        raise ConfigError(f"unknown meta-step mode {mode!r}")
-    device = batch.labels.device
-    rng = _rng_snapshot(device)
-    head_only = _head_only(meta_params, fns)
-    # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
-    # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
-    attention = contextlib.nullcontext if head_only else math_attention
-    clean = clean_batch if clean_share else None
-    with attention():
-        features, logits, clean_logits = forward_with_clean(
-            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
-        )
+    rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    device, rng, head_only, attention, clean = rp.device, rp.rng, rp.head_only, rp.attention, rp.clean
+    features, logits, clean_logits = rp.features, rp.logits, rp.clean_logits
     losses = per_sample_loss(logits, batch.labels)
     feats = features.detach()
     loss_in = losses.detach()
@@ -385,12 +431,7 @@ def meta_step(
             theta_grads = torch.autograd.grad(
                 coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True
             )
-        meta_opt.zero_grad(set_to_none=True)
-        for p, g in zip(theta, theta_grads, strict=True):
-            p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
-        if reduce_meta_grads is not None:
-            reduce_meta_grads([p.grad for p in theta])
-        meta_opt.step()
+        _step_theta(meta_opt, theta, theta_grads, meta_grad_scale, reduce_meta_grads)
         meta_loss_value = meta_loss.detach()
 
     with torch.no_grad():
@@ -452,17 +493,9 @@ def mlc_step(
     scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
     become soft labels.
     """
-    if mode not in ("jvp", "unrolled"):
-        raise ConfigError(f"unknown meta-step mode {mode!r}")
-    device = batch.labels.device
-    rng = _rng_snapshot(device)
-    head_only = _head_only(meta_params, fns)
-    attention = contextlib.nullcontext if head_only else math_attention
-    clean = clean_batch if clean_share else None
-    with attention():
-        features, logits, clean_logits = forward_with_clean(
-            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
-        )
+    rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    rng, head_only, attention, clean = rp.rng, rp.head_only, rp.attention, rp.clean
+    features, logits, clean_logits = rp.features, rp.logits, rp.clean_logits
     feats = features.detach()
 
     meta_loss_value: torch.Tensor | None = None
@@ -485,12 +518,7 @@ def mlc_step(
                 meta_dropout=meta_dropout,
                 rng=rng,
             )
-        lcn_opt.zero_grad(set_to_none=True)
-        for p, g in zip(theta, theta_grads, strict=True):
-            p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
-        if reduce_meta_grads is not None:
-            reduce_meta_grads([p.grad for p in theta])
-        lcn_opt.step()
+        _step_theta(lcn_opt, theta, theta_grads, meta_grad_scale, reduce_meta_grads)
         meta_loss_value = meta_loss.detach()
 
     with torch.no_grad():

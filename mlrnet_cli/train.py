@@ -451,122 +451,100 @@ class MetaStep:
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         cfg = run.config
         self.run = run
-        self.optimizer = torch.optim.Adam(run.meta_net.parameters(), lr=cfg.meta_lr, weight_decay=1e-4)
+        self.optimizer = self.meta_optimizer(run)
         self.names = resolve_meta_params(run.model, cfg.meta_params, run.batches.head_prefix)
         self.mbs = min(cfg.meta_batch_size or cfg.batch_size, len(run.inp.meta_pos))
         # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
         self.meta_slot = torch.arange(self.mbs) + distributed.rank() * self.mbs
 
-    def __call__(self, shard: Shard, index: int) -> StepOutput:
-        run, cfg = self.run, self.run.config
-        chunk = run.chunk(shard)
-        pos = np.array([p for _, p in chunk])
-        pos_t = torch.from_numpy(pos)
-        curves = to_device(run.inp.curves[pos_t], run.device) if run.inp.curves is not None else None
+    @staticmethod
+    def meta_optimizer(run: _Run) -> torch.optim.Optimizer:
+        return torch.optim.Adam(run.meta_net.parameters(), lr=run.config.meta_lr, weight_decay=1e-4)
+
+    def batches(self, shard: Shard, curves: bool) -> tuple[torch.Tensor, StepBatch, StepBatch]:
+        """(positions, the training batch, this step's meta batch: one draw of the epoch's meta generator)."""
+        run = self.run
+        pos_t = torch.tensor([p for _, p in run.chunk(shard)], dtype=torch.long)
+        cv = to_device(run.inp.curves[pos_t], run.device) if curves and run.inp.curves is not None else None
         labels = to_device(run.labels["train"][pos_t], run.device)
-        batch = StepBatch(run.batches.inputs_of("train", pos), labels, curves)
+        batch = StepBatch(run.batches.inputs_of("train", pos_t.numpy()), labels, cv)
         meta_pos = run.inp.meta_pos
         mperm = torch.randperm(len(meta_pos), generator=run.epoch.meta_gen)
         mpos = meta_pos[mperm[self.meta_slot % len(meta_pos)].numpy()]
         mb = StepBatch(run.batches.inputs_of("clean", mpos), to_device(run.labels["clean"][mpos], run.device))
+        return pos_t, batch, mb
+
+    def step_options(self, shard: Shard, index: int) -> dict[str, Any]:
+        """What meta_step and mlc_step take alike from the run's settings."""
+        run, cfg = self.run, self.run.config
         reduce_meta = None
         if distributed.is_distributed():
 
             def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
                 distributed.all_reduce_mean_(grads, share)
 
+        return {
+            "alpha": cfg.virtual_lr,
+            "meta_params": self.names,
+            "fns": run.batches.fns,
+            "update_meta": index % cfg.meta_interval == 0,
+            "mode": cfg.meta_mode,
+            "meta_dropout": cfg.meta_dropout,
+            "real_forward": run.real_forward,
+            "clean_share": cfg.meta_share,  # --meta-share: the same meta rows also enter the real step
+            "reduce_meta_grads": reduce_meta,
+            # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
+            # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees
+            # the α-free first-order term -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
+            "meta_grad_scale": 1.0 / cfg.virtual_lr,
+        }
+
+    def record(self, shard: Shard, pos_t: torch.Tensor, values: torch.Tensor, meta_loss: torch.Tensor | None) -> None:
+        """Sum each row's value (its weight) for the epoch statistics; keep the meta loss."""
+        run = self.run
+        if not shard.is_placeholder:
+            pos_d = to_device(pos_t, run.device)
+            run.epoch.w_sum.index_add_(0, pos_d, values.double())
+            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
+            if meta_loss is not None:
+                run.epoch.meta_losses.append(meta_loss)
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        pos_t, batch, mb = self.batches(shard, curves=True)
+        run = self.run
         res = meta_step(
             run.model,
             run.meta_net,
             self.optimizer,
             batch,
             mb,
-            alpha=cfg.virtual_lr,
-            meta_params=self.names,
-            normalize_weights=cfg.normalize_weights,
-            fns=run.batches.fns,
-            update_meta=index % cfg.meta_interval == 0,
-            mode=cfg.meta_mode,
-            meta_dropout=cfg.meta_dropout,
-            real_forward=run.real_forward,
-            clean_batch=mb,  # --meta-share: the same meta rows also enter the real step
-            clean_share=cfg.meta_share,
-            reduce_meta_grads=reduce_meta,
-            # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
-            # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees
-            # the α-free first-order term -Σ_i (∇L_i·∇L_meta) ∂c_i/∂θ.
-            meta_grad_scale=1.0 / cfg.virtual_lr,
+            normalize_weights=run.config.normalize_weights,
+            clean_batch=mb,
+            **self.step_options(shard, index),
         )
-        if not shard.is_placeholder:
-            pos_d = to_device(pos_t, run.device)
-            run.epoch.w_sum.index_add_(0, pos_d, res.weights.double())
-            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
-            if res.meta_loss is not None:
-                run.epoch.meta_losses.append(res.meta_loss)
-        return run.finish(shard, len(chunk), res.loss, res.losses.mean())
+        self.record(shard, pos_t, res.weights, res.meta_loss)
+        return run.finish(shard, len(pos_t), res.loss, res.losses.mean())
 
 
-class MlcStep:
+class MlcStep(MetaStep):
     """``mlc``: Meta Label Correction (:func:`mlrnet_cli.meta.mlc_step`) on the training rows, the meta batch
     drawn from the meta set as for :class:`MetaStep`; the LCN's probability of each row's observed label,
     ŷ_i(ỹ_i), is summed for the epoch statistics (the history's ``weight_*`` columns)."""
 
-    def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
-        cfg = run.config
-        self.run = run
+    @staticmethod
+    def meta_optimizer(run: _Run) -> torch.optim.Optimizer:
         # microsoft/MLC's meta optimiser: Adam with AMSGrad and no weight decay
-        self.optimizer = torch.optim.Adam(run.meta_net.parameters(), lr=cfg.meta_lr, weight_decay=0.0, amsgrad=True)
-        self.names = resolve_meta_params(run.model, cfg.meta_params, run.batches.head_prefix)
-        self.mbs = min(cfg.meta_batch_size or cfg.batch_size, len(run.inp.meta_pos))
-        # each rank takes its own mbs rows of the same seeded meta permutation (rank 0: the first mbs)
-        self.meta_slot = torch.arange(self.mbs) + distributed.rank() * self.mbs
-
-    def meta_batch(self) -> StepBatch:
-        """This step's clean meta batch (one draw of the epoch's meta generator per step, as in MetaStep)."""
-        run, meta_pos = self.run, self.run.inp.meta_pos
-        mperm = torch.randperm(len(meta_pos), generator=run.epoch.meta_gen)
-        mpos = meta_pos[mperm[self.meta_slot % len(meta_pos)].numpy()]
-        return StepBatch(run.batches.inputs_of("clean", mpos), to_device(run.labels["clean"][mpos], run.device))
+        return torch.optim.Adam(run.meta_net.parameters(), lr=run.config.meta_lr, weight_decay=0.0, amsgrad=True)
 
     def __call__(self, shard: Shard, index: int) -> StepOutput:
-        run, cfg = self.run, self.run.config
-        pos = np.array([p for _, p in run.chunk(shard)])
-        pos_t = torch.from_numpy(pos)
-        labels = to_device(run.labels["train"][pos_t], run.device)
-        batch = StepBatch(run.batches.inputs_of("train", pos), labels)
-        mb = self.meta_batch()
-        reduce_meta = None
-        if distributed.is_distributed():
-
-            def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
-                distributed.all_reduce_mean_(grads, share)
-
+        pos_t, batch, mb = self.batches(shard, curves=False)
+        run = self.run
         res = mlc_step(
-            run.model,
-            run.meta_net,
-            self.optimizer,
-            batch,
-            mb,
-            alpha=cfg.virtual_lr,
-            meta_params=self.names,
-            fns=run.batches.fns,
-            update_meta=index % cfg.meta_interval == 0,
-            mode=cfg.meta_mode,
-            meta_dropout=cfg.meta_dropout,
-            real_forward=run.real_forward,
-            reduce_meta_grads=reduce_meta,
-            meta_grad_scale=1.0 / cfg.virtual_lr,  # as in MetaStep: dL_meta/dθ is O(α)
-            clean_batch=mb,
-            clean_share=cfg.meta_share,
+            run.model, run.meta_net, self.optimizer, batch, mb, clean_batch=mb, **self.step_options(shard, index)
         )
-        if not shard.is_placeholder:
-            pos_d = to_device(pos_t, run.device)
-            agreement = res.soft_labels.gather(1, labels[:, None]).squeeze(1)
-            run.epoch.w_sum.index_add_(0, pos_d, agreement.double())
-            run.epoch.w_cnt.index_add_(0, pos_d, torch.ones_like(run.epoch.w_sum[pos_d]))
-            if res.meta_loss is not None:
-                run.epoch.meta_losses.append(res.meta_loss)
-        return run.finish(shard, len(pos), res.loss, res.losses.mean())
+        agreement = res.soft_labels.gather(1, batch.labels[:, None]).squeeze(1)
+        self.record(shard, pos_t, agreement, res.meta_loss)
+        return run.finish(shard, len(pos_t), res.loss, res.losses.mean())
 
 
 class GLCStep:
