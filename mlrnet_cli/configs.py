@@ -250,6 +250,10 @@ class TrainConfig:
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
     # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
     meta_share: float = 0.0
+    # the collapse guard: when an epoch ends in a collapse the meta-net drove (one class for most dev rows, the
+    # weights spread to the ends), rerun that epoch from where it began with the meta lr divided by 10, at most
+    # this many times in a run (docs/train.md); 0 = off, the paper's loop
+    meta_backoff: int = 2
     # torch.compile the training forward of plain / plain-meta / meta-only / glc; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
@@ -269,6 +273,7 @@ class TrainConfig:
         parse_meta_params(self.meta_params)
         _at_least(self, 1, "meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim")
         _at_least(self, 2, "max_length")
+        _at_least(self, 0, "meta_backoff")
         if self.meta_batch_size is not None:
             _at_least(self, 1, "meta_batch_size")
         _fraction(self, "dev_fraction", "warmup_ratio")

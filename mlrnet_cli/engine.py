@@ -62,6 +62,16 @@ class EpochHooks(Protocol):
     def load_state(self, state: dict[str, Any]) -> None: ...
 
 
+class RollbackHooks(EpochHooks, Protocol):
+    """Hooks that may ask for an epoch to be run again from the state it began with (train's collapse guard)."""
+
+    def rollback(self, epoch: int, row: dict[str, Any]) -> bool:
+        """After ``end_epoch``: whether to discard the epoch (identically on every rank)."""
+
+    def rolled_back(self) -> None:
+        """After the loop restored the epoch's starting state: apply what the rerun changes."""
+
+
 class Checkpoint:
     """``<folder>/state.pt``: the resume state of a run, tagged with the run's metadata; written by rank 0 after
     every epoch (atomically) and read with ``weights_only`` (a state file is data, never code)."""
@@ -125,6 +135,7 @@ class Loop:
     progress: Progress
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0  #: time inside the step loops (throughput)
+    rollback: bool = False  #: the hooks are RollbackHooks and may reject an epoch
 
     def resume(self, state: dict[str, Any], hooks: EpochHooks) -> int:
         """Restore a checkpoint; returns the number of finished epochs."""
@@ -139,27 +150,50 @@ class Loop:
         return int(state["epoch"])
 
     def run(self, hooks: EpochHooks, step: Step, start: int = 0, step_index: int = 0) -> None:
-        """Epochs ``start+1 .. epochs``: the steps, the stage's end of epoch, its artifacts and the checkpoint."""
-        for epoch in range(start + 1, self.epochs + 1):
-            shards, description, total = hooks.epoch_shards(epoch)
-            self.model.train()
-            t0 = time.perf_counter()
-            with self.progress.task(description, total=total) as task:
-                for k, shard in enumerate(shards):
-                    out = step(shard, step_index)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    step_index += 1
-                    # reading the loss back syncs with the device: only now and then, for the progress bar
-                    shown = k % PROGRESS_LOSS_EVERY == 0 or k == len(shards) - 1
-                    task.advance(shard.global_size, **({"loss": float(out.shown)} if shown else {}))
-            self.train_seconds += time.perf_counter() - t0
-            self.history.append(hooks.end_epoch(epoch, self.history))
+        """Epochs ``start+1 .. epochs``: the steps, the stage's end of epoch, its artifacts and the checkpoint.
+
+        With ``rollback``, an epoch the :class:`RollbackHooks` reject is run again from the checkpoint it began
+        with (epoch 0's is written first, so every epoch has one)."""
+        if self.rollback and start == 0 and distributed.is_main():
+            self.checkpoint.save(self.state(0, hooks))
+        epoch = start + 1
+        while epoch <= self.epochs:
+            steps_before = step_index
+            step_index = self._epoch(hooks, step, epoch, step_index)
+            row = hooks.end_epoch(epoch, self.history)
+            if self.rollback and hooks.rollback(epoch, row):
+                distributed.barrier()  # rank 0 wrote the epoch's starting checkpoint before it began
+                begun = Checkpoint.read(self.checkpoint.path)
+                if int(begun["epoch"]) != epoch - 1:
+                    raise ArtifactError(f"{self.checkpoint.path} is not the state epoch {epoch} began with")
+                self.resume(begun, hooks)
+                hooks.rolled_back()
+                step_index = steps_before
+                continue
+            self.history.append(row)
             if distributed.is_main():  # every rank holds the same model and history: rank 0 writes
                 hooks.save(epoch, self.history)
                 self.checkpoint.save(self.state(epoch, hooks))
+            epoch += 1
+
+    def _epoch(self, hooks: EpochHooks, step: Step, epoch: int, step_index: int) -> int:
+        """One epoch's steps; returns the next global step index."""
+        shards, description, total = hooks.epoch_shards(epoch)
+        self.model.train()
+        t0 = time.perf_counter()
+        with self.progress.task(description, total=total) as task:
+            for k, shard in enumerate(shards):
+                out = step(shard, step_index)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                step_index += 1
+                # reading the loss back syncs with the device: only now and then, for the progress bar
+                shown = k % PROGRESS_LOSS_EVERY == 0 or k == len(shards) - 1
+                task.advance(shard.global_size, **({"loss": float(out.shown)} if shown else {}))
+        self.train_seconds += time.perf_counter() - t0
+        return step_index
 
     def state(self, epoch: int, hooks: EpochHooks) -> dict[str, Any]:
         cuda = self.device.type == "cuda"

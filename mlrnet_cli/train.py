@@ -117,6 +117,7 @@ def _history_table(rows: list[dict[str, Any]]) -> Any:
         ("weight_mean_noisy", pa.float64()),
         ("weight_mean_clean", pa.float64()),
         ("meta_loss", pa.float64()),
+        ("meta_lr", pa.float64()),
         ("seconds", pa.float64()),
     ]
     return pa.table({n: pa.array([r.get(n) for r in rows], t) for n, t in cols})
@@ -655,6 +656,17 @@ def _items(config: TrainConfig, inp: _Inputs) -> list[tuple[str, int]]:
 # the epoch hooks
 
 
+@dataclass(frozen=True)
+class _Collapse:
+    """An epoch's :func:`real_collapse`: the class predicted for most dev rows, its share of the predictions and of
+    the labels, and whether the meta-net's spread weights drove it."""
+
+    label: str
+    share: float
+    true_share: float
+    blame_meta: bool
+
+
 class _Hooks:
     """Stage 2's side of :class:`~mlrnet_cli.engine.Loop`: the epoch's order, dev accuracy and statistics, the
     warnings, and model/{last,best,history.arrow}."""
@@ -662,6 +674,9 @@ class _Hooks:
     def __init__(self, run: _Run, step: Any, out: Path, meta: dict[str, Any], tokenizer: Any, stage1: Path) -> None:
         self.run, self.step, self.out, self.meta, self.tokenizer, self.stage1 = run, step, out, meta, tokenizer, stage1
         self.best_acc, self.best_epoch, self.better = -1.0, 0, False
+        self.collapse: _Collapse | None = None  # the last epoch's, if any
+        self.backoffs = 0  # collapse-guard back-offs so far (--meta-backoff)
+        self._after_rollback: tuple[int, float] | None = None
 
     def epoch_shards(self, epoch: int) -> tuple[list[Shard], str, int]:
         cfg, e = self.run.config, epoch - 1
@@ -685,7 +700,7 @@ class _Hooks:
             "dev_accuracy": dev_acc,
         }
         if run.meta_net is not None:
-            row.update(_weight_stats(ep, run.inp.train.is_noisy, epoch))
+            row.update(_weight_stats(ep, run.inp.train.is_noisy, epoch), meta_lr=self.meta_lr)
         row["seconds"] = time.perf_counter() - ep.t0
         self.better = dev_acc is None or dev_acc > self.best_acc
         if self.better:
@@ -699,34 +714,76 @@ class _Hooks:
             " (best)" if self.better and dev_acc is not None else "",
             row["seconds"],
         )
-        self._warn_collapse(epoch, row, dev_predicted, [r["dev_accuracy"] for r in history])
+        self.collapse = self._collapse(row, dev_predicted, [r["dev_accuracy"] for r in history])
+        if self.collapse is not None and not self._guard_acts():
+            self._warn(epoch, self.collapse)
         return row
 
-    def _warn_collapse(
-        self, epoch: int, row: dict[str, Any], dev_predicted: np.ndarray | None, earlier: list[float | None]
-    ) -> None:
-        run, cfg = self.run, self.run.config
+    @property
+    def meta_lr(self) -> float:
+        """The meta-net's learning rate now: --meta-lr, divided by 10 at each back-off."""
+        return float(self.step.optimizer.param_groups[0]["lr"])
+
+    def _collapse(
+        self, row: dict[str, Any], dev_predicted: np.ndarray | None, earlier: list[float | None]
+    ) -> _Collapse | None:
+        run = self.run
         if dev_predicted is None or row["dev_accuracy"] is None:
-            return
+            return None
         best_earlier = max((a for a in earlier if a is not None), default=None)
-        collapse = real_collapse(
+        found = real_collapse(
             dev_predicted, run.inp.dev_labels, row["dev_accuracy"], best_earlier, run.inp.train.labels
         )
-        if collapse is None:
-            return
-        top, share, true_share = collapse
+        if found is None:
+            return None
         # weights that are nearly constant cannot be the meta-net's doing: then it is the classifier's lr
         blame_meta = run.meta_net is not None and row.get("weight_std", 0.0) >= SPREAD_WEIGHT_STD
+        return _Collapse(run.inp.manifest.class_names[found[0]], found[1], found[2], blame_meta)
+
+    def _warn(self, epoch: int, c: _Collapse) -> None:
+        cfg = self.run.config
         log.warning(
             "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
             epoch,
-            run.inp.manifest.class_names[top],
-            100 * share,
-            100 * true_share,
-            f"the meta-net may be learning too fast: try --meta-lr {cfg.meta_lr / 10:g}"
-            if blame_meta
+            c.label,
+            100 * c.share,
+            100 * c.true_share,
+            f"the meta-net may be learning too fast: try --meta-lr {self.meta_lr / 10:g}"
+            if c.blame_meta
             else f"try a smaller --lr than {cfg.lr:g}",
         )
+
+    def _guard_acts(self) -> bool:
+        c = self.collapse
+        return c is not None and c.blame_meta and self.backoffs < self.run.config.meta_backoff
+
+    def rollback(self, epoch: int, row: dict[str, Any]) -> bool:
+        """The collapse guard: an epoch that ended in a collapse the meta-net drove is run again from where it
+        began, with a ten times smaller meta lr (at most --meta-backoff times in a run)."""
+        if not self._guard_acts():
+            return False
+        c, lr = self.collapse, self.meta_lr / 10
+        log.warning(
+            "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels) and the "
+            "weights went to the ends (std %.2f): the meta-net learned too fast; rerunning epoch %d with meta lr "
+            "%g (back-off %d of %d, --meta-backoff)",
+            epoch,
+            c.label,
+            100 * c.share,
+            100 * c.true_share,
+            row["weight_std"],
+            epoch,
+            lr,
+            self.backoffs + 1,
+            self.run.config.meta_backoff,
+        )
+        self._after_rollback = (self.backoffs + 1, lr)
+        return True
+
+    def rolled_back(self) -> None:
+        self.backoffs, lr = self._after_rollback
+        for group in self.step.optimizer.param_groups:
+            group["lr"] = lr
 
     def save(self, epoch: int, history: list[dict[str, Any]]) -> None:
         self._save_model_dir(self.out / "last", epoch)
@@ -761,6 +818,7 @@ class _Hooks:
         state: dict[str, Any] = {"best_acc": self.best_acc, "best_epoch": self.best_epoch}
         if self.run.meta_net is not None:
             state.update(meta_net=self.run.meta_net.state_dict(), meta_opt=self.step.optimizer.state_dict())
+            state["meta_backoffs"] = self.backoffs
         state.update(getattr(self.step, "extra_state", dict)())  # a step's own state (glc: its Ĉ)
         return state
 
@@ -769,6 +827,7 @@ class _Hooks:
         if self.run.meta_net is not None:
             self.run.meta_net.load_state_dict(state["meta_net"])
             self.step.optimizer.load_state_dict(state["meta_opt"])
+            self.backoffs = int(state.get("meta_backoffs", 0))
         if hasattr(self.step, "load_extra_state"):
             self.step.load_extra_state(state)
 
@@ -904,6 +963,7 @@ def _fit(
     hooks = _Hooks(run, step, out, checkpoint.meta, tokenizer, stage1)
     bar = get_progress(progress) if distributed.is_main() else NullProgress()
     loop = Loop(model, opt, sched, batches.device, config.epochs, checkpoint, bar)
+    loop.rollback = meta_net is not None and config.meta_backoff > 0
     start = 0
     if state is not None:
         start = loop.resume(state, hooks)

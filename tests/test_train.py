@@ -136,7 +136,8 @@ def test_a_one_class_classifier_is_warned_about(
     monkeypatch.setattr(train_mod, "one_class_collapse", collapsed)
     # the tiny run's weights barely spread in one epoch: count any spread as the meta-net's doing
     monkeypatch.setattr(train_mod, "SPREAD_WEIGHT_STD", 0.0)
-    r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", method, "--meta-lr", "1e-4"])
+    args = ["train", "--workdir", str(ws), *FAST, "--method", method, "--meta-lr", "1e-4", "--meta-backoff", "0"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     # the real dev predictions reach the check: one count per class, summing to the 8 dev rows
     ((predicted, labels),) = seen
@@ -148,14 +149,17 @@ def test_a_one_class_classifier_is_warned_about(
 
 
 class _Interrupt:
-    """A progress sink that stops the run when epoch ``at`` starts (after the previous epoch's state is saved)."""
+    """A progress sink that stops the run when epoch ``at`` starts (after the previous epoch's state is saved);
+    with ``nth``, when it starts for the nth time (a rerun of the collapse guard)."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, nth: int = 1) -> None:
+        self.at, self.left = at, nth
 
     def task(self, description: str, total: int | None):
         if description.startswith(f"epoch {self.at}/"):
-            raise KeyboardInterrupt
+            self.left -= 1
+            if self.left == 0:
+                raise KeyboardInterrupt
         from mlrnet_cli.progress import NullProgress
 
         return NullProgress().task(description, total)
@@ -416,3 +420,97 @@ def test_mlc_real_step_trains_on_the_corrected_labels(ws: Path, monkeypatch: pyt
     assert sum(k for k, _, _ in seen) == n  # every training row once
     assert row["train_loss"] == pytest.approx(sum(k * loss for k, loss, _ in seen) / n, rel=1e-6)
     assert row["weight_mean"] == pytest.approx(sum(a for _, _, a in seen) / n, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the collapse guard (--meta-backoff)
+
+GUARD_CFG = TrainConfig(
+    method="mlrnet", epochs=3, batch_size=16, max_length=24, meta_per_class=4, device="cpu", meta_params="last-1"
+)
+
+
+def _collapse_at(monkeypatch: pytest.MonkeyPatch, epoch: int, above_lr: float) -> None:
+    """A collapse the meta-net drove at the end of ``epoch`` while the meta lr is above ``above_lr``: a function
+    of the run's state, so a killed run meets it again when it reruns that epoch."""
+
+    def fake(self, row, dev_predicted, earlier):  # noqa: ANN001, ANN202
+        assert dev_predicted is not None and dev_predicted.sum() == 8  # the real dev predictions
+        if row["epoch"] == epoch and self.meta_lr > above_lr:
+            return train_mod._Collapse("c", 0.9, 0.25, blame_meta=True)
+        return None
+
+    monkeypatch.setattr(train_mod._Hooks, "_collapse", fake)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {**load_file(folder / "model.safetensors"), **load_file(folder / "meta_net.safetensors")}
+
+
+def test_collapse_guard_reruns_the_epoch_from_its_start_at_a_tenth_of_the_meta_lr(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, mlrnet_logs: pytest.LogCaptureFixture
+) -> None:
+    """A collapse at epoch 1 under meta lr 1e-3: epoch 1 runs again from the initial state at 1e-4, so the
+    run ends exactly where a run at --meta-lr 1e-4 from the start ends."""
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    _collapse_at(monkeypatch, 1, above_lr=2e-4)
+    guarded = train(replace(GUARD_CFG, meta_lr=1e-3), workdir=roots[0])
+    assert [r["meta_lr"] for r in guarded.history] == pytest.approx([1e-4] * 3)
+    warnings = [r.getMessage() for r in mlrnet_logs.records if r.levelname == "WARNING"]
+    assert any("rerunning epoch 1 with meta lr 0.0001 (back-off 1 of 2, --meta-backoff)" in w for w in warnings)
+    plain_start = train(replace(GUARD_CFG, meta_lr=1e-4), workdir=roots[1])
+    a, b = (_tensors(w / "model" / "last") for w in roots)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cols = ["train_loss", "dev_accuracy", "weight_mean", "weight_std", "meta_loss", "meta_lr"]
+    assert [[r[c] for c in cols] for r in guarded.history] == [[r[c] for c in cols] for r in plain_start.history]
+    hist = artifacts.read_table(roots[0] / "model" / "history.arrow")
+    assert hist.column("meta_lr").to_pylist() == pytest.approx([1e-4] * 3)
+
+
+def test_collapse_guard_resumes_identically_when_killed_in_a_rerun(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots += [Path(shutil.copytree(roots[0], tmp_path / n)) for n in ("b", "c")]
+    _collapse_at(monkeypatch, 2, above_lr=2e-5)
+    full = train(GUARD_CFG, workdir=roots[0])
+    assert [r["meta_lr"] for r in full.history] == pytest.approx([1e-4, 1e-5, 1e-5])
+    with pytest.raises(KeyboardInterrupt):  # in epoch 2's rerun: its state on disk is still epoch 1's
+        train(GUARD_CFG, workdir=roots[1], progress=_Interrupt(2, nth=2))
+    with pytest.raises(KeyboardInterrupt):  # after the rerun finished
+        train(GUARD_CFG, workdir=roots[2], progress=_Interrupt(3))
+    for root, start in ((roots[1], 1), (roots[2], 2)):
+        resumed = train(GUARD_CFG, workdir=root)
+        assert resumed.resumed_from == start
+        for f in ("last/model.safetensors", "last/meta_net.safetensors", "best/model.safetensors"):
+            assert (roots[0] / "model" / f).read_bytes() == (root / "model" / f).read_bytes(), (root, f)
+        h0, h1 = (artifacts.read_table(w / "model" / "history.arrow").drop(["seconds"]) for w in (roots[0], root))
+        assert h0.equals(h1)
+
+
+def test_collapse_guard_gives_up_after_meta_backoff_and_ignores_flat_weights(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, mlrnet_logs: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(train_mod, "real_collapse", lambda *a: (1, 0.875, 0.25))  # every epoch collapses
+    monkeypatch.setattr(train_mod, "SPREAD_WEIGHT_STD", 0.0)
+    args = ["train", "-w", str(ws), *FAST, "--epochs", "2", "--meta-lr", "1e-4", "--meta-backoff", "1", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert [row["meta_lr"] for row in json.loads(r.stdout)["history"]] == pytest.approx([1e-5, 1e-5])
+    warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
+    assert sum("rerunning epoch" in w for w in warnings) == 1
+    assert sum("the meta-net may be learning too fast: try --meta-lr 1e-06" in w for w in warnings) == 2
+    # weights that did not spread: the classifier's lr is to blame, and the guard leaves the meta lr alone
+    mlrnet_logs.clear()
+    monkeypatch.setattr(train_mod, "SPREAD_WEIGHT_STD", 1e9)
+    r = runner.invoke(app, [*args[:-2], "2", "--json", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert [row["meta_lr"] for row in json.loads(r.stdout)["history"]] == pytest.approx([1e-4, 1e-4])
+    warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
+    assert not any("rerunning" in w for w in warnings)
+    assert sum("try a smaller --lr than 1e-05" in w for w in warnings) == 2

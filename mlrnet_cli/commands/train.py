@@ -65,6 +65,12 @@ def train_cmd(
         "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
         "(our extension, as MLC's code does); 0 is the paper's exact form.",
     ),
+    meta_backoff: int = _opt(
+        "meta_backoff",
+        "The collapse guard: an epoch that ends with one class predicted for most dev rows while the meta-net's "
+        "weights went to the ends is run again from where it began with a 10x smaller meta lr, at most this many "
+        "times (history.arrow's meta_lr column shows each epoch's); 0 turns it off.",
+    ),
     meta_interval: int = _opt("meta_interval", "Update the meta-net every K steps."),
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
