@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: every method, in the tables' order; a cell runs METHODS_DEFAULT unless it names its own
@@ -332,6 +333,18 @@ def _waiting_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def _claim(ws: Path) -> IO[str] | None:
+    """This process's hold on one run's workspace, or None when another process is running it (the hold ends
+    with the process, so a killed run leaves no stale claim)."""
+    fh = open(ws / ".fidelity-run.lock", "a")  # noqa: SIM115 (held open for the run: the lock lives with it)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
 def _prepare_base(
     cell: Cell,
     base: Path,
@@ -434,63 +447,90 @@ def run_cell(
     rows = []
     commit = code_commit()
     for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
-        method = variant.method
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{variant.label}"
         ws.mkdir(parents=True, exist_ok=True)
-        for name in ("data", "cache", "losses.safetensors", "stage1"):
-            link = ws / name
-            if not link.exists() and (base / name).exists():
-                link.symlink_to((base / name).resolve())
-        epochs = method_epochs(method, asdict(budget))
-        t0 = time.perf_counter()
-        trained = run(
-            [
-                *mlrnet,
-                "train",
-                "--workdir",
-                str(ws),
-                "--method",
-                method,
-                "--meta-per-class",
-                str(cell.meta_per_class),
-                *stage,
-                "--epochs",
-                str(epochs),
-                *common,
-                *cell.extra_train,
-                *method_train_args(method, asdict(budget)),
-                *variant.flags,  # after the cell's own flags: the later value of an option wins
-                "--json",
-            ],
-            log,
-            env,
-        )
-        train_s = time.perf_counter() - t0
-        metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
-        row = {
-            "cell": cell.name,
-            "method": method,
-            "label": variant.label,
-            "preset": variant.preset,
-            "seed": cell.seed,
-            "train_s": round(train_s, 1),
-            "dev_accuracy": trained.get("best_dev_accuracy"),
-            "accuracy": metrics.get("accuracy"),
-            "macro_f1": metrics.get("macro_f1"),
-            "cell_config": asdict(cell),
-            "budget": asdict(budget),
-            "commit": commit,
-        }
-        if method in ("mwnet", "mlrnet"):
-            w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
-            det = (w.get("summary") or {}).get("noise_detection") or {}
-            row["weight_auroc"] = det.get("roc_auc")
-            groups = (w.get("summary") or {}).get("groups") or {}
-            row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
-        rows.append(row)
-        if results is not None:
-            _append(results, row)
+        claim = _claim(ws)
+        # another process runs it, or finished it after this one planned its runs: `train` would refuse or redo it
+        if claim is None or (results and (cell.name, cell.seed, variant.label) in map(row_key, read_results(results))):
+            print(f"skip {cell.name} seed {cell.seed} {variant.label} (another process has it)", file=sys.stderr)
+            if claim is not None:
+                claim.close()
+            continue
+        with claim:
+            row = _run_method(cell, variant, ws, base, budget, stage, common, log, env, mlrnet, commit)
+            rows.append(row)
+            if results is not None:
+                _append(results, row)
     return rows
+
+
+def _run_method(
+    cell: Cell,
+    variant: Variant,
+    ws: Path,
+    base: Path,
+    budget: Budget,
+    stage: list[str],
+    common: list[str],
+    log: Path,
+    env: dict[str, str],
+    mlrnet: list[str],
+    commit: str | None,
+) -> dict:
+    """``train``, ``eval`` (and ``weights`` for the weighting methods) of one method in its own workspace, which
+    links the base's data, caches and stage 1; returns its results row."""
+    method = variant.method
+    for name in ("data", "cache", "losses.safetensors", "stage1"):
+        link = ws / name
+        if not link.exists() and (base / name).exists():
+            link.symlink_to((base / name).resolve())
+    epochs = method_epochs(method, asdict(budget))
+    t0 = time.perf_counter()
+    trained = run(
+        [
+            *mlrnet,
+            "train",
+            "--workdir",
+            str(ws),
+            "--method",
+            method,
+            "--meta-per-class",
+            str(cell.meta_per_class),
+            *stage,
+            "--epochs",
+            str(epochs),
+            *common,
+            *cell.extra_train,
+            *method_train_args(method, asdict(budget)),
+            *variant.flags,  # after the cell's own flags: the later value of an option wins
+            "--json",
+        ],
+        log,
+        env,
+    )
+    train_s = time.perf_counter() - t0
+    metrics = run([*mlrnet, "eval", "--workdir", str(ws), "--json"], log, env)
+    row = {
+        "cell": cell.name,
+        "method": method,
+        "label": variant.label,
+        "preset": variant.preset,
+        "seed": cell.seed,
+        "train_s": round(train_s, 1),
+        "dev_accuracy": trained.get("best_dev_accuracy"),
+        "accuracy": metrics.get("accuracy"),
+        "macro_f1": metrics.get("macro_f1"),
+        "cell_config": asdict(cell),
+        "budget": asdict(budget),
+        "commit": commit,
+    }
+    if method in ("mwnet", "mlrnet"):
+        w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
+        det = (w.get("summary") or {}).get("noise_detection") or {}
+        row["weight_auroc"] = det.get("roc_auc")
+        groups = (w.get("summary") or {}).get("groups") or {}
+        row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
+    return row
 
 
 def _append(results: Path, row: dict) -> None:

@@ -389,3 +389,35 @@ def test_table2_grid_and_its_mean_per_noise_type(tmp_path: Path) -> None:
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = fidelity.report(tmp_path)
     assert "| plain | 80.00 (2) | 50.00 (1) |" in table and "| glc | 70.00 (2) | 20.00 (1) |" in table
+
+
+def test_a_run_another_process_holds_or_finished_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fidelity processes on one grid: a run the other process is training now, or finished after this one
+    planned its runs, is skipped, not started a second time (which `train`'s lock would stop with an error)."""
+    import fcntl
+
+    trained: list[str] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        if sub == "train":
+            trained.append(cmd[cmd.index("--method") + 1])
+        return {"accuracy": 0.5, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(fidelity, "_prepare_base", lambda *a, **k: None)
+    (cell,) = [c for c in fidelity.grids(1)["headline"] if c.name == "IF20-u0.4-m20"]
+    budget = fidelity.Budget()
+    held = tmp_path / "work" / f"{cell.base_key}-m20-mwnet"
+    held.mkdir(parents=True)
+    other = open(held / ".fidelity-run.lock", "a")  # another process's hold (flock: per open file)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    results = tmp_path / "results.jsonl"
+    finished = {"cell": cell.name, "seed": 0, "method": "plain-meta", "label": "plain-meta", "accuracy": 0.7}
+    results.write_text(json.dumps(finished) + "\n")
+    methods = ("plain", "mwnet", "plain-meta")
+    rows = fidelity.run_cell(cell, tmp_path, budget, "m", tmp_path, tmp_path, methods=methods, results=results)
+    assert trained == ["plain"] and [r["method"] for r in rows] == ["plain"]
+    other.close()  # the other process ended (or was killed): its run is free again
+    rows = fidelity.run_cell(cell, tmp_path, budget, "m", tmp_path, tmp_path, methods=("mwnet",), results=results)
+    assert trained == ["plain", "mwnet"] and [r["method"] for r in rows] == ["mwnet"]
