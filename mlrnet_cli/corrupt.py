@@ -130,16 +130,7 @@ def resolve_class_order(order: str, label_map: LabelMap, rng: np.random.Generato
     return ids
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def corrupt(
-    config: CorruptConfig,
-    inputs: InputSpec,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-) -> CorruptResult:
+def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, overwrite: bool = False) -> CorruptResult:
     """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
     config.validate()
     rng = seeding.corrupt_rng(config.seed)  # one stream, drawn in this order: class order, pool, rows, noise
@@ -147,8 +138,7 @@ def corrupt(
     order = resolve_class_order(config.class_order, d.label_map, rng)
     # 0. test split: the source's own, or a stratified share held out before anything else is drawn
     test_src, test_fraction, test_idx = _test_split(config, inputs, d.true_source, d.c)
-    held = np.zeros(len(d.texts), dtype=bool)
-    held[test_idx] = True
+    held = np.isin(np.arange(len(d.texts)), test_idx)
     pool_n = config.meta_pool_per_class
     if pool_n is None and inputs.clean_data is None:
         pool_n = DEFAULT_META_POOL
@@ -162,11 +152,8 @@ def corrupt(
     observed = apply_noise(true_train, matrix, rng) if d.known_truth is None else d.given[train_idx]
 
     resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
-    fps = {"data": d.src.fingerprint}
-    if clean is not None:
-        fps["clean_data"] = clean[0].fingerprint
-    if test_src is not None:
-        fps["test_data"] = test_src.fingerprint
+    sources = {"data": d.src, "clean_data": clean[0] if clean else None, "test_data": test_src}
+    fps = {k: s.fingerprint for k, s in sources.items() if s is not None}
     tables = _tables(inputs, d, train_idx, observed, clean, pool_idx, test_src, test_idx)
     paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
     metas = {
@@ -288,6 +275,7 @@ def _clean_pool(
                 "lower --meta-pool-per-class or add clean rows" if pool_n else "add clean rows for every class",
             )
         return (clean_src, clean_cols, clean_texts, clean_labels), np.zeros(0, dtype=np.int64)
+    after, or_fraction = (" left after the test split", " or --test-fraction") if test_fraction else ("", "")
     pool_parts = []
     for k in range(c):
         rows = np.flatnonzero((d.true_source == k) & ~held)
@@ -295,12 +283,8 @@ def _clean_pool(
             rows = rows[d.given[rows] == k]
         if len(rows) < pool_n:
             raise DataError(
-                f"class {names[k]!r} has {len(rows)} rows"
-                + (" left after the test split" if test_fraction else "")
-                + f", fewer than the clean pool's {pool_n}",
-                "lower --meta-pool-per-class"
-                + (" or --test-fraction" if test_fraction else "")
-                + ", or pass --clean-data",
+                f"class {names[k]!r} has {len(rows)} rows{after}, fewer than the clean pool's {pool_n}",
+                f"lower --meta-pool-per-class{or_fraction}, or pass --clean-data",
             )
         pool_parts.append(rng.choice(rows, size=pool_n, replace=False))
     if d.known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
@@ -309,18 +293,12 @@ def _clean_pool(
 
 
 def _imbalanced_rows(
-    config: CorruptConfig,
-    d: _Data,
-    pool_idx: np.ndarray,
-    held: np.ndarray,
-    order: list[int],
-    rng: np.random.Generator,
+    config: CorruptConfig, d: _Data, pool_idx: np.ndarray, held: np.ndarray, order: list[int], rng: np.random.Generator
 ) -> tuple[np.ndarray, int, list[int] | None]:
     """(the training rows, the head class's size n_max, the imbalance profile or None)."""
     c = d.c
-    in_pool = np.zeros(len(d.texts), dtype=bool)
-    in_pool[pool_idx] = True
-    remaining = [np.flatnonzero((d.true_source == k) & ~in_pool & ~held) for k in range(c)]
+    free = ~held & ~np.isin(np.arange(len(d.texts)), pool_idx)
+    remaining = [np.flatnonzero((d.true_source == k) & free) for k in range(c)]
     left = np.array([len(r) for r in remaining])
     if config.imbalance == 1 and config.n_max is None:
         # Nothing to imbalance: keep every row (real noisy data keeps its own class profile).
@@ -357,45 +335,22 @@ def _tables(
     test_idx: np.ndarray,
 ) -> dict[str, pa.Table]:
     """train, clean and (when there is one) test, with the source's other columns carried along."""
-    texts, true_source = d.texts, d.true_source
     extra_cols = _extra_columns(d.src.table, d.text_cols, inputs)
-    true_train = true_source[train_idx]
-    out = {
-        "train": _make_table(
-            train_idx,
-            [texts[i] for i in train_idx],
-            observed,
-            true_train if d.truth_known else None,
-            extra_cols,
-            train_idx,
-        )
-    }
-    if clean is not None:
-        clean_src, clean_cols, clean_texts, clean_labels = clean
-        clean_ids = np.arange(len(texts), len(texts) + clean_src.table.num_rows, dtype=np.int64)
-        out["clean"] = _make_table(
-            clean_ids,
-            clean_texts,
-            clean_labels,
-            clean_labels,
-            _extra_columns(clean_src.table, clean_cols, inputs),
-            np.arange(clean_src.table.num_rows),
-        )
-    else:
-        out["clean"] = _make_table(
-            pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx], true_source[pool_idx], extra_cols, pool_idx
-        )
+    truth = d.true_source
+
+    def of_data(idx: np.ndarray, labels: np.ndarray, known: bool) -> pa.Table:
+        return _make_table(idx, [d.texts[i] for i in idx], labels, truth[idx] if known else None, extra_cols, idx)
+
+    def of_table(src: Source, cols: list[str], texts: list[str], labels: np.ndarray, first_id: int) -> pa.Table:
+        rows = np.arange(src.table.num_rows, dtype=np.int64)
+        return _make_table(rows + first_id, texts, labels, labels, _extra_columns(src.table, cols, inputs), rows)
+
+    out = {"train": of_data(train_idx, observed, d.truth_known)}
+    out["clean"] = of_table(*clean, len(d.texts)) if clean else of_data(pool_idx, truth[pool_idx], True)
     if test_src is not None:
-        t_cols, t_texts, t_labels = _read_labelled(test_src, inputs, d.label_map)
-        t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
-        out["test"] = _make_table(
-            t_rows, t_texts, t_labels, t_labels, _extra_columns(test_src.table, t_cols, inputs), t_rows
-        )
+        out["test"] = of_table(test_src, *_read_labelled(test_src, inputs, d.label_map), 0)
     elif len(test_idx):
-        t_labels = true_source[test_idx]
-        out["test"] = _make_table(
-            test_idx, [texts[i] for i in test_idx], t_labels, t_labels if d.truth_known else None, extra_cols, test_idx
-        )
+        out["test"] = of_data(test_idx, truth[test_idx], d.truth_known)
     return out
 
 
@@ -403,7 +358,9 @@ def _test_split(
     config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
 ) -> tuple[Source | None, float | None, np.ndarray]:
     """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
-    test_src = _load_test(inputs)
+    test_src = None
+    if inputs.test_data is not None or has_hub_split(inputs.data, inputs.test_split):
+        test_src = load_source(inputs.data if inputs.test_data is None else inputs.test_data, inputs.test_split)
     if test_src is not None and config.test_fraction is not None:
         raise UsageError(
             f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
@@ -421,10 +378,8 @@ def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: i
 
     Drawn from a random stream of its own, so the seed alone fixes it and it moves no other draw."""
     rng = seeding.test_split_rng(seed)
-    parts = []
-    for k in range(num_classes):
-        rows = np.flatnonzero(labels == k)
-        parts.append(rng.choice(rows, size=round_half_up(len(rows) * fraction), replace=False))
+    rows = [np.flatnonzero(labels == k) for k in range(num_classes)]
+    parts = [rng.choice(r, size=round_half_up(len(r) * fraction), replace=False) for r in rows]
     return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
@@ -436,29 +391,15 @@ def _read_labelled(src: Source, inputs: InputSpec, label_map: LabelMap) -> tuple
     return cols, texts, np.asarray(labels, dtype=np.int64)
 
 
-def _load_test(inputs: InputSpec) -> Source | None:
-    if inputs.test_data is not None:
-        return load_source(inputs.test_data, inputs.test_split)
-    if has_hub_split(inputs.data, inputs.test_split):
-        return load_source(inputs.data, inputs.test_split)
-    return None
-
-
 def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> dict[str, pa.ChunkedArray]:
     """The source's other columns, kept so users can trace rows; ours win a name clash (theirs get ``orig_``)."""
     used = {inputs.label_column, inputs.true_label_column, *(text_cols if len(text_cols) == 1 else [])}
-    out = {}
-    for name in table.column_names:
-        if name in used:
-            continue
-        out[f"orig_{name}" if name in RESERVED else name] = table.column(name)
-    return out
+    return {f"orig_{n}" if n in RESERVED else n: table.column(n) for n in table.column_names if n not in used}
 
 
 def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
     import pyarrow as pa
 
-    n = len(ids)
     cols: dict[str, pa.Array | pa.ChunkedArray] = {
         "sample_id": pa.array(np.asarray(ids, dtype=np.int64)),
         "text": pa.array(texts, type=pa.string()),
@@ -468,9 +409,8 @@ def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
         cols["true_label"] = pa.array(np.asarray(true_labels, dtype=np.int64))
         cols["is_noisy"] = pa.array(np.asarray(labels) != np.asarray(true_labels))
     else:
-        cols["true_label"] = pa.nulls(n, pa.int64())
-        cols["is_noisy"] = pa.nulls(n, pa.bool_())
+        cols["true_label"] = pa.nulls(len(ids), pa.int64())
+        cols["is_noisy"] = pa.nulls(len(ids), pa.bool_())
     take = pa.array(np.asarray(rows, dtype=np.int64))
-    for name, col in extra.items():
-        cols[name] = col.take(take)
+    cols |= {name: col.take(take) for name, col in extra.items()}
     return pa.table(cols)
