@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,6 @@ class Source:
     origin: str
     fingerprint: str
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def embedded_dir() -> Path:
@@ -105,10 +104,7 @@ def _read_folder(path: Path, split: str) -> Source:
 def _class_label_names(ds: Any) -> list[str] | None:
     import datasets
 
-    for feat in ds.features.values():
-        if isinstance(feat, datasets.ClassLabel):
-            return list(feat.names)
-    return None
+    return next((list(f.names) for f in ds.features.values() if isinstance(f, datasets.ClassLabel)), None)
 
 
 def _read_hub(name: str, split: str) -> Source:
@@ -216,9 +212,6 @@ class LabelMap:
                 raise DataError(f"{origin} row {i} has label {v!r}, which the training data does not have")
             out.append(index[v])
         return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"values": list(self.values), "names": list(self.names)}
 
 
 def build_label_map(labels: list[Any], class_names: list[str] | None, origin: str) -> LabelMap:
