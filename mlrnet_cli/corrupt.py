@@ -26,16 +26,7 @@ import numpy as np
 from mlrnet_cli import seeding
 from mlrnet_cli.artifacts import guard_output, make_meta, write_json, write_table
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec
-from mlrnet_cli.data import (
-    LabelMap,
-    Source,
-    build_label_map,
-    has_hub_split,
-    joined_text,
-    load_source,
-    raw_labels,
-    resolve_text_columns,
-)
+from mlrnet_cli.data import LabelMap, Source, build_label_map, has_hub_split, load_source, raw_labels, read_columns
 from mlrnet_cli.errors import ConfigError, DataError, UsageError
 
 if TYPE_CHECKING:
@@ -143,7 +134,7 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
     if pool_n is None and inputs.clean_data is None:
         pool_n = DEFAULT_META_POOL
     # 1. clean pool, before any corruption
-    clean, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
+    clean_src, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
     # 2. imbalance on the rest, by true label
     train_idx, n_max, profile = _imbalanced_rows(config, d, pool_idx, held, order, rng)
     # 3. noise on the kept rows
@@ -152,9 +143,9 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
     observed = apply_noise(true_train, matrix, rng) if d.known_truth is None else d.given[train_idx]
 
     resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
-    sources = {"data": d.src, "clean_data": clean[0] if clean else None, "test_data": test_src}
+    sources = {"data": d.src, "clean_data": clean_src, "test_data": test_src}
     fps = {k: s.fingerprint for k, s in sources.items() if s is not None}
-    tables = _tables(inputs, d, train_idx, observed, clean, pool_idx, test_src, test_idx)
+    tables = _tables(inputs, d, train_idx, observed, clean_src, pool_idx, test_src, test_idx)
     paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
     metas = {
         k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths
@@ -178,7 +169,7 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
         "truth_known": bool(d.truth_known),
         "source": {
             "train": d.src.origin,
-            "clean": clean[0].origin if clean else None,
+            "clean": clean_src.origin if clean_src else None,
             "test": test_src.origin if test_src else (f"{d.src.origin} (held out)" if len(test_idx) else None),
         },
         "n_max": n_max,
@@ -236,9 +227,7 @@ def _read_source(config: CorruptConfig, inputs: InputSpec) -> _Data:
     src = load_source(inputs.data, inputs.split)
     if src.table.num_rows == 0:
         raise DataError(f"{src.origin} has no rows")
-    text_cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
-    texts = joined_text(src.table, text_cols, src.origin)
-    observed_raw = raw_labels(src.table, inputs.label_column, src.origin)
+    text_cols, texts, observed_raw = read_columns(src, inputs.text_columns, inputs.label_column)
     truth_raw = raw_labels(src.table, inputs.true_label_column, src.origin) if inputs.true_label_column else None
     label_map = build_label_map(observed_raw + (truth_raw or []), src.class_names, src.origin)
     given = np.asarray(label_map.encode(observed_raw, src.origin), dtype=np.int64)
@@ -260,13 +249,12 @@ def _clean_pool(
     pool_n: int | None,
     test_fraction: float | None,
     rng: np.random.Generator,
-) -> tuple[tuple[Source, list[str], list[str], np.ndarray] | None, np.ndarray]:
-    """(--clean-data as (source, text columns, texts, labels), or None; the pool's rows of --data)."""
+) -> tuple[Source | None, np.ndarray]:
+    """(--clean-data, or None; the pool's rows of --data)."""
     c, names = d.c, d.label_map.names
     if inputs.clean_data is not None:
         clean_src = load_source(inputs.clean_data, inputs.split)
-        clean_cols, clean_texts, clean_labels = _read_labelled(clean_src, inputs, d.label_map)
-        pool_counts = np.bincount(clean_labels, minlength=c)
+        pool_counts = np.bincount(_read_labelled(clean_src, inputs, d.label_map)[2], minlength=c)
         need = pool_n or 1  # the pool is the whole table; an explicit size is a floor it must reach
         short = [names[i] for i in range(c) if pool_counts[i] < need]
         if short:
@@ -274,7 +262,7 @@ def _clean_pool(
                 f"--clean-data has fewer than {need} rows for class(es) {', '.join(short[:5])}",
                 "lower --meta-pool-per-class or add clean rows" if pool_n else "add clean rows for every class",
             )
-        return (clean_src, clean_cols, clean_texts, clean_labels), np.zeros(0, dtype=np.int64)
+        return clean_src, np.zeros(0, dtype=np.int64)
     after, or_fraction = (" left after the test split", " or --test-fraction") if test_fraction else ("", "")
     pool_parts = []
     for k in range(c):
@@ -329,7 +317,7 @@ def _tables(
     d: _Data,
     train_idx: np.ndarray,
     observed: np.ndarray,
-    clean: tuple[Source, list[str], list[str], np.ndarray] | None,
+    clean_src: Source | None,
     pool_idx: np.ndarray,
     test_src: Source | None,
     test_idx: np.ndarray,
@@ -341,14 +329,15 @@ def _tables(
     def of_data(idx: np.ndarray, labels: np.ndarray, known: bool) -> pa.Table:
         return _make_table(idx, [d.texts[i] for i in idx], labels, truth[idx] if known else None, extra_cols, idx)
 
-    def of_table(src: Source, cols: list[str], texts: list[str], labels: np.ndarray, first_id: int) -> pa.Table:
+    def of_table(src: Source, first_id: int) -> pa.Table:
+        cols, texts, labels = _read_labelled(src, inputs, d.label_map)
         rows = np.arange(src.table.num_rows, dtype=np.int64)
         return _make_table(rows + first_id, texts, labels, labels, _extra_columns(src.table, cols, inputs), rows)
 
     out = {"train": of_data(train_idx, observed, d.truth_known)}
-    out["clean"] = of_table(*clean, len(d.texts)) if clean else of_data(pool_idx, truth[pool_idx], True)
+    out["clean"] = of_table(clean_src, len(d.texts)) if clean_src else of_data(pool_idx, truth[pool_idx], True)
     if test_src is not None:
-        out["test"] = of_table(test_src, *_read_labelled(test_src, inputs, d.label_map), 0)
+        out["test"] = of_table(test_src, 0)
     elif len(test_idx):
         out["test"] = of_data(test_idx, truth[test_idx], d.truth_known)
     return out
@@ -361,12 +350,12 @@ def _test_split(
     test_src = None
     if inputs.test_data is not None or has_hub_split(inputs.data, inputs.test_split):
         test_src = load_source(inputs.data if inputs.test_data is None else inputs.test_data, inputs.test_split)
-    if test_src is not None and config.test_fraction is not None:
-        raise UsageError(
-            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
-            "drop --test-fraction: it holds out test rows only from a source without a test split",
-        )
     if test_src is not None:
+        if config.test_fraction is not None:
+            raise UsageError(
+                f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
+                "drop --test-fraction: it holds out test rows only from a source without a test split",
+            )
         return test_src, None, np.zeros(0, dtype=np.int64)
     fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
     rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
@@ -385,10 +374,8 @@ def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: i
 
 def _read_labelled(src: Source, inputs: InputSpec, label_map: LabelMap) -> tuple[list[str], list[str], np.ndarray]:
     """(text columns, texts, class ids) of --clean-data or --test-data, in --data's classes."""
-    cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
-    texts = joined_text(src.table, cols, src.origin)
-    labels = label_map.encode(raw_labels(src.table, inputs.label_column, src.origin), src.origin)
-    return cols, texts, np.asarray(labels, dtype=np.int64)
+    cols, texts, raw = read_columns(src, inputs.text_columns, inputs.label_column)
+    return cols, texts, np.asarray(label_map.encode(raw, src.origin), dtype=np.int64)
 
 
 def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> dict[str, pa.ChunkedArray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -139,9 +140,6 @@ def has_hub_split(spec: str | None, split: str) -> bool:
     return not path.exists() and path.suffix.lower() not in LOCAL_SUFFIXES
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 DEFAULT_TEXT_COLUMNS = ("text", "sentence", "content")
 
 
@@ -176,6 +174,12 @@ def joined_text(table: pa.Table, columns: list[str], origin: str) -> list[str]:
             raise DataError(f"{origin} row {i} has empty text", "drop or fill empty rows first")
         out.append(text)
     return out
+
+
+def read_columns(src: Source, text_columns: Sequence[str], label_column: str) -> tuple[list[str], list[str], list[Any]]:
+    """(text columns, their texts joined per row, raw labels) of ``src``; no text columns given: the default one."""
+    cols = resolve_text_columns(src.table, list(text_columns), src.origin)
+    return cols, joined_text(src.table, cols, src.origin), raw_labels(src.table, label_column, src.origin)
 
 
 def raw_labels(table: pa.Table, column: str, origin: str) -> list[Any]:
