@@ -142,14 +142,12 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
     true_train = d.true_source[train_idx]
     observed = apply_noise(true_train, matrix, rng) if d.known_truth is None else d.given[train_idx]
 
-    resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
     sources = {"data": d.src, "clean_data": clean_src, "test_data": test_src}
     fps = {k: s.fingerprint for k, s in sources.items() if s is not None}
     tables = _tables(inputs, d, train_idx, observed, clean_src, pool_idx, test_src, test_idx)
     paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
-    metas = {
-        k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths
-    }
+    meta_config = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction).to_json()
+    metas = {k: make_meta("corrupt", k, meta_config | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths}
     local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
     for k, p in paths.items():
         guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
@@ -158,6 +156,12 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
 
     def counts(labels: np.ndarray) -> list[int]:
         return np.bincount(labels, minlength=d.c).tolist()
+
+    noise = {
+        "spec": str(config.noise),
+        "matrix": matrix.tolist(),
+        "realised": realised_noise(true_train, observed, d.c),
+    }
 
     manifest = {
         "mlrnet": metas["manifest"],
@@ -181,13 +185,7 @@ def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, ov
             "train_observed": counts(observed),
             "test": counts(tables["test"].column("label").to_numpy()) if "test" in tables else None,
         },
-        "noise": {
-            "spec": str(config.noise),
-            "matrix": matrix.tolist(),
-            "realised": realised_noise(true_train, observed, d.c),
-        }
-        if d.truth_known
-        else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
+        "noise": noise if d.truth_known else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
         "fingerprints": out_fps,
     }
     if test_fraction is not None:  # only then: a source's own test split leaves the manifest as it always was
