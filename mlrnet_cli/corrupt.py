@@ -76,8 +76,7 @@ def corruption_matrix(noise: NoiseSpec, num_classes: int, rng: np.random.Generat
     else:  # pragma: no cover - NoiseSpec.parse guards this
         raise ConfigError(f"unknown noise kind {noise.kind}")
     t = (1 - p) * eye
-    for i, j in enumerate(targets):
-        t[i, j] += p
+    t[np.arange(c), targets] += p
     return t
 
 

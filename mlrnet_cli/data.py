@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlrnet_cli.artifacts import fingerprint_file, fingerprint_obj
+from mlrnet_cli.artifacts import fingerprint_file, fingerprint_obj, read_table
 from mlrnet_cli.errors import DataError, HubUnavailableError
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ def _read_local(path: Path) -> pa.Table:
         elif suffix in {".json", ".jsonl", ".ndjson"}:
             table = pjson.read_json(path)
         elif suffix in {".arrow", ".feather", ".ipc"}:
-            from mlrnet_cli.artifacts import read_table
-
             table = read_table(path)
         else:
             raise DataError(

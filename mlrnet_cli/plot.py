@@ -47,7 +47,6 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
     ``curves`` is ``[rows, epochs]`` aligned with the table's rows (None draws panel (a) only).
     """
     require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -64,7 +63,6 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
 
     panels = 2 if curves is not None and curves.shape[1] > 0 else 1
     fig = Figure(figsize=(6.0 * panels, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
 
     ax = axes[0]
