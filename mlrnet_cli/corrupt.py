@@ -355,18 +355,12 @@ def _test_split(
             )
         return test_src, None, np.zeros(0, dtype=np.int64)
     fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
-    rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
-    return None, fraction, rows
-
-
-def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """Row positions of a stratified test split: ``round_half_up(n_k * fraction)`` rows of each class k.
-
-    Drawn from a random stream of its own, so the seed alone fixes it and it moves no other draw."""
-    rng = seeding.test_split_rng(seed)
+    # stratified, round_half_up(n_k * fraction) rows of each class k, drawn from a random stream of its own:
+    # the seed alone fixes the split, and it moves no other draw
+    rng = seeding.test_split_rng(config.seed)
     rows = [np.flatnonzero(labels == k) for k in range(num_classes)]
-    parts = [rng.choice(r, size=round_half_up(len(r) * fraction), replace=False) for r in rows]
-    return np.sort(np.concatenate(parts)).astype(np.int64)
+    held = [rng.choice(r, size=round_half_up(len(r) * fraction), replace=False) for r in rows]
+    return None, fraction, np.sort(np.concatenate(held)).astype(np.int64)
 
 
 def _read_labelled(src: Source, inputs: InputSpec, label_map: LabelMap) -> tuple[list[str], list[str], np.ndarray]:
