@@ -41,9 +41,8 @@ def load_source(spec: str | None, split: str = "train") -> Source:
     """Load ``spec``: None (embedded sample), a local file/folder, or a hub dataset name."""
     if spec is None or spec == EMBEDDED:
         path = embedded_dir() / f"{'test' if split == 'test' else 'train'}.parquet"
-        src = _read_local(path)
         names = json.loads((embedded_dir() / "classes.json").read_text())
-        return Source(src, f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
+        return Source(_read_local(path), f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
     path = Path(spec)
     if path.exists():
         if path.is_dir():
@@ -95,9 +94,8 @@ def _read_folder(path: Path, split: str) -> Source:
         if split not in ds:
             raise DataError(f"{path} has no split {split!r}", f"it has {', '.join(ds)}")
         ds = ds[split]
-    return Source(
-        ds.data.table.replace_schema_metadata(None), f"{path}[{split}]", fingerprint_file(path), _class_label_names(ds)
-    )
+    table = ds.data.table.replace_schema_metadata(None)
+    return Source(table, f"{path}[{split}]", fingerprint_file(path), _class_label_names(ds))
 
 
 def _class_label_names(ds: Any) -> list[str] | None:

@@ -33,17 +33,15 @@ class NullProgress:
 
 
 class RichProgress:
-    """A Rich progress bar on stderr with samples/s and the latest loss; silent off a terminal."""
+    """A Rich progress bar on ``console`` (the CLI's stderr) with samples/s and the latest loss; silent off a
+    terminal."""
 
-    def __init__(self, console: Any = None, enabled: bool | None = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.enabled = self.console.is_terminal if enabled is None else enabled
+    def __init__(self, console: Any) -> None:
+        self.console = console
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
-        if not self.enabled:
+        if not self.console.is_terminal:
             yield _NullTask()
             return
         from rich import progress as rp
