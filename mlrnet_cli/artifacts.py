@@ -177,17 +177,14 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Fail before the work, not after it: ``path``'s first existing ancestor must be a writable folder."""
     path = Path(path).absolute()
-    for anc in (path, *path.parents):
-        if not anc.exists():
-            continue
-        if anc != path and not anc.is_dir():
-            raise ArtifactError(f"cannot create {path}: {anc} is a file, not a folder", "choose another output path")
-        folder = anc if anc.is_dir() else anc.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ArtifactError(
-                f"cannot write {path}: {folder} is not writable", "check permissions or choose another output path"
-            )
-        return
+    anc = next(a for a in (path, *path.parents) if a.exists())  # the root at the latest
+    if anc != path and not anc.is_dir():
+        raise ArtifactError(f"cannot create {path}: {anc} is a file, not a folder", "choose another output path")
+    folder = anc if anc.is_dir() else anc.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write {path}: {folder} is not writable", "check permissions or choose another output path"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,10 +45,6 @@ class PredictResult:
             yield json.dumps(rec, ensure_ascii=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
 def text_lines(lines: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(texts, line indices) of stdin lines: blank lines are skipped, the others keep their line number."""
     rows = [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
@@ -74,10 +70,6 @@ def output_format(out: Path | None, fmt: str | None) -> str:
     raise UsageError(
         f"cannot tell the output format of {out} from its suffix", "end it in .arrow or .jsonl, or pass --format"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs
 
 
 def predictions_table(
