@@ -41,10 +41,9 @@ def _open(path: Path) -> int:
 
 
 def _holder(fd: int) -> str:
-    try:
+    text = ""
+    with contextlib.suppress(OSError):
         text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    except OSError:
-        text = ""
     return text or "another mlrnet run"
 
 
