@@ -76,7 +76,7 @@ def make_meta(
     **extra: Any,
 ) -> dict[str, Any]:
     """The metadata object every artifact carries."""
-    meta: dict[str, Any] = {
+    return {
         "format_version": FORMAT_VERSION,
         "mlrnet_version": __version__,
         "stage": stage,
@@ -84,9 +84,8 @@ def make_meta(
         "config": dict(config or {}),
         "seed": seed,
         "inputs": dict(inputs or {}),
+        **extra,
     }
-    meta.update(extra)
-    return meta
 
 
 def provenance(meta: Mapping[str, Any]) -> str:
@@ -178,17 +177,14 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Fail before the work, not after it: ``path``'s first existing ancestor must be a writable folder."""
     path = Path(path).absolute()
-    for anc in (path, *path.parents):
-        if not anc.exists():
-            continue
-        if anc != path and not anc.is_dir():
-            raise ArtifactError(f"cannot create {path}: {anc} is a file, not a folder", "choose another output path")
-        folder = anc if anc.is_dir() else anc.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ArtifactError(
-                f"cannot write {path}: {folder} is not writable", "check permissions or choose another output path"
-            )
-        return
+    anc = next(a for a in (path, *path.parents) if a.exists())  # the root at the latest
+    if anc != path and not anc.is_dir():
+        raise ArtifactError(f"cannot create {path}: {anc} is a file, not a folder", "choose another output path")
+    folder = anc if anc.is_dir() else anc.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write {path}: {folder} is not writable", "check permissions or choose another output path"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +206,9 @@ def guard_output(
             raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
     if overwrite or not path.exists():
         return
-    reader = read_meta or read_any_meta
-    try:
-        old = reader(path)
-    except ArtifactError:
-        old = None
+    old = None
+    with contextlib.suppress(ArtifactError):
+        old = (read_meta or read_any_meta)(path)
     if old is None or provenance(old) != provenance(meta):
         raise ArtifactExistsError(
             f"{path} exists and was made by a different run",
@@ -240,10 +234,9 @@ def guard_report(
     p = Path(path)
     replace_old = False
     if not overwrite and p.exists() and not any(Path(i).resolve() == p.resolve() for i in inputs):
-        try:
+        old = None
+        with contextlib.suppress(ArtifactError):
             old = read_any_meta(p.resolve())
-        except ArtifactError:
-            old = None
         if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
             old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
             same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
@@ -334,9 +327,7 @@ def table_meta(table: pa.Table) -> dict[str, Any] | None:
 
 
 def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    schema = _read_ipc(path, lambda reader: reader.schema, str(path))
-    raw = (schema.metadata or {}).get(META_KEY.encode())
-    return json.loads(raw) if raw else None
+    return table_meta(_read_ipc(path, lambda reader: reader.schema.empty_table(), str(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +440,5 @@ def require_columns(table: pa.Table, columns: list[str], path: str | os.PathLike
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(
-            f"{path} lacks column(s) {', '.join(missing)}",
-            f"it has {', '.join(table.column_names) or 'no columns'}",
+            f"{path} lacks column(s) {', '.join(missing)}", f"it has {', '.join(table.column_names) or 'no columns'}"
         )

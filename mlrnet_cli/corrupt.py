@@ -26,16 +26,7 @@ import numpy as np
 from mlrnet_cli import seeding
 from mlrnet_cli.artifacts import guard_output, make_meta, write_json, write_table
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec
-from mlrnet_cli.data import (
-    LabelMap,
-    Source,
-    build_label_map,
-    has_hub_split,
-    joined_text,
-    load_source,
-    raw_labels,
-    resolve_text_columns,
-)
+from mlrnet_cli.data import LabelMap, Source, build_label_map, has_hub_split, load_source, raw_labels, read_columns
 from mlrnet_cli.errors import ConfigError, DataError, UsageError
 
 if TYPE_CHECKING:
@@ -85,8 +76,7 @@ def corruption_matrix(noise: NoiseSpec, num_classes: int, rng: np.random.Generat
     else:  # pragma: no cover - NoiseSpec.parse guards this
         raise ConfigError(f"unknown noise kind {noise.kind}")
     t = (1 - p) * eye
-    for i, j in enumerate(targets):
-        t[i, j] += p
+    t[np.arange(c), targets] += p
     return t
 
 
@@ -130,16 +120,7 @@ def resolve_class_order(order: str, label_map: LabelMap, rng: np.random.Generato
     return ids
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def corrupt(
-    config: CorruptConfig,
-    inputs: InputSpec,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-) -> CorruptResult:
+def corrupt(config: CorruptConfig, inputs: InputSpec, out_dir: str | Path, *, overwrite: bool = False) -> CorruptResult:
     """Build ``train.arrow``, ``clean.arrow``, ``test.arrow`` and ``manifest.json`` in ``out_dir``."""
     config.validate()
     rng = seeding.corrupt_rng(config.seed)  # one stream, drawn in this order: class order, pool, rows, noise
@@ -147,13 +128,12 @@ def corrupt(
     order = resolve_class_order(config.class_order, d.label_map, rng)
     # 0. test split: the source's own, or a stratified share held out before anything else is drawn
     test_src, test_fraction, test_idx = _test_split(config, inputs, d.true_source, d.c)
-    held = np.zeros(len(d.texts), dtype=bool)
-    held[test_idx] = True
+    held = np.isin(np.arange(len(d.texts)), test_idx)
     pool_n = config.meta_pool_per_class
     if pool_n is None and inputs.clean_data is None:
         pool_n = DEFAULT_META_POOL
     # 1. clean pool, before any corruption
-    clean, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
+    clean_src, pool_idx = _clean_pool(config, inputs, d, held, pool_n, test_fraction, rng)
     # 2. imbalance on the rest, by true label
     train_idx, n_max, profile = _imbalanced_rows(config, d, pool_idx, held, order, rng)
     # 3. noise on the kept rows
@@ -161,17 +141,12 @@ def corrupt(
     true_train = d.true_source[train_idx]
     observed = apply_noise(true_train, matrix, rng) if d.known_truth is None else d.given[train_idx]
 
-    resolved = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction)
-    fps = {"data": d.src.fingerprint}
-    if clean is not None:
-        fps["clean_data"] = clean[0].fingerprint
-    if test_src is not None:
-        fps["test_data"] = test_src.fingerprint
-    tables = _tables(inputs, d, train_idx, observed, clean, pool_idx, test_src, test_idx)
+    sources = {"data": d.src, "clean_data": clean_src, "test_data": test_src}
+    fps = {k: s.fingerprint for k, s in sources.items() if s is not None}
+    tables = _tables(inputs, d, train_idx, observed, clean_src, pool_idx, test_src, test_idx)
     paths = {k: Path(out_dir) / f"{k}.arrow" for k in tables} | {"manifest": Path(out_dir) / "manifest.json"}
-    metas = {
-        k: make_meta("corrupt", k, resolved.to_json() | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths
-    }
+    meta_config = replace(config, meta_pool_per_class=pool_n, test_fraction=test_fraction).to_json()
+    metas = {k: make_meta("corrupt", k, meta_config | {"inputs": asdict(inputs)}, config.seed, fps) for k in paths}
     local_inputs = [p for p in (inputs.data, inputs.clean_data, inputs.test_data) if p and Path(p).exists()]
     for k, p in paths.items():
         guard_output(p, metas[k], inputs=local_inputs, overwrite=overwrite)
@@ -180,6 +155,12 @@ def corrupt(
 
     def counts(labels: np.ndarray) -> list[int]:
         return np.bincount(labels, minlength=d.c).tolist()
+
+    noise = {
+        "spec": str(config.noise),
+        "matrix": matrix.tolist(),
+        "realised": realised_noise(true_train, observed, d.c),
+    }
 
     manifest = {
         "mlrnet": metas["manifest"],
@@ -191,7 +172,7 @@ def corrupt(
         "truth_known": bool(d.truth_known),
         "source": {
             "train": d.src.origin,
-            "clean": clean[0].origin if clean else None,
+            "clean": clean_src.origin if clean_src else None,
             "test": test_src.origin if test_src else (f"{d.src.origin} (held out)" if len(test_idx) else None),
         },
         "n_max": n_max,
@@ -203,13 +184,7 @@ def corrupt(
             "train_observed": counts(observed),
             "test": counts(tables["test"].column("label").to_numpy()) if "test" in tables else None,
         },
-        "noise": {
-            "spec": str(config.noise),
-            "matrix": matrix.tolist(),
-            "realised": realised_noise(true_train, observed, d.c),
-        }
-        if d.truth_known
-        else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
+        "noise": noise if d.truth_known else {"spec": "unknown (real labels)", "matrix": None, "realised": None},
         "fingerprints": out_fps,
     }
     if test_fraction is not None:  # only then: a source's own test split leaves the manifest as it always was
@@ -249,9 +224,7 @@ def _read_source(config: CorruptConfig, inputs: InputSpec) -> _Data:
     src = load_source(inputs.data, inputs.split)
     if src.table.num_rows == 0:
         raise DataError(f"{src.origin} has no rows")
-    text_cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
-    texts = joined_text(src.table, text_cols, src.origin)
-    observed_raw = raw_labels(src.table, inputs.label_column, src.origin)
+    text_cols, texts, observed_raw = read_columns(src, inputs.text_columns, inputs.label_column)
     truth_raw = raw_labels(src.table, inputs.true_label_column, src.origin) if inputs.true_label_column else None
     label_map = build_label_map(observed_raw + (truth_raw or []), src.class_names, src.origin)
     given = np.asarray(label_map.encode(observed_raw, src.origin), dtype=np.int64)
@@ -273,13 +246,12 @@ def _clean_pool(
     pool_n: int | None,
     test_fraction: float | None,
     rng: np.random.Generator,
-) -> tuple[tuple[Source, list[str], list[str], np.ndarray] | None, np.ndarray]:
-    """(--clean-data as (source, text columns, texts, labels), or None; the pool's rows of --data)."""
+) -> tuple[Source | None, np.ndarray]:
+    """(--clean-data, or None; the pool's rows of --data)."""
     c, names = d.c, d.label_map.names
     if inputs.clean_data is not None:
         clean_src = load_source(inputs.clean_data, inputs.split)
-        clean_cols, clean_texts, clean_labels = _read_labelled(clean_src, inputs, d.label_map)
-        pool_counts = np.bincount(clean_labels, minlength=c)
+        pool_counts = np.bincount(_read_labelled(clean_src, inputs, d.label_map)[2], minlength=c)
         need = pool_n or 1  # the pool is the whole table; an explicit size is a floor it must reach
         short = [names[i] for i in range(c) if pool_counts[i] < need]
         if short:
@@ -287,7 +259,8 @@ def _clean_pool(
                 f"--clean-data has fewer than {need} rows for class(es) {', '.join(short[:5])}",
                 "lower --meta-pool-per-class or add clean rows" if pool_n else "add clean rows for every class",
             )
-        return (clean_src, clean_cols, clean_texts, clean_labels), np.zeros(0, dtype=np.int64)
+        return clean_src, np.zeros(0, dtype=np.int64)
+    after, or_fraction = (" left after the test split", " or --test-fraction") if test_fraction else ("", "")
     pool_parts = []
     for k in range(c):
         rows = np.flatnonzero((d.true_source == k) & ~held)
@@ -295,12 +268,8 @@ def _clean_pool(
             rows = rows[d.given[rows] == k]
         if len(rows) < pool_n:
             raise DataError(
-                f"class {names[k]!r} has {len(rows)} rows"
-                + (" left after the test split" if test_fraction else "")
-                + f", fewer than the clean pool's {pool_n}",
-                "lower --meta-pool-per-class"
-                + (" or --test-fraction" if test_fraction else "")
-                + ", or pass --clean-data",
+                f"class {names[k]!r} has {len(rows)} rows{after}, fewer than the clean pool's {pool_n}",
+                f"lower --meta-pool-per-class{or_fraction}, or pass --clean-data",
             )
         pool_parts.append(rng.choice(rows, size=pool_n, replace=False))
     if d.known_truth is None and config.noise.kind == "none" and config.imbalance == 1:
@@ -309,18 +278,12 @@ def _clean_pool(
 
 
 def _imbalanced_rows(
-    config: CorruptConfig,
-    d: _Data,
-    pool_idx: np.ndarray,
-    held: np.ndarray,
-    order: list[int],
-    rng: np.random.Generator,
+    config: CorruptConfig, d: _Data, pool_idx: np.ndarray, held: np.ndarray, order: list[int], rng: np.random.Generator
 ) -> tuple[np.ndarray, int, list[int] | None]:
     """(the training rows, the head class's size n_max, the imbalance profile or None)."""
     c = d.c
-    in_pool = np.zeros(len(d.texts), dtype=bool)
-    in_pool[pool_idx] = True
-    remaining = [np.flatnonzero((d.true_source == k) & ~in_pool & ~held) for k in range(c)]
+    free = ~held & ~np.isin(np.arange(len(d.texts)), pool_idx)
+    remaining = [np.flatnonzero((d.true_source == k) & free) for k in range(c)]
     left = np.array([len(r) for r in remaining])
     if config.imbalance == 1 and config.n_max is None:
         # Nothing to imbalance: keep every row (real noisy data keeps its own class profile).
@@ -351,51 +314,29 @@ def _tables(
     d: _Data,
     train_idx: np.ndarray,
     observed: np.ndarray,
-    clean: tuple[Source, list[str], list[str], np.ndarray] | None,
+    clean_src: Source | None,
     pool_idx: np.ndarray,
     test_src: Source | None,
     test_idx: np.ndarray,
 ) -> dict[str, pa.Table]:
     """train, clean and (when there is one) test, with the source's other columns carried along."""
-    texts, true_source = d.texts, d.true_source
     extra_cols = _extra_columns(d.src.table, d.text_cols, inputs)
-    true_train = true_source[train_idx]
-    out = {
-        "train": _make_table(
-            train_idx,
-            [texts[i] for i in train_idx],
-            observed,
-            true_train if d.truth_known else None,
-            extra_cols,
-            train_idx,
-        )
-    }
-    if clean is not None:
-        clean_src, clean_cols, clean_texts, clean_labels = clean
-        clean_ids = np.arange(len(texts), len(texts) + clean_src.table.num_rows, dtype=np.int64)
-        out["clean"] = _make_table(
-            clean_ids,
-            clean_texts,
-            clean_labels,
-            clean_labels,
-            _extra_columns(clean_src.table, clean_cols, inputs),
-            np.arange(clean_src.table.num_rows),
-        )
-    else:
-        out["clean"] = _make_table(
-            pool_idx, [texts[i] for i in pool_idx], true_source[pool_idx], true_source[pool_idx], extra_cols, pool_idx
-        )
+    truth = d.true_source
+
+    def of_data(idx: np.ndarray, labels: np.ndarray, known: bool) -> pa.Table:
+        return _make_table(idx, [d.texts[i] for i in idx], labels, truth[idx] if known else None, extra_cols, idx)
+
+    def of_table(src: Source, first_id: int) -> pa.Table:
+        cols, texts, labels = _read_labelled(src, inputs, d.label_map)
+        rows = np.arange(src.table.num_rows, dtype=np.int64)
+        return _make_table(rows + first_id, texts, labels, labels, _extra_columns(src.table, cols, inputs), rows)
+
+    out = {"train": of_data(train_idx, observed, d.truth_known)}
+    out["clean"] = of_table(clean_src, len(d.texts)) if clean_src else of_data(pool_idx, truth[pool_idx], True)
     if test_src is not None:
-        t_cols, t_texts, t_labels = _read_labelled(test_src, inputs, d.label_map)
-        t_rows = np.arange(test_src.table.num_rows, dtype=np.int64)
-        out["test"] = _make_table(
-            t_rows, t_texts, t_labels, t_labels, _extra_columns(test_src.table, t_cols, inputs), t_rows
-        )
+        out["test"] = of_table(test_src, 0)
     elif len(test_idx):
-        t_labels = true_source[test_idx]
-        out["test"] = _make_table(
-            test_idx, [texts[i] for i in test_idx], t_labels, t_labels if d.truth_known else None, extra_cols, test_idx
-        )
+        out["test"] = of_data(test_idx, truth[test_idx], d.truth_known)
     return out
 
 
@@ -403,62 +344,40 @@ def _test_split(
     config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
 ) -> tuple[Source | None, float | None, np.ndarray]:
     """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
-    test_src = _load_test(inputs)
-    if test_src is not None and config.test_fraction is not None:
-        raise UsageError(
-            f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
-            "drop --test-fraction: it holds out test rows only from a source without a test split",
-        )
+    test_src = None
+    if inputs.test_data is not None or has_hub_split(inputs.data, inputs.test_split):
+        test_src = load_source(inputs.data if inputs.test_data is None else inputs.test_data, inputs.test_split)
     if test_src is not None:
+        if config.test_fraction is not None:
+            raise UsageError(
+                f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
+                "drop --test-fraction: it holds out test rows only from a source without a test split",
+            )
         return test_src, None, np.zeros(0, dtype=np.int64)
     fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
-    rows = hold_out_test(labels, num_classes, fraction, config.seed) if fraction else np.zeros(0, dtype=np.int64)
-    return None, fraction, rows
-
-
-def hold_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """Row positions of a stratified test split: ``round_half_up(n_k * fraction)`` rows of each class k.
-
-    Drawn from a random stream of its own, so the seed alone fixes it and it moves no other draw."""
-    rng = seeding.test_split_rng(seed)
-    parts = []
-    for k in range(num_classes):
-        rows = np.flatnonzero(labels == k)
-        parts.append(rng.choice(rows, size=round_half_up(len(rows) * fraction), replace=False))
-    return np.sort(np.concatenate(parts)).astype(np.int64)
+    # stratified, round_half_up(n_k * fraction) rows of each class k, drawn from a random stream of its own:
+    # the seed alone fixes the split, and it moves no other draw
+    rng = seeding.test_split_rng(config.seed)
+    rows = [np.flatnonzero(labels == k) for k in range(num_classes)]
+    held = [rng.choice(r, size=round_half_up(len(r) * fraction), replace=False) for r in rows]
+    return None, fraction, np.sort(np.concatenate(held)).astype(np.int64)
 
 
 def _read_labelled(src: Source, inputs: InputSpec, label_map: LabelMap) -> tuple[list[str], list[str], np.ndarray]:
     """(text columns, texts, class ids) of --clean-data or --test-data, in --data's classes."""
-    cols = resolve_text_columns(src.table, list(inputs.text_columns), src.origin)
-    texts = joined_text(src.table, cols, src.origin)
-    labels = label_map.encode(raw_labels(src.table, inputs.label_column, src.origin), src.origin)
-    return cols, texts, np.asarray(labels, dtype=np.int64)
-
-
-def _load_test(inputs: InputSpec) -> Source | None:
-    if inputs.test_data is not None:
-        return load_source(inputs.test_data, inputs.test_split)
-    if has_hub_split(inputs.data, inputs.test_split):
-        return load_source(inputs.data, inputs.test_split)
-    return None
+    cols, texts, raw = read_columns(src, inputs.text_columns, inputs.label_column)
+    return cols, texts, np.asarray(label_map.encode(raw, src.origin), dtype=np.int64)
 
 
 def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> dict[str, pa.ChunkedArray]:
     """The source's other columns, kept so users can trace rows; ours win a name clash (theirs get ``orig_``)."""
     used = {inputs.label_column, inputs.true_label_column, *(text_cols if len(text_cols) == 1 else [])}
-    out = {}
-    for name in table.column_names:
-        if name in used:
-            continue
-        out[f"orig_{name}" if name in RESERVED else name] = table.column(name)
-    return out
+    return {f"orig_{n}" if n in RESERVED else n: table.column(n) for n in table.column_names if n not in used}
 
 
 def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
     import pyarrow as pa
 
-    n = len(ids)
     cols: dict[str, pa.Array | pa.ChunkedArray] = {
         "sample_id": pa.array(np.asarray(ids, dtype=np.int64)),
         "text": pa.array(texts, type=pa.string()),
@@ -468,9 +387,8 @@ def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
         cols["true_label"] = pa.array(np.asarray(true_labels, dtype=np.int64))
         cols["is_noisy"] = pa.array(np.asarray(labels) != np.asarray(true_labels))
     else:
-        cols["true_label"] = pa.nulls(n, pa.int64())
-        cols["is_noisy"] = pa.nulls(n, pa.bool_())
+        cols["true_label"] = pa.nulls(len(ids), pa.int64())
+        cols["is_noisy"] = pa.nulls(len(ids), pa.bool_())
     take = pa.array(np.asarray(rows, dtype=np.int64))
-    for name, col in extra.items():
-        cols[name] = col.take(take)
+    cols |= {name: col.take(take) for name, col in extra.items()}
     return pa.table(cols)

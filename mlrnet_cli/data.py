@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlrnet_cli.artifacts import fingerprint_file, fingerprint_obj
+from mlrnet_cli.artifacts import fingerprint_file, fingerprint_obj, read_table
 from mlrnet_cli.errors import DataError, HubUnavailableError
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ class Source:
     origin: str
     fingerprint: str
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def embedded_dir() -> Path:
@@ -41,9 +41,8 @@ def load_source(spec: str | None, split: str = "train") -> Source:
     """Load ``spec``: None (embedded sample), a local file/folder, or a hub dataset name."""
     if spec is None or spec == EMBEDDED:
         path = embedded_dir() / f"{'test' if split == 'test' else 'train'}.parquet"
-        src = _read_local(path)
         names = json.loads((embedded_dir() / "classes.json").read_text())
-        return Source(src, f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
+        return Source(_read_local(path), f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
     path = Path(spec)
     if path.exists():
         if path.is_dir():
@@ -72,8 +71,6 @@ def _read_local(path: Path) -> pa.Table:
         elif suffix in {".json", ".jsonl", ".ndjson"}:
             table = pjson.read_json(path)
         elif suffix in {".arrow", ".feather", ".ipc"}:
-            from mlrnet_cli.artifacts import read_table
-
             table = read_table(path)
         else:
             raise DataError(
@@ -97,18 +94,14 @@ def _read_folder(path: Path, split: str) -> Source:
         if split not in ds:
             raise DataError(f"{path} has no split {split!r}", f"it has {', '.join(ds)}")
         ds = ds[split]
-    return Source(
-        ds.data.table.replace_schema_metadata(None), f"{path}[{split}]", fingerprint_file(path), _class_label_names(ds)
-    )
+    table = ds.data.table.replace_schema_metadata(None)
+    return Source(table, f"{path}[{split}]", fingerprint_file(path), _class_label_names(ds))
 
 
 def _class_label_names(ds: Any) -> list[str] | None:
     import datasets
 
-    for feat in ds.features.values():
-        if isinstance(feat, datasets.ClassLabel):
-            return list(feat.names)
-    return None
+    return next((list(f.names) for f in ds.features.values() if isinstance(f, datasets.ClassLabel)), None)
 
 
 def _read_hub(name: str, split: str) -> Source:
@@ -141,9 +134,6 @@ def has_hub_split(spec: str | None, split: str) -> bool:
     if path.is_dir():
         return (path / split).is_dir()
     return not path.exists() and path.suffix.lower() not in LOCAL_SUFFIXES
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 DEFAULT_TEXT_COLUMNS = ("text", "sentence", "content")
@@ -182,6 +172,12 @@ def joined_text(table: pa.Table, columns: list[str], origin: str) -> list[str]:
     return out
 
 
+def read_columns(src: Source, text_columns: Sequence[str], label_column: str) -> tuple[list[str], list[str], list[Any]]:
+    """(text columns, their texts joined per row, raw labels) of ``src``; no text columns given: the default one."""
+    cols = resolve_text_columns(src.table, list(text_columns), src.origin)
+    return cols, joined_text(src.table, cols, src.origin), raw_labels(src.table, label_column, src.origin)
+
+
 def raw_labels(table: pa.Table, column: str, origin: str) -> list[Any]:
     if column not in table.column_names:
         raise DataError(
@@ -216,9 +212,6 @@ class LabelMap:
                 raise DataError(f"{origin} row {i} has label {v!r}, which the training data does not have")
             out.append(index[v])
         return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"values": list(self.values), "names": list(self.names)}
 
 
 def build_label_map(labels: list[Any], class_names: list[str] | None, origin: str) -> LabelMap:

@@ -41,10 +41,9 @@ def _open(path: Path) -> int:
 
 
 def _holder(fd: int) -> str:
-    try:
+    text = ""
+    with contextlib.suppress(OSError):
         text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    except OSError:
-        text = ""
     return text or "another mlrnet run"
 
 
@@ -96,12 +95,10 @@ def _lock(path: Path, output: Path) -> int:
                 f"{output} is being written by {holder}",
                 "wait for it to finish, or write to another --workdir or output path",
             ) from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:  # a lock on a file that is no longer at ``path`` would lock nothing anyone else sees
-            return fd
+        # a lock on a file that is no longer at ``path`` would lock nothing anyone else sees
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
         os.close(fd)
 
 

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 INSTALL_HINT = "pip install 'mlrnet[plot]'"
-GROUP_ORDER = ("clean/head", "clean/tail", "noisy/head", "noisy/tail", "head", "tail")
-_STYLE = {
+_STYLE = {  # group: (colour, line style), in the order the legends list them
     "clean/head": ("tab:blue", "-"),
     "clean/tail": ("tab:cyan", "-"),
     "noisy/head": ("tab:red", "--"),
@@ -30,6 +29,7 @@ _STYLE = {
     "head": ("tab:blue", "-"),
     "tail": ("tab:orange", "-"),
 }
+GROUP_ORDER = tuple(_STYLE)
 
 
 def require_matplotlib() -> None:
@@ -47,7 +47,6 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
     ``curves`` is ``[rows, epochs]`` aligned with the table's rows (None draws panel (a) only).
     """
     require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -64,7 +63,6 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
 
     panels = 2 if curves is not None and curves.shape[1] > 0 else 1
     fig = Figure(figsize=(6.0 * panels, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
 
     ax = axes[0]
@@ -76,9 +74,7 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
         color, _ = _STYLE.get(g, (None, "-"))
         w = weight[group == g]
         ax.hist(w, bins=bins, density=True, histtype="step", linewidth=1.6, color=color, label=f"{g} (n={w.size})")
-    ax.set_xlabel("meta-net weight $v_i$")
-    ax.set_ylabel("density")
-    ax.set_title("(a) weights by group")
+    ax.set(xlabel="meta-net weight $v_i$", ylabel="density", title="(a) weights by group")
     ax.legend(fontsize=8)
 
     if panels == 2:
@@ -89,8 +85,7 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
             ax.plot(epochs, curves[group == g].mean(axis=0), ls, color=color, marker="o", markersize=3, label=g)
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch (0 = before training)")
-        ax.set_ylabel("loss minus class mean")
+        ax.set(xlabel="epoch (0 = before training)", ylabel="loss minus class mean")
         ax.set_title("(b) mean normalised loss curve by group")
         ax.legend(fontsize=8)
 

@@ -18,27 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from mlrnet_cli import modeling
-from mlrnet_cli.artifacts import (
-    META_KEY,
-    atomic_path,
-    check_writable,
-    fingerprint_file,
-    fingerprint_obj,
-    guard_output,
-    make_meta,
-    write_table,
-)
+from mlrnet_cli import artifacts, inference, modeling
 from mlrnet_cli.configs import PredictConfig
 from mlrnet_cli.errors import DataError, UsageError
-from mlrnet_cli.inference import (
-    classify_texts,
-    model_num_labels,
-    read_text_table,
-    resolve_max_length,
-    resolve_model,
-    sample_ids,
-)
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
@@ -58,11 +40,9 @@ class PredictResult:
 
     def json_lines(self) -> Iterator[str]:
         """The rows as JSON Lines (``probs`` keyed by class name), for stdout or a .jsonl file."""
-        yield from json_lines(self.table, self.class_names)
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
+        for rec in self.table.to_pylist():
+            rec["probs"] = dict(zip(self.class_names, rec["probs"], strict=True))
+            yield json.dumps(rec, ensure_ascii=False)
 
 
 def text_lines(lines: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -92,24 +72,16 @@ def output_format(out: Path | None, fmt: str | None) -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# outputs
-
-
 def predictions_table(
-    texts: Sequence[str] | None,
-    rows: np.ndarray,
-    sample_ids: np.ndarray | None,
-    probs: np.ndarray,
-    class_names: Sequence[str],
+    texts: Sequence[str] | None, rows: np.ndarray, ids: np.ndarray | None, probs: np.ndarray, class_names: Sequence[str]
 ) -> Any:
     """The output table: row, [sample_id], [text], label, label_id, score, probs."""
     import pyarrow as pa
 
     label_id = probs.argmax(axis=1).astype(np.int64)
     cols: dict[str, Any] = {"row": pa.array(rows, pa.int64())}
-    if sample_ids is not None:
-        cols["sample_id"] = pa.array(sample_ids, pa.int64())
+    if ids is not None:
+        cols["sample_id"] = pa.array(ids, pa.int64())
     if texts is not None:
         cols["text"] = pa.array(list(texts), pa.string())
     cols |= {
@@ -121,23 +93,13 @@ def predictions_table(
     return pa.table(cols)
 
 
-def json_lines(table: Any, class_names: Sequence[str]) -> Iterator[str]:
-    for rec in table.to_pylist():
-        rec["probs"] = dict(zip(class_names, rec["probs"], strict=True))
-        yield json.dumps(rec, ensure_ascii=False)
-
-
-def write_predictions(path: Path, table: Any, meta: dict[str, Any], class_names: list[str], fmt: str) -> None:
+def write_predictions(result: PredictResult, meta: dict[str, Any], fmt: str) -> None:
     """Atomic write: Arrow with the metadata in its schema, or JSON Lines (a format without metadata)."""
     if fmt == "arrow":
-        write_table(path, table, meta, class_names={"label_id": class_names})
+        artifacts.write_table(result.path, result.table, meta, class_names={"label_id": result.class_names})
         return
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for line in json_lines(table, class_names):
-            fh.write(line + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
+    with artifacts.atomic_path(result.path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(line + "\n" for line in result.json_lines())
 
 
 def predict(
@@ -161,46 +123,43 @@ def predict(
     config.validate()
     out_path = Path(out) if out is not None else None
     out_fmt = output_format(out_path, fmt)
-    model_id = resolve_model(model, Workspace.at(workdir))
+    model_id = inference.resolve_model(model, Workspace.at(workdir))
     trained = modeling.trained_settings(model_id)
     batch_size = config.batch_size or int(trained.get("batch_size") or FALLBACK_BATCH_SIZE)
-    max_length = resolve_max_length(config.max_length, trained)
+    max_length = inference.resolve_max_length(config.max_length, trained)
 
     if data is not None:
-        table, items = read_text_table(
+        table, items = inference.read_text_table(
             data, config.text_column, "pass --data a table, or - for stdin", "nothing to predict"
         )
-        ids, rows = sample_ids(table), np.arange(len(items), dtype=np.int64)
-        data_fp = fingerprint_file(data)
+        ids, rows = inference.sample_ids(table), np.arange(len(items), dtype=np.int64)
+        data_fp = artifacts.fingerprint_file(data)
     else:
         items, rows = text_lines(list(texts or []))
-        ids, data_fp = None, fingerprint_obj(items)
-    num_labels = model_num_labels(model_id)
+        ids, data_fp = None, artifacts.fingerprint_obj(items)
+    num_labels = inference.model_num_labels(model_id)
     cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
     cfg |= {"model": model_id, "data": str(data) if data is not None else "<texts>", "max_length": max_length}
     inputs = {"model": modeling.model_fingerprint(model_id), "data": data_fp}
-    meta = make_meta("predict", "predictions", cfg, None, inputs)
+    meta = artifacts.make_meta("predict", "predictions", cfg, None, inputs)
     if out_path is not None:
-        guard_output(out_path, meta, inputs=[*([data] if data is not None else []), model_id], overwrite=overwrite)
-        check_writable(out_path)
+        artifacts.guard_output(
+            out_path, meta, inputs=[p for p in (data, model_id) if p is not None], overwrite=overwrite
+        )
+        artifacts.check_writable(out_path)
 
     device = modeling.select_device(config.device)
     clf = modeling.load_classifier(model_id, num_labels).to(device).eval()
     class_names = [str(clf.config.id2label.get(i, i)) for i in range(num_labels)]
     log.info("predicting %d rows with %s (%s, max length %d)", len(items), model_id, device, max_length)
-    inf = classify_texts(
-        clf,
-        modeling.load_tokenizer(model_id),
-        items,
-        max_length,
-        batch_size=batch_size,
-        bf16=config.bf16,
-        progress=progress,
-        description="predict",
+    tok = modeling.load_tokenizer(model_id)
+    inf = inference.classify_texts(
+        clf, tok, items, max_length, batch_size=batch_size, bf16=config.bf16, progress=progress, description="predict"
     )
     table = predictions_table(items if config.with_text else None, rows, ids, inf.probabilities, class_names)
     meta["class_names"] = class_names
+    table = table.replace_schema_metadata({artifacts.META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+    result = PredictResult(table, class_names, out_path)
     if out_path is not None:
-        write_predictions(out_path, table, meta, class_names, out_fmt)
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str)})
-    return PredictResult(table, class_names, out_path)
+        write_predictions(result, meta, out_fmt)
+    return result

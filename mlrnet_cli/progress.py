@@ -32,50 +32,35 @@ class NullProgress:
         yield _NullTask()
 
 
-def _speed_column() -> Any:
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class SpeedColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:,.1f}/s" if task.speed else "", style="cyan")
-
-    return SpeedColumn()
-
-
 class RichProgress:
-    """A Rich progress bar on stderr with samples/s and the latest loss; silent off a terminal."""
+    """A Rich progress bar on ``console`` (the CLI's stderr) with samples/s and the latest loss; silent off a
+    terminal."""
 
-    def __init__(self, console: Any = None, enabled: bool | None = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.enabled = self.console.is_terminal if enabled is None else enabled
+    def __init__(self, console: Any) -> None:
+        self.console = console
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
-        if not self.enabled:
+        if not self.console.is_terminal:
             yield _NullTask()
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as _Progress
+        from rich import progress as rp
+        from rich.text import Text
+
+        class SpeedColumn(rp.ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(f"{task.speed:,.1f}/s" if task.speed else "", style="cyan")
 
         columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _speed_column(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            rp.TextColumn("[bold]{task.description}"),
+            rp.BarColumn(),
+            rp.MofNCompleteColumn(),
+            SpeedColumn(),
+            rp.TextColumn("{task.fields[info]}"),
+            rp.TimeElapsedColumn(),
+            rp.TimeRemainingColumn(),
         )
-        with _Progress(*columns, console=self.console, transient=False) as bar:
+        with rp.Progress(*columns, console=self.console, transient=False) as bar:
             tid = bar.add_task(description, total=total, info="")
 
             class _T:

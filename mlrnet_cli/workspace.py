@@ -21,6 +21,10 @@ DEFAULT_WORKDIR = "mlrnet-work"
 ENV_WORKDIR = "MLRNET_WORKDIR"
 
 
+def _under_root(*parts: str) -> property:
+    return property(lambda ws: ws.root.joinpath(*parts), doc=f"``{'/'.join(parts)}`` in the workspace.")
+
+
 @dataclass(frozen=True)
 class Workspace:
     """Default artifact paths inside one workspace folder."""
@@ -32,46 +36,14 @@ class Workspace:
         """``--workdir`` if given, else ``$MLRNET_WORKDIR``, else ``./mlrnet-work``."""
         return cls(Path(workdir if workdir is not None else os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR))
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.data / "train.arrow"
-
-    @property
-    def clean(self) -> Path:
-        return self.data / "clean.arrow"
-
-    @property
-    def test(self) -> Path:
-        return self.data / "test.arrow"
-
-    @property
-    def manifest(self) -> Path:
-        return self.data / "manifest.json"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def losses(self) -> Path:
-        return self.root / "losses.safetensors"
-
-    @property
-    def stage1(self) -> Path:
-        return self.root / "stage1"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def weights(self) -> Path:
-        return self.root / "weights.arrow"
+    data = _under_root("data")
+    train = _under_root("data", "train.arrow")
+    clean = _under_root("data", "clean.arrow")
+    test = _under_root("data", "test.arrow")
+    manifest = _under_root("data", "manifest.json")
+    cache = _under_root("cache")
+    losses = _under_root("losses.safetensors")
+    stage1 = _under_root("stage1")
+    model = _under_root("model")
+    eval = _under_root("eval")
+    weights = _under_root("weights.arrow")

@@ -106,6 +106,5 @@ def _print_summary(manifest: dict, console) -> None:
         for i, name in enumerate(manifest["class_names"])
     )
     columns = ("class", "source", "clean pool", "train (true)", "train (observed)", "realised noise")
-    console.print(
-        rich_table(f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}", columns, rows)
-    )
+    title = f"mlrnet corrupt: noise {manifest['noise']['spec']}, head {manifest['n_max']}"
+    console.print(rich_table(title, columns, rows))
