@@ -139,8 +139,7 @@ def average_ranks(values: ArrayLike) -> np.ndarray:
 def roc_auc(scores: ArrayLike, positives: ArrayLike) -> float | None:
     """P(score of a random positive > score of a random negative), ties counting ½; None if one class is absent."""
     s, y = _ranking(scores, positives)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos == 0 or n_neg == 0:
         return None
     u = average_ranks(s)[y].sum() - n_pos * (n_pos + 1) / 2.0  # Mann-Whitney U of the positives

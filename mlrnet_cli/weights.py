@@ -197,9 +197,8 @@ def compute_weights(
     cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
     extra = {"unfinished_training": unfinished} if unfinished is not None else {}
     meta = artifacts.make_meta("weights", "weights", cfg, None, inputs, **extra)
-    paths = {"weights": out_path} | {
-        k: Path(p) for k, p in (("relabel", export_relabel), ("plot", plot)) if p is not None
-    }
+    also = {"relabel": export_relabel, "plot": plot}
+    paths = {"weights": out_path} | {k: Path(p) for k, p in also.items() if p is not None}
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
     read = [train_path, losses_path, model_dir]
     artifacts.guard_report(out_path, meta, about=("model", "train"), inputs=read, overwrite=overwrite)
