@@ -146,8 +146,7 @@ class _Stats:
                 tl = F.cross_entropy(logits[known], yt[known], reduction="none")
                 tloss, noisy_loss, clean_loss = tl.sum(), per[noisy].sum(), per[clean].sum()
             vals += [known.sum(), tloss, (known & (pred == yt)).sum(), noisy.sum(), noisy_loss, clean.sum(), clean_loss]
-        part = torch.stack([v.to(torch.float64) for v in vals])
-        self.sums[: len(vals)] += part
+        self.sums[: len(vals)] += torch.stack([v.to(torch.float64) for v in vals])
 
     def row(self, epoch: int, source: str) -> dict[str, Any]:
         n = max(int(sum_over_ranks([self.n])[0]), 1)
