@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlrnet_cli import artifacts, distributed, locks, seeding, stageio
+from mlrnet_cli import artifacts, distributed, locks, modeling, seeding, stageio
 from mlrnet_cli.configs import CollectConfig
 from mlrnet_cli.distributed import Shard
-from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
+from mlrnet_cli.engine import Checkpoint, Loop, StepOutput, sum_over_ranks
 from mlrnet_cli.errors import ArtifactError, DataError, UsageError
-from mlrnet_cli.modeling import (
-    autocast_context,
-    encoder_cache_id,
-    head_logits,
-    head_module,
-    head_name,
-    load_classifier,
-    load_tokenizer,
-    model_fingerprint,
-    select_device,
-    to_device,
-)
+from mlrnet_cli.modeling import autocast_context, to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import (
@@ -69,7 +58,6 @@ class CollectResult:
     samples_per_second: float = 0.0  #: training samples per second over the trained epochs
     token_cache: Path | None = None
     feature_cache: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -114,16 +102,12 @@ def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
 # state (resume)
 
 
-def _state_root(stage1_dir: Path) -> Path:
-    return stage1_dir / _STATE_DIR
-
-
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     """Meta of a finished stage1/ folder, or of the run whose state it holds, or None if empty."""
     mfile = path / "mlrnet.json"
     if mfile.is_file():
         return artifacts.read_json(mfile).get(artifacts.META_KEY)
-    meta = Checkpoint.read_meta(_state_root(path))
+    meta = Checkpoint.read_meta(path / _STATE_DIR)
     return dict(meta, kind="stage1") if isinstance(meta, dict) else None
 
 
@@ -162,21 +146,13 @@ class _Stats:
                 tl = F.cross_entropy(logits[known], yt[known], reduction="none")
                 tloss, noisy_loss, clean_loss = tl.sum(), per[noisy].sum(), per[clean].sum()
             vals += [known.sum(), tloss, (known & (pred == yt)).sum(), noisy.sum(), noisy_loss, clean.sum(), clean_loss]
-        part = torch.stack([v.to(torch.float64) for v in vals])
-        self.sums[: len(vals)] += part
+        self.sums[: len(vals)] += torch.stack([v.to(torch.float64) for v in vals])
 
     def row(self, epoch: int, source: str) -> dict[str, Any]:
-        sums = distributed.all_reduce_sum(self.sums)
-        n = self.n
-        if distributed.is_distributed():
-            n = int(distributed.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64)).item())
-        loss, correct, tn, tloss, tcorrect, noisy_n, noisy_loss, clean_n, clean_loss = sums.tolist()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "source": source,
-            "loss": loss / max(n, 1),
-            "accuracy": correct / max(n, 1),
-        }
+        n = max(int(sum_over_ranks([self.n])[0]), 1)
+        sums = distributed.all_reduce_sum(self.sums).tolist()
+        loss, correct, tn, tloss, tcorrect, noisy_n, noisy_loss, clean_n, clean_loss = sums
+        row: dict[str, Any] = {"epoch": epoch, "source": source, "loss": loss / n, "accuracy": correct / n}
         if tn:
             row.update(true_loss=tloss / tn, true_accuracy=tcorrect / tn)
         if noisy_n:
@@ -207,16 +183,10 @@ def collect_losses(
     config.validate()
     for target in (losses_path, stage1_dir, cache_dir):
         artifacts.check_writable(target)  # now, not after the first epoch
-    paths = _Paths(
-        Path(train_path),
-        Path(manifest_path) if manifest_path is not None else None,
-        Path(losses_path),
-        Path(stage1_dir),
-        Path(cache_dir),
-    )
+    given = (train_path, manifest_path, losses_path, stage1_dir, cache_dir)
+    paths = _Paths(*(Path(p) if p is not None else None for p in given))
     # one writer per output (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
-    outputs = [paths.losses, paths.stage1]
-    with locks.exclusive(outputs, "collect-losses") if distributed.is_main() else contextlib.nullcontext():
+    with locks.exclusive([paths.losses, paths.stage1], STAGE) if distributed.is_main() else contextlib.nullcontext():
         t_start = time.perf_counter()
         data = _read_inputs(paths.train, paths.manifest)
         meta, state = _prepare(config, paths, data, overwrite)
@@ -245,7 +215,7 @@ def _prepare(
     model_path = Path(config.model).expanduser()
     if model_path.exists() and paths.stage1.exists() and model_path.resolve() == paths.stage1.resolve():
         raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
-    inputs = {"train": artifacts.fingerprint_file(paths.train), "model": model_fingerprint(config.model)}
+    inputs = {"train": artifacts.fingerprint_file(paths.train), "model": modeling.model_fingerprint(config.model)}
     meta = artifacts.make_meta(
         STAGE,
         "losses",
@@ -267,7 +237,7 @@ def _prepare(
             paths.stage1.rmdir()  # an empty folder (a run killed before its first epoch ended) holds nothing to guard
     distributed.barrier()
     # --overwrite starts again: the old state is never read (it goes with the old stage1/ once the model loads)
-    state = None if overwrite else Checkpoint(_state_root(paths.stage1), meta).load(overwrite=False)
+    state = None if overwrite else Checkpoint(paths.stage1 / _STATE_DIR, meta).load(overwrite=False)
     artifacts.guard_output(paths.losses, meta, inputs=input_paths, overwrite=overwrite)
     artifacts.guard_output(
         paths.stage1, dict(meta, kind="stage1"), inputs=input_paths, overwrite=overwrite, read_meta=_stage1_meta_reader
@@ -285,9 +255,9 @@ def _collect(
     progress: Progress | None,
     t_start: float,
 ) -> CollectResult:
-    device = select_device(distributed.resolve_device(config.device))
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = load_classifier(
+    device = modeling.select_device(distributed.resolve_device(config.device))
+    tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = modeling.load_classifier(
         config.model,
         data.num_classes,
         data.class_names,
@@ -298,7 +268,7 @@ def _collect(
     # only once the model loaded: a bad --model with --overwrite must leave the old outputs alone
     distributed.barrier()  # every rank has read the old outputs before rank 0 removes them
     if overwrite and distributed.is_main():
-        if (paths.stage1 / "mlrnet.json").is_file() or _state_root(paths.stage1).exists():
+        if (paths.stage1 / "mlrnet.json").is_file() or (paths.stage1 / _STATE_DIR).exists():
             # a previous stage-1 folder of ours: start clean (no stale tokenizer files, no foreign state)
             shutil.rmtree(paths.stage1)
     distributed.barrier()
@@ -311,7 +281,7 @@ def _collect(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seeding.collect_dropout_seed(config.seed, distributed.rank()))
         run = _Run(config, data, token_cache, model, device, pad_id, paths.cache, meta["inputs"]["model"], progress)
-        loop = run.loop(Checkpoint(_state_root(paths.stage1), meta), state)
+        loop = run.loop(Checkpoint(paths.stage1 / _STATE_DIR, meta), state)
     losses_cpu = run.losses.cpu()
     if not torch.isfinite(losses_cpu).all():
         raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
@@ -321,7 +291,7 @@ def _collect(
     if distributed.is_main():
         _write_stage1(paths.stage1, model, tokenizer, loop.history, dict(meta, kind="stage1"))
         fp = artifacts.write_tensors(paths.losses, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
-        shutil.rmtree(_state_root(paths.stage1), ignore_errors=True)
+        shutil.rmtree(paths.stage1 / _STATE_DIR, ignore_errors=True)
     fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
     return CollectResult(
         losses_path=paths.losses,
@@ -353,16 +323,9 @@ def _finished_result(
         return None
     if artifacts.provenance(s1.get(artifacts.META_KEY) or {}) != artifacts.provenance(dict(meta, kind="stage1")):
         return None
-    shutil.rmtree(_state_root(stage1_dir), ignore_errors=True)
-    return CollectResult(
-        losses_path=losses_path,
-        stage1_dir=stage1_dir,
-        num_samples=n,
-        epochs=epochs,
-        history=hist,
-        fingerprint=artifacts.fingerprint_file(losses_path),
-        up_to_date=True,
-    )
+    shutil.rmtree(stage1_dir / _STATE_DIR, ignore_errors=True)
+    fp = artifacts.fingerprint_file(losses_path)
+    return CollectResult(losses_path, stage1_dir, n, epochs, hist, fp, up_to_date=True)
 
 
 def _write_stage1(
@@ -375,14 +338,14 @@ def _write_stage1(
         "history.json": stageio.json_file({artifacts.META_KEY: meta, "epochs": history}),
         "mlrnet.json": stageio.json_file({artifacts.META_KEY: meta}),
     }
-    frozen = (head_name(model) + ".", []) if meta["config"].get("freeze_encoder") else None
+    frozen = (modeling.head_name(model) + ".", []) if meta["config"].get("freeze_encoder") else None
     stageio.write_model_folder(stage1_dir, model, tokenizer, files, keep=[_STATE_DIR], frozen=frozen)
 
 
 def _classifier_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a batch: the head on cached features (``--freeze-encoder``), else the whole classifier."""
     if "features" in inputs:
-        return head_logits(model, inputs["features"])
+        return modeling.head_logits(model, inputs["features"])
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
 
 
@@ -402,8 +365,7 @@ class _Run:
         model_fp: str,
         progress: Progress | None,
     ) -> None:
-        self.config, self.data, self.tokens, self.model, self.device = config, data, tokens, model, device
-        self.pad_id = pad_id
+        self.config, self.tokens, self.model, self.device, self.pad_id = config, tokens, model, device, pad_id
         self.progress = get_progress(progress) if distributed.is_main() else NullProgress()
         self.n = len(data.labels)
         self.labels = data.labels.to(device)
@@ -424,7 +386,7 @@ class _Run:
         self._own_rows: list[torch.Tensor] = []
 
     def _freeze_encoder(self, cache_dir: Path, model_fp: str) -> None:
-        encoder_id = encoder_cache_id(self.model, model_fp, self.config.seed)
+        encoder_id = modeling.encoder_cache_id(self.model, model_fp, self.config.seed)
         with distributed.main_first():
             self.features = encode_features(
                 self.model,
@@ -436,10 +398,8 @@ class _Run:
                 progress=self.progress,
             ).to(self.device)
         self.feature_cache = cache_dir / f"features-{features_key(encoder_id, self.tokens.key)}.safetensors"
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in head_module(self.model).parameters():
-            p.requires_grad_(True)
+        self.model.requires_grad_(False)
+        modeling.head_module(self.model).requires_grad_(True)
 
     def loop(self, checkpoint: Checkpoint, state: dict[str, Any] | None) -> Loop:
         """Epoch 0 (before any update), then epochs 1..T through the engine; resumes from a checkpoint."""

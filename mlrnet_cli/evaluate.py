@@ -12,29 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from mlrnet_cli import metrics, modeling
-from mlrnet_cli.artifacts import (
-    check_writable,
-    fingerprint_file,
-    guard_report,
-    make_meta,
-    read_json,
-    write_json,
-    write_table,
-)
+from mlrnet_cli import artifacts, inference, metrics, modeling
 from mlrnet_cli.configs import EvalConfig
 from mlrnet_cli.data import raw_labels
 from mlrnet_cli.errors import ArtifactError, DataError
-from mlrnet_cli.inference import (
-    check_finished,
-    classify_texts,
-    load_trained_classifier,
-    read_text_table,
-    resolve_max_length,
-    resolve_model,
-    sample_ids,
-)
-from mlrnet_cli.modeling import trained_settings
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.workspace import Workspace
 
@@ -62,18 +43,15 @@ def encode_labels(
     out = np.empty(len(raw), dtype=np.int64)
     for i, v in enumerate(raw):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            key = str(v)
-            if key not in index:
-                if key.lstrip("-").isdigit():
-                    v = int(key)
-                else:
-                    raise DataError(
-                        f"{origin} row {i} has label {v!r}, which is not a class of this model",
-                        f"classes: {', '.join(map(str, class_names[:10]))}",
-                    )
-            else:
-                out[i] = index[key]
+            if str(v) in index:
+                out[i] = index[str(v)]
                 continue
+            if not str(v).lstrip("-").isdigit():
+                raise DataError(
+                    f"{origin} row {i} has label {v!r}, which is not a class of this model",
+                    f"classes: {', '.join(map(str, class_names[:10]))}",
+                )
+            v = int(str(v))
         if not 0 <= int(v) < c:
             raise DataError(f"{origin} row {i} has label {v}, outside 0..{c - 1}")
         out[i] = int(v)
@@ -87,7 +65,7 @@ def _no_test_table(ws: Workspace) -> DataError:
             f"no test table at {ws.test}: the workspace has no data yet", "run `mlrnet corrupt` first, or pass --data"
         )
     try:
-        manifest = read_json(ws.manifest, "manifest")
+        manifest = artifacts.read_json(ws.manifest, "manifest")
         source = manifest.get("source") or {}
     except (ArtifactError, AttributeError):
         manifest, source = {}, {}
@@ -120,64 +98,49 @@ def evaluate(
 
     config.validate()
     ws = Workspace.at(workdir)
-    model_id = resolve_model(model, ws)
+    model_id = inference.resolve_model(model, ws)
     data_path = Path(data) if data is not None else ws.test
     if not data_path.is_file():
         if data is None:
             raise _no_test_table(ws)
         raise DataError(f"no such file: {data_path}", MISSING_HINT)
     out = Path(out_dir) if out_dir is not None else ws.eval
-    paths = {"metrics": out / "metrics.json"}
-    if predictions:
-        paths["predictions"] = out / "predictions.arrow"
+    paths = {"metrics": out / "metrics.json"} | ({"predictions": out / "predictions.arrow"} if predictions else {})
 
-    unfinished = check_finished(model_id, config.allow_unfinished)
-    max_length = resolve_max_length(config.max_length, trained_settings(model_id))
-    inputs = {"model": modeling.model_fingerprint(model_id), "data": fingerprint_file(data_path)}
+    unfinished = inference.check_finished(model_id, config.allow_unfinished)
+    max_length = inference.resolve_max_length(config.max_length, modeling.trained_settings(model_id))
+    inputs = {"model": modeling.model_fingerprint(model_id), "data": artifacts.fingerprint_file(data_path)}
     # speed settings (batch size, device) are left out: a rerun with other ones replaces the same artifacts
     cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished")}
     cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
-    metas = {k: make_meta("eval", k, cfg, None, inputs) for k in paths}
+    metas = {k: artifacts.make_meta("eval", k, cfg, None, inputs) for k in paths}
+    read = [data_path, *([model_id] if Path(model_id).exists() else [])]
     for k, p in paths.items():
         # a report of its inputs: rewritten when they changed (a retrained model/best, a new test.arrow)
-        guard_report(
-            p,
-            metas[k],
-            about=("model", "data"),
-            inputs=[data_path, *([model_id] if Path(model_id).exists() else [])],
-            overwrite=overwrite,
-        )
-        check_writable(p)
+        artifacts.guard_report(p, metas[k], about=("model", "data"), inputs=read, overwrite=overwrite)
+        artifacts.check_writable(p)
 
     device = modeling.select_device(config.device)
-    clf, class_names, label_values = load_trained_classifier(model_id, ws, device)
+    clf, class_names, label_values = inference.load_trained_classifier(model_id, ws, device)
     tokenizer = modeling.load_tokenizer(model_id)
-    table, texts = read_text_table(data_path, config.text_column, MISSING_HINT)
-    labels = encode_labels(
-        raw_labels(table, config.label_column, str(data_path)), class_names, label_values, str(data_path)
-    )
+    table, texts = inference.read_text_table(data_path, config.text_column, MISSING_HINT)
+    raw = raw_labels(table, config.label_column, str(data_path))
+    labels = encode_labels(raw, class_names, label_values, str(data_path))
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
-    inf = classify_texts(
+    probs = inference.classify_texts(
         clf, tokenizer, texts, max_length, batch_size=config.batch_size, bf16=config.bf16, progress=progress
-    )
-    probs = inf.probabilities
+    ).probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     report = metrics.classification_report(labels, predicted, len(class_names), class_names)
     report |= {"model": model_id, "data": str(data_path), "device": str(device), "max_length": max_length}
     if unfinished is not None:
         report["unfinished_training"] = unfinished
-    write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
+    artifacts.write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})
     if predictions:
-        ids = sample_ids(table)
+        ids = inference.sample_ids(table)
         ids = np.arange(len(texts), dtype=np.int64) if ids is None else ids
-        pred_tbl = pa.table(
-            {
-                "sample_id": pa.array(ids),
-                "label": pa.array(labels),
-                "predicted": pa.array(predicted),
-                "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(class_names)),
-            }
-        )
+        probabilities = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(class_names))
+        cols = {"sample_id": ids, "label": labels, "predicted": predicted, "probabilities": probabilities}
         names = {"label": class_names, "predicted": class_names}
-        write_table(paths["predictions"], pred_tbl, metas["predictions"], class_names=names)
+        artifacts.write_table(paths["predictions"], pa.table(cols), metas["predictions"], class_names=names)
     return EvalResult(report, paths)

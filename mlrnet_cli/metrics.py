@@ -54,21 +54,15 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int | No
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
 def per_class_scores(cm: ArrayLike) -> dict[str, np.ndarray]:
     """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined)."""
     cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm)
-    predicted = cm.sum(axis=0)
     support = cm.sum(axis=1)
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
+    precision, recall = _safe_div(np.diag(cm), cm.sum(axis=0)), _safe_div(np.diag(cm), support)
     f1 = _safe_div(2 * precision * recall, precision + recall)
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
@@ -88,10 +82,7 @@ def micro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int | None = Non
 
 
 def classification_report(
-    y_true: ArrayLike,
-    y_pred: ArrayLike,
-    num_classes: int,
-    class_names: list[str] | None = None,
+    y_true: ArrayLike, y_pred: ArrayLike, num_classes: int, class_names: list[str] | None = None
 ) -> dict[str, Any]:
     """Accuracy, macro/micro-F1, per-class precision/recall/F1/support and the confusion matrix (JSON-ready)."""
     t, p = _pair(y_true, y_pred)
@@ -101,14 +92,9 @@ def classification_report(
     if len(names) != num_classes:
         raise DataError(f"{len(names)} class names for {num_classes} classes")
     per_class = [
-        {
-            "class": i,
-            "name": names[i],
-            "precision": float(scores["precision"][i]),
-            "recall": float(scores["recall"][i]),
-            "f1": float(scores["f1"][i]),
-            "support": int(scores["support"][i]),
-        }
+        {"class": i, "name": names[i]}
+        | {k: float(scores[k][i]) for k in ("precision", "recall", "f1")}
+        | {"support": int(scores["support"][i])}
         for i in range(num_classes)
     ]
     return {
@@ -153,12 +139,10 @@ def average_ranks(values: ArrayLike) -> np.ndarray:
 def roc_auc(scores: ArrayLike, positives: ArrayLike) -> float | None:
     """P(score of a random positive > score of a random negative), ties counting ½; None if one class is absent."""
     s, y = _ranking(scores, positives)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = average_ranks(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    u = average_ranks(s)[y].sum() - n_pos * (n_pos + 1) / 2.0  # Mann-Whitney U of the positives
     return float(u / (n_pos * n_neg))
 
 
@@ -169,15 +153,12 @@ def average_precision(scores: ArrayLike, positives: ArrayLike) -> float | None:
     if n_pos == 0:
         return None
     order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    tp = np.cumsum(y_sorted)
+    s_sorted = s[order]
     # evaluate only at the last row of each run of tied scores: tied rows cross the threshold together
     last = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-    tp_at = tp[last].astype(np.float64)
-    seen = (np.flatnonzero(last) + 1).astype(np.float64)
-    precision = tp_at / seen
-    recall = tp_at / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    tp_at = np.cumsum(y[order])[last].astype(np.float64)
+    precision = tp_at / (np.flatnonzero(last) + 1).astype(np.float64)
+    return float(np.sum(np.diff(np.r_[0.0, tp_at / n_pos]) * precision))
 
 
 def precision_at_k(scores: ArrayLike, positives: ArrayLike, k: int) -> float | None:
@@ -186,8 +167,7 @@ def precision_at_k(scores: ArrayLike, positives: ArrayLike, k: int) -> float | N
     k = min(int(k), s.size)
     if k <= 0:
         return None
-    top = np.argsort(-s, kind="mergesort")[:k]
-    return float(y[top].mean())
+    return float(y[np.argsort(-s, kind="mergesort")[:k]].mean())
 
 
 def detection_report(scores: ArrayLike, positives: ArrayLike) -> dict[str, Any]:

@@ -22,28 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mlrnet_cli import metrics, modeling, stageio
-from mlrnet_cli.artifacts import (
-    atomic_path,
-    check_writable,
-    guard_output,
-    guard_report,
-    make_meta,
-    read_json,
-    read_tensors,
-    write_table,
-)
+from mlrnet_cli import artifacts, inference, metrics, modeling, stageio
 from mlrnet_cli.configs import WeightsConfig
 from mlrnet_cli.errors import ArtifactError, DataError, FingerprintMismatchError, ModelError
-from mlrnet_cli.inference import (
-    Inference,
-    check_finished,
-    frozen_encoder_pass,
-    load_trained_classifier,
-    resolve_max_length,
-    resolve_model,
-    run_classifier,
-)
 from mlrnet_cli.metanet import normalized_curves
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.tokens import tokenize_table
@@ -56,6 +37,9 @@ log = logging.getLogger("mlrnet")
 
 META_NET_FILE = "meta_net.safetensors"
 DEAD_META_NET_STD = 1e-4
+NEEDS_META_NET = "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`"
+#: the columns of --export-relabel: the weights table's, the class names, and an empty one for the relabeller
+RELABEL_COLUMNS = "rank sample_id weight label label_name predicted predicted_name probability text new_label".split()
 
 
 @dataclass
@@ -92,22 +76,11 @@ def group_summary(weights: np.ndarray, groups: np.ndarray) -> dict[str, dict[str
     def stats(w: np.ndarray) -> dict[str, float]:
         if w.size == 0:
             return {"count": 0}
-        q = np.quantile(w, [0.0, 0.25, 0.5, 0.75, 1.0])
-        return {
-            "count": int(w.size),
-            "mean": float(w.mean()),
-            "std": float(w.std()),
-            "min": float(q[0]),
-            "q25": float(q[1]),
-            "median": float(q[2]),
-            "q75": float(q[3]),
-            "max": float(q[4]),
-        }
+        q = np.quantile(w, [0.0, 0.25, 0.5, 0.75, 1.0]).tolist()
+        quartiles = dict(zip(("min", "q25", "median", "q75", "max"), q, strict=True))
+        return {"count": int(w.size), "mean": float(w.mean()), "std": float(w.std()), **quartiles}
 
-    out = {"all": stats(weights)}
-    for g in sorted(set(groups.tolist())):
-        out[str(g)] = stats(weights[groups == g])
-    return out
+    return {"all": stats(weights)} | {str(g): stats(weights[groups == g]) for g in sorted(set(groups.tolist()))}
 
 
 def rank_lowest_first(weights: np.ndarray) -> np.ndarray:
@@ -128,19 +101,16 @@ def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dic
 
     path = model_dir / META_NET_FILE
     if not path.is_file():
-        raise ModelError(
-            f"{model_dir} has no {META_NET_FILE}: it was not trained with a meta-net",
-            "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
-        )
-    tensors, meta = read_tensors(path, "meta-net")
-    if isinstance(meta.get("meta_net"), dict) and meta["meta_net"].get("kind") == "mlc":
+        raise ModelError(f"{model_dir} has no {META_NET_FILE}: it was not trained with a meta-net", NEEDS_META_NET)
+    tensors, meta = artifacts.read_tensors(path, "meta-net")
+    spec = meta.get("meta_net") if isinstance(meta.get("meta_net"), dict) else {}  # `train` saves it there
+    if spec.get("kind") == "mlc":
         raise ModelError(
             f"{model_dir} was trained with `--method mlc`: its meta-net corrects labels (soft labels), it does not "
             "weight rows",
-            "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`",
+            NEEDS_META_NET,
         )
-    spec = _find_spec(meta) or _find_spec_in_folder(model_dir)
-    if spec is None:
+    if spec.get("kind") not in ("mlrnet", "mwnet"):
         raise ArtifactError(f"{path} does not say which meta-net it holds (no spec in its metadata)")
     net = build_meta_net(spec)
     try:
@@ -149,31 +119,6 @@ def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dic
         raise ArtifactError(f"{path} does not match its meta-net spec: {str(e).splitlines()[0]}") from e
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     return net.float().eval(), spec, config
-
-
-def _find_spec(obj: Any) -> dict[str, Any] | None:
-    """The first dict with a meta-net ``kind`` anywhere inside ``obj`` (saved metadata nests it)."""
-    stack = [obj]
-    while stack:
-        cur = stack.pop(0)
-        if isinstance(cur, dict):
-            if cur.get("kind") in ("mlrnet", "mwnet") and ("curve_len" in cur or "hidden" in cur):
-                return cur
-            stack.extend(cur.values())
-        elif isinstance(cur, list):
-            stack.extend(cur)
-    return None
-
-
-def _find_spec_in_folder(folder: Path) -> dict[str, Any] | None:
-    for f in sorted(folder.glob("*.json")):
-        try:
-            spec = _find_spec(read_json(f))
-        except ArtifactError:
-            continue
-        if spec is not None:
-            return spec
-    return None
 
 
 @torch.no_grad()
@@ -231,60 +176,50 @@ def compute_weights(
 
         require_matplotlib()
     ws = Workspace.at(workdir)
-    model_id = resolve_model(model, ws, hub_ok=False)
+    model_id = inference.resolve_model(model, ws, hub_ok=False)
     model_dir = Path(model_id)
     if not model_dir.is_dir():
         raise ModelError(f"--model {model_id} is not a folder saved by `mlrnet train`")
-    unfinished = check_finished(model_id, config.allow_unfinished)
+    unfinished = inference.check_finished(model_id, config.allow_unfinished)
     train_path = Path(train) if train is not None else ws.train
     losses_path = Path(losses) if losses is not None else ws.losses
     out_path = Path(out) if out is not None else ws.weights
 
     net, spec, train_cfg = load_meta_net(model_dir)
     kind = spec["kind"]
-
     rows = stageio.read_rows(train_path)
     labels, is_noisy = rows.labels, rows.is_noisy
-    true_label = rows.true_labels if rows.true_labels is not None and (rows.true_labels >= 0).all() else None
-
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
     curves, stage1_losses = _curves(losses_path, rows, spec, inputs)
-    max_length = resolve_max_length(config.max_length, train_cfg)
+    max_length = inference.resolve_max_length(config.max_length, train_cfg)
     # only what changes the table's content: display and speed settings may differ between reruns
     cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
     cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
     extra = {"unfinished_training": unfinished} if unfinished is not None else {}
-    meta = make_meta("weights", "weights", cfg, None, inputs, **extra)
-    paths = {"weights": out_path} | {
-        k: Path(p) for k, p in (("relabel", export_relabel), ("plot", plot)) if p is not None
-    }
+    meta = artifacts.make_meta("weights", "weights", cfg, None, inputs, **extra)
+    also = {"relabel": export_relabel, "plot": plot}
+    paths = {"weights": out_path} | {k: Path(p) for k, p in also.items() if p is not None}
     # a report of its inputs: rewritten when they changed (a retrained model/best, a new train.arrow)
-    guard_report(
-        out_path, meta, about=("model", "train"), inputs=[train_path, losses_path, model_dir], overwrite=overwrite
-    )
+    read = [train_path, losses_path, model_dir]
+    artifacts.guard_report(out_path, meta, about=("model", "train"), inputs=read, overwrite=overwrite)
     for p in paths.values():
         if p != out_path:
-            guard_output(p, meta, inputs=[train_path, losses_path, model_dir, out_path], overwrite=True)
-        check_writable(p)  # now, not after the classifier pass
+            artifacts.guard_output(p, meta, inputs=[*read, out_path], overwrite=True)
+        artifacts.check_writable(p)  # now, not after the classifier pass
 
-    device = modeling.select_device(config.device)
-    clf, class_names, _ = load_trained_classifier(model_id, ws, device)
-    num_classes = len(class_names)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise DataError(f"{train_path} has labels outside 0..{num_classes - 1} of the model")
-    inf = _classifier_pass(config, clf, rows, model_id, train_cfg, ws, kind, inputs["model"], max_length, progress)
+    clf, class_names, _ = inference.load_trained_classifier(model_id, ws, modeling.select_device(config.device))
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise DataError(f"{train_path} has labels outside 0..{len(class_names) - 1} of the model")
+    inf = _classifier_pass(config, clf, rows, ws, train_cfg, meta, progress)
     probs = inf.probabilities
-    predicted = probs.argmax(axis=1).astype(np.int64)
     row_loss = cross_entropy(inf.logits, labels)
     weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
     if weight.std() < DEAD_META_NET_STD:
         log.warning("every training row gets the same weight (std %.2g): the meta-net learned nothing", weight.std())
 
-    head = head_classes(labels, num_classes)
+    head = head_classes(labels, len(class_names))
     groups = row_groups(labels, is_noisy, head)
-    rank = rank_lowest_first(weight)
-
-    table = _weights_table(rows, weight, rank, predicted, probs, row_loss, groups, true_label)
+    table = _weights_table(rows, weight, probs, row_loss, groups)
     summary: dict[str, Any] = {
         "method": kind,
         "model": model_id,
@@ -297,10 +232,10 @@ def compute_weights(
     }
     summary |= extra
     top = _top_rows(table, config.top, class_names)
-    named = ["label", "predicted"] + (["true_label"] if true_label is not None else [])
-    write_table(out_path, table, meta, class_names=dict.fromkeys(named, class_names))
+    named = [c for c in ("label", "predicted", "true_label") if c in table.column_names]
+    artifacts.write_table(out_path, table, meta, class_names=dict.fromkeys(named, class_names))
     if export_relabel is not None:
-        _write_relabel_csv(paths["relabel"], top)
+        _write_relabel_csv(paths["relabel"], top, table.schema)
     if plot is not None:
         from mlrnet_cli.plot import plot_weights
 
@@ -344,65 +279,59 @@ def _classifier_pass(
     config: WeightsConfig,
     clf: Any,
     rows: stageio.Rows,
-    model_id: str,
-    train_cfg: dict[str, Any],
     ws: Workspace,
-    kind: str,
-    model_fp: str,
-    max_length: int,
+    train_cfg: dict[str, Any],
+    meta: dict[str, Any],
     progress: Progress | None,
-) -> Inference:
-    """Logits (and features) of every training row, through the token cache `train` filled."""
+) -> inference.Inference:
+    """Logits (and features) of every training row, through the token cache `train` filled (``meta``: the
+    resolved model, method and max length of this run)."""
+    model_id = meta["config"]["model"]
     tokenizer = modeling.load_tokenizer(model_id)
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
-    tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else model_fp
-    tokens = tokenize_table(rows.path, tokenizer, tok_id, max_length, ws.cache, table=rows.table)
+    tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else meta["inputs"]["model"]
+    tokens = tokenize_table(rows.path, tokenizer, tok_id, meta["config"]["max_length"], ws.cache, table=rows.table)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(clf.parameters()).device
     if train_cfg.get("freeze_encoder"):
-        return frozen_encoder_pass(
+        return inference.frozen_encoder_pass(
             clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
         )
-    return run_classifier(
+    return inference.run_classifier(
         clf,
         tokens.rows(range(len(tokens))),
         pad_id=pad_id,
         batch_size=config.batch_size,
         bf16=config.bf16,
-        with_features=kind == "mlrnet",
+        with_features=meta["config"]["method"] == "mlrnet",
         progress=progress,
         description="weights",
     )
 
 
 def _weights_table(
-    rows: stageio.Rows,
-    weight: np.ndarray,
-    rank: np.ndarray,
-    predicted: np.ndarray,
-    probs: np.ndarray,
-    row_loss: np.ndarray,
-    groups: np.ndarray,
-    true_label: np.ndarray | None,
+    rows: stageio.Rows, weight: np.ndarray, probs: np.ndarray, row_loss: np.ndarray, groups: np.ndarray
 ) -> pa.Table:
+    """One row per training row, in train order: the weight, its rank and the classifier's view of the row."""
     import pyarrow as pa
 
     labels, n = rows.labels, len(rows)
+    predicted = probs.argmax(axis=1).astype(np.int64)
     cols: dict[str, Any] = {
         "sample_id": pa.array(rows.sample_ids),
         "text": pa.array(rows.texts, pa.string()),
         "label": pa.array(labels),
         "weight": pa.array(weight),
-        "rank": pa.array(rank),
+        "rank": pa.array(rank_lowest_first(weight)),
         "predicted": pa.array(predicted),
         "probability": pa.array(probs[np.arange(n), predicted].astype(np.float32)),
         "label_probability": pa.array(probs[np.arange(n), labels].astype(np.float32)),
         "loss": pa.array(row_loss),
         "group": pa.array(groups.tolist(), pa.string()),
     }
-    if true_label is not None:
-        cols["true_label"] = pa.array(true_label.astype(np.int64))
+    if rows.true_labels is not None and (rows.true_labels >= 0).all():
+        cols["true_label"] = pa.array(rows.true_labels.astype(np.int64))
     if rows.is_noisy is not None:
         cols["is_noisy"] = pa.array(rows.is_noisy.astype(bool))
     return pa.table(cols)
@@ -418,25 +347,12 @@ def _top_rows(table: pa.Table, k: int, class_names: list[str]) -> list[dict[str,
     return out
 
 
-def _write_relabel_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """CSV of the distrusted rows with an empty ``new_label`` column for the human relabeller."""
+def _write_relabel_csv(path: Path, rows: list[dict[str, Any]], types: pa.Schema) -> None:
+    """CSV of the distrusted rows, in the weights table's column ``types``; names and new_label are strings."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    schema = pa.schema(
-        [
-            ("rank", pa.int64()),
-            ("sample_id", pa.int64()),
-            ("weight", pa.float32()),
-            ("label", pa.int64()),
-            ("label_name", pa.string()),
-            ("predicted", pa.int64()),
-            ("predicted_name", pa.string()),
-            ("probability", pa.float32()),
-            ("text", pa.string()),
-            ("new_label", pa.string()),
-        ]
-    )
-    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}  # new_label: empty, for the relabeller
-    with atomic_path(path) as tmp:
+    schema = pa.schema([types.field(c) if c in types.names else pa.field(c, pa.string()) for c in RELABEL_COLUMNS])
+    cols = {c: [r.get(c) for r in rows] for c in RELABEL_COLUMNS}  # new_label: empty, for the relabeller
+    with artifacts.atomic_path(path) as tmp:
         pcsv.write_csv(pa.table(cols, schema=schema), tmp)

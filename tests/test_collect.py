@@ -369,3 +369,25 @@ def test_minilm_noisy_samples_have_higher_final_loss(tmp_path: Path) -> None:
     noisy_final, clean_final = losses[mask, -1].mean().item(), losses[~mask, -1].mean().item()
     print(f"noisy {noisy_final:.4f} clean {clean_final:.4f} ({res.seconds:.1f}s, {res.samples_per_second:.1f}/s)")
     assert noisy_final > clean_final
+
+
+def test_cli_manifest_default_is_the_workspace_one_or_the_one_beside_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlrnet_cli.collect as collect_mod
+
+    seen = []
+
+    def fake(config: CollectConfig, **kw):
+        seen.append(kw["manifest_path"])
+        return collect_mod.CollectResult(Path(kw["losses_path"]), Path(kw["stage1_dir"]), 0, 1, [], "fp")
+
+    monkeypatch.setattr(collect_mod, "collect_losses", fake)
+    table, given = tmp_path / "other" / "train.arrow", tmp_path / "given.json"
+    table.parent.mkdir()
+    ws = ["-w", str(tmp_path / "w")]
+    for args in ([], ["--train", str(table)], ["--train", str(table), "--manifest", str(given)]):
+        assert CliRunner().invoke(app, ["collect-losses", *ws, *args]).exit_code == 0
+    (table.parent / "manifest.json").write_text("{}")
+    assert CliRunner().invoke(app, ["collect-losses", *ws, "--train", str(table)]).exit_code == 0
+    assert seen == [tmp_path / "w" / "data" / "manifest.json", None, given, table.parent / "manifest.json"]

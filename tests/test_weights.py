@@ -226,6 +226,28 @@ def test_weights_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path) -> No
     assert res.exit_code == 1 and "meta_net.safetensors" in res.stderr
 
 
+def test_load_meta_net_reads_the_spec_train_saves_and_refuses_mlc_or_none(tmp_path: Path) -> None:
+    from mlrnet_cli.artifacts import make_meta, write_tensors
+    from mlrnet_cli.errors import ArtifactError, ModelError
+    from mlrnet_cli.metanet import MWNet
+    from mlrnet_cli.weights import load_meta_net
+
+    net = MWNet(hidden=7)
+    write_tensors(
+        tmp_path / "meta_net.safetensors",
+        net.state_dict(),
+        make_meta("train", "model", {"lr": 1}, 0, {}, meta_net=net.spec()),
+    )
+    loaded, spec, cfg = load_meta_net(tmp_path)
+    assert spec == net.spec() and cfg == {"lr": 1} and isinstance(loaded, MWNet)
+    write_tensors(tmp_path / "meta_net.safetensors", {}, make_meta("train", "model", meta_net={"kind": "mlc"}))
+    with pytest.raises(ModelError, match="--method mlc"):
+        load_meta_net(tmp_path)
+    write_tensors(tmp_path / "meta_net.safetensors", net.state_dict(), make_meta("train", "model"))
+    with pytest.raises(ArtifactError, match="does not say which meta-net it holds"):
+        load_meta_net(tmp_path)
+
+
 def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 

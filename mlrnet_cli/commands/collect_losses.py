@@ -67,13 +67,9 @@ def collect_losses_cmd(
     config = build(CollectConfig, locals(), compile=compile_forward)
     ws = Workspace.at(workdir)
     train_path = train or ws.train
-    if manifest is not None:
-        manifest_path: Path | None = manifest
-    elif train is None:
-        manifest_path = ws.manifest
-    else:
-        beside = train.parent / "manifest.json"
-        manifest_path = beside if beside.is_file() else None
+    # the workspace's manifest, or the one beside --train when there is one
+    beside = ws.manifest if train is None else train.parent / "manifest.json"
+    manifest_path = manifest if manifest is not None else (beside if train is None or beside.is_file() else None)
     run_on_ranks(
         lambda prog: collect_losses(
             config,

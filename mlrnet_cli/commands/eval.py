@@ -8,17 +8,7 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import (
-    JsonOption,
-    ModelOption,
-    OverwriteOption,
-    WorkdirOption,
-    app,
-    emit,
-    option,
-    path_option,
-    rich_table,
-)
+from mlrnet_cli.commands._app import JsonOption, ModelOption, OverwriteOption, WorkdirOption, app, option, path_option
 from mlrnet_cli.configs import EvalConfig
 
 _opt = partial(option, EvalConfig)
@@ -53,7 +43,7 @@ def eval_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress, setup_logging
+    from mlrnet_cli.commands._app import emit, progress, setup_logging
     from mlrnet_cli.configs import build
     from mlrnet_cli.evaluate import evaluate
 
@@ -78,6 +68,8 @@ def eval_cmd(
 def _print_table(m: dict[str, Any]) -> None:
     from rich.console import Console
 
+    from mlrnet_cli.commands._app import rich_table
+
     console = Console()  # stdout: the metrics are this command's data
     title = f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   micro-F1 {m['micro_f1']:.4f}"
     scores = ("precision", "recall", "f1")
@@ -86,6 +78,5 @@ def _print_table(m: dict[str, Any]) -> None:
     console.print(rich_table(f"{title}   ({m['num_rows']} rows)", columns, rows))
     names = m["class_names"]
     cm_rows = ([name, *map(str, row)] for name, row in zip(names, m["confusion_matrix"], strict=True))
-    console.print(
-        rich_table("confusion matrix (rows: true, columns: predicted)", ["", *(n[:12] for n in names)], cm_rows)
-    )
+    header = ["", *(n[:12] for n in names)]
+    console.print(rich_table("confusion matrix (rows: true, columns: predicted)", header, cm_rows))

@@ -8,16 +8,7 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import (
-    JsonOption,
-    OverwriteOption,
-    WorkdirOption,
-    app,
-    emit,
-    option,
-    path_option,
-    rich_table,
-)
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
 from mlrnet_cli.configs import WeightsConfig
 
 _opt = partial(option, WeightsConfig)
@@ -57,7 +48,7 @@ def weights_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress, setup_logging, stderr_console
+    from mlrnet_cli.commands._app import emit, progress, setup_logging, stderr_console
     from mlrnet_cli.configs import build
     from mlrnet_cli.weights import compute_weights
 
@@ -84,6 +75,8 @@ def _fmt(x: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
+    from mlrnet_cli.commands._app import rich_table
+
     title = f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)"
     stats = ("mean", "q25", "median", "q75")
     groups = summary["groups"].items()
@@ -97,16 +90,11 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
             f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
             f"(noise rate {_fmt(det['base_rate'])})"
         )
-        s1 = det.get("stage1_loss")
-        console.print(
-            f"  within each label (mean over labels): ROC-AUC {_fmt(det['within_label']['roc_auc'])}"
-            + (
-                f"; the stage-1 loss alone: ROC-AUC {_fmt(s1['roc_auc'])}, within each label "
-                f"{_fmt(s1['within_label']['roc_auc'])}"
-                if s1
-                else ""
-            )
-        )
+        within = f"  within each label (mean over labels): ROC-AUC {_fmt(det['within_label']['roc_auc'])}"
+        if s1 := det.get("stage1_loss"):
+            within += f"; the stage-1 loss alone: ROC-AUC {_fmt(s1['roc_auc'])}, within each label "
+            within += _fmt(s1["within_label"]["roc_auc"])
+        console.print(within)
         console.print(
             "  ROC-AUC: the chance that a noisy row weighs less than a clean one (1 = all noise found, 0.5 = chance, "
             "below 0.5 = noisy rows weigh more, e.g. when noise fills the small classes the meta-net up-weights); "
