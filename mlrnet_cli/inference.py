@@ -28,10 +28,6 @@ from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
 
-#: the table files `eval` and `predict` read
-TABLE_SUFFIXES = {".arrow", ".feather", ".ipc", ".parquet", ".pq", ".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
-
-
 DEFAULT_MAX_LENGTH = 128  #: token truncation for a model that does not record the one it was trained with
 
 
@@ -124,12 +120,12 @@ def read_text_table(
 ) -> tuple[Any, list[str]]:
     """(table, texts) of an Arrow/Parquet/CSV/JSON Lines file: the text column as `corrupt` finds it (joined
     when several), no null or empty text."""
-    from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
+    from mlrnet_cli.data import LOCAL_SUFFIXES, joined_text, load_source, resolve_text_columns
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such file: {path}", missing_hint)
-    if path.suffix.lower() not in TABLE_SUFFIXES:
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise DataError(f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSONL")
     table = load_source(str(path)).table
     if table.num_rows == 0:

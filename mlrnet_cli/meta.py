@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -139,21 +140,9 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-class _Bound(nn.Module):
-    """Wraps ``fn(model, *args)`` so ``functional_call`` can swap the model's parameters for one call."""
-
-    def __init__(self, model: nn.Module, fn: Callable[..., object]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, *args: object) -> object:
-        return self.fn(self.model, *args)
-
-
-def _call_with(model: nn.Module, fn: Callable[..., object], params: Mapping[str, torch.Tensor], *args: object):
-    bound = _Bound(model, fn)
-    return torch.func.functional_call(bound, {f"model.{k}": v for k, v in params.items()}, args)
+def _call_with(model: nn.Module, fn: Callable[..., Any], params: Mapping[str, torch.Tensor], arg: object) -> Any:
+    """``fn(model, arg)`` with ``params`` in place of the model's own parameters, for this one call."""
+    return torch.func.functional_call(ForwardModule(model, fn), {f"model.{k}": v for k, v in params.items()}, (arg,))
 
 
 def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -174,29 +163,6 @@ def _replay_rng(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 def _head_only(names: Sequence[str], fns: ClassifierFns) -> bool:
     return fns.head is not None and bool(fns.head_prefix) and all(n.startswith(fns.head_prefix) for n in names)
-
-
-def _meta_logits(
-    model: nn.Module,
-    fns: ClassifierFns,
-    params: Mapping[str, torch.Tensor],
-    meta: StepBatch,
-    head_only: bool,
-    dropout: bool,
-) -> torch.Tensor:
-    """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
-
-    ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
-    """
-    with contextlib.nullcontext() if dropout else eval_mode(model):
-        if head_only:
-            assert fns.head is not None
-            with torch.no_grad():
-                features, _ = fns.forward(model, meta.inputs)
-            # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
-            return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
-        _, logits = _call_with(model, fns.forward, params, meta.inputs)
-        return logits
 
 
 #: the real step's forward: one input dict, or a list of them whose outputs are concatenated (one DDP forward)
@@ -245,6 +211,22 @@ class _RealPass:
     features: torch.Tensor
     logits: torch.Tensor
     clean_logits: torch.Tensor | None
+
+    def meta_logits(self, params: Mapping[str, torch.Tensor], meta: StepBatch, dropout: bool) -> torch.Tensor:
+        """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
+
+        ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
+        """
+        model, fns = self.model, self.fns
+        with contextlib.nullcontext() if dropout else eval_mode(model):
+            if self.head_only:
+                assert fns.head is not None
+                with torch.no_grad():
+                    features, _ = fns.forward(model, meta.inputs)
+                # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
+                return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
+            _, logits = _call_with(model, fns.forward, params, meta.inputs)
+            return logits
 
     def forward_tangent(
         self, tangents: Sequence[torch.Tensor], out: Callable[[torch.Tensor], torch.Tensor]
@@ -299,9 +281,7 @@ class _RealPass:
             if not unrolled:  # jvp: ŵ is a leaf, θ's gradient comes from along(g_meta)
                 stepped = [w.detach().requires_grad_(True) for w in stepped]
             w_hat = dict(zip(names, stepped, strict=True))
-            meta_loss = F.cross_entropy(
-                _upcast(_meta_logits(model, self.fns, w_hat, meta, self.head_only, meta_dropout)), meta.labels
-            )
+            meta_loss = F.cross_entropy(_upcast(self.meta_logits(w_hat, meta, meta_dropout)), meta.labels)
             if unrolled:
                 theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
             else:
