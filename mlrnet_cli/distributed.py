@@ -179,10 +179,7 @@ def shard_batches(
     for start in range(0, len(perm), g):
         glob = perm[start : start + g]
         own = torch.tensor_split(glob, w)[r]
-        if len(own):
-            out.append(Shard(own, len(own) * w / len(glob), len(glob)))
-        else:
-            out.append(Shard(glob[:1], 0.0, len(glob)))
+        out.append(Shard(own, len(own) * w / len(glob), len(glob)) if len(own) else Shard(glob[:1], 0.0, len(glob)))
     return out
 
 

@@ -8,7 +8,6 @@ its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. `ev
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ import torch
 
 from mlrnet_cli import artifacts, modeling, stageio
 from mlrnet_cli.errors import ArtifactError, DataError, ModelError
+from mlrnet_cli.modeling import autocast_context
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, pad_batch
@@ -108,11 +108,6 @@ def load_trained_classifier(
     class_names, label_values = class_names_for(num_labels, ws)
     model = modeling.load_classifier(name_or_path, num_labels, class_names, pickle_option=False)
     return model.to(device).eval(), class_names, label_values
-
-
-def autocast_context(device: torch.device, bf16: bool = True) -> Any:
-    """bf16 autocast on CUDA (unless turned off); a no-op elsewhere."""
-    return modeling.autocast_context(device) if bf16 else contextlib.nullcontext()
 
 
 def read_text_table(

@@ -54,12 +54,12 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU.
+def autocast_context(device: torch.device, bf16: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU or with ``bf16`` off.
 
     Losses should be computed from ``logits.float()`` outside or inside this context alike.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or not bf16:
         return contextlib.nullcontext()
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (Ampere+)
     torch.backends.cudnn.allow_tf32 = True
@@ -386,10 +386,7 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
 def head_name(model: torch.nn.Module) -> str:
     """The head's attribute path in ``model.named_parameters()`` (``"classifier"``)."""
     head = head_module(model)
-    for name, mod in model.named_modules():
-        if mod is head:
-            return name
-    raise ModelError(f"cannot locate the classification head of {type(model).__name__}")  # pragma: no cover
+    return next(name for name, mod in model.named_modules() if mod is head)
 
 
 def features_and_logits(

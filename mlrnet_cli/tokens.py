@@ -173,9 +173,8 @@ def pad_batch(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        n = len(r)
-        ids[i, :n] = r
-        mask[i, :n] = 1
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
