@@ -307,7 +307,7 @@ def load_classifier(
             "use the base model (without a classification head) or data with the same classes",
         )
     kwargs: dict[str, Any] = {"num_labels": num_labels, "dtype": torch.float32, "trust_remote_code": trust_remote_code}
-    kwargs["use_safetensors"] = None if allow_pickle else True
+    kwargs |= {"use_safetensors": None if allow_pickle else True}
     if class_names is not None:  # otherwise keep the checkpoint's own names
         names = [str(n) for n in class_names]
         if len(names) != num_labels:
