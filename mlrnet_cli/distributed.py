@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mlrnet_cli.errors import UsageError
+
 log = logging.getLogger("mlrnet")
 
 #: Environment variables torchrun sets for every worker.
@@ -78,8 +80,6 @@ def init_from_env(timeout_s: float | None = None) -> bool:
         return True
     missing = [v for v in ENV_VARS if v not in os.environ]
     if missing:
-        from mlrnet_cli.errors import UsageError
-
         raise UsageError(
             f"WORLD_SIZE > 1 but {', '.join(missing)} not set",
             "start distributed runs with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)",
@@ -179,10 +179,7 @@ def shard_batches(
     for start in range(0, len(perm), g):
         glob = perm[start : start + g]
         own = torch.tensor_split(glob, w)[r]
-        if len(own):
-            out.append(Shard(own, len(own) * w / len(glob), len(glob)))
-        else:
-            out.append(Shard(glob[:1], 0.0, len(glob)))
+        out.append(Shard(own, len(own) * w / len(glob), len(glob)) if len(own) else Shard(glob[:1], 0.0, len(glob)))
     return out
 
 
@@ -225,15 +222,11 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present])
     if weight != 1.0:
         flat.mul_(weight)
-    dev = _comm_device(flat)
-    buf = flat.to(dev)
+    buf = flat.to(_comm_device(flat))
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf = buf.div_(world_size()).to(present[0].device)
-    offset = 0
-    for t in present:
-        k = t.numel()
-        t.copy_(buf[offset : offset + k].view_as(t).to(t.dtype))
-        offset += k
+    for t, part in zip(present, buf.split([t.numel() for t in present]), strict=True):
+        t.copy_(part.view_as(t).to(t.dtype))
 
 
 def gather_rows(rows: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -291,17 +284,18 @@ def broadcast_module_(module: nn.Module) -> None:
 
 
 class ForwardModule(nn.Module):
-    """``fn(model, inputs)`` as a module, so DistributedDataParallel and torch.compile can wrap one forward
-    that is not ``model.forward`` (e.g. logits from cached features). ``inputs`` may be a list of input
-    dicts (a step that mixes tables): each runs and the outputs are concatenated, still one DDP forward."""
+    """``fn(model, inputs)`` as a module, so DistributedDataParallel, torch.compile and ``functional_call`` can
+    wrap one forward that is not ``model.forward`` (e.g. logits from cached features, the head alone on features).
+    ``inputs`` may be a list of input dicts (a step that mixes tables): each runs and the outputs are concatenated,
+    still one DDP forward."""
 
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]) -> None:
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]) -> None:
         super().__init__()
         self.model = model
         self.fn = fn
 
-    def forward(self, inputs: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> Any:
-        if isinstance(inputs, Mapping):
+    def forward(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[Mapping[str, torch.Tensor]]) -> Any:
+        if isinstance(inputs, Mapping | torch.Tensor):
             return self.fn(self.model, inputs)
         return _concat([self.fn(self.model, i) for i in inputs])
 

@@ -8,7 +8,6 @@ its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. `ev
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -21,16 +20,13 @@ import torch
 
 from mlrnet_cli import artifacts, modeling, stageio
 from mlrnet_cli.errors import ArtifactError, DataError, ModelError
+from mlrnet_cli.modeling import autocast_context
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
 from mlrnet_cli.tokens import TokenCache, encode_features, length_grouped_batches, pad_batch
 from mlrnet_cli.workspace import Workspace
 
 log = logging.getLogger("mlrnet")
-
-#: the table files `eval` and `predict` read
-TABLE_SUFFIXES = {".arrow", ".feather", ".ipc", ".parquet", ".pq", ".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
-
 
 DEFAULT_MAX_LENGTH = 128  #: token truncation for a model that does not record the one it was trained with
 
@@ -114,22 +110,17 @@ def load_trained_classifier(
     return model.to(device).eval(), class_names, label_values
 
 
-def autocast_context(device: torch.device, bf16: bool = True) -> Any:
-    """bf16 autocast on CUDA (unless turned off); a no-op elsewhere."""
-    return modeling.autocast_context(device) if bf16 else contextlib.nullcontext()
-
-
 def read_text_table(
     path: str | os.PathLike[str], text_column: str | None, missing_hint: str, empty_hint: str | None = None
 ) -> tuple[Any, list[str]]:
     """(table, texts) of an Arrow/Parquet/CSV/JSON Lines file: the text column as `corrupt` finds it (joined
     when several), no null or empty text."""
-    from mlrnet_cli.data import joined_text, load_source, resolve_text_columns
+    from mlrnet_cli.data import LOCAL_SUFFIXES, joined_text, load_source, resolve_text_columns
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such file: {path}", missing_hint)
-    if path.suffix.lower() not in TABLE_SUFFIXES:
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise DataError(f"cannot read {path}: unknown file type {path.suffix!r}", "use Arrow, Parquet, CSV or JSONL")
     table = load_source(str(path)).table
     if table.num_rows == 0:

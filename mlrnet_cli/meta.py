@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlrnet_cli.configs import parse_meta_params
+from mlrnet_cli.distributed import ForwardModule
 from mlrnet_cli.errors import ConfigError
 from mlrnet_cli.modeling import eval_mode, math_attention
 
@@ -138,21 +140,9 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-class _Bound(nn.Module):
-    """Wraps ``fn(model, *args)`` so ``functional_call`` can swap the model's parameters for one call."""
-
-    def __init__(self, model: nn.Module, fn: Callable[..., object]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, *args: object) -> object:
-        return self.fn(self.model, *args)
-
-
-def _call_with(model: nn.Module, fn: Callable[..., object], params: Mapping[str, torch.Tensor], *args: object):
-    bound = _Bound(model, fn)
-    return torch.func.functional_call(bound, {f"model.{k}": v for k, v in params.items()}, args)
+def _call_with(model: nn.Module, fn: Callable[..., Any], params: Mapping[str, torch.Tensor], arg: object) -> Any:
+    """``fn(model, arg)`` with ``params`` in place of the model's own parameters, for this one call."""
+    return torch.func.functional_call(ForwardModule(model, fn), {f"model.{k}": v for k, v in params.items()}, (arg,))
 
 
 def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,93 +165,8 @@ def _head_only(names: Sequence[str], fns: ClassifierFns) -> bool:
     return fns.head is not None and bool(fns.head_prefix) and all(n.startswith(fns.head_prefix) for n in names)
 
 
-def _meta_logits(
-    model: nn.Module,
-    fns: ClassifierFns,
-    params: Mapping[str, torch.Tensor],
-    meta: StepBatch,
-    head_only: bool,
-    dropout: bool,
-) -> torch.Tensor:
-    """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
-
-    ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
-    """
-    with contextlib.nullcontext() if dropout else eval_mode(model):
-        if head_only:
-            assert fns.head is not None
-            with torch.no_grad():
-                features, _ = fns.forward(model, meta.inputs)
-            # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
-            return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
-        _, logits = _call_with(model, fns.forward, params, meta.inputs)
-        return logits
-
-
-def _directional_losses(
-    model: nn.Module,
-    fns: ClassifierFns,
-    batch: StepBatch,
-    names: Sequence[str],
-    tangents: Sequence[torch.Tensor],
-    *,
-    rng: tuple[torch.Tensor, torch.Tensor | None],
-    device: torch.device,
-    features: torch.Tensor | None,
-) -> torch.Tensor:
-    """s_i = ∇_w L_i(w) · t for every sample i in one forward-mode pass (the training forward, replayed)."""
-    with _dual_logits(model, fns, batch, names, tangents, rng=rng, device=device, features=features) as logits:
-        losses = per_sample_loss(logits, batch.labels)
-        tangent = fwAD.unpack_dual(losses).tangent
-    if tangent is None:  # the selected parameters do not reach the loss
-        return torch.zeros_like(batch.labels, dtype=torch.float32)
-    return tangent.detach()
-
-
-@contextlib.contextmanager
-def _dual_logits(
-    model: nn.Module,
-    fns: ClassifierFns,
-    batch: StepBatch,
-    names: Sequence[str],
-    tangents: Sequence[torch.Tensor],
-    *,
-    rng: tuple[torch.Tensor, torch.Tensor | None],
-    device: torch.device,
-    features: torch.Tensor | None,
-) -> Iterator[torch.Tensor]:
-    """The training batch's logits as dual tensors whose tangent is their derivative along ``tangents`` (the
-    training forward replayed with its dropout masks, or the head alone on ``features``), inside the dual level."""
-    params = dict(model.named_parameters())
-    with torch.no_grad(), fwAD.dual_level():
-        duals = {
-            n: fwAD.make_dual(params[n].detach(), t.to(params[n].dtype)) for n, t in zip(names, tangents, strict=True)
-        }
-        if features is not None:
-            assert fns.head is not None
-            # the real forward ran under bf16 autocast on CUDA; this replay runs outside it, in the head's dtype
-            logits = _call_with(model, fns.head, duals, features.to(params[names[0]].dtype))
-        else:
-            with _replay_rng(rng, device):
-                _, logits = _call_with(model, fns.forward, duals, batch.inputs)
-        yield logits
-
-
 #: the real step's forward: one input dict, or a list of them whose outputs are concatenated (one DDP forward)
 RealForward = Callable[[Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]], tuple[torch.Tensor, ...]]
-
-
-def plain_forward(model: nn.Module, fns: ClassifierFns) -> RealForward:
-    """``fns.forward`` on ``model`` as a :data:`RealForward` (what ``distributed.training_forward`` gives in one
-    process without compile)."""
-
-    def forward(inputs: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        if isinstance(inputs, Mapping):
-            return fns.forward(model, inputs)
-        outs = [fns.forward(model, i) for i in inputs]
-        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-
-    return forward
 
 
 def forward_with_clean(
@@ -294,7 +199,11 @@ def add_clean_share(
 class _RealPass:
     """The real step's forward of meta_step / mlc_step, and what their meta update needs to know about it."""
 
-    device: torch.device
+    model: nn.Module
+    fns: ClassifierFns
+    batch: StepBatch
+    names: list[str]  #: the parameters of ŵ (``--meta-params``)
+    unrolled: bool
     rng: tuple[torch.Tensor, torch.Tensor | None]
     head_only: bool
     attention: Callable[[], contextlib.AbstractContextManager[None]]
@@ -302,6 +211,91 @@ class _RealPass:
     features: torch.Tensor
     logits: torch.Tensor
     clean_logits: torch.Tensor | None
+
+    def meta_logits(self, params: Mapping[str, torch.Tensor], meta: StepBatch, dropout: bool) -> torch.Tensor:
+        """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
+
+        ``dropout``: leave the model in its own (training) mode; otherwise it runs in eval mode.
+        """
+        model, fns = self.model, self.fns
+        with contextlib.nullcontext() if dropout else eval_mode(model):
+            if self.head_only:
+                assert fns.head is not None
+                with torch.no_grad():
+                    features, _ = fns.forward(model, meta.inputs)
+                # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
+                return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
+            _, logits = _call_with(model, fns.forward, params, meta.inputs)
+            return logits
+
+    def forward_tangent(
+        self, tangents: Sequence[torch.Tensor], out: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The derivative of ``out(training logits)`` at w along ``tangents`` (one per ŵ parameter), in one
+        forward-mode pass: the training forward replayed with its dropout masks, or the head alone on the real
+        forward's features. None when the selected parameters do not reach it."""
+        model, params = self.model, dict(self.model.named_parameters())
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {
+                n: fwAD.make_dual(params[n].detach(), t.to(params[n].dtype))
+                for n, t in zip(self.names, tangents, strict=True)
+            }
+            if self.head_only:
+                assert self.fns.head is not None
+                # the real forward ran under bf16 autocast on CUDA; this replay runs outside it, in the head's dtype
+                logits = _call_with(model, self.fns.head, duals, self.features.detach().to(params[self.names[0]].dtype))
+            else:
+                with _replay_rng(self.rng, self.batch.labels.device):
+                    _, logits = _call_with(model, self.fns.forward, duals, self.batch.inputs)
+            tangent = fwAD.unpack_dual(out(logits)).tangent
+        return None if tangent is None else tangent.detach()
+
+    def meta_update(
+        self,
+        opt: torch.optim.Optimizer,
+        theta: list[torch.Tensor],
+        meta: StepBatch,
+        train_loss: torch.Tensor,
+        coeffs: torch.Tensor | None,
+        along: Callable[[list[torch.Tensor]], Sequence[torch.Tensor | None]],
+        alpha: float,
+        meta_dropout: bool,
+        meta_grad_scale: float,
+        reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None,
+    ) -> torch.Tensor:
+        """The virtual step ŵ = w − α ∇_w Σ_i c_i train_loss_i (eqs. 4/8; ``coeffs`` None: a scalar loss), the meta
+        loss at ŵ (eq. 5) and one optimiser step of the meta-net θ on its exact gradient (the other arguments as for
+        :func:`meta_step`). Returns the meta loss, detached.
+
+        ``unrolled``: ŵ(θ) is built with ``create_graph=True`` and the meta loss is backpropagated through it. jvp:
+        ŵ is a detached leaf and ``along(g_meta)`` turns ``g_meta = ∇L_meta(ŵ)`` into the θ gradient."""
+        model, names, unrolled = self.model, self.names, self.unrolled
+        params = dict(model.named_parameters())
+        selected = [params[n] for n in names]
+        with self.attention():
+            c = coeffs if unrolled or coeffs is None else coeffs.detach()
+            grads = torch.autograd.grad(
+                train_loss, selected, grad_outputs=c, create_graph=unrolled, retain_graph=True, allow_unused=True
+            )
+            stepped = [p if g is None else p - alpha * g for p, g in zip(selected, grads, strict=True)]
+            if not unrolled:  # jvp: ŵ is a leaf, θ's gradient comes from along(g_meta)
+                stepped = [w.detach().requires_grad_(True) for w in stepped]
+            w_hat = dict(zip(names, stepped, strict=True))
+            meta_loss = F.cross_entropy(_upcast(self.meta_logits(w_hat, meta, meta_dropout)), meta.labels)
+            if unrolled:
+                theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
+            else:
+                g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
+                theta_grads = along(
+                    [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]
+                )
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(theta, theta_grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
+        if reduce_meta_grads is not None:
+            reduce_meta_grads([p.grad for p in theta])
+        opt.step()
+        return meta_loss.detach()
 
 
 def _real_pass(
@@ -317,33 +311,16 @@ def _real_pass(
     rows and, with ``--meta-share``, the clean rows after them."""
     if mode not in ("jvp", "unrolled"):
         raise ConfigError(f"unknown meta-step mode {mode!r}")
-    device = batch.labels.device
-    rng = _rng_snapshot(device)
+    rng = _rng_snapshot(batch.labels.device)
     head_only = _head_only(meta_params, fns)
     # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
     # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
     attention = contextlib.nullcontext if head_only else math_attention
+    # without a real_forward, the plain one-process forward (what distributed.training_forward gives then)
+    forward = ForwardModule(model, fns.forward).forward if real_forward is None else real_forward
     with attention():
-        features, logits, clean_logits = forward_with_clean(
-            plain_forward(model, fns) if real_forward is None else real_forward, batch, clean
-        )
-    return _RealPass(device, rng, head_only, attention, clean, features, logits, clean_logits)
-
-
-def _step_theta(
-    opt: torch.optim.Optimizer,
-    theta: list[torch.Tensor],
-    grads: Sequence[torch.Tensor | None],
-    scale: float,
-    reduce: Callable[[list[torch.Tensor]], None] | None,
-) -> None:
-    """One optimiser step of the meta-net on its exact gradient, scaled (and averaged over ranks by ``reduce``)."""
-    opt.zero_grad(set_to_none=True)
-    for p, g in zip(theta, grads, strict=True):
-        p.grad = torch.zeros_like(p) if g is None else g.detach() * scale
-    if reduce is not None:
-        reduce([p.grad for p in theta])
-    opt.step()
+        out = forward_with_clean(forward, batch, clean)
+    return _RealPass(model, fns, batch, list(meta_params), mode == "unrolled", rng, head_only, attention, clean, *out)
 
 
 def meta_step(
@@ -388,57 +365,29 @@ def meta_step(
     see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
     """
     rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
-    device, rng, head_only, attention, clean = rp.device, rp.rng, rp.head_only, rp.attention, rp.clean
-    features, logits, clean_logits = rp.features, rp.logits, rp.clean_logits
-    losses = per_sample_loss(logits, batch.labels)
-    feats = features.detach()
-    loss_in = losses.detach()
+    losses = per_sample_loss(rp.logits, batch.labels)
+    feats, loss_in = rp.features.detach(), losses.detach()
 
-    meta_loss_value: torch.Tensor | None = None
+    meta_loss: torch.Tensor | None = None
     if update_meta and meta_batch is not None and meta_opt is not None:
-        params = dict(model.named_parameters())
-        names = list(meta_params)
-        selected = [params[n] for n in names]
         theta = [p for p in meta_net.parameters() if p.requires_grad]
         coeffs = weight_coefficients(meta_net(feats, batch.labels, batch.curves, loss_in), normalize_weights)
-        if mode == "unrolled":
-            with attention():
-                grads = torch.autograd.grad(
-                    losses, selected, grad_outputs=coeffs, create_graph=True, retain_graph=True, allow_unused=True
-                )
-                w_hat = {n: p if g is None else p - alpha * g for n, p, g in zip(names, selected, grads, strict=True)}
-                meta_loss = F.cross_entropy(
-                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
-                )
-                theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
-        else:
-            with attention():
-                grads = torch.autograd.grad(
-                    losses, selected, grad_outputs=coeffs.detach(), retain_graph=True, allow_unused=True
-                )
-                w_hat = {
-                    n: (p.detach() if g is None else (p - alpha * g).detach()).requires_grad_(True)
-                    for n, p, g in zip(names, selected, grads, strict=True)
-                }
-                meta_loss = F.cross_entropy(
-                    _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
-                )
-                g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
-                g_meta = [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]
-                s = _directional_losses(
-                    model, fns, batch, names, g_meta, rng=rng, device=device, features=feats if head_only else None
-                )
-            theta_grads = torch.autograd.grad(
-                coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True
-            )
-        _step_theta(meta_opt, theta, theta_grads, meta_grad_scale, reduce_meta_grads)
-        meta_loss_value = meta_loss.detach()
+
+        def along(g_meta: list[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+            # −α Σ_i s_i ∂c_i/∂θ with s_i = ∇L_i(w) · g_meta
+            s = rp.forward_tangent(g_meta, lambda logits: per_sample_loss(logits, batch.labels))
+            s = torch.zeros_like(batch.labels, dtype=torch.float32) if s is None else s
+            return torch.autograd.grad(coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True)
+
+        meta_loss = rp.meta_update(
+            meta_opt, theta, meta_batch, losses, coeffs, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
+        )
 
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
     loss = (weight_coefficients(weights, normalize_weights).to(losses.dtype) * losses).sum()
-    loss = add_clean_share(loss, clean_logits, clean, clean_share)
-    return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss_value)
+    loss = add_clean_share(loss, rp.clean_logits, rp.clean, clean_share)
+    return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +423,7 @@ def mlc_step(
     fns: ClassifierFns,
     update_meta: bool = True,
     mode: str = "jvp",
-    real_forward: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    real_forward: RealForward | None = None,
     reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None = None,
     meta_grad_scale: float = 1.0,
     meta_dropout: bool = False,
@@ -489,100 +438,38 @@ def mlc_step(
     clean meta batch's cross-entropy at ŵ, and the LCN's optimiser steps on its exact gradient dL_meta/dθ. The
     returned loss is the soft-label cross-entropy against ``ŷ(θ_new)`` (detached), for the caller's optimiser.
 
+    w does not depend on θ, so ``dL_meta/dθ = −α ∂/∂θ [g_meta · ∇_w L_train(w, θ)]`` with ``g_meta = ∇L_meta(ŵ)``.
+    Through the logits z: ``g_meta · ∇_w L_train = Σ_ic (∂L_train/∂z_ic)(z, θ) dz_ic`` with ``dz`` the logits'
+    derivative along g_meta (one forward-mode pass, the training forward replayed), z and dz held fixed.
+    ``unrolled`` backpropagates through ŵ(θ) built with ``create_graph=True`` instead.
+
     The arguments mean what they mean for :func:`meta_step` (modes, head-only path, dropout replay, gradient
     scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
     become soft labels.
     """
     rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
-    rng, head_only, attention, clean = rp.rng, rp.head_only, rp.attention, rp.clean
-    features, logits, clean_logits = rp.features, rp.logits, rp.clean_logits
-    feats = features.detach()
+    feats = rp.features.detach()
 
-    meta_loss_value: torch.Tensor | None = None
+    meta_loss: torch.Tensor | None = None
     if update_meta and meta_batch is not None and lcn_opt is not None:
         theta = [p for p in lcn.parameters() if p.requires_grad]
-        with attention():
-            theta_grads, meta_loss = _mlc_theta_grads(
-                model,
-                lcn,
-                theta,
-                logits,
-                feats,
-                batch,
-                meta_batch,
-                alpha=alpha,
-                names=list(meta_params),
-                fns=fns,
-                head_only=head_only,
-                mode=mode,
-                meta_dropout=meta_dropout,
-                rng=rng,
-            )
-        _step_theta(lcn_opt, theta, theta_grads, meta_grad_scale, reduce_meta_grads)
-        meta_loss_value = meta_loss.detach()
+        soft = lcn(feats, batch.labels)
+
+        def along(g_meta: list[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+            dz = rp.forward_tangent(g_meta, lambda logits: logits)
+            if dz is None:  # the selected parameters do not reach the logits
+                return [None for _ in theta]
+            z = _upcast(rp.logits.detach()).requires_grad_(True)
+            (dl_dz,) = torch.autograd.grad(soft_cross_entropy(z, soft).mean(), z, create_graph=True)
+            return torch.autograd.grad(dl_dz, theta, grad_outputs=-alpha * dz.to(dl_dz.dtype), allow_unused=True)
+
+        train_loss = soft_cross_entropy(rp.logits, soft if rp.unrolled else soft.detach()).mean()
+        meta_loss = rp.meta_update(
+            lcn_opt, theta, meta_batch, train_loss, None, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
+        )
 
     with torch.no_grad():
-        soft = lcn(feats, batch.labels).detach()
-    losses = soft_cross_entropy(logits, soft)
-    loss = add_clean_share(losses.mean(), clean_logits, clean, clean_share)
-    return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft, meta_loss=meta_loss_value)
-
-
-def _mlc_theta_grads(
-    model: nn.Module,
-    lcn: nn.Module,
-    theta: list[torch.Tensor],
-    logits: torch.Tensor,
-    feats: torch.Tensor,
-    batch: StepBatch,
-    meta_batch: StepBatch,
-    *,
-    alpha: float,
-    names: list[str],
-    fns: ClassifierFns,
-    head_only: bool,
-    mode: str,
-    meta_dropout: bool,
-    rng: tuple[torch.Tensor, torch.Tensor | None],
-) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
-    """(dL_meta/dθ per LCN parameter, the meta loss) of one MLC look-ahead step.
-
-    w does not depend on θ, so ``dL_meta/dθ = −α ∂/∂θ [g_meta · ∇_w L_train(w, θ)]`` with ``g_meta = ∇L_meta(ŵ)``.
-    Through the logits z: ``g_meta · ∇_w L_train = Σ_ic (∂L_train/∂z_ic)(z, θ) dz_ic`` with ``dz`` the logits'
-    derivative along g_meta (one forward-mode pass, the training forward replayed), z and dz held fixed.
-    ``unrolled`` backpropagates through ŵ(θ) built with ``create_graph=True`` instead.
-    """
-    params = dict(model.named_parameters())
-    selected = [params[n] for n in names]
-    soft = lcn(feats, batch.labels)
-    if mode == "unrolled":
-        train_loss = soft_cross_entropy(logits, soft).mean()
-        grads = torch.autograd.grad(train_loss, selected, create_graph=True, retain_graph=True, allow_unused=True)
-        w_hat = {n: p if g is None else p - alpha * g for n, p, g in zip(names, selected, grads, strict=True)}
-        meta_loss = F.cross_entropy(
-            _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
-        )
-        return torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True), meta_loss
-    train_loss = soft_cross_entropy(logits, soft.detach()).mean()
-    grads = torch.autograd.grad(train_loss, selected, retain_graph=True, allow_unused=True)
-    w_hat = {
-        n: (p.detach() if g is None else (p - alpha * g).detach()).requires_grad_(True)
-        for n, p, g in zip(names, selected, grads, strict=True)
-    }
-    meta_loss = F.cross_entropy(
-        _upcast(_meta_logits(model, fns, w_hat, meta_batch, head_only, meta_dropout)), meta_batch.labels
-    )
-    g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
-    g_meta = [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]
-    with _dual_logits(
-        model, fns, batch, names, g_meta, rng=rng, device=batch.labels.device, features=feats if head_only else None
-    ) as dual:
-        dz = fwAD.unpack_dual(dual).tangent
-    if dz is None:  # the selected parameters do not reach the logits
-        return tuple(None for _ in theta), meta_loss
-    z = _upcast(logits.detach()).requires_grad_(True)
-    (dl_dz,) = torch.autograd.grad(soft_cross_entropy(z, soft).mean(), z, create_graph=True)
-    theta_grads = torch.autograd.grad(
-        dl_dz, theta, grad_outputs=-alpha * dz.detach().to(dl_dz.dtype), allow_unused=True
-    )
-    return theta_grads, meta_loss
+        soft_new = lcn(feats, batch.labels).detach()
+    losses = soft_cross_entropy(rp.logits, soft_new)
+    loss = add_clean_share(losses.mean(), rp.clean_logits, rp.clean, clean_share)
+    return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft_new, meta_loss=meta_loss)

@@ -26,10 +26,20 @@ def normalized_curves(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return losses - (sums / counts[:, None])[labels]
 
 
-class MWNet(nn.Module):
+class _MetaNet(nn.Module):
+    """A meta-net that ``build_meta_net`` rebuilds from its ``spec()``: its ``kind`` and constructor arguments."""
+
+    kind: str
+    spec_keys: tuple[str, ...]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{k: getattr(self, k) for k in self.spec_keys}}
+
+
+class MWNet(_MetaNet):
     """Meta-Weight-Net (Shu et al. 2019): weight = sigmoid(MLP(loss)), an MLP 1 → hidden → 1 with ReLU."""
 
-    kind = "mwnet"
+    kind, spec_keys = "mwnet", ("hidden",)
 
     def __init__(self, hidden: int = 100) -> None:
         super().__init__()
@@ -46,9 +56,6 @@ class MWNet(nn.Module):
         """V(L_i; θ) of eqs. 2/4: the weight depends on the per-sample loss only."""
         return torch.sigmoid(self.net(losses.reshape(-1, 1).to(self.net[0].weight.dtype))).squeeze(-1)
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "hidden": self.hidden}
-
 
 def _tanh_mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -57,7 +64,7 @@ def _tanh_mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class MLRNetMetaNet(nn.Module):
+class MLRNetMetaNet(_MetaNet):
     """MLRNet's meta-net (§4.3): V(DF_i; θ) with DF_i built from feature, label embedding and loss curve (eq. 7).
 
     - ``[h(x_i) ; Y_emb(y_i)]`` → two Tanh layers → ``df_dim``;
@@ -66,15 +73,10 @@ class MLRNetMetaNet(nn.Module):
       the weight in [0, 1].
     """
 
-    kind = "mlrnet"
+    kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim")
 
     def __init__(
-        self,
-        feature_dim: int,
-        num_classes: int,
-        curve_len: int,
-        label_emb_dim: int = 128,
-        df_dim: int = 128,
+        self, feature_dim: int, num_classes: int, curve_len: int, label_emb_dim: int = 128, df_dim: int = 128
     ) -> None:
         super().__init__()
         self.feature_dim, self.num_classes, self.curve_len = feature_dim, num_classes, curve_len
@@ -94,28 +96,14 @@ class MLRNetMetaNet(nn.Module):
         return self.feature_branch(joint) + self.curve_branch(curves.to(dtype))
 
     def forward(
-        self,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        curves: torch.Tensor,
-        losses: torch.Tensor | None = None,
+        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor, losses: torch.Tensor | None = None
     ) -> torch.Tensor:
         """V(DF_i; θ) of eqs. 8/9: a weight in [0, 1] per sample."""
         df = self.discriminative_features(features, labels, curves)
         return torch.sigmoid(self.out(self.feed_forward(df))).squeeze(-1)
 
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "feature_dim": self.feature_dim,
-            "num_classes": self.num_classes,
-            "curve_len": self.curve_len,
-            "label_emb_dim": self.label_emb_dim,
-            "df_dim": self.df_dim,
-        }
 
-
-class LabelCorrectionNet(nn.Module):
+class LabelCorrectionNet(_MetaNet):
     """MLC's label-correction network (LCN; Zheng, Awadallah & Dumais, AAAI 2021): a soft label
     ``ŷ_i = softmax(g([h(x_i) ; Y_emb(ỹ_i)]; θ))`` over the C classes, from the classifier's head-input feature
     and the observed label.
@@ -125,7 +113,7 @@ class LabelCorrectionNet(nn.Module):
     copy the observed label). The reference sizes are a 64-d label embedding and 128 hidden units.
     """
 
-    kind = "mlc"
+    kind, spec_keys = "mlc", ("feature_dim", "num_classes", "label_emb_dim", "hidden_dim")
 
     def __init__(self, feature_dim: int, num_classes: int, label_emb_dim: int = 64, hidden_dim: int = 128) -> None:
         super().__init__()
@@ -151,36 +139,15 @@ class LabelCorrectionNet(nn.Module):
         joint = torch.cat([features.to(self.out.weight.dtype), self.label_embedding(labels)], dim=-1)
         return torch.softmax(self.out(self.hidden(joint)), dim=-1)
 
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "feature_dim": self.feature_dim,
-            "num_classes": self.num_classes,
-            "label_emb_dim": self.label_emb_dim,
-            "hidden_dim": self.hidden_dim,
-        }
-
 
 def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrectionNet:
     """Rebuild a meta-net from the ``spec()`` saved beside its weights."""
     kind = spec.get("kind")
-    if kind == LabelCorrectionNet.kind:
-        return LabelCorrectionNet(
-            int(spec["feature_dim"]),
-            int(spec["num_classes"]),
-            label_emb_dim=int(spec["label_emb_dim"]),
-            hidden_dim=int(spec["hidden_dim"]),
-        )
     if kind == MWNet.kind:
         return MWNet(hidden=int(spec.get("hidden", 100)))
-    if kind == MLRNetMetaNet.kind:
-        return MLRNetMetaNet(
-            int(spec["feature_dim"]),
-            int(spec["num_classes"]),
-            int(spec["curve_len"]),
-            label_emb_dim=int(spec["label_emb_dim"]),
-            df_dim=int(spec["df_dim"]),
-        )
+    for cls in (LabelCorrectionNet, MLRNetMetaNet):
+        if kind == cls.kind:
+            return cls(**{k: int(spec[k]) for k in cls.spec_keys})
     from mlrnet_cli.errors import ArtifactError
 
     raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

@@ -54,12 +54,12 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU.
+def autocast_context(device: torch.device, bf16: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA devices that support it (and TF32 matmuls); ``nullcontext`` on CPU or with ``bf16`` off.
 
     Losses should be computed from ``logits.float()`` outside or inside this context alike.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or not bf16:
         return contextlib.nullcontext()
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (Ampere+)
     torch.backends.cudnn.allow_tf32 = True
@@ -99,12 +99,6 @@ def math_attention() -> contextlib.AbstractContextManager[Any]:
 # loading
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 @contextlib.contextmanager
 def _hf_errors_only() -> Iterator[None]:
     """transformers' multi-line load report would flood stderr; :func:`load_classifier` logs one line instead."""
@@ -127,13 +121,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not after retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return False
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover - very old huggingface_hub
-        endpoint = "https://huggingface.co"
-    url = urlparse(endpoint)
+    url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
@@ -153,6 +143,9 @@ def _hub_unavailable(name: str) -> HubUnavailableError:
 def _from_pretrained(load: Any, name: str, local: bool) -> Any:
     """``load(name)``. A hub id that is not cached locally needs the hub: it is probed first, so an offline machine
     gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if not local:
         try:
             load(name, local_files_only=True)
@@ -229,7 +222,6 @@ def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
 def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
     name = str(name_or_path)
     local = _is_local(name)
     if local:
@@ -259,7 +251,6 @@ def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool
     gets one HubUnavailableError in seconds instead of the hub client's retries."""
     from transformers import AutoConfig
 
-    _quiet_transformers()
     name = str(name_or_path)
     local = _is_local(name)
     if local:
@@ -296,7 +287,6 @@ def load_classifier(
     from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
     if num_labels < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
     name = str(name_or_path)
@@ -316,17 +306,13 @@ def load_classifier(
             f"{num_labels} classes",
             "use the base model (without a classification head) or data with the same classes",
         )
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    kwargs |= {"use_safetensors": None if allow_pickle else True}
     if class_names is not None:  # otherwise keep the checkpoint's own names
         names = [str(n) for n in class_names]
         if len(names) != num_labels:
             raise ConfigError(f"{len(names)} class names for {num_labels} labels")
         kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    kwargs |= {
-        "dtype": torch.float32,
-        "trust_remote_code": trust_remote_code,
-        "use_safetensors": None if allow_pickle else True,
-    }
     rng = torch.random.fork_rng(devices=[]) if init_seed is not None else contextlib.nullcontext()
     try:
         with rng, _hf_errors_only():
@@ -346,8 +332,7 @@ def load_classifier(
     except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
     # which weights were new (random, from init_seed): see encoder_cache_id
-    model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
-    new = model._mlrnet_new_weights
+    new = model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
     head = head_name(model) + "."
     if any(not k.startswith(head) for k in new):  # a missing encoder weight changes results: say so loudly
         log.warning(
@@ -401,10 +386,7 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
 def head_name(model: torch.nn.Module) -> str:
     """The head's attribute path in ``model.named_parameters()`` (``"classifier"``)."""
     head = head_module(model)
-    for name, mod in model.named_modules():
-        if mod is head:
-            return name
-    raise ModelError(f"cannot locate the classification head of {type(model).__name__}")  # pragma: no cover
+    return next(name for name, mod in model.named_modules() if mod is head)
 
 
 def features_and_logits(

@@ -103,8 +103,8 @@ def tokenize_table(
         table = artifacts.read_table(table_path, "table to tokenize")
     artifacts.require_columns(table, ["sample_id", "text"], table_path)
     texts = table.column("text").to_pylist()
-    if any(t is None for t in texts):
-        bad = sum(t is None for t in texts)
+    bad = sum(t is None for t in texts)
+    if bad:
         raise DataError(f"{table_path} has {bad} row(s) with no text", "drop or fill them before this stage")
     if any(not isinstance(t, str) for t in texts):
         raise DataError(f"{table_path}: column text must hold strings")
@@ -129,15 +129,10 @@ def tokenize_table(
         trunc, pad = saved
         backend.no_truncation() if trunc is None else backend.enable_truncation(**trunc)
         backend.no_padding() if pad is None else backend.enable_padding(**pad)
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(offsets[-1]))
-
     import pyarrow as pa
 
-    ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values, pa.int32()))
-    out = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "input_ids": ids.cast(pa.list_(pa.int32()))})
+    ids = pa.array(pieces, pa.list_(pa.int32()))
+    out = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "input_ids": ids})
     meta = artifacts.make_meta(
         "tokenize",
         "tokens",
@@ -148,7 +143,7 @@ def tokenize_table(
     with locks.shared(path.parent):  # a cleaner in a shared cache leaves our temp file alone
         artifacts.write_table(path, out, meta)
     log.debug("tokenized %d rows into %s", len(pieces), path)
-    return TokenCache(path=path, key=key, sample_ids=sample_ids, offsets=offsets, values=values)
+    return _token_cache(path, key, sample_ids, ids)
 
 
 def _load_tokens(path: Path, key: str) -> TokenCache:
@@ -156,13 +151,17 @@ def _load_tokens(path: Path, key: str) -> TokenCache:
     meta = artifacts.table_meta(table) or {}
     if meta.get("key") != key:
         raise ArtifactError(f"token cache {path} has key {meta.get('key')!r}, expected {key!r}")
-    col = table.column("input_ids").combine_chunks()
-    offsets = np.asarray(col.offsets.to_numpy(), dtype=np.int64)
-    values = np.asarray(col.values.to_numpy(), dtype=np.int32)
+    sample_ids = np.array(table.column("sample_id").to_numpy(), dtype=np.int64)
+    return _token_cache(path, key, sample_ids, table.column("input_ids").combine_chunks())
+
+
+def _token_cache(path: Path, key: str, sample_ids: np.ndarray, ids: Any) -> TokenCache:
+    """A :class:`TokenCache` over an Arrow list array of token ids (its buffers, no copy)."""
+    offsets = np.asarray(ids.offsets.to_numpy(), dtype=np.int64)
+    values = np.asarray(ids.values.to_numpy(), dtype=np.int32)
     if offsets[0] != 0:  # a sliced array: rebase
         values = values[offsets[0] : offsets[-1]]
         offsets = offsets - offsets[0]
-    sample_ids = np.array(table.column("sample_id").to_numpy(), dtype=np.int64)
     return TokenCache(path=path, key=key, sample_ids=sample_ids, offsets=offsets, values=values)
 
 
@@ -174,9 +173,8 @@ def pad_batch(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        n = len(r)
-        ids[i, :n] = r
-        mask[i, :n] = 1
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
