@@ -118,8 +118,32 @@ class Checkpoint:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        with artifacts.atomic_path(self.path) as tmp:
-            torch.save({"meta": self.meta, **state}, tmp)
+        with artifacts.atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+            out = _RecordingWriter(fh)
+            try:
+                torch.save({"meta": self.meta, **state}, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None  # a full disk, not "unexpected pos": atomic_path says so in one line
+
+
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer reports it only as a
+    RuntimeError without the cause."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 @dataclass
