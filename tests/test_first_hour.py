@@ -305,6 +305,9 @@ def test_real_collapse_needs_a_fall_or_a_lean_that_imbalance_does_not_explain() 
     # a lean that costs half the way from the best accuracy to the majority class's is a collapse, whatever class
     assert real_collapse(np.array([48, 12, 10, 10]), balanced, 0.45, 0.75, head0) == (0, 0.6, 0.25)
     assert real_collapse(np.array([20, 20, 20, 20]), balanced, 0.20, 0.75, head0) is None  # no lean: not this
+    # a first epoch below half of what always guessing the most frequent dev class gets: collapsed already
+    assert real_collapse(np.array([70, 4, 4, 2]), balanced, 0.10, None, head0) == (0, 0.875, 0.25)
+    assert real_collapse(np.array([70, 4, 4, 2]), balanced, 0.13, None, head0) is None
 
 
 def test_constant_weights_are_not_blamed_on_a_fast_meta_net(
