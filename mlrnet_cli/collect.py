@@ -60,17 +60,9 @@ class CollectResult:
     feature_cache: Path | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "stage": STAGE,
-            "num_samples": self.num_samples,
-            "epochs": self.epochs,
-            "resumed_from": self.resumed_from,
-            "up_to_date": self.up_to_date,
-            "seconds": round(self.seconds, 3),
-            "samples_per_second": round(self.samples_per_second, 2),
-            "fingerprint": self.fingerprint,
-            "final": self.history[-1] if self.history else None,
-        }
+        out = {k: getattr(self, k) for k in ("num_samples", "epochs", "resumed_from", "up_to_date", "fingerprint")}
+        out |= {"seconds": round(self.seconds, 3), "samples_per_second": round(self.samples_per_second, 2)}
+        return {"stage": STAGE, **out, "final": self.history[-1] if self.history else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,19 +208,9 @@ def _prepare(
     if model_path.exists() and paths.stage1.exists() and model_path.resolve() == paths.stage1.resolve():
         raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
     inputs = {"train": artifacts.fingerprint_file(paths.train), "model": modeling.model_fingerprint(config.model)}
-    meta = artifacts.make_meta(
-        STAGE,
-        "losses",
-        config=config.provenance_config(),
-        seed=config.seed,
-        inputs=inputs,
-        model=config.model,
-        epochs=config.epochs,
-        lr=config.lr,
-        record=config.record,
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-    )
+    run = {k: getattr(config, k) for k in ("model", "epochs", "lr", "record")}
+    run |= {"num_classes": data.num_classes, "class_names": data.class_names}
+    meta = artifacts.make_meta(STAGE, "losses", config.provenance_config(), config.seed, inputs, **run)
     input_paths = [paths.train] + ([paths.manifest] if paths.manifest else [])
     if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
         stageio.clean_stale([paths.stage1, paths.losses])
@@ -276,7 +258,7 @@ def _collect(
         token_cache = tokenize_table(
             paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.table
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = modeling.pad_token_id(tokenizer)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seeding.collect_dropout_seed(config.seed, distributed.rank()))
@@ -387,16 +369,9 @@ class _Run:
 
     def _freeze_encoder(self, cache_dir: Path, model_fp: str) -> None:
         encoder_id = modeling.encoder_cache_id(self.model, model_fp, self.config.seed)
+        opts = {"cache_dir": cache_dir, "pad_id": self.pad_id, "device": self.device, "progress": self.progress}
         with distributed.main_first():
-            self.features = encode_features(
-                self.model,
-                self.tokens,
-                model_id=encoder_id,
-                cache_dir=cache_dir,
-                pad_id=self.pad_id,
-                device=self.device,
-                progress=self.progress,
-            ).to(self.device)
+            self.features = encode_features(self.model, self.tokens, model_id=encoder_id, **opts).to(self.device)
         self.feature_cache = cache_dir / f"features-{features_key(encoder_id, self.tokens.key)}.safetensors"
         self.model.requires_grad_(False)
         modeling.head_module(self.model).requires_grad_(True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,9 @@ def evaluate(
     paths = {"metrics": out / "metrics.json"} | ({"predictions": out / "predictions.arrow"} if predictions else {})
 
     unfinished = inference.check_finished(model_id, config.allow_unfinished)
-    max_length = inference.resolve_max_length(config.max_length, modeling.trained_settings(model_id))
+    cfg = inference.report_config(config, model_id, modeling.trained_settings(model_id), data=str(data_path))
+    max_length = cfg["max_length"]
     inputs = {"model": modeling.model_fingerprint(model_id), "data": artifacts.fingerprint_file(data_path)}
-    # speed settings (batch size, device) are left out: a rerun with other ones replaces the same artifacts
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished")}
-    cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
     metas = {k: artifacts.make_meta("eval", k, cfg, None, inputs) for k in paths}
     read = [data_path, *([model_id] if Path(model_id).exists() else [])]
     for k, p in paths.items():

@@ -200,6 +200,11 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
         return _load_fast_tokenizer(base, trust_remote_code)
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (0 for one without a pad token: the attention mask hides the padding)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def stage_meta(folder: Path) -> dict[str, Any]:
     """The mlrnet metadata a stage saved in a model folder (empty for a folder mlrnet did not write)."""
     try:

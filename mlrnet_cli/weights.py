@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,10 +191,9 @@ def compute_weights(
     labels, is_noisy = rows.labels, rows.is_noisy
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
     curves, stage1_losses = _curves(losses_path, rows, spec, inputs)
-    max_length = inference.resolve_max_length(config.max_length, train_cfg)
-    # only what changes the table's content: display and speed settings may differ between reruns
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
-    cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
+    # only what changes the table's content: display (--top) and speed settings may differ between reruns
+    cfg = inference.report_config(config, model_id, train_cfg, ("top",), train=str(train_path), method=kind)
+    max_length = cfg["max_length"]
     extra = {"unfinished_training": unfinished} if unfinished is not None else {}
     meta = artifacts.make_meta("weights", "weights", cfg, None, inputs, **extra)
     also = {"relabel": export_relabel, "plot": plot}
@@ -286,28 +285,15 @@ def _classifier_pass(
 ) -> inference.Inference:
     """Logits (and features) of every training row, through the token cache `train` filled (``meta``: the
     resolved model, method and max length of this run)."""
-    model_id = meta["config"]["model"]
-    tokenizer = modeling.load_tokenizer(model_id)
+    cfg = meta["config"]
+    tokenizer = modeling.load_tokenizer(cfg["model"])
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else meta["inputs"]["model"]
-    tokens = tokenize_table(rows.path, tokenizer, tok_id, meta["config"]["max_length"], ws.cache, table=rows.table)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(clf.parameters()).device
-    if train_cfg.get("freeze_encoder"):
-        return inference.frozen_encoder_pass(
-            clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
-        )
-    return inference.run_classifier(
-        clf,
-        tokens.rows(range(len(tokens))),
-        pad_id=pad_id,
-        batch_size=config.batch_size,
-        bf16=config.bf16,
-        with_features=meta["config"]["method"] == "mlrnet",
-        progress=progress,
-        description="weights",
-    )
+    tokens = tokenize_table(rows.path, tokenizer, tok_id, cfg["max_length"], ws.cache, table=rows.table)
+    opts = {"pad_id": modeling.pad_token_id(tokenizer), "batch_size": config.batch_size, "bf16": config.bf16}
+    opts |= {"with_features": cfg["method"] == "mlrnet", "progress": progress, "description": "weights"}
+    return inference.classify_tokens(clf, tokens, Path(cfg["model"]), train_cfg, ws, **opts)
 
 
 def _weights_table(
