@@ -71,10 +71,7 @@ class CollectResult:
 
 @dataclass(frozen=True)
 class _TrainData:
-    table: Any
-    sample_ids: torch.Tensor
-    labels: torch.Tensor
-    true_labels: torch.Tensor | None  # -1 where unknown
+    rows: stageio.Rows
     num_classes: int
     class_names: list[str]
 
@@ -83,11 +80,7 @@ def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
     manifest = stageio.read_manifest(manifest_path) if manifest_path is not None else None
     rows = stageio.read_rows(train_path, "training table", manifest.num_classes if manifest else None)
     num_classes = manifest.num_classes if manifest else int(rows.labels.max()) + 1
-    class_names = manifest.class_names if manifest else [str(i) for i in range(num_classes)]
-    true = None if rows.true_labels is None else torch.from_numpy(rows.true_labels)
-    return _TrainData(
-        rows.table, torch.from_numpy(rows.sample_ids), torch.from_numpy(rows.labels), true, num_classes, class_names
-    )
+    return _TrainData(rows, num_classes, manifest.class_names if manifest else [str(i) for i in range(num_classes)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ def collect_losses(
         data = _read_inputs(paths.train, paths.manifest)
         meta, state = _prepare(config, paths, data, overwrite)
         if not overwrite:
-            done = _finished_result(paths.losses, paths.stage1, meta, len(data.labels), config.epochs)
+            done = _finished_result(paths.losses, paths.stage1, meta, len(data.rows), config.epochs)
             if done is not None:
                 log.info("collect-losses: %s is up to date (same inputs and config)", paths.losses)
                 return done
@@ -256,7 +249,7 @@ def _collect(
     distributed.barrier()
     with distributed.main_first():  # rank 0 fills the token cache, the others read it
         token_cache = tokenize_table(
-            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.table
+            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.rows.table
         )
     pad_id = modeling.pad_token_id(tokenizer)
 
@@ -269,16 +262,17 @@ def _collect(
         raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
 
     # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
+    curves = {"losses": losses_cpu, "sample_id": torch.from_numpy(data.rows.sample_ids)}
     fp = None
     if distributed.is_main():
         _write_stage1(paths.stage1, model, tokenizer, loop.history, dict(meta, kind="stage1"))
-        fp = artifacts.write_tensors(paths.losses, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
+        fp = artifacts.write_tensors(paths.losses, curves, meta)
         shutil.rmtree(paths.stage1 / _STATE_DIR, ignore_errors=True)
     fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
     return CollectResult(
         losses_path=paths.losses,
         stage1_dir=paths.stage1,
-        num_samples=len(data.labels),
+        num_samples=len(data.rows),
         epochs=config.epochs,
         history=loop.history,
         fingerprint=fp,
@@ -349,9 +343,10 @@ class _Run:
     ) -> None:
         self.config, self.tokens, self.model, self.device, self.pad_id = config, tokens, model, device, pad_id
         self.progress = get_progress(progress) if distributed.is_main() else NullProgress()
-        self.n = len(data.labels)
-        self.labels = data.labels.to(device)
-        self.true = data.true_labels.to(device) if data.true_labels is not None else None
+        self.n = len(data.rows)
+        self.labels = torch.from_numpy(data.rows.labels).to(device)
+        true = data.rows.true_labels  # -1 where unknown
+        self.true = torch.from_numpy(true).to(device) if true is not None else None
         self.losses = torch.zeros((self.n, config.epochs + 1), dtype=torch.float32, device=device)
         self.features: torch.Tensor | None = None
         self.feature_cache: Path | None = None

@@ -196,8 +196,7 @@ def run_classifier(
     """Logits (and features) of every row: no grad, length-grouped batches, dynamic padding, bf16 on CUDA."""
     device = next(model.parameters()).device
     n = len(token_ids)
-    logits: np.ndarray | None = None
-    feats: np.ndarray | None = None
+    out: dict[str, np.ndarray] = {}  # logits, features: float32 [n, ·], filled batch by batch
     with get_progress(progress).task(description, total=n) as task:
         for rows, input_ids, mask in iter_batches(token_ids, batch_size, pad_id):
             input_ids = input_ids.to(device, non_blocking=True)
@@ -207,19 +206,16 @@ def run_classifier(
                     f, z = modeling.features_and_logits(model, input_ids, mask)
                 else:
                     f, z = None, model(input_ids=input_ids, attention_mask=mask).logits
-            z = z.float().cpu().numpy()
-            if logits is None:
-                logits = np.empty((n, z.shape[1]), dtype=np.float32)
-            logits[rows] = z
-            if f is not None:
-                f = f.float().cpu().numpy()
-                if feats is None:
-                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
-                feats[rows] = f
+            for name, t in (("logits", z), ("features", f)):
+                if t is not None:
+                    t = t.float().cpu().numpy()
+                    if name not in out:
+                        out[name] = np.empty((n, t.shape[1]), dtype=np.float32)
+                    out[name][rows] = t
             task.advance(len(rows))
-    if logits is None:
+    if "logits" not in out:
         raise DataError("no rows to run the classifier on")
-    return Inference(logits, feats)
+    return Inference(out["logits"], out.get("features"))
 
 
 # ---------------------------------------------------------------------------------------------

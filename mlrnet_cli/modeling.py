@@ -27,6 +27,7 @@ log = logging.getLogger("mlrnet")
 #: Files whose bytes define a local model + tokenizer (the rest, e.g. README.md, do not change results).
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 _IGNORED_MODEL_FILES = {"history.json", "mlrnet.json", "README.md"}
+Params = Mapping[str, torch.Tensor]  #: parameters by name, as ``model.named_parameters()`` (torch.func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,11 +396,7 @@ def head_name(model: torch.nn.Module) -> str:
 
 
 def features_and_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    params: Mapping[str, torch.Tensor] | None = None,
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, params: Params | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (the head's input feature [B, H], the logits [B, C]) (paper §4.3, the [CLS] feature of DF_i).
 
@@ -439,9 +436,7 @@ def head_takes_sequence(model: torch.nn.Module) -> bool:
     return not isinstance(head, torch.nn.Linear) and hasattr(head, "dense") and hasattr(head, "out_proj")
 
 
-def head_logits(
-    model: torch.nn.Module, features: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None
-) -> torch.Tensor:
+def head_logits(model: torch.nn.Module, features: torch.Tensor, *, params: Params | None = None) -> torch.Tensor:
     """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training).
 
     ``params`` (names as in ``model.named_parameters()``, e.g. ``classifier.weight``) run it through
