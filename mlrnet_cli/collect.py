@@ -83,10 +83,6 @@ def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
     return _TrainData(rows, num_classes, manifest.class_names if manifest else [str(i) for i in range(num_classes)])
 
 
-# ---------------------------------------------------------------------------------------------
-# state (resume)
-
-
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     """Meta of a finished stage1/ folder, or of the run whose state it holds, or None if empty."""
     mfile = path / "mlrnet.json"

@@ -153,9 +153,6 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (lse - z[np.arange(z.shape[0]), labels]).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def compute_weights(
     config: WeightsConfig,
     *,
@@ -209,7 +206,8 @@ def compute_weights(
     clf, class_names, _ = inference.load_trained_classifier(model_id, ws, modeling.select_device(config.device))
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise DataError(f"{train_path} has labels outside 0..{len(class_names) - 1} of the model")
-    inf = _classifier_pass(config, clf, rows, ws, train_cfg, meta, progress)
+    opts = {"batch_size": config.batch_size, "bf16": config.bf16, "progress": progress, "description": "weights"}
+    inf = _classifier_pass(clf, rows, ws, train_cfg, meta, **opts)
     probs = inf.probabilities
     row_loss = cross_entropy(inf.logits, labels)
     weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
@@ -275,24 +273,17 @@ def _curves(
 
 
 def _classifier_pass(
-    config: WeightsConfig,
-    clf: Any,
-    rows: stageio.Rows,
-    ws: Workspace,
-    train_cfg: dict[str, Any],
-    meta: dict[str, Any],
-    progress: Progress | None,
+    clf: Any, rows: stageio.Rows, ws: Workspace, train_cfg: dict[str, Any], meta: dict[str, Any], **opts: Any
 ) -> inference.Inference:
     """Logits (and features) of every training row, through the token cache `train` filled (``meta``: the
-    resolved model, method and max length of this run)."""
+    resolved model, method and max length of this run; ``opts``: :func:`inference.run_classifier`'s)."""
     cfg = meta["config"]
     tokenizer = modeling.load_tokenizer(cfg["model"])
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else meta["inputs"]["model"]
     tokens = tokenize_table(rows.path, tokenizer, tok_id, cfg["max_length"], ws.cache, table=rows.table)
-    opts = {"pad_id": modeling.pad_token_id(tokenizer), "batch_size": config.batch_size, "bf16": config.bf16}
-    opts |= {"with_features": cfg["method"] == "mlrnet", "progress": progress, "description": "weights"}
+    opts |= {"pad_id": modeling.pad_token_id(tokenizer), "with_features": cfg["method"] == "mlrnet"}
     return inference.classify_tokens(clf, tokens, Path(cfg["model"]), train_cfg, ws, **opts)
 
 
