@@ -85,10 +85,7 @@ def group_summary(weights: np.ndarray, groups: np.ndarray) -> dict[str, dict[str
 
 def rank_lowest_first(weights: np.ndarray) -> np.ndarray:
     """Rank 1 = lowest weight (most distrusted); ties keep table order."""
-    order = np.argsort(weights, kind="stable")
-    rank = np.empty(weights.size, dtype=np.int64)
-    rank[order] = np.arange(1, weights.size + 1)
-    return rank
+    return np.argsort(np.argsort(weights, kind="stable")).astype(np.int64) + 1  # the inverse permutation, from 1
 
 
 # ---------------------------------------------------------------------------------------------
