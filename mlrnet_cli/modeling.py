@@ -449,11 +449,3 @@ def head_logits(model: torch.nn.Module, features: torch.Tensor, *, params: Param
     prefix = head_name(model) + "."
     sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
     return torch.func.functional_call(head, sub, (x,))
-
-
-def head_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """``(name, parameter)`` of the head, names as in ``model.named_parameters()``."""
-    prefix = head_name(model) + "."
-    for name, p in model.named_parameters():
-        if name.startswith(prefix):
-            yield name, p

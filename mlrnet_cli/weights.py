@@ -187,7 +187,6 @@ def compute_weights(
     curves, stage1_losses = _curves(losses_path, rows, spec, inputs)
     # only what changes the table's content: display (--top) and speed settings may differ between reruns
     cfg = inference.report_config(config, model_id, train_cfg, ("top",), train=str(train_path), method=kind)
-    max_length = cfg["max_length"]
     extra = {"unfinished_training": unfinished} if unfinished is not None else {}
     meta = artifacts.make_meta("weights", "weights", cfg, None, inputs, **extra)
     also = {"relabel": export_relabel, "plot": plot}
@@ -218,7 +217,7 @@ def compute_weights(
         "method": kind,
         "model": model_id,
         "num_rows": int(weight.size),
-        "max_length": max_length,
+        "max_length": cfg["max_length"],
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
