@@ -60,17 +60,9 @@ class CollectResult:
     feature_cache: Path | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "stage": STAGE,
-            "num_samples": self.num_samples,
-            "epochs": self.epochs,
-            "resumed_from": self.resumed_from,
-            "up_to_date": self.up_to_date,
-            "seconds": round(self.seconds, 3),
-            "samples_per_second": round(self.samples_per_second, 2),
-            "fingerprint": self.fingerprint,
-            "final": self.history[-1] if self.history else None,
-        }
+        out = {k: getattr(self, k) for k in ("num_samples", "epochs", "resumed_from", "up_to_date", "fingerprint")}
+        out |= {"seconds": round(self.seconds, 3), "samples_per_second": round(self.samples_per_second, 2)}
+        return {"stage": STAGE, **out, "final": self.history[-1] if self.history else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +71,7 @@ class CollectResult:
 
 @dataclass(frozen=True)
 class _TrainData:
-    table: Any
-    sample_ids: torch.Tensor
-    labels: torch.Tensor
-    true_labels: torch.Tensor | None  # -1 where unknown
+    rows: stageio.Rows
     num_classes: int
     class_names: list[str]
 
@@ -91,15 +80,7 @@ def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
     manifest = stageio.read_manifest(manifest_path) if manifest_path is not None else None
     rows = stageio.read_rows(train_path, "training table", manifest.num_classes if manifest else None)
     num_classes = manifest.num_classes if manifest else int(rows.labels.max()) + 1
-    class_names = manifest.class_names if manifest else [str(i) for i in range(num_classes)]
-    true = None if rows.true_labels is None else torch.from_numpy(rows.true_labels)
-    return _TrainData(
-        rows.table, torch.from_numpy(rows.sample_ids), torch.from_numpy(rows.labels), true, num_classes, class_names
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# state (resume)
+    return _TrainData(rows, num_classes, manifest.class_names if manifest else [str(i) for i in range(num_classes)])
 
 
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
@@ -191,7 +172,7 @@ def collect_losses(
         data = _read_inputs(paths.train, paths.manifest)
         meta, state = _prepare(config, paths, data, overwrite)
         if not overwrite:
-            done = _finished_result(paths.losses, paths.stage1, meta, len(data.labels), config.epochs)
+            done = _finished_result(paths.losses, paths.stage1, meta, len(data.rows), config.epochs)
             if done is not None:
                 log.info("collect-losses: %s is up to date (same inputs and config)", paths.losses)
                 return done
@@ -216,19 +197,9 @@ def _prepare(
     if model_path.exists() and paths.stage1.exists() and model_path.resolve() == paths.stage1.resolve():
         raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
     inputs = {"train": artifacts.fingerprint_file(paths.train), "model": modeling.model_fingerprint(config.model)}
-    meta = artifacts.make_meta(
-        STAGE,
-        "losses",
-        config=config.provenance_config(),
-        seed=config.seed,
-        inputs=inputs,
-        model=config.model,
-        epochs=config.epochs,
-        lr=config.lr,
-        record=config.record,
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-    )
+    run = {k: getattr(config, k) for k in ("model", "epochs", "lr", "record")}
+    run |= {"num_classes": data.num_classes, "class_names": data.class_names}
+    meta = artifacts.make_meta(STAGE, "losses", config.provenance_config(), config.seed, inputs, **run)
     input_paths = [paths.train] + ([paths.manifest] if paths.manifest else [])
     if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
         stageio.clean_stale([paths.stage1, paths.losses])
@@ -274,9 +245,9 @@ def _collect(
     distributed.barrier()
     with distributed.main_first():  # rank 0 fills the token cache, the others read it
         token_cache = tokenize_table(
-            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.table
+            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.rows.table
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = modeling.pad_token_id(tokenizer)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seeding.collect_dropout_seed(config.seed, distributed.rank()))
@@ -287,16 +258,17 @@ def _collect(
         raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
 
     # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
+    curves = {"losses": losses_cpu, "sample_id": torch.from_numpy(data.rows.sample_ids)}
     fp = None
     if distributed.is_main():
         _write_stage1(paths.stage1, model, tokenizer, loop.history, dict(meta, kind="stage1"))
-        fp = artifacts.write_tensors(paths.losses, {"losses": losses_cpu, "sample_id": data.sample_ids}, meta)
+        fp = artifacts.write_tensors(paths.losses, curves, meta)
         shutil.rmtree(paths.stage1 / _STATE_DIR, ignore_errors=True)
     fp = distributed.broadcast_object(fp)  # the others return once the outputs exist
     return CollectResult(
         losses_path=paths.losses,
         stage1_dir=paths.stage1,
-        num_samples=len(data.labels),
+        num_samples=len(data.rows),
         epochs=config.epochs,
         history=loop.history,
         fingerprint=fp,
@@ -367,9 +339,10 @@ class _Run:
     ) -> None:
         self.config, self.tokens, self.model, self.device, self.pad_id = config, tokens, model, device, pad_id
         self.progress = get_progress(progress) if distributed.is_main() else NullProgress()
-        self.n = len(data.labels)
-        self.labels = data.labels.to(device)
-        self.true = data.true_labels.to(device) if data.true_labels is not None else None
+        self.n = len(data.rows)
+        self.labels = torch.from_numpy(data.rows.labels).to(device)
+        true = data.rows.true_labels  # -1 where unknown
+        self.true = torch.from_numpy(true).to(device) if true is not None else None
         self.losses = torch.zeros((self.n, config.epochs + 1), dtype=torch.float32, device=device)
         self.features: torch.Tensor | None = None
         self.feature_cache: Path | None = None
@@ -387,16 +360,9 @@ class _Run:
 
     def _freeze_encoder(self, cache_dir: Path, model_fp: str) -> None:
         encoder_id = modeling.encoder_cache_id(self.model, model_fp, self.config.seed)
+        opts = {"cache_dir": cache_dir, "pad_id": self.pad_id, "device": self.device, "progress": self.progress}
         with distributed.main_first():
-            self.features = encode_features(
-                self.model,
-                self.tokens,
-                model_id=encoder_id,
-                cache_dir=cache_dir,
-                pad_id=self.pad_id,
-                device=self.device,
-                progress=self.progress,
-            ).to(self.device)
+            self.features = encode_features(self.model, self.tokens, model_id=encoder_id, **opts).to(self.device)
         self.feature_cache = cache_dir / f"features-{features_key(encoder_id, self.tokens.key)}.safetensors"
         self.model.requires_grad_(False)
         modeling.head_module(self.model).requires_grad_(True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,8 @@ def evaluate(
     paths = {"metrics": out / "metrics.json"} | ({"predictions": out / "predictions.arrow"} if predictions else {})
 
     unfinished = inference.check_finished(model_id, config.allow_unfinished)
-    max_length = inference.resolve_max_length(config.max_length, modeling.trained_settings(model_id))
+    cfg = inference.report_config(config, model_id, modeling.trained_settings(model_id), data=str(data_path))
     inputs = {"model": modeling.model_fingerprint(model_id), "data": artifacts.fingerprint_file(data_path)}
-    # speed settings (batch size, device) are left out: a rerun with other ones replaces the same artifacts
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished")}
-    cfg |= {"model": model_id, "data": str(data_path), "max_length": max_length}
     metas = {k: artifacts.make_meta("eval", k, cfg, None, inputs) for k in paths}
     read = [data_path, *([model_id] if Path(model_id).exists() else [])]
     for k, p in paths.items():
@@ -128,11 +125,11 @@ def evaluate(
     labels = encode_labels(raw, class_names, label_values, str(data_path))
     log.info("evaluating %s on %d rows of %s (%s)", model_id, len(texts), data_path, device)
     probs = inference.classify_texts(
-        clf, tokenizer, texts, max_length, batch_size=config.batch_size, bf16=config.bf16, progress=progress
+        clf, tokenizer, texts, cfg["max_length"], batch_size=config.batch_size, bf16=config.bf16, progress=progress
     ).probabilities
     predicted = probs.argmax(axis=1).astype(np.int64)
     report = metrics.classification_report(labels, predicted, len(class_names), class_names)
-    report |= {"model": model_id, "data": str(data_path), "device": str(device), "max_length": max_length}
+    report |= {"model": model_id, "data": str(data_path), "device": str(device), "max_length": cfg["max_length"]}
     if unfinished is not None:
         report["unfinished_training"] = unfinished
     artifacts.write_json(paths["metrics"], {"mlrnet": metas["metrics"], **report})

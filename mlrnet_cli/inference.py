@@ -3,7 +3,7 @@
 Inference is batched and gradient-free; rows are grouped by token length so each batch is padded only to
 its own longest row (dynamic padding), and runs under bf16 autocast on CUDA. `eval`, `weights` and
 `predict` use it; ``--freeze-encoder`` models reuse the frozen encoder's cached features
-(:func:`frozen_encoder_pass`).
+(:func:`classify_tokens`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ def resolve_max_length(requested: int | None, settings: dict[str, Any]) -> int:
         return requested
     recorded = settings.get("max_length")
     return int(recorded) if isinstance(recorded, int) and recorded >= 2 else DEFAULT_MAX_LENGTH
+
+
+def report_config(
+    config: Any, model_id: str, settings: dict[str, Any], drop: Sequence[str] = (), **about: Any
+) -> dict[str, Any]:
+    """The config a report (eval, weights, predict) records: ``config`` less its speed settings (a rerun with
+    other ones replaces the same artifacts), the model, what else it is ``about``, and the max length
+    (:func:`resolve_max_length` of the model's ``settings``)."""
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "allow_unfinished", *drop)}
+    return cfg | {"model": model_id, **about, "max_length": resolve_max_length(config.max_length, settings)}
 
 
 def unfinished_training(model_dir: str | os.PathLike[str]) -> tuple[int, int] | None:
@@ -138,7 +148,7 @@ def sample_ids(table: Any) -> np.ndarray | None:
 
 def classify_texts(clf: Any, tokenizer: Any, texts: Sequence[str], max_length: int, **kwargs: Any) -> Inference:
     """:func:`run_classifier` (``kwargs``: its options) on raw texts, tokenized and truncated first."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = modeling.pad_token_id(tokenizer)
     return run_classifier(clf, tokenize(tokenizer, texts, max_length), pad_id=pad_id, **kwargs)
 
 
@@ -186,8 +196,7 @@ def run_classifier(
     """Logits (and features) of every row: no grad, length-grouped batches, dynamic padding, bf16 on CUDA."""
     device = next(model.parameters()).device
     n = len(token_ids)
-    logits: np.ndarray | None = None
-    feats: np.ndarray | None = None
+    out: dict[str, np.ndarray] = {}  # logits, features: float32 [n, ·], filled batch by batch
     with get_progress(progress).task(description, total=n) as task:
         for rows, input_ids, mask in iter_batches(token_ids, batch_size, pad_id):
             input_ids = input_ids.to(device, non_blocking=True)
@@ -197,19 +206,16 @@ def run_classifier(
                     f, z = modeling.features_and_logits(model, input_ids, mask)
                 else:
                     f, z = None, model(input_ids=input_ids, attention_mask=mask).logits
-            z = z.float().cpu().numpy()
-            if logits is None:
-                logits = np.empty((n, z.shape[1]), dtype=np.float32)
-            logits[rows] = z
-            if f is not None:
-                f = f.float().cpu().numpy()
-                if feats is None:
-                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
-                feats[rows] = f
+            for name, t in (("logits", z), ("features", f)):
+                if t is not None:
+                    t = t.float().cpu().numpy()
+                    if name not in out:
+                        out[name] = np.empty((n, t.shape[1]), dtype=np.float32)
+                    out[name][rows] = t
             task.advance(len(rows))
-    if logits is None:
+    if "logits" not in out:
         raise DataError("no rows to run the classifier on")
-    return Inference(logits, feats)
+    return Inference(out["logits"], out.get("features"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,18 +235,13 @@ def class_names_for(num_labels: int, ws: Workspace) -> tuple[list[str], list[Any
 
 
 @torch.no_grad()
-def frozen_encoder_pass(
-    clf: Any,
-    tokens: TokenCache,
-    train_cfg: dict[str, Any],
-    model_dir: Path,
-    ws: Workspace,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    progress: Progress | None,
+def classify_tokens(
+    clf: Any, tokens: TokenCache, model_dir: Path, train_cfg: dict[str, Any], ws: Workspace, **kwargs: Any
 ) -> Inference:
-    """``--freeze-encoder`` models: the encoder is the frozen one `train` cached features of; reuse them."""
+    """:func:`run_classifier` (``kwargs``: its options) over a token cache. A ``--freeze-encoder`` model (in its
+    training config ``train_cfg``) reuses the cached features of the frozen encoder `train` read instead."""
+    if not train_cfg.get("freeze_encoder"):
+        return run_classifier(clf, tokens.rows(range(len(tokens))), **kwargs)
     init_path = str(train_cfg.get("model"))
     if train_cfg.get("init_from") == "stage1":
         init_path = str(ws.stage1 / "model") if (ws.stage1 / "model" / "config.json").is_file() else str(ws.stage1)
@@ -248,16 +249,9 @@ def frozen_encoder_pass(
     enc_id = artifacts.read_json(saved).get("encoder_cache_id") if saved.is_file() else None
     if not enc_id:
         enc_id = modeling.encoder_cache_id(clf, modeling.model_fingerprint(init_path), train_cfg.get("seed"))
-    feats = encode_features(
-        clf,
-        tokens,
-        model_id=enc_id,
-        cache_dir=ws.cache,
-        pad_id=pad_id,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
+    opts = {k: kwargs[k] for k in ("pad_id", "batch_size", "progress")}
+    device = next(clf.parameters()).device
+    feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, device=device, **opts)
     logits = torch.cat(
         [modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)]
     )

@@ -27,6 +27,7 @@ log = logging.getLogger("mlrnet")
 #: Files whose bytes define a local model + tokenizer (the rest, e.g. README.md, do not change results).
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 _IGNORED_MODEL_FILES = {"history.json", "mlrnet.json", "README.md"}
+Params = Mapping[str, torch.Tensor]  #: parameters by name, as ``model.named_parameters()`` (torch.func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +199,11 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
             raise
         log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
         return _load_fast_tokenizer(base, trust_remote_code)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (0 for one without a pad token: the attention mask hides the padding)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def stage_meta(folder: Path) -> dict[str, Any]:
@@ -390,11 +396,7 @@ def head_name(model: torch.nn.Module) -> str:
 
 
 def features_and_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    params: Mapping[str, torch.Tensor] | None = None,
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, params: Params | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (the head's input feature [B, H], the logits [B, C]) (paper §4.3, the [CLS] feature of DF_i).
 
@@ -434,9 +436,7 @@ def head_takes_sequence(model: torch.nn.Module) -> bool:
     return not isinstance(head, torch.nn.Linear) and hasattr(head, "dense") and hasattr(head, "out_proj")
 
 
-def head_logits(
-    model: torch.nn.Module, features: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None
-) -> torch.Tensor:
+def head_logits(model: torch.nn.Module, features: torch.Tensor, *, params: Params | None = None) -> torch.Tensor:
     """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training).
 
     ``params`` (names as in ``model.named_parameters()``, e.g. ``classifier.weight``) run it through
@@ -449,11 +449,3 @@ def head_logits(
     prefix = head_name(model) + "."
     sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
     return torch.func.functional_call(head, sub, (x,))
-
-
-def head_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """``(name, parameter)`` of the head, names as in ``model.named_parameters()``."""
-    prefix = head_name(model) + "."
-    for name, p in model.named_parameters():
-        if name.startswith(prefix):
-            yield name, p

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,8 @@ def predict(
     model_id = inference.resolve_model(model, Workspace.at(workdir))
     trained = modeling.trained_settings(model_id)
     batch_size = config.batch_size or int(trained.get("batch_size") or FALLBACK_BATCH_SIZE)
-    max_length = inference.resolve_max_length(config.max_length, trained)
+    cfg = inference.report_config(config, model_id, trained, data=str(data) if data is not None else "<texts>")
+    max_length = cfg["max_length"]
 
     if data is not None:
         table, items = inference.read_text_table(
@@ -138,8 +139,6 @@ def predict(
         items, rows = text_lines(list(texts or []))
         ids, data_fp = None, artifacts.fingerprint_obj(items)
     num_labels = inference.model_num_labels(model_id)
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device")}
-    cfg |= {"model": model_id, "data": str(data) if data is not None else "<texts>", "max_length": max_length}
     inputs = {"model": modeling.model_fingerprint(model_id), "data": data_fp}
     meta = artifacts.make_meta("predict", "predictions", cfg, None, inputs)
     if out_path is not None:

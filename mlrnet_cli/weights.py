@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +85,7 @@ def group_summary(weights: np.ndarray, groups: np.ndarray) -> dict[str, dict[str
 
 def rank_lowest_first(weights: np.ndarray) -> np.ndarray:
     """Rank 1 = lowest weight (most distrusted); ties keep table order."""
-    order = np.argsort(weights, kind="stable")
-    rank = np.empty(weights.size, dtype=np.int64)
-    rank[order] = np.arange(1, weights.size + 1)
-    return rank
+    return np.argsort(np.argsort(weights, kind="stable")).astype(np.int64) + 1  # the inverse permutation, from 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +150,6 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (lse - z[np.arange(z.shape[0]), labels]).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def compute_weights(
     config: WeightsConfig,
     *,
@@ -191,10 +185,8 @@ def compute_weights(
     labels, is_noisy = rows.labels, rows.is_noisy
     inputs = {"train": rows.fingerprint(), "model": modeling.model_fingerprint(model_id)}
     curves, stage1_losses = _curves(losses_path, rows, spec, inputs)
-    max_length = inference.resolve_max_length(config.max_length, train_cfg)
-    # only what changes the table's content: display and speed settings may differ between reruns
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("top", "batch_size", "device", "allow_unfinished")}
-    cfg |= {"model": model_id, "train": str(train_path), "method": kind, "max_length": max_length}
+    # only what changes the table's content: display (--top) and speed settings may differ between reruns
+    cfg = inference.report_config(config, model_id, train_cfg, ("top",), train=str(train_path), method=kind)
     extra = {"unfinished_training": unfinished} if unfinished is not None else {}
     meta = artifacts.make_meta("weights", "weights", cfg, None, inputs, **extra)
     also = {"relabel": export_relabel, "plot": plot}
@@ -210,7 +202,8 @@ def compute_weights(
     clf, class_names, _ = inference.load_trained_classifier(model_id, ws, modeling.select_device(config.device))
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise DataError(f"{train_path} has labels outside 0..{len(class_names) - 1} of the model")
-    inf = _classifier_pass(config, clf, rows, ws, train_cfg, meta, progress)
+    opts = {"batch_size": config.batch_size, "bf16": config.bf16, "progress": progress, "description": "weights"}
+    inf = _classifier_pass(clf, rows, ws, train_cfg, meta, **opts)
     probs = inf.probabilities
     row_loss = cross_entropy(inf.logits, labels)
     weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
@@ -224,7 +217,7 @@ def compute_weights(
         "method": kind,
         "model": model_id,
         "num_rows": int(weight.size),
-        "max_length": max_length,
+        "max_length": cfg["max_length"],
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
@@ -276,38 +269,18 @@ def _curves(
 
 
 def _classifier_pass(
-    config: WeightsConfig,
-    clf: Any,
-    rows: stageio.Rows,
-    ws: Workspace,
-    train_cfg: dict[str, Any],
-    meta: dict[str, Any],
-    progress: Progress | None,
+    clf: Any, rows: stageio.Rows, ws: Workspace, train_cfg: dict[str, Any], meta: dict[str, Any], **opts: Any
 ) -> inference.Inference:
     """Logits (and features) of every training row, through the token cache `train` filled (``meta``: the
-    resolved model, method and max length of this run)."""
-    model_id = meta["config"]["model"]
-    tokenizer = modeling.load_tokenizer(model_id)
+    resolved model, method and max length of this run; ``opts``: :func:`inference.run_classifier`'s)."""
+    cfg = meta["config"]
+    tokenizer = modeling.load_tokenizer(cfg["model"])
     # keyed like `train` keys it (the base model's fingerprint), so the training run's token cache is reused
     base = train_cfg.get("model")
     tok_id = modeling.model_fingerprint(base) if isinstance(base, str) else meta["inputs"]["model"]
-    tokens = tokenize_table(rows.path, tokenizer, tok_id, meta["config"]["max_length"], ws.cache, table=rows.table)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(clf.parameters()).device
-    if train_cfg.get("freeze_encoder"):
-        return inference.frozen_encoder_pass(
-            clf, tokens, train_cfg, Path(model_id), ws, pad_id, config.batch_size, device, progress
-        )
-    return inference.run_classifier(
-        clf,
-        tokens.rows(range(len(tokens))),
-        pad_id=pad_id,
-        batch_size=config.batch_size,
-        bf16=config.bf16,
-        with_features=meta["config"]["method"] == "mlrnet",
-        progress=progress,
-        description="weights",
-    )
+    tokens = tokenize_table(rows.path, tokenizer, tok_id, cfg["max_length"], ws.cache, table=rows.table)
+    opts |= {"pad_id": modeling.pad_token_id(tokenizer), "with_features": cfg["method"] == "mlrnet"}
+    return inference.classify_tokens(clf, tokens, Path(cfg["model"]), train_cfg, ws, **opts)
 
 
 def _weights_table(

@@ -26,27 +26,24 @@ if hasattr(typer.core, "_click"):
     _BAD_PARAMETER += (typer.core._click.exceptions.BadParameter,)
 
 
-def _flags_without_type(params: list[Any]) -> list[Any]:
+class _FlagsWithoutType:
     """Show flags as flags: Typer labels them ``<bool>`` in help, as if ``--overwrite true`` were the syntax."""
-    for p in params:  # Typer's own click copy: its Option is not click.Option
-        if getattr(p, "is_flag", False) and p.metavar is None:
-            p.metavar = ""
-    return params
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:  # Typer's own click copy: its Option is not click.Option
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
 
 
-class MlrnetCommand(TyperCommand):
+class MlrnetCommand(_FlagsWithoutType, TyperCommand):
     """Every subcommand: flags without a ``<bool>`` type in help."""
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _flags_without_type(super().get_params(ctx))
 
-
-class MlrnetGroup(TyperGroup):
+class MlrnetGroup(_FlagsWithoutType, TyperGroup):
     """Turns an :class:`MlrnetError` into one line on stderr and its exit code, and Ctrl-C into exit 130 with a
     line saying so, for `main()` and tests alike."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _flags_without_type(super().get_params(ctx))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -197,14 +194,12 @@ def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
 
 def emit(paths: dict[str, Path | str | None], summary: dict[str, Any] | None, as_json: bool) -> None:
     """stdout carries data: the artifact paths one per line, or one JSON object with ``--json``."""
+    written = {k: str(v) for k, v in paths.items() if v is not None}
     if as_json:
-        payload = {"artifacts": {k: str(v) for k, v in paths.items() if v is not None}}
-        payload.update(summary or {})
-        typer.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        typer.echo(json.dumps({"artifacts": written, **(summary or {})}, indent=2, sort_keys=True, default=str))
     else:
-        for v in paths.values():
-            if v is not None:
-                typer.echo(str(v))
+        for v in written.values():
+            typer.echo(v)
 
 
 def version_callback(value: bool) -> None:

@@ -5,16 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from mlrnet_cli.commands._app import (
-    JsonOption,
-    OverwriteOption,
-    WorkdirOption,
-    app,
-    emit,
-    option,
-    path_option,
-    rich_table,
-)
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec
 
 _opt = partial(option, CorruptConfig)
@@ -83,7 +74,7 @@ def corrupt_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import setup_logging, stderr_console
+    from mlrnet_cli.commands._app import emit, setup_logging, stderr_console
     from mlrnet_cli.configs import NoiseSpec, build
     from mlrnet_cli.corrupt import corrupt
     from mlrnet_cli.workspace import Workspace
@@ -98,6 +89,8 @@ def corrupt_cmd(
 
 
 def _print_summary(manifest: dict, console) -> None:
+    from mlrnet_cli.commands._app import rich_table
+
     counts = manifest["counts"]
     realised = (manifest["noise"].get("realised") or {}).get("per_class_rate")
     rows = (

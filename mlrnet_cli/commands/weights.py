@@ -83,8 +83,7 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
     rows = ([name, str(s["count"]), *(_fmt(s[k]) for k in stats)] for name, s in groups if s.get("count"))
     console.print(rich_table(title, ("group", "rows", *stats), rows))
     console.print(f"head classes: {', '.join(summary['head_classes'])}; tail: {', '.join(summary['tail_classes'])}")
-    det = summary.get("noise_detection")
-    if det:
+    if det := summary.get("noise_detection"):
         console.print(
             f"low weight finds noisy rows: ROC-AUC {_fmt(det['roc_auc'])}, average precision "
             f"{_fmt(det['average_precision'])}, precision@{det['k']} {_fmt(det['precision_at_k'])} "
