@@ -291,11 +291,8 @@ class TrainConfig:
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
         on another device), and ``meta_share`` only when it is not 0 (runs from before it existed are the same)."""
-        return {
-            k: v
-            for k, v in asdict(self).items()
-            if k not in ("compile", "device") and not (k == "meta_share" and v == 0.0)
-        }
+        dropped = ("compile", "device") if self.meta_share else ("compile", "device", "meta_share")
+        return {k: v for k, v in asdict(self).items() if k not in dropped}
 
 
 # ---------------------------------------------------------------------------------------------

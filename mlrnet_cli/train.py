@@ -14,7 +14,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ COLLAPSE_SHARE = 0.8
 SPREAD_WEIGHT_STD = 1e-2
 
 
+#: (best epoch, its dev accuracy, the history) of a run
+_Best = tuple[int, float | None, list[dict[str, Any]]]
+
+
 @dataclass
 class TrainResult:
     """What `train` wrote and how it went."""
@@ -62,20 +67,13 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "best_epoch": self.best_epoch,
-            "best_dev_accuracy": self.best_dev_accuracy,
-            "epochs_run": self.epochs_run,
-            "resumed_from_epoch": self.resumed_from,
-            "meta_size": self.meta_size,
-            "dev_size": self.dev_size,
-            "model": self.model,
-            "history": self.history,
-        }
+        """The run's numbers (``--json``): every field but the paths, ``resumed_from`` as ``resumed_from_epoch``."""
+        numbers = {k: v for k, v in asdict(self).items() if not k.endswith(("_dir", "_path"))}
+        return {"resumed_from_epoch" if k == "resumed_from" else k: v for k, v in numbers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# data
+# inputs
 
 
 def split_clean_pool(
@@ -101,32 +99,6 @@ def split_clean_pool(
     return np.sort(np.concatenate(meta)), np.sort(np.concatenate(dev))
 
 
-# ---------------------------------------------------------------------------------------------
-# saving
-
-
-def _history_table(rows: list[dict[str, Any]]) -> Any:
-    import pyarrow as pa
-
-    cols = [
-        ("epoch", pa.int64()),
-        ("train_loss", pa.float64()),
-        ("dev_accuracy", pa.float64()),
-        ("weight_mean", pa.float64()),
-        ("weight_std", pa.float64()),
-        ("weight_mean_noisy", pa.float64()),
-        ("weight_mean_clean", pa.float64()),
-        ("meta_loss", pa.float64()),
-        ("meta_lr", pa.float64()),
-        ("seconds", pa.float64()),
-    ]
-    return pa.table({n: pa.array([r.get(n) for r in rows], t) for n, t in cols})
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
 @dataclass(frozen=True)
 class _Inputs:
     """What stage 2 reads, checked: the tables, the manifest, the curves I_i (train row order) and the split."""
@@ -141,10 +113,6 @@ class _Inputs:
     dev_pos: np.ndarray  #: rows of the dev source (the dev table, else the clean table)
     dev_labels: np.ndarray
     stage1: Path | None = None  #: the stage-1 classifier's folder (``glc`` estimates its Ĉ with it)
-
-    @property
-    def dev_source(self) -> str:
-        return "clean" if self.dev is None else "dev"
 
 
 def _read_inputs(config: TrainConfig, paths: dict[str, Path | None]) -> tuple[TrainConfig, _Inputs]:
@@ -172,10 +140,9 @@ def _read_inputs(config: TrainConfig, paths: dict[str, Path | None]) -> tuple[Tr
         dev_rows = stageio.read_rows(paths["dev"], "dev table", manifest.num_classes)
         fingerprints["dev"] = dev_rows.fingerprint()
     meta_pos, dev_pos, dev_labels = _split(config, train_rows, clean_rows, dev_rows, manifest.num_classes)
-    inputs = _Inputs(
+    return config, _Inputs(
         train_rows, clean_rows, dev_rows, manifest, curves, fingerprints, meta_pos, dev_pos, dev_labels, stage1
     )
-    return config, inputs
 
 
 def stage1_model_path(stage1: Path) -> Path:
@@ -194,14 +161,13 @@ def _check_stage1(stage1: Path | None, train_fingerprint: str, model: str) -> st
             f"--method glc needs the stage-1 classifier, and {stage1} holds none",
             "run `mlrnet collect-losses` first: GLC estimates the corruption matrix with its classifier",
         )
-    meta = artifacts.read_json(stage1 / "mlrnet.json").get(artifacts.META_KEY) or {}
-    trained_on = (meta.get("inputs") or {}).get("train")
-    if trained_on != train_fingerprint:
+    inputs = (artifacts.read_json(stage1 / "mlrnet.json").get(artifacts.META_KEY) or {}).get("inputs") or {}
+    if inputs.get("train") != train_fingerprint:
         raise FingerprintMismatchError(
             f"the stage-1 classifier in {stage1} was trained on a different training table",
             "rerun `mlrnet collect-losses` on this one",
         )
-    if (meta.get("inputs") or {}).get("model") != modeling.model_fingerprint(model):
+    if inputs.get("model") != modeling.model_fingerprint(model):
         raise ConfigError(
             f"--method glc: the stage-1 classifier in {stage1} was not fine-tuned from --model {model}",
             "train with the model collect-losses used (the default), or rerun collect-losses with this one",
@@ -220,11 +186,8 @@ def _split(
     fraction = 0.0 if dev is not None else config.dev_fraction
     meta_n = 0 if config.method == "plain" else config.meta_per_class  # plain never reads the meta set
     meta_pos, dev_pos = split_clean_pool(clean.labels[pool], num_classes, meta_n, fraction, config.seed)
-    if dev is not None:
-        dev_pos, dev_labels = np.arange(len(dev)), dev.labels
-    else:
-        dev_pos = pool[dev_pos]
-        dev_labels = clean.labels[dev_pos]
+    dev_pos = pool[dev_pos] if dev is None else np.arange(len(dev))
+    dev_labels = clean.labels[dev_pos] if dev is None else dev.labels
     if len(dev_pos) == 0:
         log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
     return pool[meta_pos], dev_pos, dev_labels
@@ -251,7 +214,7 @@ class _Batches:
     ) -> None:
         from mlrnet_cli import modeling, tokens
 
-        self.config, self.device = config, device
+        self.config, self.device, self.tokenizer = config, device, tokenizer
         tok_id = modeling.model_fingerprint(config.model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         tables = {"train": inp.train, "clean": inp.clean, **({"dev": inp.dev} if inp.dev is not None else {})}
@@ -268,22 +231,13 @@ class _Batches:
             # the same id collect-losses uses, so its cached features of the pretrained encoder are reused
             self.encoder_id = modeling.encoder_cache_id(model, modeling.model_fingerprint(init_path), config.seed)
             quiet = progress if distributed.is_main() else NullProgress()
+            where = {"model_id": self.encoder_id, "cache_dir": ws.cache, "pad_id": self.pad_id, "device": device}
             for key, tc in self.tokens.items():
                 with distributed.main_first():
-                    self.features[key] = tokens.encode_features(
-                        model,
-                        tc,
-                        model_id=self.encoder_id,
-                        cache_dir=ws.cache,
-                        pad_id=self.pad_id,
-                        device=device,
-                        progress=quiet,
-                    )
+                    self.features[key] = tokens.encode_features(model, tc, progress=quiet, **where)
             for n, p in model.named_parameters():
                 p.requires_grad_(n.startswith(self.head_prefix))
-        self.fns = ClassifierFns(
-            forward=self.forward, head=lambda m, f: modeling.head_logits(m, f), head_prefix=self.head_prefix
-        )
+        self.fns = ClassifierFns(forward=self.forward, head=modeling.head_logits, head_prefix=self.head_prefix)
 
     def forward(self, m: torch.nn.Module, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(head-input features, logits) of one batch."""
@@ -308,19 +262,18 @@ def _load_model(
     from mlrnet_cli import modeling
 
     device = modeling.select_device(distributed.resolve_device(config.device))
-    init_path = config.model
-    if config.init_from == "stage1":
-        init_path = str(stage1_model_path(ws.stage1))
+    init_path = str(stage1_model_path(ws.stage1)) if config.init_from == "stage1" else config.model
     tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = modeling.load_classifier(
-        init_path,
-        manifest.num_classes,
-        manifest.class_names,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-        init_seed=seeding.init_seed(config.seed),
-    ).to(device)
+    model = _classifier(config, init_path, manifest, init_seed=seeding.init_seed(config.seed)).to(device)
     return model, tokenizer, device, init_path
+
+
+def _classifier(config: TrainConfig, path: str | Path, manifest: stageio.Manifest, **kw: Any) -> torch.nn.Module:
+    """The classifier at ``path`` with the manifest's classes, loaded as --allow-pickle and --trust-remote-code say."""
+    from mlrnet_cli import modeling
+
+    safety = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
+    return modeling.load_classifier(path, manifest.num_classes, manifest.class_names, **safety, **kw)
 
 
 def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches: _Batches) -> torch.nn.Module | None:
@@ -329,23 +282,17 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
     torch.manual_seed(seeding.init_seed(config.seed))
     if config.method == "mwnet":
         meta_net: torch.nn.Module = MWNet()
-    elif config.method == "mlrnet":
-        assert inp.curves is not None
-        with torch.no_grad():
-            probe_f, _ = batches.forward(model, batches.inputs_of("train", np.array([0])))
-        meta_net = MLRNetMetaNet(
-            probe_f.shape[-1],
-            inp.manifest.num_classes,
-            inp.curves.shape[1],
-            label_emb_dim=config.label_emb_dim,
-            df_dim=config.df_dim,
-        )
-    elif config.method == "mlc":
-        with torch.no_grad():
-            probe_f, _ = batches.forward(model, batches.inputs_of("train", np.array([0])))
-        meta_net = LabelCorrectionNet(
-            probe_f.shape[-1], inp.manifest.num_classes, label_emb_dim=config.label_emb_dim, hidden_dim=config.df_dim
-        )
+    elif config.method in ("mlrnet", "mlc"):
+        with torch.no_grad():  # the head's input size, from one row
+            dim = batches.forward(model, batches.inputs_of("train", np.array([0])))[0].shape[-1]
+        sizes = (dim, inp.manifest.num_classes)
+        if config.method == "mlc":
+            meta_net = LabelCorrectionNet(*sizes, label_emb_dim=config.label_emb_dim, hidden_dim=config.df_dim)
+        else:
+            assert inp.curves is not None
+            meta_net = MLRNetMetaNet(
+                *sizes, inp.curves.shape[1], label_emb_dim=config.label_emb_dim, df_dim=config.df_dim
+            )
     else:
         return None
     meta_net.to(batches.device)
@@ -375,16 +322,11 @@ class _Run:
     running sums. ``items`` are the rows a method trains on, ``("train" | "clean", position)``."""
 
     def __init__(
-        self,
-        config: TrainConfig,
-        inp: _Inputs,
-        batches: _Batches,
-        model: torch.nn.Module,
-        meta_net: torch.nn.Module | None,
-        items: list[tuple[str, int]],
+        self, inp: _Inputs, batches: _Batches, model: torch.nn.Module, meta_net: torch.nn.Module | None
     ) -> None:
-        self.config, self.inp, self.batches, self.model, self.meta_net = config, inp, batches, model, meta_net
-        self.items, self.device = items, batches.device
+        config = self.config = batches.config
+        self.inp, self.batches, self.model, self.meta_net = inp, batches, model, meta_net
+        self.items, self.device = _items(config, inp), batches.device
         self.labels = {"train": torch.from_numpy(inp.train.labels), "clean": torch.from_numpy(inp.clean.labels)}
         # the real step's forward: the model itself, or DDP (classifier gradients all-reduced in the backward)
         # and/or torch.compile around it; ŵ and the meta loss always run on `model` itself (functional_call)
@@ -401,6 +343,15 @@ class _Run:
     def chunk(self, shard: Shard) -> list[tuple[str, int]]:
         return [self.items[i] for i in shard.rows.tolist()]
 
+    def forward_rows(self, shard: Shard) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor]:
+        """(positions per table, labels, logits) of a batch whose rows may come from both tables: each table's
+        part runs, the logits concatenate."""
+        chunk = self.chunk(shard)
+        pos = {s: np.array([p for s2, p in chunk if s2 == s]) for s in sorted({s for s, _ in chunk})}
+        labels = to_device(torch.cat([self.labels[s][p.tolist()] for s, p in pos.items()]), self.device)
+        ins = [self.batches.inputs_of(s, p) for s, p in pos.items()]
+        return pos, labels, self.real_forward(ins[0] if len(ins) == 1 else ins)[1]
+
     def finish(self, shard: Shard, n_rows: int, loss: torch.Tensor, batch_loss: torch.Tensor) -> StepOutput:
         """Count the batch (a stand-in row counts nothing); under DDP, scale the loss by the shard's share
         (DDP averages the ranks' gradients: the share makes that a row-weighted mean)."""
@@ -413,34 +364,16 @@ class _Run:
 
 
 class PlainStep:
-    """Cross-entropy on rows of one table (``plain`` on the training rows, ``meta-only`` on the meta set)."""
+    """Cross-entropy on the rows ``_items`` gives the method: ``plain`` the training rows, ``meta-only`` the meta
+    set, ``plain-meta`` both (a batch may mix them)."""
 
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         self.run = run
 
     def __call__(self, shard: Shard, index: int) -> StepOutput:
-        run, chunk = self.run, self.run.chunk(shard)
-        src, pos = chunk[0][0], torch.tensor([p for _, p in chunk])
-        labels = to_device(run.labels[src][pos], run.device)
-        _, logits = run.real_forward(run.batches.inputs_of(src, pos.numpy()))
+        _, labels, logits = self.run.forward_rows(shard)
         loss = per_sample_loss(logits, labels).mean()
-        return run.finish(shard, len(chunk), loss, loss.detach())
-
-
-class MixedStep(PlainStep):
-    """``plain-meta``: a batch may mix training and meta rows; each table's part runs, the logits concatenate."""
-
-    def __call__(self, shard: Shard, index: int) -> StepOutput:
-        run, chunk = self.run, self.run.chunk(shard)
-        sources = sorted({s for s, _ in chunk})
-        if len(sources) == 1:
-            return super().__call__(shard, index)
-        pos = {s: np.array([p for s2, p in chunk if s2 == s]) for s in sources}
-        ins = [run.batches.inputs_of(s, pos[s]) for s in sources]
-        labels = to_device(torch.cat([run.labels[s][pos[s].tolist()] for s in sources]), run.device)
-        logits = run.real_forward(ins)[1]
-        loss = per_sample_loss(logits, labels).mean()
-        return run.finish(shard, len(chunk), loss, loss.detach())
+        return self.run.finish(shard, len(labels), loss, loss.detach())
 
 
 class MetaStep:
@@ -448,6 +381,8 @@ class MetaStep:
     rows, the meta batch drawn from the meta set; the row weights v_i are summed for the epoch statistics.
     With ``--meta-share S`` the meta batch also enters the real step; the epoch's train loss stays the mean
     cross-entropy of the training rows (comparable across S) and the weights are those of the training rows."""
+
+    curves = True  #: the training batch carries the curves I_i (MLRNet's meta-net reads them)
 
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         cfg = run.config
@@ -462,11 +397,11 @@ class MetaStep:
     def meta_optimizer(run: _Run) -> torch.optim.Optimizer:
         return torch.optim.Adam(run.meta_net.parameters(), lr=run.config.meta_lr, weight_decay=1e-4)
 
-    def batches(self, shard: Shard, curves: bool) -> tuple[torch.Tensor, StepBatch, StepBatch]:
+    def batches(self, shard: Shard) -> tuple[torch.Tensor, StepBatch, StepBatch]:
         """(positions, the training batch, this step's meta batch: one draw of the epoch's meta generator)."""
         run = self.run
         pos_t = torch.tensor([p for _, p in run.chunk(shard)], dtype=torch.long)
-        cv = to_device(run.inp.curves[pos_t], run.device) if curves and run.inp.curves is not None else None
+        cv = to_device(run.inp.curves[pos_t], run.device) if self.curves and run.inp.curves is not None else None
         labels = to_device(run.labels["train"][pos_t], run.device)
         batch = StepBatch(run.batches.inputs_of("train", pos_t.numpy()), labels, cv)
         meta_pos = run.inp.meta_pos
@@ -478,12 +413,9 @@ class MetaStep:
     def step_options(self, shard: Shard, index: int) -> dict[str, Any]:
         """What meta_step and mlc_step take alike from the run's settings."""
         run, cfg = self.run, self.run.config
-        reduce_meta = None
-        if distributed.is_distributed():
-
-            def reduce_meta(grads: list[torch.Tensor], share: float = shard.share) -> None:
-                distributed.all_reduce_mean_(grads, share)
-
+        reduce_meta = (
+            partial(distributed.all_reduce_mean_, weight=shard.share) if distributed.is_distributed() else None
+        )
         return {
             "alpha": cfg.virtual_lr,
             "meta_params": self.names,
@@ -510,21 +442,18 @@ class MetaStep:
             if meta_loss is not None:
                 run.epoch.meta_losses.append(meta_loss)
 
-    def __call__(self, shard: Shard, index: int) -> StepOutput:
-        pos_t, batch, mb = self.batches(shard, curves=True)
+    def step(self, batch: StepBatch, mb: StepBatch, options: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        """Run the method's step; (its result, each row's value for the epoch statistics: its weight v_i)."""
         run = self.run
-        res = meta_step(
-            run.model,
-            run.meta_net,
-            self.optimizer,
-            batch,
-            mb,
-            normalize_weights=run.config.normalize_weights,
-            clean_batch=mb,
-            **self.step_options(shard, index),
-        )
-        self.record(shard, pos_t, res.weights, res.meta_loss)
-        return run.finish(shard, len(pos_t), res.loss, res.losses.mean())
+        options["normalize_weights"] = run.config.normalize_weights
+        res = meta_step(run.model, run.meta_net, self.optimizer, batch, mb, **options)
+        return res, res.weights
+
+    def __call__(self, shard: Shard, index: int) -> StepOutput:
+        pos_t, batch, mb = self.batches(shard)
+        res, values = self.step(batch, mb, {"clean_batch": mb, **self.step_options(shard, index)})
+        self.record(shard, pos_t, values, res.meta_loss)
+        return self.run.finish(shard, len(pos_t), res.loss, res.losses.mean())
 
 
 class MlcStep(MetaStep):
@@ -532,20 +461,16 @@ class MlcStep(MetaStep):
     drawn from the meta set as for :class:`MetaStep`; the LCN's probability of each row's observed label,
     ŷ_i(ỹ_i), is summed for the epoch statistics (the history's ``weight_*`` columns)."""
 
+    curves = False
+
     @staticmethod
     def meta_optimizer(run: _Run) -> torch.optim.Optimizer:
         # microsoft/MLC's meta optimiser: Adam with AMSGrad and no weight decay
         return torch.optim.Adam(run.meta_net.parameters(), lr=run.config.meta_lr, weight_decay=0.0, amsgrad=True)
 
-    def __call__(self, shard: Shard, index: int) -> StepOutput:
-        pos_t, batch, mb = self.batches(shard, curves=False)
-        run = self.run
-        res = mlc_step(
-            run.model, run.meta_net, self.optimizer, batch, mb, clean_batch=mb, **self.step_options(shard, index)
-        )
-        agreement = res.soft_labels.gather(1, batch.labels[:, None]).squeeze(1)
-        self.record(shard, pos_t, agreement, res.meta_loss)
-        return run.finish(shard, len(pos_t), res.loss, res.losses.mean())
+    def step(self, batch: StepBatch, mb: StepBatch, options: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        res = mlc_step(self.run.model, self.run.meta_net, self.optimizer, batch, mb, **options)
+        return res, res.soft_labels.gather(1, batch.labels[:, None]).squeeze(1)
 
 
 class GLCStep:
@@ -556,10 +481,8 @@ class GLCStep:
     (trusted) rows, averaged over the batch's rows."""
 
     def __init__(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
-        self.run = run
-        self.trusted_counts = np.bincount(
-            run.inp.clean.labels[run.inp.meta_pos], minlength=run.inp.manifest.num_classes
-        )
+        self.run, inp = run, run.inp
+        self.trusted_counts = np.bincount(inp.clean.labels[inp.meta_pos], minlength=inp.manifest.num_classes)
         # rank 0 estimates and sends: every rank corrects with the very same Ĉ
         matrix = _glc_matrix(run) if distributed.is_main() else None
         self.set_matrix(distributed.broadcast_object(matrix))
@@ -576,15 +499,11 @@ class GLCStep:
             log.warning("glc: class %r has no trusted (meta) rows: its row of C^ is the identity row", names[c])
 
     def __call__(self, shard: Shard, index: int) -> StepOutput:
-        run, chunk = self.run, self.run.chunk(shard)
-        sources = sorted({s for s, _ in chunk})
-        pos = {s: np.array([p for s2, p in chunk if s2 == s]) for s in sources}
-        labels = to_device(torch.cat([run.labels[s][pos[s].tolist()] for s in sources]), run.device)
-        trusted = to_device(torch.cat([torch.full((len(pos[s]),), s == "clean") for s in sources]), run.device)
-        logits = run.real_forward([run.batches.inputs_of(s, pos[s]) for s in sources])[1]
+        pos, labels, logits = self.run.forward_rows(shard)
+        trusted = to_device(torch.cat([torch.full((len(p),), s == "clean") for s, p in pos.items()]), self.run.device)
         corrected = forward_corrected_loss(logits, labels, self.corruption)
         loss = torch.where(trusted, per_sample_loss(logits, labels), corrected).mean()
-        return run.finish(shard, len(chunk), loss, loss.detach())
+        return self.run.finish(shard, len(labels), loss, loss.detach())
 
     def extra_state(self) -> dict[str, Any]:
         return {"glc_matrix": self.matrix}
@@ -595,36 +514,26 @@ class GLCStep:
     def model_files(self, model_meta: dict[str, Any]) -> dict[str, Any]:
         """``glc.json`` in each model folder: Ĉ with what it was estimated from."""
         names = self.run.inp.manifest.class_names
-        return {
-            "glc.json": stageio.json_file(
-                {
-                    artifacts.META_KEY: {**model_meta, "kind": "glc"},
-                    "corruption_matrix": self.matrix.tolist(),
-                    "class_names": names,
-                    "trusted_rows_per_class": self.trusted_counts.tolist(),
-                    "identity_rows": [names[c] for c in np.flatnonzero(self.trusted_counts == 0)],
-                    "estimated_with": "stage1",
-                }
-            )
+        record = {
+            artifacts.META_KEY: {**model_meta, "kind": "glc"},
+            "corruption_matrix": self.matrix.tolist(),
+            "class_names": names,
+            "trusted_rows_per_class": self.trusted_counts.tolist(),
+            "identity_rows": [names[c] for c in np.flatnonzero(self.trusted_counts == 0)],
+            "estimated_with": "stage1",
         }
+        return {"glc.json": stageio.json_file(record)}
 
 
 def _glc_matrix(run: _Run) -> torch.Tensor:
     """Ĉ from the stage-1 classifier (trained by collect-losses on the biased rows): its full forward over the
     meta rows' token ids, in eval mode without gradients (whatever --freeze-encoder says: its encoder need not
     be the one whose features train caches)."""
-    from mlrnet_cli import inference, modeling
+    from mlrnet_cli import inference
 
     cfg, inp = run.config, run.inp
     assert inp.stage1 is not None
-    model = modeling.load_classifier(
-        stage1_model_path(inp.stage1),
-        inp.manifest.num_classes,
-        inp.manifest.class_names,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    model = model.to(run.device).eval()
+    model = _classifier(cfg, stage1_model_path(inp.stage1), inp.manifest).to(run.device).eval()
     token_ids = run.batches.tokens["clean"].rows(inp.meta_pos)
     out = inference.run_classifier(
         model, token_ids, pad_id=run.batches.pad_id, batch_size=cfg.batch_size * 2, progress=NullProgress()
@@ -639,7 +548,7 @@ STEPS: dict[str, type] = {
     "mwnet": MetaStep,
     "mlc": MlcStep,
     "plain": PlainStep,
-    "plain-meta": MixedStep,
+    "plain-meta": PlainStep,
     "meta-only": PlainStep,
     "glc": GLCStep,
 }
@@ -666,13 +575,19 @@ class _Collapse:
     true_share: float
     blame_meta: bool
 
+    def __str__(self) -> str:
+        return (
+            f"the classifier predicts {self.label!r} for {100 * self.share:.0f}% of the dev rows "
+            f"({100 * self.true_share:.0f}% of their labels)"
+        )
+
 
 class _Hooks:
     """Stage 2's side of :class:`~mlrnet_cli.engine.Loop`: the epoch's order, dev accuracy and statistics, the
     warnings, and model/{last,best,history.arrow}."""
 
-    def __init__(self, run: _Run, step: Any, out: Path, meta: dict[str, Any], tokenizer: Any, stage1: Path) -> None:
-        self.run, self.step, self.out, self.meta, self.tokenizer, self.stage1 = run, step, out, meta, tokenizer, stage1
+    def __init__(self, run: _Run, step: Any, out: Path, meta: dict[str, Any]) -> None:
+        self.run, self.step, self.out, self.meta = run, step, out, meta
         self.best_acc, self.best_epoch, self.better = -1.0, 0, False
         self.collapse: _Collapse | None = None  # the last epoch's, if any
         self.backoffs = 0  # collapse-guard back-offs so far (--meta-backoff)
@@ -694,26 +609,16 @@ class _Hooks:
             ep.n_seen = int(engine.sum_over_ranks([ep.n_seen])[0])
             ep.w_sum, ep.w_cnt = distributed.all_reduce_sum(ep.w_sum), distributed.all_reduce_sum(ep.w_cnt)
         dev_acc, dev_predicted = _accuracy(run, cfg.batch_size * 2)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(ep.loss_sum) / max(ep.n_seen, 1),
-            "dev_accuracy": dev_acc,
-        }
+        loss = float(ep.loss_sum) / max(ep.n_seen, 1)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "dev_accuracy": dev_acc}
         if run.meta_net is not None:
             row.update(_weight_stats(ep, run.inp.train.is_noisy, epoch), meta_lr=self.meta_lr)
         row["seconds"] = time.perf_counter() - ep.t0
         self.better = dev_acc is None or dev_acc > self.best_acc
         if self.better:
             self.best_acc, self.best_epoch = (dev_acc if dev_acc is not None else -1.0), epoch
-        log.info(
-            "epoch %d/%d: train loss %.4f, dev accuracy %s%s (%.0fs)",
-            epoch,
-            cfg.epochs,
-            row["train_loss"],
-            "n/a" if dev_acc is None else f"{dev_acc:.4f}",
-            " (best)" if self.better and dev_acc is not None else "",
-            row["seconds"],
-        )
+        acc = "n/a" if dev_acc is None else f"{dev_acc:.4f}" + " (best)" * self.better
+        log.info("epoch %d/%d: train loss %.4f, dev accuracy %s (%.0fs)", epoch, cfg.epochs, loss, acc, row["seconds"])
         self.collapse = self._collapse(row, dev_predicted, [r["dev_accuracy"] for r in history])
         if self.collapse is not None and not self._guard_acts():
             self._warn(epoch, self.collapse)
@@ -741,17 +646,10 @@ class _Hooks:
         return _Collapse(run.inp.manifest.class_names[found[0]], found[1], found[2], blame_meta)
 
     def _warn(self, epoch: int, c: _Collapse) -> None:
-        cfg = self.run.config
-        log.warning(
-            "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels); %s",
-            epoch,
-            c.label,
-            100 * c.share,
-            100 * c.true_share,
-            f"the meta-net may be learning too fast: try --meta-lr {self.meta_lr / 10:g}"
-            if c.blame_meta
-            else f"try a smaller --lr than {cfg.lr:g}",
-        )
+        advice = f"try a smaller --lr than {self.run.config.lr:g}"
+        if c.blame_meta:
+            advice = f"the meta-net may be learning too fast: try --meta-lr {self.meta_lr / 10:g}"
+        log.warning("epoch %d: %s; %s", epoch, c, advice)
 
     def _guard_acts(self) -> bool:
         c = self.collapse
@@ -762,20 +660,11 @@ class _Hooks:
         began, with a ten times smaller meta lr (at most --meta-backoff times in a run)."""
         if not self._guard_acts():
             return False
-        c, lr = self.collapse, self.meta_lr / 10
+        lr = self.meta_lr / 10
         log.warning(
-            "epoch %d: the classifier predicts %r for %.0f%% of the dev rows (%.0f%% of their labels) and the "
-            "weights went to the ends (std %.2f): the meta-net learned too fast; rerunning epoch %d with meta lr "
-            "%g (back-off %d of %d, --meta-backoff)",
-            epoch,
-            c.label,
-            100 * c.share,
-            100 * c.true_share,
-            row["weight_std"],
-            epoch,
-            lr,
-            self.backoffs + 1,
-            self.run.config.meta_backoff,
+            f"epoch {epoch}: {self.collapse} and the weights went to the ends (std {row['weight_std']:.2f}): the "
+            f"meta-net learned too fast; rerunning epoch {epoch} with meta lr {lr:g} (back-off {self.backoffs + 1} "
+            f"of {self.run.config.meta_backoff}, --meta-backoff)"
         )
         self._after_rollback = (self.backoffs + 1, lr)
         return True
@@ -801,8 +690,7 @@ class _Hooks:
             "epoch": epoch,
         }
         files = {}
-        if run.meta_net is not None:
-            net = run.meta_net
+        if (net := run.meta_net) is not None:
             files["meta_net.safetensors"] = lambda p: artifacts.write_tensors(
                 p, net.state_dict(), {**model_meta, "meta_net": net.spec()}
             )
@@ -811,8 +699,8 @@ class _Hooks:
         files["mlrnet.json"] = stageio.json_file({artifacts.META_KEY: model_meta})
         frozen = None
         if run.config.freeze_encoder:  # the frozen encoder is stored once, hard-linked across the folders
-            frozen = (run.batches.head_prefix, [self.out / "best", self.out / "last", self.stage1])
-        stageio.write_model_folder(target, run.model, self.tokenizer, files, frozen=frozen)
+            frozen = (run.batches.head_prefix, [self.out / "best", self.out / "last", run.inp.stage1])
+        stageio.write_model_folder(target, run.model, run.batches.tokenizer, files, frozen=frozen)
 
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"best_acc": self.best_acc, "best_epoch": self.best_epoch}
@@ -854,12 +742,19 @@ def _weight_stats(ep: _Epoch, noisy: np.ndarray | None, epoch: int) -> dict[str,
     log.info("%s", line)
     if row["weight_std"] < 1e-4:
         log.warning(
-            "epoch %d: the meta-net gives every row the same weight (std %.2g): it learned nothing; "
-            "try a larger --meta-lr",
-            epoch,
-            row["weight_std"],
+            f"epoch {epoch}: the meta-net gives every row the same weight (std {row['weight_std']:.2g}): it learned "
+            "nothing; try a larger --meta-lr"
         )
     return row
+
+
+def _history_table(rows: list[dict[str, Any]]) -> Any:
+    """history.arrow: one row per epoch, the same columns for every method (a method's missing ones are null)."""
+    import pyarrow as pa
+
+    floats = ("train_loss", "dev_accuracy", "weight_mean", "weight_std", "weight_mean_noisy", "weight_mean_clean")
+    cols = {"epoch": pa.int64(), **dict.fromkeys((*floats, "meta_loss", "meta_lr", "seconds"), pa.float64())}
+    return pa.table({n: pa.array([r.get(n) for r in rows], t) for n, t in cols.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,12 +797,8 @@ def train(
         meta = artifacts.make_meta(
             "train", "model", config=config.provenance_config(), seed=config.seed, inputs=inp.fingerprints
         )
-        artifacts.guard_output(
-            out / "history.arrow",
-            {**meta, "kind": "history"},
-            inputs=[paths["train"], paths["clean"]],
-            overwrite=overwrite,
-        )
+        inputs = [paths["train"], paths["clean"]]
+        artifacts.guard_output(out / "history.arrow", {**meta, "kind": "history"}, inputs=inputs, overwrite=overwrite)
         if distributed.is_main():  # under torchrun only rank 0 changes files (the others wait at the barrier below)
             artifacts.clean_stale_temps(out)  # what a killed run left half-written (never read as artifacts)
             clean_cache(ws.cache)
@@ -917,7 +808,7 @@ def train(
             done = _finished_history(out, meta, config.epochs)
             if done is not None:
                 log.info("train: %s is up to date (same inputs and config)", out)
-                return _result(config, inp, out, *done, resumed_from=config.epochs)
+                return _result(config, inp, out, done, config.epochs)
         model, tokenizer, device, init_path = _load_model(config, ws, inp.manifest)
         # only once the model loaded: a bad --model with --overwrite must leave the old state alone
         distributed.barrier()  # every rank has read the old state before rank 0 removes it
@@ -925,28 +816,19 @@ def train(
             shutil.rmtree(checkpoint.folder, ignore_errors=True)
         distributed.barrier()
         batches = _Batches(config, ws, inp, model, tokenizer, device, init_path, progress)
-        return _fit(config, inp, model, tokenizer, batches, checkpoint, state, out, ws.stage1, progress)
+        run = _Run(inp, batches, model, _meta_net(config, inp, model, batches))
+        return _fit(run, checkpoint, state, out, progress)
 
 
 def _fit(
-    config: TrainConfig,
-    inp: _Inputs,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    batches: _Batches,
-    checkpoint: Checkpoint,
-    state: dict[str, Any] | None,
-    out: Path,
-    stage1: Path,
-    progress: Progress | None,
+    run: _Run, checkpoint: Checkpoint, state: dict[str, Any] | None, out: Path, progress: Progress | None
 ) -> TrainResult:
     """Build the method's step and run the engine's loop; every rank returns once rank 0 wrote everything."""
     from transformers import get_linear_schedule_with_warmup
 
-    meta_net = _meta_net(config, inp, model, batches)
-    items = _items(config, inp)
+    config, model, meta_net = run.config, run.model, run.meta_net
     # global steps: batches of batch_size rows per rank (batch_size x world in all)
-    steps_per_epoch = distributed.num_steps(len(items), config.batch_size)
+    steps_per_epoch = distributed.num_steps(len(run.items), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
@@ -958,11 +840,10 @@ def _fit(
             "which torch.compile does not support; it runs eagerly",
             config.method,
         )
-    run = _Run(config, inp, batches, model, meta_net, items)
     step = STEPS[config.method](run, opt)
-    hooks = _Hooks(run, step, out, checkpoint.meta, tokenizer, stage1)
+    hooks = _Hooks(run, step, out, checkpoint.meta)
     bar = get_progress(progress) if distributed.is_main() else NullProgress()
-    loop = Loop(model, opt, sched, batches.device, config.epochs, checkpoint, bar)
+    loop = Loop(model, opt, sched, run.device, config.epochs, checkpoint, bar)
     loop.rollback = meta_net is not None and config.meta_backoff > 0
     start = 0
     if state is not None:
@@ -973,18 +854,11 @@ def _fit(
         shutil.rmtree(checkpoint.folder, ignore_errors=True)
     distributed.barrier()  # the others return once rank 0 has written everything
     best_acc = hooks.best_acc if hooks.best_acc >= 0 else None
-    return _result(config, inp, out, hooks.best_epoch, best_acc, loop.history, resumed_from=start)
+    return _result(config, run.inp, out, (hooks.best_epoch, best_acc, loop.history), start)
 
 
-def _result(
-    config: TrainConfig,
-    inp: _Inputs,
-    out: Path,
-    best_epoch: int,
-    best_acc: float | None,
-    history: list[dict[str, Any]],
-    resumed_from: int,
-) -> TrainResult:
+def _result(config: TrainConfig, inp: _Inputs, out: Path, best: _Best, resumed_from: int) -> TrainResult:
+    best_epoch, best_acc, history = best
     return TrainResult(
         best_dir=out / "best",
         last_dir=out / "last",
@@ -1000,24 +874,22 @@ def _result(
     )
 
 
-def _finished_history(
-    out: Path, meta: dict[str, Any], epochs: int
-) -> tuple[int, float | None, list[dict[str, Any]]] | None:
+def _finished_history(out: Path, meta: dict[str, Any], epochs: int) -> _Best | None:
     """(best epoch, its dev accuracy, history) of a finished run of ``meta`` in ``out``, or None.
 
     Finished: history.arrow is this run's and has every epoch, and model/best and model/last are this run's
     (each epoch writes them before the history, so a kill never leaves this looking finished too early)."""
     try:
         table = artifacts.read_table(out / "history.arrow", "history")
-        best = artifacts.read_json(out / "best" / "mlrnet.json").get(artifacts.META_KEY) or {}
-        last = artifacts.read_json(out / "last" / "mlrnet.json").get(artifacts.META_KEY) or {}
+        best, last = (
+            artifacts.read_json(out / d / "mlrnet.json").get(artifacts.META_KEY) or {} for d in ("best", "last")
+        )
     except (ArtifactError, AttributeError):
         return None
     same = artifacts.provenance(meta)
     if (
         artifacts.provenance(artifacts.table_meta(table) or {}) != artifacts.provenance({**meta, "kind": "history"})
-        or artifacts.provenance(best) != same
-        or artifacts.provenance(last) != same
+        or any(artifacts.provenance(m) != same for m in (best, last))
         or table.num_rows != epochs
         or last.get("epoch") != epochs
     ):
@@ -1041,7 +913,7 @@ def _accuracy(run: _Run, batch_size: int) -> tuple[float | None, np.ndarray | No
     counts = torch.zeros(1 + num_classes, dtype=torch.int64, device=run.device)
     with eval_mode(run.model), torch.no_grad():
         for i in range(0, len(positions), batch_size):
-            inputs = run.batches.inputs_of(run.inp.dev_source, positions[i : i + batch_size])
+            inputs = run.batches.inputs_of("dev", positions[i : i + batch_size])  # without --dev: the clean table
             _, logits = run.batches.forward(run.model, inputs)
             y = to_device(torch.from_numpy(labels[i : i + batch_size]), run.device)
             pred = logits.argmax(-1)

@@ -110,21 +110,9 @@ def train_cmd(
 
     setup_logging()
     config = build(TrainConfig, locals(), compile=compile_forward)
-    paths = {"train_path": train_path, "clean_path": clean_path, "losses_path": losses_path}
+    paths = {"train_path": train_path, "clean_path": clean_path, "losses_path": losses_path, "dev_path": dev}
+    paths.update(manifest_path=manifest_path, out_dir=out)
     run_on_ranks(
-        lambda prog: train(
-            config,
-            workdir=workdir,
-            **paths,
-            manifest_path=manifest_path,
-            dev_path=dev,
-            out_dir=out,
-            overwrite=overwrite,
-            progress=prog,
-        ),
-        lambda result: emit(
-            {"best": result.best_dir, "last": result.last_dir, "history": result.history_path},
-            result.summary(),
-            as_json,
-        ),
+        lambda prog: train(config, workdir=workdir, **paths, overwrite=overwrite, progress=prog),
+        lambda r: emit({"best": r.best_dir, "last": r.last_dir, "history": r.history_path}, r.summary(), as_json),
     )
