@@ -216,7 +216,7 @@ class _Batches:
 
         self.config, self.device, self.tokenizer = config, device, tokenizer
         tok_id = modeling.model_fingerprint(config.model)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = modeling.pad_token_id(tokenizer)
         tables = {"train": inp.train, "clean": inp.clean, **({"dev": inp.dev} if inp.dev is not None else {})}
         with distributed.main_first():  # rank 0 fills the caches, the others read them
             self.tokens = {
@@ -590,8 +590,7 @@ class _Hooks:
         self.run, self.step, self.out, self.meta = run, step, out, meta
         self.best_acc, self.best_epoch, self.better = -1.0, 0, False
         self.collapse: _Collapse | None = None  # the last epoch's, if any
-        self.backoffs = 0  # collapse-guard back-offs so far (--meta-backoff)
-        self._after_rollback: tuple[int, float] | None = None
+        self._rerun_meta_lr = 0.0  # the meta lr of a rolled-back epoch's rerun
 
     def epoch_shards(self, epoch: int) -> tuple[list[Shard], str, int]:
         cfg, e = self.run.config, epoch - 1
@@ -628,6 +627,12 @@ class _Hooks:
     def meta_lr(self) -> float:
         """The meta-net's learning rate now: --meta-lr, divided by 10 at each back-off."""
         return float(self.step.optimizer.param_groups[0]["lr"])
+
+    @property
+    def backoffs(self) -> int:
+        """Collapse-guard back-offs so far: each divides the meta lr by 10 (so it is read off the lr, which the
+        meta-net's optimiser state keeps across a resume)."""
+        return round(math.log10(self.run.config.meta_lr / self.meta_lr)) if self.run.meta_net is not None else 0
 
     def _collapse(
         self, row: dict[str, Any], dev_predicted: np.ndarray | None, earlier: list[float | None]
@@ -666,13 +671,12 @@ class _Hooks:
             f"meta-net learned too fast; rerunning epoch {epoch} with meta lr {lr:g} (back-off {self.backoffs + 1} "
             f"of {self.run.config.meta_backoff}, --meta-backoff)"
         )
-        self._after_rollback = (self.backoffs + 1, lr)
+        self._rerun_meta_lr = lr
         return True
 
     def rolled_back(self) -> None:
-        self.backoffs, lr = self._after_rollback
-        for group in self.step.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.step.optimizer.param_groups:  # the restored state holds the epoch's old meta lr
+            group["lr"] = self._rerun_meta_lr
 
     def save(self, epoch: int, history: list[dict[str, Any]]) -> None:
         self._save_model_dir(self.out / "last", epoch)
@@ -706,7 +710,6 @@ class _Hooks:
         state: dict[str, Any] = {"best_acc": self.best_acc, "best_epoch": self.best_epoch}
         if self.run.meta_net is not None:
             state.update(meta_net=self.run.meta_net.state_dict(), meta_opt=self.step.optimizer.state_dict())
-            state["meta_backoffs"] = self.backoffs
         state.update(getattr(self.step, "extra_state", dict)())  # a step's own state (glc: its Ĉ)
         return state
 
@@ -715,7 +718,6 @@ class _Hooks:
         if self.run.meta_net is not None:
             self.run.meta_net.load_state_dict(state["meta_net"])
             self.step.optimizer.load_state_dict(state["meta_opt"])
-            self.backoffs = int(state.get("meta_backoffs", 0))
         if hasattr(self.step, "load_extra_state"):
             self.step.load_extra_state(state)
 
@@ -946,10 +948,10 @@ def real_collapse(
     labels = np.asarray(labels)
     majority = float(np.bincount(labels).max()) / len(labels) if len(labels) else 0.0
     fell = best_earlier is not None and dev_accuracy <= (best_earlier + majority) / 2
-    fell = fell or dev_accuracy < majority / 2
+    below_guess = dev_accuracy < majority / 2  # collapsed within the first epoch: no earlier epoch to fall from
     largest = int(np.argmax(np.bincount(np.asarray(train_labels)))) if train_labels is not None else None
     unexplained = share >= COLLAPSE_SHARE and top != largest
-    return collapse if fell or unexplained else None
+    return collapse if fell or below_guess or unexplained else None
 
 
 def one_class_collapse(predicted: np.ndarray, labels: np.ndarray) -> tuple[int, float, float] | None:
