@@ -107,6 +107,8 @@ class Budget:
     # `train --meta-share S` for the meta methods (the meta batch also enters the real step); None = not passed,
     # i.e. the CLI's default. Not a budget, but every row records it here and the run key follows it
     meta_share: float | None = None
+    # `train --curve-prior B` for mlrnet; None = not passed (the CLI's default). Labelled like meta_share
+    curve_prior: float | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -222,17 +224,21 @@ def method_epochs(method: str, budget: dict) -> int | None:
 def method_label(method: str, budget: dict) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
     (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``; so is
-    a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``)."""
+    a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``) or ``--curve-prior B``
+    (``mlrnet-prior0``)."""
     epochs = method_epochs(method, budget)
     label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
-    share = budget.get("meta_share")
-    return f"{label}-share{share:g}" if share is not None and method in SHARE_METHODS else label
+    share, prior = budget.get("meta_share"), budget.get("curve_prior")
+    label = f"{label}-share{share:g}" if share is not None and method in SHARE_METHODS else label
+    return f"{label}-prior{prior:g}" if prior is not None and method == "mlrnet" else label
 
 
 def method_train_args(method: str, budget: dict) -> list[str]:
-    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``)."""
-    share = budget.get("meta_share")
-    return ["--meta-share", f"{share:g}"] if share is not None and method in SHARE_METHODS else []
+    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``,
+    ``--curve-prior``)."""
+    share, prior = budget.get("meta_share"), budget.get("curve_prior")
+    args = ["--meta-share", f"{share:g}"] if share is not None and method in SHARE_METHODS else []
+    return args + (["--curve-prior", f"{prior:g}"] if prior is not None and method == "mlrnet" else [])
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
@@ -528,6 +534,9 @@ def _run_method(
         w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
         det = (w.get("summary") or {}).get("noise_detection") or {}
         row["weight_auroc"] = det.get("roc_auc")
+        # issue #17's measure: within each observed label, against the stage-1 loss alone on the same rows
+        row["weight_auroc_within_label"] = (det.get("within_label") or {}).get("roc_auc")
+        row["stage1_auroc_within_label"] = ((det.get("stage1_loss") or {}).get("within_label") or {}).get("roc_auc")
         groups = (w.get("summary") or {}).get("groups") or {}
         row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
     return row
@@ -784,6 +793,13 @@ def main() -> None:
         "METHOD-shareS [default: not passed, the CLI's default]; not with --tune",
     )
     ap.add_argument(
+        "--curve-prior",
+        type=float,
+        default=None,
+        help="pass `train --curve-prior B` to mlrnet; its results are labelled mlrnet-priorB [default: not "
+        "passed, the CLI's default]; not with --tune",
+    )
+    ap.add_argument(
         "--report",
         type=Path,
         default=None,
@@ -798,9 +814,11 @@ def main() -> None:
     )
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
-    if args.tune and args.meta_share is not None:
-        # the tuning rows (METHOD@PRESET, METHOD-tuned) are not labelled by the share: they would mix
-        ap.error("--meta-share with --tune is not supported yet (the tuning rows' labels do not carry the share)")
+    if args.tune and (args.meta_share is not None or args.curve_prior is not None):
+        # the tuning rows (METHOD@PRESET, METHOD-tuned) are not labelled by these flags: they would mix
+        ap.error(
+            "--meta-share or --curve-prior with --tune is not supported yet (the tuning rows' labels do not carry them)"
+        )
     if args.report:
         print(report(args.report))
         return
@@ -819,6 +837,7 @@ def main() -> None:
         test_rows=args.test_rows,
         meta_only_epochs=args.meta_only_epochs,
         meta_share=args.meta_share,
+        curve_prior=args.curve_prior,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)

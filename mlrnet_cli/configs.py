@@ -232,6 +232,7 @@ class TrainConfig:
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
     label_emb_dim: int = 128  # §4.3: label embedding (C, 128); also MLC's label embedding
     df_dim: int = 128  # §4.3: size of the discriminative feature DF_i; also MLC's hidden layers (its reference: 128)
+    curve_prior: float = 0.0  # our extension: the meta-net's logit starts at -β × mean stage-1 I_i; 0 = the paper's
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training
     dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
@@ -281,6 +282,10 @@ class TrainConfig:
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
         if not (math.isfinite(self.meta_share) and self.meta_share >= 0):
             raise ConfigError(f"--meta-share must be a finite number >= 0, got {self.meta_share}")
+        if not (math.isfinite(self.curve_prior) and self.curve_prior >= 0):
+            raise ConfigError(f"--curve-prior must be a finite number >= 0, got {self.curve_prior}")
+        if self.curve_prior and self.method != Method.mlrnet.value:
+            raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
         if self.meta_share and self.method not in META_METHODS:
             raise UsageError(
                 f"--meta-share applies to the meta methods ({', '.join(META_METHODS)}), not --method {self.method}",
@@ -290,9 +295,10 @@ class TrainConfig:
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
-        on another device), and ``meta_share`` only when it is not 0 (runs from before it existed are the same)."""
-        dropped = ("compile", "device") if self.meta_share else ("compile", "device", "meta_share")
-        return {k: v for k, v in asdict(self).items() if k not in dropped}
+        on another device), and ``meta_share`` and ``curve_prior`` only when not 0 (so runs from before they existed
+        are the same run)."""
+        unset = {k for k in ("meta_share", "curve_prior") if not getattr(self, k)}
+        return {k: v for k, v in asdict(self).items() if k not in {"compile", "device", *unset}}
 
 
 # ---------------------------------------------------------------------------------------------

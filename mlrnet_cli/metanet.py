@@ -71,16 +71,29 @@ class MLRNetMetaNet(_MetaNet):
     - the normalised loss curve ``I_i`` (length ``curve_len`` = T+1) → three Tanh layers → ``df_dim``;
     - their sum is ``DF_i``; a three-layer Tanh feed-forward net and a final linear unit with a sigmoid give
       the weight in [0, 1].
+
+    ``curve_prior`` β > 0 (our extension) subtracts β × the mean of I_i over epochs 1..T from the logit before
+    the sigmoid, with β learned by the meta step like the rest of θ. A fresh meta-net then ranks the rows of
+    each label by their stage-1 loss, and a per-label shift the net learns for class balance cannot wash that
+    ranking out. 0 is the paper's net.
     """
 
-    kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim")
+    kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim", "curve_prior")
 
     def __init__(
-        self, feature_dim: int, num_classes: int, curve_len: int, label_emb_dim: int = 128, df_dim: int = 128
+        self,
+        feature_dim: int,
+        num_classes: int,
+        curve_len: int,
+        label_emb_dim: int = 128,
+        df_dim: int = 128,
+        curve_prior: float = 0.0,
     ) -> None:
         super().__init__()
         self.feature_dim, self.num_classes, self.curve_len = feature_dim, num_classes, curve_len
-        self.label_emb_dim, self.df_dim = label_emb_dim, df_dim
+        self.label_emb_dim, self.df_dim, self.curve_prior = label_emb_dim, df_dim, float(curve_prior)
+        if self.curve_prior:
+            self.prior_scale = nn.Parameter(torch.tensor(self.curve_prior))
         self.label_embedding = nn.Embedding(num_classes, label_emb_dim)
         self.feature_branch = _tanh_mlp([feature_dim + label_emb_dim, df_dim, df_dim])
         self.curve_branch = _tanh_mlp([curve_len, df_dim, df_dim, df_dim])
@@ -100,7 +113,11 @@ class MLRNetMetaNet(_MetaNet):
     ) -> torch.Tensor:
         """V(DF_i; θ) of eqs. 8/9: a weight in [0, 1] per sample."""
         df = self.discriminative_features(features, labels, curves)
-        return torch.sigmoid(self.out(self.feed_forward(df))).squeeze(-1)
+        logit = self.out(self.feed_forward(df)).squeeze(-1)
+        if self.curve_prior:
+            trained = curves[:, 1:] if curves.shape[1] > 1 else curves  # epoch 0 is the untrained classifier
+            logit = logit - self.prior_scale * trained.to(logit.dtype).mean(-1)
+        return torch.sigmoid(logit)
 
 
 class LabelCorrectionNet(_MetaNet):
@@ -147,7 +164,8 @@ def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrect
         return MWNet(hidden=int(spec.get("hidden", 100)))
     for cls in (LabelCorrectionNet, MLRNetMetaNet):
         if kind == cls.kind:
-            return cls(**{k: int(spec[k]) for k in cls.spec_keys})
+            sizes = {k: int(spec[k]) for k in cls.spec_keys if k != "curve_prior"}
+            return cls(**sizes, **({"curve_prior": float(spec["curve_prior"])} if "curve_prior" in spec else {}))
     from mlrnet_cli.errors import ArtifactError
 
     raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

@@ -291,7 +291,11 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
         else:
             assert inp.curves is not None
             meta_net = MLRNetMetaNet(
-                *sizes, inp.curves.shape[1], label_emb_dim=config.label_emb_dim, df_dim=config.df_dim
+                *sizes,
+                inp.curves.shape[1],
+                label_emb_dim=config.label_emb_dim,
+                df_dim=config.df_dim,
+                curve_prior=config.curve_prior,
             )
     else:
         return None

@@ -404,6 +404,15 @@ CASES = [
         "--meta-share applies",
         code=2,
     ),
+    Case("train-negative-curve-prior", "train", None, [*TRAIN, "--curve-prior", "-1"], "--curve-prior must be"),
+    Case(
+        "train-curve-prior-mwnet",
+        "train",
+        None,
+        [*TRAIN, "--method", "mwnet", "--curve-prior", "1"],
+        "--curve-prior applies",
+        code=2,
+    ),
     # eval ---------------------------------------------------------------------------------
     Case(
         "eval-missing-label-column",

@@ -171,6 +171,41 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
         fidelity.main()
 
 
+def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--curve-prior B reaches mlrnet's train command only, labelled mlrnet-priorB (B = 0 included: the paper's
+    net run explicitly beside a changed default), and the row keeps the within-label detection figures."""
+    trains: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        if sub == "train":
+            trains.append(cmd)
+        if sub == "weights":
+            det = {"roc_auc": 0.7, "within_label": {"roc_auc": 0.9}, "stage1_loss": {"within_label": {"roc_auc": 0.8}}}
+            return {"summary": {"noise_detection": det}}
+        return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, "--methods", "mwnet", "mlrnet", "--curve-prior", "0"])
+    fidelity.main()
+    got = {c[c.index("--method") + 1]: c for c in trains}
+    assert "--curve-prior" not in got["mwnet"] and got["mwnet"][got["mwnet"].index("--workdir") + 1].endswith("-mwnet")
+    assert got["mlrnet"][got["mlrnet"].index("--curve-prior") + 1] == "0"
+    assert got["mlrnet"][got["mlrnet"].index("--workdir") + 1].endswith("-mlrnet-prior0")
+    rows = fidelity.read_results(tmp_path / "results.jsonl")
+    assert [fidelity.row_key(r)[2] for r in rows] == ["mwnet", "mlrnet-prior0"]
+    assert rows[1]["budget"]["curve_prior"] == 0.0
+    assert (rows[1]["weight_auroc_within_label"], rows[1]["stage1_auroc_within_label"]) == (0.9, 0.8)
+    monkeypatch.setattr(sys, "argv", [*base, "--curve-prior", "1", "--tune"])
+    with pytest.raises(SystemExit):
+        fidelity.main()
+
+
 def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workdirs: list[str] = []
 

@@ -73,7 +73,10 @@ def _batch(n: int, seed: int, curves: bool = True) -> StepBatch:
 
 def _meta_net(kind: str, seed: int = 1):
     torch.manual_seed(seed)
-    net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8) if kind == "mlrnet" else MWNet(hidden=10)
+    if kind.startswith("mlrnet"):  # "mlrnet-prior": with the curve prior (--curve-prior 1)
+        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=1.0 if kind != "mlrnet" else 0.0)
+    else:
+        net = MWNet(hidden=10)
     return net.double()
 
 
@@ -132,6 +135,8 @@ def _fd_along(model, net, batch, meta, d, eps=1e-5, **reference):
     [
         ("mlrnet", "all", False, "jvp"),
         ("mlrnet", "all", True, "jvp"),
+        ("mlrnet-prior", "all", True, "jvp"),
+        ("mlrnet-prior", "head", False, "unrolled"),
         ("mlrnet", "last-1", False, "jvp"),
         ("mlrnet", "head", True, "jvp"),
         ("mwnet", "all", False, "jvp"),
@@ -398,7 +403,7 @@ def test_no_meta_update_between_intervals():
     assert out.loss.item() == pytest.approx((out.weights / out.weights.sum() * out.losses).sum().item())
 
 
-@pytest.mark.parametrize("kind", ["mlrnet", "mwnet"])
+@pytest.mark.parametrize("kind", ["mlrnet", "mlrnet-prior", "mwnet"])
 def test_weights_are_in_unit_interval_with_one_per_sample(kind):
     net = _meta_net(kind).float()
     g = torch.Generator().manual_seed(0)
@@ -409,10 +414,30 @@ def test_weights_are_in_unit_interval_with_one_per_sample(kind):
     w = net(feats, labels, curves, losses)
     assert w.shape == (64,)
     assert bool(((w >= 0) & (w <= 1)).all())
-    if kind == "mlrnet":
+    if kind != "mwnet":
         assert net.discriminative_features(feats, labels, curves).shape == (64, 8)
     rebuilt = build_meta_net(net.spec())
     assert type(rebuilt) is type(net)
+    rebuilt.load_state_dict(net.state_dict())  # the spec rebuilds every parameter, the prior's β included
+    assert torch.equal(rebuilt(feats, labels, curves, losses), w)
+
+
+def test_the_curve_prior_ranks_each_labels_rows_by_their_mean_stage1_loss():
+    """--curve-prior: with the learned part silent, the weights within a label fall as the mean of I_i over
+    epochs 1..T rises (epoch 0 plays no part), and β is a parameter of θ that the meta step trains."""
+    net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=2.0).double()
+    with torch.no_grad():
+        net.out.weight.zero_()
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(40) % C
+    curves = torch.randn(40, T1, generator=g, dtype=torch.float64)
+    w = net(torch.randn(40, 16, generator=g, dtype=torch.float64), labels, curves)
+    expected = torch.sigmoid(net.out.bias - 2.0 * curves[:, 1:].mean(-1))
+    assert torch.allclose(w, expected)
+    curves[:, 0] += 100.0  # the untrained classifier's epoch 0 is left out
+    assert torch.allclose(net(torch.zeros(40, 16, dtype=torch.float64), labels, curves), expected)
+    assert "prior_scale" in dict(net.named_parameters())
+    assert not hasattr(MLRNetMetaNet(16, C, T1), "prior_scale")  # 0: the paper's net, no extra parameter
 
 
 def test_mlrnet_meta_net_structure_follows_section_4_3():

@@ -236,6 +236,33 @@ def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Pa
     assert h0.equals(h1)
 
 
+def test_curve_prior_is_recorded_and_the_weights_command_rebuilds_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`train --curve-prior 1`: β is in the run's config and the saved meta-net's spec, `weights` rebuilds the
+    same net (its weights within a label fall as the mean stage-1 loss rises where the net adds little), and
+    --curve-prior 0 is the paper's run, with no curve_prior in its config."""
+    args = [*FAST, "--epochs", "1", "--meta-params", "last-1", "--device", "cpu"]
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    for root, prior in zip(roots, ("1", "0"), strict=True):
+        r = runner.invoke(app, ["train", "-w", str(root), *args, "--curve-prior", prior])
+        assert r.exit_code == 0, r.output
+    config = artifacts.read_json(roots[0] / "model" / "best" / "train_config.json")["config"]
+    assert config["curve_prior"] == 1.0
+    assert "curve_prior" not in artifacts.read_json(roots[1] / "model" / "best" / "train_config.json")["config"]
+    for root, prior in zip(roots, (1.0, None), strict=True):
+        tensors, meta = artifacts.read_tensors(root / "model" / "best" / "meta_net.safetensors", "meta-net")
+        assert meta["meta_net"].get("curve_prior") in (prior, 0.0 if prior is None else prior)
+        assert ("prior_scale" in tensors) == (prior is not None)
+    outs = []
+    for root in roots:
+        r = runner.invoke(app, ["weights", "-w", str(root), "--json"])
+        assert r.exit_code == 0, r.output
+        outs.append(artifacts.read_table(root / "weights.arrow").to_pydict())
+    assert len(outs[0]["weight"]) == len(set(outs[0]["sample_id"])) > 0
+    assert outs[0]["weight"] != outs[1]["weight"]
+
+
 def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "plain-meta"])
     assert r.exit_code == 0, r.output

@@ -75,6 +75,11 @@ def train_cmd(
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
     df_dim: int = _opt("df_dim", "MLRNet discriminative-feature size (MLC: its hidden layers)."),
+    curve_prior: float = _opt(
+        "curve_prior",
+        "mlrnet: start the weight's logit at -B x the row's mean normalised stage-1 loss, B learned with the "
+        "meta-net (our extension: keeps the within-label ranking of the loss curves); 0 is the paper's net.",
+    ),
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),
     dev_fraction: float = _opt("dev_fraction", "Part of the clean pool held out per class for model selection."),
