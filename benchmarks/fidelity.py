@@ -608,8 +608,9 @@ def report(out: Path) -> str:
     # METHODS order, each method's own-budget variants after it
     labels = sorted(method_of, key=lambda x: (METHODS.index(method_of[x]), x))
     md = [
-        "| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | method | seeds | accuracy % | per seed | macro-F1 % | weight AUROC "
+        "| within label: weight / stage-1 loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(vals: list[float]) -> str:
@@ -624,10 +625,14 @@ def report(out: Path) -> str:
             if not rs:
                 continue
             au = [r.get("weight_auroc") for r in rs if r.get("weight_auroc") is not None]
+            # issue #17's measure: the weights against the stage-1 loss, on the same rows, within each label
+            pairs = [(r.get("weight_auroc_within_label"), r.get("stage1_auroc_within_label")) for r in rs]
+            pairs = [(w, s1) for w, s1 in pairs if w is not None and s1 is not None]
+            within = " / ".join(f"{statistics.mean(x):.3f}" for x in zip(*pairs, strict=True)) if pairs else "-"
             seeds = " / ".join(f"s{r['seed']} {100 * r['accuracy']:.2f}" for r in rs if r["accuracy"] is not None)
             md.append(
                 f"| {c} | {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | {seeds} | "
-                f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} |"
+                f"{ms([r['macro_f1'] for r in rs])} | {f'{statistics.mean(au):.3f}' if au else '-'} | {within} |"
             )
     # the issue's targets compare methods on the same corrupted data, so compare them seed by seed: against the
     # tuned MLRNet when there is one, else against each MLRNet variant (e.g. mlrnet-share0.5 beside mlrnet)

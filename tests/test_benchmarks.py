@@ -40,14 +40,19 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
         {"cell": "A", "method": "plain", "seed": 0, "accuracy": 0.60, "macro_f1": 0.50},
         {"cell": "A", "method": "plain", "seed": 1, "accuracy": 0.70, "macro_f1": 0.60},
         {"cell": "A", "method": "mlrnet", "seed": 0, "accuracy": 0.80, "macro_f1": 0.75, "weight_auroc": 0.9},
+        {"cell": "A", "method": "mwnet", "seed": 0, "accuracy": 0.6, "macro_f1": 0.5, "weight_auroc": 0.7},
+        {"cell": "A", "method": "mwnet", "seed": 1, "accuracy": 0.7, "macro_f1": 0.6, "weight_auroc": 0.8},
     ]
+    for r, (w, s1) in zip(rows[2:], [(0.9, 0.85), (0.6, 0.8), (0.7, 0.9)], strict=True):
+        r |= {"weight_auroc_within_label": w, "stage1_auroc_within_label": s1}
     rows.append(rows[0])  # a method rerun on its finished workspace appends the same row: counted once
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = fidelity.report(tmp_path).splitlines()
-    assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | - |"
-    assert table[3] == "| A | mlrnet | 1 | 80.00 | s0 80.00 | 75.00 | 0.900 |"
+    assert table[2] == "| A | plain | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | - | - |"
+    assert table[3] == "| A | mwnet | 2 | 65.00 ± 7.07 | s0 60.00 / s1 70.00 | 55.00 ± 7.07 | 0.750 | 0.650 / 0.850 |"
+    assert table[4] == "| A | mlrnet | 1 | 80.00 | s0 80.00 | 75.00 | 0.900 | 0.900 / 0.850 |"
     # paired on the seeds both ran: only seed 0 has both, 80 - 60
-    assert table[-1] == "| A | +20.00 (1/1) |"  # a column per method that ran
+    assert table[-1] == "| A | +20.00 (1/1) | +20.00 (1/1) |"  # a column per method that ran
 
 
 def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
@@ -156,8 +161,8 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
     assert [fidelity.row_key(r)[2] for r in rows] == ["plain", "mlrnet", "mwnet-share0.5", "mlrnet-share0.5"]
     assert rows[-1]["budget"]["meta_share"] == 0.5 and rows[0]["budget"]["meta_share"] is None
     table = fidelity.report(tmp_path).splitlines()
-    assert "| IF20-u0.4-m20 | mlrnet | 1 | 60.00 | s0 60.00 | 50.00 | - |" in table
-    assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 1 | 70.00 | s0 70.00 | 50.00 | - |" in table
+    assert "| IF20-u0.4-m20 | mlrnet | 1 | 60.00 | s0 60.00 | 50.00 | - | - |" in table
+    assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 1 | 70.00 | s0 70.00 | 50.00 | - | - |" in table
     assert (
         "mlrnet-share0.5 minus each method, test accuracy points, on the seeds both ran (mean; wins / seeds):" in table
     )
