@@ -228,17 +228,26 @@ def method_label(method: str, budget: dict) -> str:
     (``mlrnet-prior0``)."""
     epochs = method_epochs(method, budget)
     label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
-    share, prior = budget.get("meta_share"), budget.get("curve_prior")
-    label = f"{label}-share{share:g}" if share is not None and method in SHARE_METHODS else label
-    return f"{label}-prior{prior:g}" if prior is not None and method == "mlrnet" else label
+    return label + "".join(f"-{tag}{value}" for tag, _, value in _own_flags(method, budget))
 
 
 def method_train_args(method: str, budget: dict) -> list[str]:
     """The train flags a method takes from the budget beyond the shared ones (``--meta-share``,
     ``--curve-prior``)."""
-    share, prior = budget.get("meta_share"), budget.get("curve_prior")
-    args = ["--meta-share", f"{share:g}"] if share is not None and method in SHARE_METHODS else []
-    return args + (["--curve-prior", f"{prior:g}"] if prior is not None and method == "mlrnet" else [])
+    return [arg for _, flag, value in _own_flags(method, budget) for arg in (flag, value)]
+
+
+def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
+    """(label tag, train flag, value) of each budget option that was passed and applies to ``method``."""
+    options = (
+        ("meta_share", "share", "--meta-share", SHARE_METHODS),
+        ("curve_prior", "prior", "--curve-prior", ("mlrnet",)),
+    )
+    return [
+        (tag, flag, f"{budget[key]:g}")
+        for key, tag, flag, methods in options
+        if budget.get(key) is not None and method in methods
+    ]
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:

@@ -31,9 +31,12 @@ class _MetaNet(nn.Module):
 
     kind: str
     spec_keys: tuple[str, ...]
+    #: extensions the spec holds only when set, so a net without them has the spec it had before they existed
+    optional_keys: tuple[str, ...] = ()
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: getattr(self, k) for k in self.spec_keys}}
+        optional = {k: getattr(self, k) for k in self.optional_keys if getattr(self, k)}
+        return {"kind": self.kind, **{k: getattr(self, k) for k in self.spec_keys}, **optional}
 
 
 class MWNet(_MetaNet):
@@ -78,7 +81,8 @@ class MLRNetMetaNet(_MetaNet):
     ranking out. 0 is the paper's net.
     """
 
-    kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim", "curve_prior")
+    kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim")
+    optional_keys = ("curve_prior",)
 
     def __init__(
         self,
@@ -164,8 +168,7 @@ def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrect
         return MWNet(hidden=int(spec.get("hidden", 100)))
     for cls in (LabelCorrectionNet, MLRNetMetaNet):
         if kind == cls.kind:
-            sizes = {k: int(spec[k]) for k in cls.spec_keys if k != "curve_prior"}
-            return cls(**sizes, **({"curve_prior": float(spec["curve_prior"])} if "curve_prior" in spec else {}))
+            return cls(**{k: spec[k] for k in (*cls.spec_keys, *cls.optional_keys) if k in spec})
     from mlrnet_cli.errors import ArtifactError
 
     raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

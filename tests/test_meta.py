@@ -74,7 +74,7 @@ def _batch(n: int, seed: int, curves: bool = True) -> StepBatch:
 def _meta_net(kind: str, seed: int = 1):
     torch.manual_seed(seed)
     if kind.startswith("mlrnet"):  # "mlrnet-prior": with the curve prior (--curve-prior 1)
-        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=1.0 if kind != "mlrnet" else 0.0)
+        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=float(kind == "mlrnet-prior"))
     else:
         net = MWNet(hidden=10)
     return net.double()
@@ -437,7 +437,9 @@ def test_the_curve_prior_ranks_each_labels_rows_by_their_mean_stage1_loss():
     curves[:, 0] += 100.0  # the untrained classifier's epoch 0 is left out
     assert torch.allclose(net(torch.zeros(40, 16, dtype=torch.float64), labels, curves), expected)
     assert "prior_scale" in dict(net.named_parameters())
-    assert not hasattr(MLRNetMetaNet(16, C, T1), "prior_scale")  # 0: the paper's net, no extra parameter
+    paper = MLRNetMetaNet(16, C, T1)  # 0: the paper's net, no extra parameter, and the spec it always had
+    assert not hasattr(paper, "prior_scale") and "curve_prior" not in paper.spec()
+    assert build_meta_net(net.spec()).curve_prior == 2.0 and build_meta_net(paper.spec()).curve_prior == 0.0
 
 
 def test_mlrnet_meta_net_structure_follows_section_4_3():
