@@ -290,13 +290,8 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
             meta_net = LabelCorrectionNet(*sizes, label_emb_dim=config.label_emb_dim, hidden_dim=config.df_dim)
         else:
             assert inp.curves is not None
-            meta_net = MLRNetMetaNet(
-                *sizes,
-                inp.curves.shape[1],
-                label_emb_dim=config.label_emb_dim,
-                df_dim=config.df_dim,
-                curve_prior=config.curve_prior,
-            )
+            dims = {"label_emb_dim": config.label_emb_dim, "df_dim": config.df_dim}
+            meta_net = MLRNetMetaNet(*sizes, inp.curves.shape[1], **dims, curve_prior=config.curve_prior)
     else:
         return None
     meta_net.to(batches.device)
@@ -741,8 +736,9 @@ def _weight_stats(ep: _Epoch, noisy: np.ndarray | None, epoch: int) -> dict[str,
     line = f"epoch {epoch}: weight mean {row['weight_mean']:.4f} std {row['weight_std']:.4f}"
     if noisy is not None:  # the truth is known (a corrupted set, not a set with real noise)
         nz = noisy[seen]
-        row["weight_mean_noisy"] = _nan_to_none(float(w[nz].mean())) if nz.any() else None
-        row["weight_mean_clean"] = _nan_to_none(float(w[~nz].mean())) if (~nz).any() else None
+        for group, rows in (("noisy", nz), ("clean", ~nz)):
+            mean = float(w[rows].mean()) if rows.any() else math.nan
+            row[f"weight_mean_{group}"] = None if math.isnan(mean) else mean
         means = [row[f"weight_mean_{g}"] for g in ("noisy", "clean")]
         line += " (noisy rows {}, clean rows {})".format(*("-" if m is None else f"{m:.4f}" for m in means))
     log.info("%s", line)
@@ -765,10 +761,6 @@ def _history_table(rows: list[dict[str, Any]]) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # the stage
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def train(
