@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,7 +27,6 @@ log = logging.getLogger("mlrnet")
 #: Files whose bytes define a local model + tokenizer (the rest, e.g. README.md, do not change results).
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 _IGNORED_MODEL_FILES = {"history.json", "mlrnet.json", "README.md"}
-Params = Mapping[str, torch.Tensor]  #: parameters by name, as ``model.named_parameters()`` (torch.func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +112,11 @@ def _hf_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(before)
 
 
-def _is_local(name_or_path: str | os.PathLike[str]) -> bool:
+def _local_path(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The local folder ``name_or_path`` names (``~`` expanded), or None for a hub id."""
     s = str(name_or_path)
-    return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep)
+    path = Path(s).expanduser()
+    return path if path.exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep) else None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -229,9 +230,8 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        path = Path(name).expanduser()
+    path = _local_path(name)
+    if path is not None:
         if not path.is_dir():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
         if not any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
@@ -242,8 +242,8 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
     try:
         tok = _from_pretrained(
             lambda n, **kw: AutoTokenizer.from_pretrained(n, use_fast=True, trust_remote_code=trust_remote_code, **kw),
-            str(Path(name).expanduser()) if local else name,
-            local,
+            str(path or name),
+            path is not None,
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
@@ -257,13 +257,11 @@ def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool
     gets one HubUnavailableError in seconds instead of the hub client's retries."""
     from transformers import AutoConfig
 
-    name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        name = str(Path(name).expanduser())
+    path = _local_path(name_or_path)
+    name = str(path or name_or_path)
     try:
         return _from_pretrained(
-            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, local
+            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, bool(path)
         )
     except OSError as e:
         raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
@@ -295,14 +293,12 @@ def load_classifier(
 
     if num_labels < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
-    name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        path = Path(name).expanduser()
+    path = _local_path(name_or_path)
+    if path is not None:
         if not path.exists():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
         _check_model_folder(path, allow_pickle=allow_pickle, pickle_option=pickle_option)
-        name = str(path)
+    name = str(path or name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
@@ -332,7 +328,7 @@ def load_classifier(
                 f"{name!r} has no safetensors weights (only pickle files, which can run code when loaded)",
                 _pickle_hint(pickle_option),
             ) from e
-        if not local and "connect" in msg.lower():
+        if path is None and "connect" in msg.lower():
             raise _hub_unavailable(name) from e
         raise ModelError(f"cannot load model {name!r}: {_first_line(e)}") from e
     except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
@@ -396,14 +392,13 @@ def head_name(model: torch.nn.Module) -> str:
 
 
 def features_and_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, params: Params | None = None
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (the head's input feature [B, H], the logits [B, C]) (paper §4.3, the [CLS] feature of DF_i).
 
     The feature is captured with a forward pre-hook on :func:`head_module`, so it is exactly what the head
     consumes (for BERT: the pooled [CLS] vector after the pooler and, in train mode, dropout; for heads that
     take the token sequence, its first position). It is not detached: detach it for a stop-gradient.
-    With ``params``, the forward runs through ``torch.func.functional_call(model, params, ...)``.
     """
     head = head_module(model)
     captured: list[torch.Tensor] = []
@@ -415,11 +410,7 @@ def features_and_logits(
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if params is None:
-            out = model(**inputs)
-        else:
-            out = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
     if not captured:
@@ -436,16 +427,6 @@ def head_takes_sequence(model: torch.nn.Module) -> bool:
     return not isinstance(head, torch.nn.Linear) and hasattr(head, "dense") and hasattr(head, "out_proj")
 
 
-def head_logits(model: torch.nn.Module, features: torch.Tensor, *, params: Params | None = None) -> torch.Tensor:
-    """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training).
-
-    ``params`` (names as in ``model.named_parameters()``, e.g. ``classifier.weight``) run it through
-    ``torch.func.functional_call``.
-    """
-    head = head_module(model)
-    x = features[:, None, :] if head_takes_sequence(model) else features
-    if params is None:
-        return head(x)
-    prefix = head_name(model) + "."
-    sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-    return torch.func.functional_call(head, sub, (x,))
+def head_logits(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training)."""
+    return head_module(model)(features[:, None, :] if head_takes_sequence(model) else features)
