@@ -194,8 +194,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
     try:
         return _load_fast_tokenizer(name_or_path, trust_remote_code)
     except ModelError:
-        path = Path(name_or_path)
-        base = trained_settings(path).get("model") if path.is_dir() else None
+        base = trained_settings(name_or_path).get("model")
         if base is None or base == str(name_or_path):
             raise
         log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
@@ -219,8 +218,7 @@ def stage_meta(folder: Path) -> dict[str, Any]:
 def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the stage that saved a model folder recorded: ``model`` (the pretrained base), ``max_length`` and
     ``batch_size``; empty for a hub id or a folder mlrnet did not write."""
-    path = Path(name_or_path)
-    cfg = stage_meta(path).get("config") if path.is_dir() else None
+    cfg = stage_meta(Path(name_or_path)).get("config")
     if not isinstance(cfg, dict):
         return {}
     return {k: cfg[k] for k in ("model", "max_length", "batch_size") if cfg.get(k) is not None}
@@ -253,8 +251,7 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
 
 
 def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
-    """A model's ``AutoConfig``. For a hub id that is not cached, the hub is probed first, so an offline machine
-    gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    """A model's ``AutoConfig`` (offline: one HubUnavailableError in seconds, see :func:`_from_pretrained`)."""
     from transformers import AutoConfig
 
     path = _local_path(name_or_path)
@@ -333,10 +330,11 @@ def load_classifier(
         raise ModelError(f"cannot load model {name!r}: {_first_line(e)}") from e
     except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
-    # which weights were new (random, from init_seed): see encoder_cache_id
-    new = model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
+    new = sorted(info.get("missing_keys") or [])
     head = head_name(model) + "."
-    if any(not k.startswith(head) for k in new):  # a missing encoder weight changes results: say so loudly
+    # the non-head weights that were new (random, from init_seed): see encoder_cache_id
+    model._mlrnet_new_encoder_weights = [k for k in new if not k.startswith(head)]  # type: ignore[assignment]
+    if model._mlrnet_new_encoder_weights:  # a missing encoder weight changes results: say so loudly
         log.warning(
             "%s: %d weight(s) not in the checkpoint, initialised at random: %s", name, len(new), ", ".join(new[:6])
         )
@@ -350,9 +348,7 @@ def load_classifier(
 def encoder_cache_id(model: torch.nn.Module, model_fp: str, init_seed: int | None) -> str:
     """The ``model_id`` for feature caches: the checkpoint fingerprint, plus the init seed only when
     :func:`load_classifier` had to initialise non-head weights (e.g. a missing pooler) at random."""
-    prefix = head_name(model) + "."
-    new = [k for k in getattr(model, "_mlrnet_new_weights", []) if not k.startswith(prefix)]
-    return f"{model_fp}/init-seed-{init_seed}" if new else model_fp
+    return f"{model_fp}/init-seed-{init_seed}" if getattr(model, "_mlrnet_new_encoder_weights", None) else model_fp
 
 
 def _first_line(e: BaseException) -> str:
@@ -408,11 +404,8 @@ def features_and_logits(
         model._mlrnet_head_takes_sequence = x.dim() == 3  # type: ignore[assignment]
         captured.append(x[:, 0] if x.dim() == 3 else x)
 
-    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with head.register_forward_pre_hook(hook, with_kwargs=True):  # the handle removes the hook on exit
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        handle.remove()
     if not captured:
         raise ModelError(f"the head of {type(model).__name__} was not called in the forward")  # pragma: no cover
     return captured[-1], out.logits
