@@ -78,12 +78,6 @@ class MetaStepOutput:
     meta_loss: torch.Tensor | None  #: detached 0-d tensor (no host sync per step); ``float()`` it when needed
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The encoder's layer stack: the longest ModuleList in the model (BERT/RoBERTa `encoder.layer`, ...)."""
-    stacks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
-    return max(stacks, key=lambda s: len(s[1]), default=None)
-
-
 def resolve_meta_params(model: nn.Module, spec: str, head_prefix: str | None) -> list[str]:
     """Names of the trainable parameters the virtual step differentiates through.
 
@@ -101,10 +95,11 @@ def resolve_meta_params(model: nn.Module, spec: str, head_prefix: str | None) ->
             raise ConfigError("--meta-params head needs a model whose classification head is known")
         names = [n for n in trainable if n.startswith(head_prefix)]
     else:
-        found = _layer_list(model)
-        if found is None:
+        # the encoder's layer stack: the longest ModuleList in the model (BERT/RoBERTa `encoder.layer`, ...)
+        stacks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
+        if not stacks:
             raise ConfigError(f"--meta-params {spec}: the model has no layer stack")
-        stack_name, stack = found
+        stack_name, stack = max(stacks, key=lambda s: len(s[1]))
         start_layer = max(len(stack) - k, 0)
         first = f"{stack_name}.{start_layer}." if stack_name else f"{start_layer}."
         all_names = [n for n, _ in model.named_parameters()]
@@ -145,8 +140,7 @@ def _call_with(model: nn.Module, fn: Callable[..., Any], params: Mapping[str, to
 @contextlib.contextmanager
 def _replay_rng(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
     """Re-run code with the RNG as it was at ``snapshot`` (same dropout masks), leaving the outer RNG untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.set_rng_state(snapshot[0])
         if snapshot[1] is not None:
             torch.cuda.set_rng_state(snapshot[1], device)
