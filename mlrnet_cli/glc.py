@@ -30,8 +30,7 @@ def glc_corruption_matrix(probs: torch.Tensor, true_labels: torch.Tensor, num_cl
     sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, y, p)
     counts = torch.bincount(y, minlength=num_classes).to(torch.float64)
     eye = torch.eye(num_classes, dtype=torch.float64)
-    seen = counts > 0
-    return torch.where(seen[:, None], sums / counts.clamp(min=1)[:, None], eye)
+    return torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], eye)
 
 
 def forward_corrected_loss(logits: torch.Tensor, labels: torch.Tensor, corruption: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def unfinished_training(model_dir: str | os.PathLike[str]) -> tuple[int, int] | 
     """``(epochs done, epochs asked)`` when ``model_dir`` was saved by a `train` run that has not finished, else
     None. A run saves ``best`` and ``last`` after every epoch: ``last`` says how far the run got."""
     path = Path(model_dir)
-    meta = modeling.stage_meta(path) if path.is_dir() else {}
+    meta = modeling.stage_meta(path)
     if meta.get("stage") != "train" or not isinstance(meta.get("config"), dict):
         return None
     try:
@@ -79,8 +79,7 @@ def unfinished_training(model_dir: str | os.PathLike[str]) -> tuple[int, int] | 
 
 def check_finished(model_id: str, allow_unfinished: bool) -> dict[str, int] | None:
     """Refuse a model of an unfinished training run (or, allowed, warn and return what to record about it)."""
-    unfinished = unfinished_training(model_id) if Path(model_id).is_dir() else None
-    if unfinished is None:
+    if (unfinished := unfinished_training(model_id)) is None:
         return None
     done, epochs = unfinished
     if not allow_unfinished:
@@ -154,8 +153,7 @@ def classify_texts(clf: Any, tokenizer: Any, texts: Sequence[str], max_length: i
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated, unpadded (padding happens per batch)."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return enc["input_ids"]
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
 
 
 def iter_batches(
@@ -163,8 +161,7 @@ def iter_batches(
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(row indices, input_ids, attention_mask) for length-grouped, dynamically padded batches."""
     for rows in length_grouped_batches([len(t) for t in token_ids], batch_size):
-        input_ids, mask = pad_batch([token_ids[i] for i in rows], pad_id)
-        yield rows, input_ids, mask
+        yield rows, *pad_batch([token_ids[i] for i in rows], pad_id)
 
 
 @dataclass
@@ -199,8 +196,7 @@ def run_classifier(
     out: dict[str, np.ndarray] = {}  # logits, features: float32 [n, ·], filled batch by batch
     with get_progress(progress).task(description, total=n) as task:
         for rows, input_ids, mask in iter_batches(token_ids, batch_size, pad_id):
-            input_ids = input_ids.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
+            input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with autocast_context(device, bf16):
                 if with_features:
                     f, z = modeling.features_and_logits(model, input_ids, mask)
@@ -252,7 +248,5 @@ def classify_tokens(
     opts = {k: kwargs[k] for k in ("pad_id", "batch_size", "progress")}
     device = next(clf.parameters()).device
     feats = encode_features(clf, tokens, model_id=enc_id, cache_dir=ws.cache, device=device, **opts)
-    logits = torch.cat(
-        [modeling.head_logits(clf, feats[s : s + 4096].to(device)).float().cpu() for s in range(0, len(feats), 4096)]
-    )
+    logits = torch.cat([modeling.head_logits(clf, f.to(device)).float().cpu() for f in feats.split(4096)])
     return Inference(logits.numpy(), feats.numpy())

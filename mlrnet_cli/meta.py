@@ -78,15 +78,6 @@ class MetaStepOutput:
     meta_loss: torch.Tensor | None  #: detached 0-d tensor (no host sync per step); ``float()`` it when needed
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The encoder's layer stack: the longest ModuleList in the model (BERT/RoBERTa `encoder.layer`, ...)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    return best
-
-
 def resolve_meta_params(model: nn.Module, spec: str, head_prefix: str | None) -> list[str]:
     """Names of the trainable parameters the virtual step differentiates through.
 
@@ -104,15 +95,16 @@ def resolve_meta_params(model: nn.Module, spec: str, head_prefix: str | None) ->
             raise ConfigError("--meta-params head needs a model whose classification head is known")
         names = [n for n in trainable if n.startswith(head_prefix)]
     else:
-        found = _layer_list(model)
-        if found is None:
+        # the encoder's layer stack: the longest ModuleList in the model (BERT/RoBERTa `encoder.layer`, ...)
+        stacks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
+        if not stacks:
             raise ConfigError(f"--meta-params {spec}: the model has no layer stack")
-        stack_name, stack = found
+        stack_name, stack = max(stacks, key=lambda s: len(s[1]))
         start_layer = max(len(stack) - k, 0)
         first = f"{stack_name}.{start_layer}." if stack_name else f"{start_layer}."
         all_names = [n for n, _ in model.named_parameters()]
-        starts = [i for i, n in enumerate(all_names) if n.startswith(first)]
-        keep = set(all_names[starts[0] :]) if starts else set(all_names)
+        start = next((i for i, n in enumerate(all_names) if n.startswith(first)), 0)  # no such layer: all
+        keep = set(all_names[start:])
         if head_prefix:
             keep |= {n for n in all_names if n.startswith(head_prefix)}
         names = [n for n in trainable if n in keep]
@@ -145,24 +137,14 @@ def _call_with(model: nn.Module, fn: Callable[..., Any], params: Mapping[str, to
     return torch.func.functional_call(ForwardModule(model, fn), {f"model.{k}": v for k, v in params.items()}, (arg,))
 
 
-def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
 @contextlib.contextmanager
 def _replay_rng(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
     """Re-run code with the RNG as it was at ``snapshot`` (same dropout masks), leaving the outer RNG untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.set_rng_state(snapshot[0])
         if snapshot[1] is not None:
             torch.cuda.set_rng_state(snapshot[1], device)
         yield
-
-
-def _head_only(names: Sequence[str], fns: ClassifierFns) -> bool:
-    return fns.head is not None and bool(fns.head_prefix) and all(n.startswith(fns.head_prefix) for n in names)
 
 
 #: the real step's forward: one input dict, or a list of them whose outputs are concatenated (one DDP forward)
@@ -195,22 +177,36 @@ def add_clean_share(
     return loss + share * F.cross_entropy(_upcast(clean_logits), clean.labels).to(loss.dtype)
 
 
-@dataclass
 class _RealPass:
     """The real step's forward of meta_step / mlc_step, and what their meta update needs to know about it."""
 
-    model: nn.Module
-    fns: ClassifierFns
-    batch: StepBatch
-    names: list[str]  #: the parameters of ŵ (``--meta-params``)
-    unrolled: bool
-    rng: tuple[torch.Tensor, torch.Tensor | None]
-    head_only: bool
-    attention: Callable[[], contextlib.AbstractContextManager[None]]
-    clean: StepBatch | None
-    features: torch.Tensor
-    logits: torch.Tensor
-    clean_logits: torch.Tensor | None
+    def __init__(
+        self,
+        model: nn.Module,
+        fns: ClassifierFns,
+        batch: StepBatch,
+        meta_params: Sequence[str],
+        mode: str,
+        real_forward: RealForward | None,
+        clean: StepBatch | None,
+    ) -> None:
+        """The RNG snapshot (the jvp mode replays the dropout masks), then the one real forward over the training
+        rows and, with ``--meta-share``, the clean rows after them."""
+        if mode not in ("jvp", "unrolled"):
+            raise ConfigError(f"unknown meta-step mode {mode!r}")
+        self.model, self.fns, self.batch, self.unrolled = model, fns, batch, mode == "unrolled"
+        self.names = list(meta_params)  # the parameters of ŵ (``--meta-params``)
+        device = batch.labels.device
+        self.rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        prefix = fns.head_prefix
+        self.head_only = fns.head is not None and bool(prefix) and all(n.startswith(prefix) for n in self.names)
+        # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
+        # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
+        self.attention = contextlib.nullcontext if self.head_only else math_attention
+        # without a real_forward, the plain one-process forward (what distributed.training_forward gives then)
+        forward = ForwardModule(model, fns.forward).forward if real_forward is None else real_forward
+        with self.attention():
+            self.features, self.logits, self.clean_logits = forward_with_clean(forward, batch, clean)
 
     def meta_logits(self, params: Mapping[str, torch.Tensor], meta: StepBatch, dropout: bool) -> torch.Tensor:
         """Logits of the meta batch at ŵ (eq. 5). With only head parameters in ŵ the encoder runs without a graph.
@@ -225,8 +221,7 @@ class _RealPass:
                     features, _ = fns.forward(model, meta.inputs)
                 # fns.forward may run under bf16 autocast (CUDA); the head at ŵ runs outside it, in ŵ's dtype
                 return _call_with(model, fns.head, params, features.detach().to(next(iter(params.values())).dtype))
-            _, logits = _call_with(model, fns.forward, params, meta.inputs)
-            return logits
+            return _call_with(model, fns.forward, params, meta.inputs)[1]
 
     def forward_tangent(
         self, tangents: Sequence[torch.Tensor], out: Callable[[torch.Tensor], torch.Tensor]
@@ -285,10 +280,8 @@ class _RealPass:
             if unrolled:
                 theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
             else:
-                g_meta = torch.autograd.grad(meta_loss, list(w_hat.values()), allow_unused=True)
-                theta_grads = along(
-                    [torch.zeros_like(w) if g is None else g for w, g in zip(w_hat.values(), g_meta, strict=True)]
-                )
+                # a ŵ parameter the meta loss does not reach gets a zero gradient, not None
+                theta_grads = along(list(torch.autograd.grad(meta_loss, list(w_hat.values()), materialize_grads=True)))
         opt.zero_grad(set_to_none=True)
         for p, g in zip(theta, theta_grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
@@ -296,31 +289,6 @@ class _RealPass:
             reduce_meta_grads([p.grad for p in theta])
         opt.step()
         return meta_loss.detach()
-
-
-def _real_pass(
-    model: nn.Module,
-    fns: ClassifierFns,
-    batch: StepBatch,
-    meta_params: Sequence[str],
-    mode: str,
-    real_forward: RealForward | None,
-    clean: StepBatch | None,
-) -> _RealPass:
-    """The RNG snapshot (the jvp mode replays the dropout masks), then the one real forward over the training
-    rows and, with ``--meta-share``, the clean rows after them."""
-    if mode not in ("jvp", "unrolled"):
-        raise ConfigError(f"unknown meta-step mode {mode!r}")
-    rng = _rng_snapshot(batch.labels.device)
-    head_only = _head_only(meta_params, fns)
-    # the MATH kernel only where attention is differentiated twice or in forward mode: with only the head in ŵ
-    # the encoder is differentiated once (the real step), so it keeps the default (faster) kernel
-    attention = contextlib.nullcontext if head_only else math_attention
-    # without a real_forward, the plain one-process forward (what distributed.training_forward gives then)
-    forward = ForwardModule(model, fns.forward).forward if real_forward is None else real_forward
-    with attention():
-        out = forward_with_clean(forward, batch, clean)
-    return _RealPass(model, fns, batch, list(meta_params), mode == "unrolled", rng, head_only, attention, clean, *out)
 
 
 def meta_step(
@@ -364,7 +332,7 @@ def meta_step(
     ``Σ_i c_i L_i + S · mean CE(clean rows)``. The meta-net, the virtual step and ``output.losses``/``weights``
     see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
     """
-    rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
     losses = per_sample_loss(rp.logits, batch.labels)
     feats, loss_in = rp.features.detach(), losses.detach()
 
@@ -386,7 +354,7 @@ def meta_step(
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
     loss = (weight_coefficients(weights, normalize_weights).to(losses.dtype) * losses).sum()
-    loss = add_clean_share(loss, rp.clean_logits, rp.clean, clean_share)
+    loss = add_clean_share(loss, rp.clean_logits, clean_batch, clean_share)
     return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss)
 
 
@@ -447,7 +415,7 @@ def mlc_step(
     scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
     become soft labels.
     """
-    rp = _real_pass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
     feats = rp.features.detach()
 
     meta_loss: torch.Tensor | None = None
@@ -471,5 +439,5 @@ def mlc_step(
     with torch.no_grad():
         soft_new = lcn(feats, batch.labels).detach()
     losses = soft_cross_entropy(rp.logits, soft_new)
-    loss = add_clean_share(losses.mean(), rp.clean_logits, rp.clean, clean_share)
+    loss = add_clean_share(losses.mean(), rp.clean_logits, clean_batch, clean_share)
     return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft_new, meta_loss=meta_loss)

@@ -9,10 +9,15 @@ classifier.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import nn
+
+from mlrnet_cli.errors import ArtifactError
+
+OptTensor = torch.Tensor | None  #: an input a meta-net does not read (MW-Net reads only the losses)
 
 
 def normalized_curves(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,22 +54,13 @@ class MWNet(_MetaNet):
         self.hidden = hidden
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(
-        self,
-        features: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        curves: torch.Tensor | None,
-        losses: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, features: OptTensor, labels: OptTensor, curves: OptTensor, losses: torch.Tensor) -> torch.Tensor:
         """V(L_i; θ) of eqs. 2/4: the weight depends on the per-sample loss only."""
         return torch.sigmoid(self.net(losses.reshape(-1, 1).to(self.net[0].weight.dtype))).squeeze(-1)
 
 
 def _tanh_mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*(m for a, b in pairwise(sizes) for m in (nn.Linear(a, b), nn.Tanh())))
 
 
 class MLRNetMetaNet(_MetaNet):
@@ -113,7 +109,7 @@ class MLRNetMetaNet(_MetaNet):
         return self.feature_branch(joint) + self.curve_branch(curves.to(dtype))
 
     def forward(
-        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor, losses: torch.Tensor | None = None
+        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor, losses: OptTensor = None
     ) -> torch.Tensor:
         """V(DF_i; θ) of eqs. 8/9: a weight in [0, 1] per sample."""
         df = self.discriminative_features(features, labels, curves)
@@ -150,11 +146,7 @@ class LabelCorrectionNet(_MetaNet):
                 nn.init.zeros_(layer.bias)
 
     def forward(
-        self,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        curves: torch.Tensor | None = None,
-        losses: torch.Tensor | None = None,
+        self, features: torch.Tensor, labels: torch.Tensor, curves: OptTensor = None, losses: OptTensor = None
     ) -> torch.Tensor:
         """ŷ_i(θ): a soft label (a probability vector over the C classes) per sample, ``[B, C]``."""
         joint = torch.cat([features.to(self.out.weight.dtype), self.label_embedding(labels)], dim=-1)
@@ -164,11 +156,7 @@ class LabelCorrectionNet(_MetaNet):
 def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrectionNet:
     """Rebuild a meta-net from the ``spec()`` saved beside its weights."""
     kind = spec.get("kind")
-    if kind == MWNet.kind:
-        return MWNet(hidden=int(spec.get("hidden", 100)))
-    for cls in (LabelCorrectionNet, MLRNetMetaNet):
+    for cls in (MWNet, LabelCorrectionNet, MLRNetMetaNet):
         if kind == cls.kind:
             return cls(**{k: spec[k] for k in (*cls.spec_keys, *cls.optional_keys) if k in spec})
-    from mlrnet_cli.errors import ArtifactError
-
     raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,7 +27,6 @@ log = logging.getLogger("mlrnet")
 #: Files whose bytes define a local model + tokenizer (the rest, e.g. README.md, do not change results).
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 _IGNORED_MODEL_FILES = {"history.json", "mlrnet.json", "README.md"}
-Params = Mapping[str, torch.Tensor]  #: parameters by name, as ``model.named_parameters()`` (torch.func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +112,11 @@ def _hf_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(before)
 
 
-def _is_local(name_or_path: str | os.PathLike[str]) -> bool:
+def _local_path(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The local folder ``name_or_path`` names (``~`` expanded), or None for a hub id."""
     s = str(name_or_path)
-    return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep)
+    path = Path(s).expanduser()
+    return path if path.exists() or s.startswith((".", "/", "~")) or s.endswith(os.sep) else None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -193,8 +194,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
     try:
         return _load_fast_tokenizer(name_or_path, trust_remote_code)
     except ModelError:
-        path = Path(name_or_path)
-        base = trained_settings(path).get("model") if path.is_dir() else None
+        base = trained_settings(name_or_path).get("model")
         if base is None or base == str(name_or_path):
             raise
         log.debug("%s has no tokenizer: using the one of %s", name_or_path, base)
@@ -218,8 +218,7 @@ def stage_meta(folder: Path) -> dict[str, Any]:
 def trained_settings(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the stage that saved a model folder recorded: ``model`` (the pretrained base), ``max_length`` and
     ``batch_size``; empty for a hub id or a folder mlrnet did not write."""
-    path = Path(name_or_path)
-    cfg = stage_meta(path).get("config") if path.is_dir() else None
+    cfg = stage_meta(Path(name_or_path)).get("config")
     if not isinstance(cfg, dict):
         return {}
     return {k: cfg[k] for k in ("model", "max_length", "batch_size") if cfg.get(k) is not None}
@@ -229,9 +228,8 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        path = Path(name).expanduser()
+    path = _local_path(name)
+    if path is not None:
         if not path.is_dir():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
         if not any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
@@ -242,8 +240,8 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
     try:
         tok = _from_pretrained(
             lambda n, **kw: AutoTokenizer.from_pretrained(n, use_fast=True, trust_remote_code=trust_remote_code, **kw),
-            str(Path(name).expanduser()) if local else name,
-            local,
+            str(path or name),
+            path is not None,
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}") from e
@@ -253,17 +251,14 @@ def _load_fast_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code
 
 
 def load_config(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
-    """A model's ``AutoConfig``. For a hub id that is not cached, the hub is probed first, so an offline machine
-    gets one HubUnavailableError in seconds instead of the hub client's retries."""
+    """A model's ``AutoConfig`` (offline: one HubUnavailableError in seconds, see :func:`_from_pretrained`)."""
     from transformers import AutoConfig
 
-    name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        name = str(Path(name).expanduser())
+    path = _local_path(name_or_path)
+    name = str(path or name_or_path)
     try:
         return _from_pretrained(
-            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, local
+            lambda n, **kw: AutoConfig.from_pretrained(n, trust_remote_code=trust_remote_code, **kw), name, bool(path)
         )
     except OSError as e:
         raise ModelError(f"cannot read the model config of {name!r}: {_first_line(e)}") from e
@@ -295,14 +290,12 @@ def load_classifier(
 
     if num_labels < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
-    name = str(name_or_path)
-    local = _is_local(name)
-    if local:
-        path = Path(name).expanduser()
+    path = _local_path(name_or_path)
+    if path is not None:
         if not path.exists():
             raise ModelError(f"model folder not found: {path}", "pass --model PATH to a folder or a hub id")
         _check_model_folder(path, allow_pickle=allow_pickle, pickle_option=pickle_option)
-        name = str(path)
+    name = str(path or name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
@@ -332,15 +325,16 @@ def load_classifier(
                 f"{name!r} has no safetensors weights (only pickle files, which can run code when loaded)",
                 _pickle_hint(pickle_option),
             ) from e
-        if not local and "connect" in msg.lower():
+        if path is None and "connect" in msg.lower():
             raise _hub_unavailable(name) from e
         raise ModelError(f"cannot load model {name!r}: {_first_line(e)}") from e
     except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load model {name!r} as a sequence classifier: {_first_line(e)}") from e
-    # which weights were new (random, from init_seed): see encoder_cache_id
-    new = model._mlrnet_new_weights = sorted(info.get("missing_keys") or [])  # type: ignore[assignment]
+    new = sorted(info.get("missing_keys") or [])
     head = head_name(model) + "."
-    if any(not k.startswith(head) for k in new):  # a missing encoder weight changes results: say so loudly
+    # the non-head weights that were new (random, from init_seed): see encoder_cache_id
+    model._mlrnet_new_encoder_weights = [k for k in new if not k.startswith(head)]  # type: ignore[assignment]
+    if model._mlrnet_new_encoder_weights:  # a missing encoder weight changes results: say so loudly
         log.warning(
             "%s: %d weight(s) not in the checkpoint, initialised at random: %s", name, len(new), ", ".join(new[:6])
         )
@@ -354,9 +348,7 @@ def load_classifier(
 def encoder_cache_id(model: torch.nn.Module, model_fp: str, init_seed: int | None) -> str:
     """The ``model_id`` for feature caches: the checkpoint fingerprint, plus the init seed only when
     :func:`load_classifier` had to initialise non-head weights (e.g. a missing pooler) at random."""
-    prefix = head_name(model) + "."
-    new = [k for k in getattr(model, "_mlrnet_new_weights", []) if not k.startswith(prefix)]
-    return f"{model_fp}/init-seed-{init_seed}" if new else model_fp
+    return f"{model_fp}/init-seed-{init_seed}" if getattr(model, "_mlrnet_new_encoder_weights", None) else model_fp
 
 
 def _first_line(e: BaseException) -> str:
@@ -396,14 +388,13 @@ def head_name(model: torch.nn.Module) -> str:
 
 
 def features_and_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, params: Params | None = None
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (the head's input feature [B, H], the logits [B, C]) (paper §4.3, the [CLS] feature of DF_i).
 
     The feature is captured with a forward pre-hook on :func:`head_module`, so it is exactly what the head
     consumes (for BERT: the pooled [CLS] vector after the pooler and, in train mode, dropout; for heads that
     take the token sequence, its first position). It is not detached: detach it for a stop-gradient.
-    With ``params``, the forward runs through ``torch.func.functional_call(model, params, ...)``.
     """
     head = head_module(model)
     captured: list[torch.Tensor] = []
@@ -413,15 +404,8 @@ def features_and_logits(
         model._mlrnet_head_takes_sequence = x.dim() == 3  # type: ignore[assignment]
         captured.append(x[:, 0] if x.dim() == 3 else x)
 
-    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if params is None:
-            out = model(**inputs)
-        else:
-            out = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs)
-    finally:
-        handle.remove()
+    with head.register_forward_pre_hook(hook, with_kwargs=True):  # the handle removes the hook on exit
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
     if not captured:
         raise ModelError(f"the head of {type(model).__name__} was not called in the forward")  # pragma: no cover
     return captured[-1], out.logits
@@ -436,16 +420,6 @@ def head_takes_sequence(model: torch.nn.Module) -> bool:
     return not isinstance(head, torch.nn.Linear) and hasattr(head, "dense") and hasattr(head, "out_proj")
 
 
-def head_logits(model: torch.nn.Module, features: torch.Tensor, *, params: Params | None = None) -> torch.Tensor:
-    """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training).
-
-    ``params`` (names as in ``model.named_parameters()``, e.g. ``classifier.weight``) run it through
-    ``torch.func.functional_call``.
-    """
-    head = head_module(model)
-    x = features[:, None, :] if head_takes_sequence(model) else features
-    if params is None:
-        return head(x)
-    prefix = head_name(model) + "."
-    sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-    return torch.func.functional_call(head, sub, (x,))
+def head_logits(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The head alone on head-input features [B, H] -> logits [B, C] (``--freeze-encoder`` training)."""
+    return head_module(model)(features[:, None, :] if head_takes_sequence(model) else features)

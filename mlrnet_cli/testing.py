@@ -24,8 +24,7 @@ def build_tiny_model(folder: Path, num_labels: int = 4, hidden: int = 32, layers
     folder.mkdir(parents=True, exist_ok=True)
     # the vocabulary as a dict: transformers 5 builds an empty WordPiece from ``vocab_file`` here, and every
     # word would become [UNK] (a test model that sees only the text's length)
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(TINY_VOCAB)}, do_lower_case=True)
-    tok.save_pretrained(folder)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(TINY_VOCAB)}, do_lower_case=True).save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(TINY_VOCAB),
         hidden_size=hidden,
@@ -36,6 +35,5 @@ def build_tiny_model(folder: Path, num_labels: int = 4, hidden: int = 32, layers
         num_labels=num_labels,
     )
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(folder, safe_serialization=True)
+    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
     return folder

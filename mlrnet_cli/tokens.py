@@ -19,6 +19,7 @@ import torch
 
 from mlrnet_cli import artifacts, locks
 from mlrnet_cli.errors import ArtifactError, DataError
+from mlrnet_cli.modeling import autocast_context, eval_mode, features_and_logits
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.progress import get as get_progress
 
@@ -61,11 +62,6 @@ class TokenCache:
         return pad_batch(self.rows(indices), pad_id)
 
 
-def tokens_key(tokenizer_id: str, max_length: int, table_fingerprint: str) -> str:
-    """Cache key of a token cache: tokenizer, max length and input table."""
-    return artifacts.fingerprint_obj({"tokenizer": tokenizer_id, "max_length": max_length, "table": table_fingerprint})
-
-
 def clean_cache(cache_dir: str | os.PathLike[str]) -> None:
     """Remove temp files a killed run left in ``cache_dir``, unless another run holds the cache (it may be shared
     across workspaces, and a temp file there may be a live writer's: writers hold the cache shared)."""
@@ -90,7 +86,8 @@ def tokenize_table(
     """
     table_path = Path(table_path)
     table_fp = artifacts.fingerprint_file(table_path)
-    key = tokens_key(tokenizer_id, max_length, table_fp)
+    config = {"tokenizer": tokenizer_id, "max_length": max_length}
+    key = artifacts.fingerprint_obj({**config, "table": table_fp})  # the cache key: tokenizer, max length, table
     path = Path(cache_dir) / f"tokens-{key}.arrow"
     if path.is_file():
         try:
@@ -103,8 +100,7 @@ def tokenize_table(
         table = artifacts.read_table(table_path, "table to tokenize")
     artifacts.require_columns(table, ["sample_id", "text"], table_path)
     texts = table.column("text").to_pylist()
-    bad = sum(t is None for t in texts)
-    if bad:
+    if bad := sum(t is None for t in texts):
         raise DataError(f"{table_path} has {bad} row(s) with no text", "drop or fill them before this stage")
     if any(not isinstance(t, str) for t in texts):
         raise DataError(f"{table_path}: column text must hold strings")
@@ -115,16 +111,10 @@ def tokenize_table(
     # into tokenizer.json: restore it, so a saved tokenizer has the same bytes whether this cache was hit or not
     backend = getattr(tokenizer, "_tokenizer", None)
     saved = (backend.truncation, backend.padding) if backend is not None else None
+    opts = {"truncation": True, "max_length": max_length, "padding": False}
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        enc = tokenizer(
-            texts[start : start + _TOKENIZE_CHUNK],
-            truncation=True,
-            max_length=max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        pieces.extend(enc["input_ids"])
+        chunk = texts[start : start + _TOKENIZE_CHUNK]
+        pieces.extend(tokenizer(chunk, **opts, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
     if saved is not None:
         trunc, pad = saved
         backend.no_truncation() if trunc is None else backend.enable_truncation(**trunc)
@@ -133,13 +123,7 @@ def tokenize_table(
 
     ids = pa.array(pieces, pa.list_(pa.int32()))
     out = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "input_ids": ids})
-    meta = artifacts.make_meta(
-        "tokenize",
-        "tokens",
-        config={"tokenizer": tokenizer_id, "max_length": max_length},
-        inputs={"table": table_fp},
-        key=key,
-    )
+    meta = artifacts.make_meta("tokenize", "tokens", config=config, inputs={"table": table_fp}, key=key)
     with locks.shared(path.parent):  # a cleaner in a shared cache leaves our temp file alone
         artifacts.write_table(path, out, meta)
     log.debug("tokenized %d rows into %s", len(pieces), path)
@@ -158,11 +142,8 @@ def _load_tokens(path: Path, key: str) -> TokenCache:
 def _token_cache(path: Path, key: str, sample_ids: np.ndarray, ids: Any) -> TokenCache:
     """A :class:`TokenCache` over an Arrow list array of token ids (its buffers, no copy)."""
     offsets = np.asarray(ids.offsets.to_numpy(), dtype=np.int64)
-    values = np.asarray(ids.values.to_numpy(), dtype=np.int32)
-    if offsets[0] != 0:  # a sliced array: rebase
-        values = values[offsets[0] : offsets[-1]]
-        offsets = offsets - offsets[0]
-    return TokenCache(path=path, key=key, sample_ids=sample_ids, offsets=offsets, values=values)
+    values = np.asarray(ids.flatten().to_numpy(), dtype=np.int32)  # flatten(), unlike .values, honours a slice
+    return TokenCache(path=path, key=key, sample_ids=sample_ids, offsets=offsets - offsets[0], values=values)
 
 
 def pad_batch(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +189,6 @@ def encode_features(
     ``cache_dir/features-<key>.safetensors`` and is shared by ``collect-losses``, ``train`` and ``weights``.
     Runs in eval mode without gradients (no dropout); the model's train/eval mode is restored.
     """
-    from mlrnet_cli.modeling import autocast_context, eval_mode, features_and_logits
-
     key = features_key(model_id, token_cache.key)
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mlrnet_cli import artifacts, modeling, tokens
+from mlrnet_cli.distributed import ForwardModule
 from mlrnet_cli.errors import ConfigError, HubUnavailableError, ModelError
 
 
@@ -41,11 +42,14 @@ def test_features_and_logits_match_head(tiny, tiny_model_dir: Path) -> None:
     assert torch.allclose(logits, ref)
     assert torch.allclose(feats, bert.pooler_output, atol=1e-6)  # eval mode: the pooled [CLS] vector
     assert torch.allclose(modeling.head_logits(model, feats), logits, atol=1e-6)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    params["classifier.bias"] = params["classifier.bias"] + 1.0
-    f2, l2 = modeling.features_and_logits(model, enc["input_ids"], enc["attention_mask"], params=params)
+    # with other parameters through torch.func.functional_call, as the meta step runs them
+    params = {f"model.{k}": v.detach().clone() for k, v in model.named_parameters()}
+    params["model.classifier.bias"] = params["model.classifier.bias"] + 1.0
+    full = ForwardModule(model, lambda m, x: modeling.features_and_logits(m, x["input_ids"], x["attention_mask"]))
+    f2, l2 = torch.func.functional_call(full, params, (dict(enc),))
     assert torch.allclose(f2, feats) and torch.allclose(l2, logits + 1.0, atol=1e-5)
-    assert torch.allclose(modeling.head_logits(model, feats, params=params), logits + 1.0, atol=1e-5)
+    z2 = torch.func.functional_call(ForwardModule(model, modeling.head_logits), params, (feats,))
+    assert torch.allclose(z2, logits + 1.0, atol=1e-5)
     assert modeling.head_name(model) == "classifier"
 
 
