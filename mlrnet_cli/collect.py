@@ -85,9 +85,8 @@ def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
 
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     """Meta of a finished stage1/ folder, or of the run whose state it holds, or None if empty."""
-    mfile = path / "mlrnet.json"
-    if mfile.is_file():
-        return artifacts.read_json(mfile).get(artifacts.META_KEY)
+    if (path / "mlrnet.json").is_file():
+        return artifacts.read_any_meta(path)
     meta = Checkpoint.read_meta(path / _STATE_DIR)
     return dict(meta, kind="stage1") if isinstance(meta, dict) else None
 
@@ -402,11 +401,9 @@ class _Run:
         """Losses of every sample in eval mode (no dropout) into column ``epoch`` (ranks split the batches)."""
         self.model.eval()
         stats = _Stats(self.device)
-        bs = max(self.config.batch_size, 64)
-        batches = length_grouped_batches(self.tokens.lengths, bs)
+        batches = length_grouped_batches(self.tokens.lengths, max(self.config.batch_size, 64))
         own = batches[distributed.rank() :: distributed.world_size()]
-        total = sum(len(b) for b in own)
-        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=total) as task:
+        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=sum(map(len, own))) as task:
             for idx in own:
                 rows = to_device(torch.from_numpy(idx), self.device)
                 with autocast_context(self.device):

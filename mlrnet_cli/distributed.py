@@ -85,9 +85,7 @@ def init_from_env(timeout_s: float | None = None) -> bool:
             "start distributed runs with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)",
         )
     use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
-    kwargs: dict[str, Any] = {}
-    if timeout_s is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
     if use_nccl:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         kwargs["device_id"] = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -95,23 +93,18 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     return True
 
 
-def teardown() -> None:
-    """Wait for every rank (rank 0 may still be writing), then leave the process group."""
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):  # a failed peer must not turn our own exit into a hang report
-            dist.barrier()
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def session(timeout_s: float | None = None) -> Iterator[bool]:
-    """``init_from_env`` … ``teardown`` around one command; yields whether the run is distributed."""
+    """``init_from_env`` around one command, then (once every rank, rank 0 maybe still writing, gets there) leave
+    the process group; yields whether the run is distributed."""
     started = init_from_env(timeout_s)
     try:
         yield started
     finally:
-        if started:
-            teardown()
+        if started and dist.is_initialized():
+            with contextlib.suppress(Exception):  # a failed peer must not turn our own exit into a hang report
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -123,14 +116,11 @@ def barrier() -> None:
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. fills a cache), the others after it, so they read what it wrote."""
-    if not is_distributed():
-        yield
-        return
     if not is_main():
-        dist.barrier()
+        barrier()
     yield
     if is_main():
-        dist.barrier()
+        barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +209,7 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
     present = [t for t in tensors if t is not None]
     if not is_distributed() or not present:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present])
-    if weight != 1.0:
-        flat.mul_(weight)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present]).mul_(weight)
     buf = flat.to(_comm_device(flat))
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf = buf.div_(world_size()).to(present[0].device)
@@ -297,7 +285,10 @@ class ForwardModule(nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[Mapping[str, torch.Tensor]]) -> Any:
         if isinstance(inputs, Mapping | torch.Tensor):
             return self.fn(self.model, inputs)
-        return _concat([self.fn(self.model, i) for i in inputs])
+        outs = [self.fn(self.model, i) for i in inputs]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+        return torch.cat(outs)
 
 
 def training_forward(
@@ -329,9 +320,3 @@ def training_forward(
     if compile_forward:
         module = torch.compile(module)
     return module
-
-
-def _concat(outs: list[Any]) -> Any:
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-    return torch.cat(outs)

@@ -211,7 +211,6 @@ def json_file(obj: Any) -> Callable[[Path], None]:
 def clean_stale(outputs: Sequence[Path]) -> None:
     """Remove what a killed writer of ``outputs`` left: temp siblings of each, and temps inside the folders."""
     for out in outputs:
-        if out.parent.is_dir():
-            for p in out.parent.glob(f"{artifacts.TMP_PREFIX}{out.name}*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in out.parent.glob(f"{artifacts.TMP_PREFIX}{out.name}*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         artifacts.clean_stale_temps(out)
