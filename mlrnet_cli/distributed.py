@@ -219,32 +219,16 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
 
 def gather_rows(rows: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
     """A dense ``[size, ...]`` tensor (row-position order, i.e. the table's ``sample_id`` order) holding every
-    rank's ``values[i]`` at ``rows[i]``; rows no rank sent stay 0. One ``all_gather`` (sizes padded to the
-    largest rank's); every rank gets the result, rank 0 is the one that writes it."""
-    rows = rows.reshape(-1).long()
-    if not is_distributed():
-        out = values.new_zeros((size, *values.shape[1:]))
-        out[rows.to(values.device)] = values
-        return out
-    dev = _comm_device(values)
-    w = world_size()
-    count = torch.tensor([rows.numel()], dtype=torch.int64, device=dev)
-    counts = [torch.zeros_like(count) for _ in range(w)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    m = max(max(sizes), 1)
-    pad_rows = torch.full((m,), -1, dtype=torch.int64, device=dev)
-    pad_rows[: rows.numel()] = rows.to(dev)
-    pad_vals = torch.zeros((m, *values.shape[1:]), dtype=values.dtype, device=dev)
-    pad_vals[: rows.numel()] = values.to(dev)
-    all_rows = [torch.empty_like(pad_rows) for _ in range(w)]
-    all_vals = [torch.empty_like(pad_vals) for _ in range(w)]
-    dist.all_gather(all_rows, pad_rows)
-    dist.all_gather(all_vals, pad_vals)
-    out = torch.zeros((size, *values.shape[1:]), dtype=values.dtype, device=dev)
-    for k, r_, v in zip(sizes, all_rows, all_vals, strict=True):
-        out[r_[:k]] = v[:k]
-    return out.to(values.device)
+    rank's ``values[i]`` at ``rows[i]``; rows no rank sent stay 0. One ``all_gather_object`` of the ranks'
+    (rows, values); every rank gets the result, rank 0 is the one that writes it."""
+    parts: list[Any] = [(rows.reshape(-1).long().cpu(), values.detach().cpu())]
+    if is_distributed():
+        mine, parts = parts[0], [None] * world_size()
+        dist.all_gather_object(parts, mine)
+    out = values.new_zeros((size, *values.shape[1:]))
+    for r, v in parts:
+        out[r.to(out.device)] = v.to(out.device)
+    return out
 
 
 def broadcast_object(obj: Any) -> Any:

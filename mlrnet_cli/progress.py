@@ -27,9 +27,8 @@ class _NullTask:
 class NullProgress:
     """Reports nothing (the default inside the library and in tests)."""
 
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Task]:
-        yield _NullTask()
+    def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Task]:
+        return contextlib.nullcontext(_NullTask())
 
 
 class RichProgress:
