@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -164,8 +165,6 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove temp files and folders left by a killed writer (they never look like artifacts, but take space)."""
-    import shutil
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -240,8 +239,7 @@ def guard_report(
             old = read_any_meta(p.resolve())
         if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
             old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
-            same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
-            replace_old = same_subject and provenance(old) != provenance(meta)
+            replace_old = all(old_cfg.get(k) == new_cfg.get(k) for k in about) and provenance(old) != provenance(meta)
     guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
     if replace_old:
         log.info("replacing %s (made from other inputs or settings)", path)
@@ -299,7 +297,6 @@ def write_table(
 
 def read_table(path: str | os.PathLike[str], what: str = "table") -> pa.Table:
     """Read an mlrnet Arrow artifact (stream or file IPC format)."""
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mlrnet_cli import artifacts, distributed, locks, modeling, seeding, stageio
 from mlrnet_cli.configs import CollectConfig
 from mlrnet_cli.distributed import Shard
-from mlrnet_cli.engine import Checkpoint, Loop, StepOutput, sum_over_ranks
+from mlrnet_cli.engine import STATE_FILE, Checkpoint, Loop, StepOutput, sum_over_ranks
 from mlrnet_cli.errors import ArtifactError, DataError, UsageError
 from mlrnet_cli.modeling import autocast_context, to_device
 from mlrnet_cli.progress import NullProgress, Progress
@@ -87,7 +87,8 @@ def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     """Meta of a finished stage1/ folder, or of the run whose state it holds, or None if empty."""
     if (path / "mlrnet.json").is_file():
         return artifacts.read_any_meta(path)
-    meta = Checkpoint.read_meta(path / _STATE_DIR)
+    state = path / _STATE_DIR / STATE_FILE
+    meta = Checkpoint.read(state, mmap=True).get("meta") if state.is_file() else None
     return dict(meta, kind="stage1") if isinstance(meta, dict) else None
 
 

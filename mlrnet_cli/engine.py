@@ -90,12 +90,6 @@ class Checkpoint:
                 f"delete {path.parent} or pass --overwrite to start again",
             ) from e
 
-    @classmethod
-    def read_meta(cls, folder: Path) -> dict[str, Any] | None:
-        """The metadata of the run whose state ``folder`` holds, or None."""
-        path = folder / STATE_FILE
-        return cls.read(path, mmap=True).get("meta") if path.is_file() else None
-
     def load(self, overwrite: bool) -> dict[str, Any] | None:
         """The saved state of this very run; None when there is none (or, with ``overwrite``, another run's or
         an unreadable one)."""

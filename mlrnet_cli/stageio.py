@@ -113,7 +113,6 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
 class Curves:
     """Stage-1 loss curves ``L_i`` (float32 [N, T+1]) in the order of a table's rows."""
 
-    path: Path
     losses: torch.Tensor
     meta: dict[str, Any]
     fingerprint: str
@@ -154,7 +153,7 @@ def read_curves(path: str | os.PathLike[str], rows: Rows) -> Curves:
     losses = tensors["losses"].float()[order]
     if losses.ndim != 2 or not torch.isfinite(losses).all():
         raise DataError(f"{path}: the `losses` tensor must be a finite [N, T+1] matrix")
-    return Curves(path, losses, meta, artifacts.fingerprint_file(path))
+    return Curves(losses, meta, artifacts.fingerprint_file(path))
 
 
 # ---------------------------------------------------------------------------------------------
