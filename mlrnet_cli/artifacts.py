@@ -124,11 +124,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600; artifacts are shared as other files
         os.replace(tmp_path, path)
     except OSError as e:
-        tmp_path.unlink(missing_ok=True)
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}", "check free space and permissions") from e
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp_path.unlink(missing_ok=True)  # gone already once it was renamed into place
 
 
 def current_umask() -> int:
@@ -286,12 +284,10 @@ def write_table(
         for col, names in class_names.items():
             if col in features:
                 features[col] = ClassLabel(names=list(names))
-        hf = {"info": {"features": features.to_dict()}}
-        schema_meta[b"huggingface"] = json.dumps(hf, sort_keys=True).encode()
+        schema_meta[b"huggingface"] = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True).encode()
     table = table.replace_schema_metadata(schema_meta)
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=64 * 1024)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64 * 1024)
     return fingerprint_file(path)
 
 

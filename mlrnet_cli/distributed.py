@@ -294,11 +294,8 @@ def training_forward(
         from torch.nn.parallel import DistributedDataParallel
 
         # BERT-family buffers are constants (position ids): no per-forward buffer sync
-        no_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-            else {"broadcast_buffers": False}
-        )
+        new_api = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if new_api else "broadcast_buffers": False}
         ids = [device.index] if device.type == "cuda" else None
         module = DistributedDataParallel(module, device_ids=ids, **no_sync)
     if compile_forward:
