@@ -95,10 +95,6 @@ def provenance(meta: Mapping[str, Any]) -> str:
     return fingerprint_obj({k: meta.get(k) for k in ("stage", "kind", "config", "seed", "inputs")})
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync and ``os.replace`` it into place."""
@@ -185,10 +181,6 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# guards
-
-
 def guard_output(
     path: str | os.PathLike[str],
     meta: Mapping[str, Any],
@@ -258,10 +250,6 @@ def read_any_meta(path: Path) -> dict[str, Any] | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Arrow tables (IPC stream format, the format `datasets` itself writes)
-
-
 def write_table(
     path: str | os.PathLike[str],
     table: pa.Table,
@@ -269,7 +257,8 @@ def write_table(
     *,
     class_names: Mapping[str, list[str]] | None = None,
 ) -> str:
-    """Write ``table`` atomically with ``meta`` in its schema metadata; return its fingerprint.
+    """Write ``table`` atomically as an Arrow IPC stream (the format ``datasets`` itself writes) with ``meta`` in
+    its schema metadata; return its fingerprint.
 
     ``class_names`` maps label columns to names so ``datasets`` sees them as ``ClassLabel``.
     """
@@ -321,10 +310,6 @@ def table_meta(table: pa.Table) -> dict[str, Any] | None:
 
 def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return table_meta(_read_ipc(path, lambda reader: reader.schema.empty_table(), str(path)))
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors
 
 
 def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:

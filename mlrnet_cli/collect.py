@@ -65,10 +65,6 @@ class CollectResult:
         return {"stage": STAGE, **out, "final": self.history[-1] if self.history else None}
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
 @dataclass(frozen=True)
 class _TrainData:
     rows: stageio.Rows
@@ -90,10 +86,6 @@ def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     state = path / _STATE_DIR / STATE_FILE
     meta = Checkpoint.read(state, mmap=True).get("meta") if state.is_file() else None
     return dict(meta, kind="stage1") if isinstance(meta, dict) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage
 
 
 class _Stats:

@@ -123,10 +123,6 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
-# ---------------------------------------------------------------------------------------------
-# shards
-
-
 @dataclass(frozen=True)
 class Shard:
     """This rank's rows of one global batch.
@@ -178,10 +174,6 @@ def split_evenly(n: int, rank_: int | None = None, world: int | None = None) -> 
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     return torch.tensor_split(torch.arange(n), w)[r]
-
-
-# ---------------------------------------------------------------------------------------------
-# collectives
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
@@ -249,10 +241,6 @@ def broadcast_module_(module: nn.Module) -> None:
             buf = t.detach().to(_comm_device(t), copy=True)
             dist.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
-
-
-# ---------------------------------------------------------------------------------------------
-# the training forward, wrapped for DDP
 
 
 class ForwardModule(nn.Module):

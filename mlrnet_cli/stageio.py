@@ -156,10 +156,6 @@ def read_curves(path: str | os.PathLike[str], rows: Rows) -> Curves:
     return Curves(losses, meta, artifacts.fingerprint_file(path))
 
 
-# ---------------------------------------------------------------------------------------------
-# model folders
-
-
 def write_model_folder(
     target: Path,
     model: Any,
