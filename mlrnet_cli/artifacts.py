@@ -191,9 +191,8 @@ def guard_output(
 ) -> None:
     """Refuse to write over an input, or over an artifact from a different run unless ``overwrite``."""
     path = Path(path).resolve()
-    for inp in inputs:
-        if Path(inp).resolve() == path:
-            raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
+    if any(Path(inp).resolve() == path for inp in inputs):
+        raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
     if overwrite or not path.exists():
         return
     old = None
@@ -338,11 +337,9 @@ def read_tensors(path: str | os.PathLike[str], what: str = "tensor file") -> tup
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
     try:
-        tensors = load_file(str(path))
-        meta = read_tensors_meta(path) or {}
+        return load_file(str(path)), read_tensors_meta(path) or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{what} {path} is truncated or not a safetensors file: {e}") from e
-    return tensors, meta
 
 
 def read_tensors_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:

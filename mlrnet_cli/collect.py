@@ -158,7 +158,7 @@ def collect_losses(
         rows, manifest = _read_inputs(paths.train, paths.manifest)
         meta, state = _prepare(config, paths, manifest, overwrite)
         if not overwrite:
-            done = _finished_result(paths.losses, paths.stage1, meta, len(rows), config.epochs)
+            done = _finished_result(paths, meta, len(rows), config.epochs)
             if done is not None:
                 log.info("collect-losses: %s is up to date (same inputs and config)", paths.losses)
                 return done
@@ -267,24 +267,22 @@ def _collect(
     )
 
 
-def _finished_result(
-    losses_path: Path, stage1_dir: Path, meta: dict[str, Any], n: int, epochs: int
-) -> CollectResult | None:
-    if not (losses_path.is_file() and (stage1_dir / "mlrnet.json").is_file()):
+def _finished_result(paths: _Paths, meta: dict[str, Any], n: int, epochs: int) -> CollectResult | None:
+    if not (paths.losses.is_file() and (paths.stage1 / "mlrnet.json").is_file()):
         return None
     try:
-        old = artifacts.read_tensors_meta(losses_path)
-        s1 = artifacts.read_json(stage1_dir / "mlrnet.json")
-        hist = artifacts.read_json(stage1_dir / "history.json").get("epochs", [])
+        old = artifacts.read_tensors_meta(paths.losses)
+        s1 = artifacts.read_json(paths.stage1 / "mlrnet.json")
+        hist = artifacts.read_json(paths.stage1 / "history.json").get("epochs", [])
     except ArtifactError:
         return None
     if not old or artifacts.provenance(old) != artifacts.provenance(meta):
         return None
     if artifacts.provenance(s1.get(artifacts.META_KEY) or {}) != artifacts.provenance(dict(meta, kind="stage1")):
         return None
-    shutil.rmtree(stage1_dir / _STATE_DIR, ignore_errors=True)
-    fp = artifacts.fingerprint_file(losses_path)
-    return CollectResult(losses_path, stage1_dir, n, epochs, hist, fp, up_to_date=True)
+    shutil.rmtree(paths.stage1 / _STATE_DIR, ignore_errors=True)
+    fp = artifacts.fingerprint_file(paths.losses)
+    return CollectResult(paths.losses, paths.stage1, n, epochs, hist, fp, up_to_date=True)
 
 
 def _write_stage1(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mlrnet_cli.errors import UsageError
-
-log = logging.getLogger("mlrnet")
 
 #: Environment variables torchrun sets for every worker.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -176,18 +173,16 @@ def split_evenly(n: int, rank_: int | None = None, world: int | None = None) -> 
     return torch.tensor_split(torch.arange(n), w)[r]
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
+def _comm_device() -> torch.device:
     # NCCL moves CUDA tensors only; gloo handles CPU tensors (and CUDA ones by copying)
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over the ranks (a new tensor on ``t``'s device; ``t`` itself in one process)."""
     if not is_distributed():
         return t
-    buf = t.detach().to(_comm_device(t), copy=True).contiguous()
+    buf = t.detach().to(_comm_device(), copy=True).contiguous()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
@@ -202,7 +197,7 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
     if not is_distributed() or not present:
         return
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present]).mul_(weight)
-    buf = flat.to(_comm_device(flat))
+    buf = flat.to(_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf = buf.div_(world_size()).to(present[0].device)
     for t, part in zip(present, buf.split([t.numel() for t in present]), strict=True):
@@ -238,7 +233,7 @@ def broadcast_module_(module: nn.Module) -> None:
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            buf = t.detach().to(_comm_device(t), copy=True)
+            buf = t.detach().to(_comm_device(), copy=True)
             dist.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
 
