@@ -157,10 +157,8 @@ def shard_batches(
     """
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
-    g = batch_size * w
     out = []
-    for start in range(0, len(perm), g):
-        glob = perm[start : start + g]
+    for glob in perm.split(batch_size * w):
         own = torch.tensor_split(glob, w)[r]
         out.append(Shard(own, len(own) * w / len(glob), len(glob)) if len(own) else Shard(glob[:1], 0.0, len(glob)))
     return out
