@@ -13,10 +13,12 @@ timestamps, so the same inputs and seed give the same bytes and the same fingerp
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -93,10 +95,6 @@ def provenance(meta: Mapping[str, Any]) -> str:
     return fingerprint_obj({k: meta.get(k) for k in ("stage", "kind", "config", "seed", "inputs")})
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync and ``os.replace`` it into place."""
@@ -122,11 +120,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600; artifacts are shared as other files
         os.replace(tmp_path, path)
     except OSError as e:
-        tmp_path.unlink(missing_ok=True)
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}", "check free space and permissions") from e
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp_path.unlink(missing_ok=True)  # gone already once it was renamed into place
 
 
 def current_umask() -> int:
@@ -163,8 +159,6 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove temp files and folders left by a killed writer (they never look like artifacts, but take space)."""
-    import shutil
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -187,10 +181,6 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# guards
-
-
 def guard_output(
     path: str | os.PathLike[str],
     meta: Mapping[str, Any],
@@ -201,9 +191,8 @@ def guard_output(
 ) -> None:
     """Refuse to write over an input, or over an artifact from a different run unless ``overwrite``."""
     path = Path(path).resolve()
-    for inp in inputs:
-        if Path(inp).resolve() == path:
-            raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
+    if any(Path(inp).resolve() == path for inp in inputs):
+        raise UsageError(f"output {path} is also an input: refusing to overwrite an input")
     if overwrite or not path.exists():
         return
     old = None
@@ -239,8 +228,7 @@ def guard_report(
             old = read_any_meta(p.resolve())
         if old and all(old.get(k) == meta.get(k) for k in ("stage", "kind")):
             old_cfg, new_cfg = old.get("config") or {}, meta.get("config") or {}
-            same_subject = all(old_cfg.get(k) == new_cfg.get(k) for k in about)
-            replace_old = same_subject and provenance(old) != provenance(meta)
+            replace_old = all(old_cfg.get(k) == new_cfg.get(k) for k in about) and provenance(old) != provenance(meta)
     guard_output(p, meta, inputs=list(inputs), overwrite=overwrite or replace_old)
     if replace_old:
         log.info("replacing %s (made from other inputs or settings)", path)
@@ -250,20 +238,15 @@ def guard_report(
 def read_any_meta(path: Path) -> dict[str, Any] | None:
     """Metadata of an .arrow, .safetensors, .json artifact or model folder, or None if it has none."""
     if path.is_dir():
-        mfile = path / "mlrnet.json"
-        return read_json(mfile).get(META_KEY) if mfile.is_file() else None
+        path = path / "mlrnet.json"
     if path.suffix == ".arrow":
         return read_table_meta(path)
     if path.suffix == ".safetensors":
         return read_tensors_meta(path)
-    if path.suffix == ".json":
+    if path.suffix == ".json" and path.is_file():
         obj = read_json(path)
         return obj.get(META_KEY) if isinstance(obj, dict) else None
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Arrow tables (IPC stream format, the format `datasets` itself writes)
 
 
 def write_table(
@@ -273,7 +256,8 @@ def write_table(
     *,
     class_names: Mapping[str, list[str]] | None = None,
 ) -> str:
-    """Write ``table`` atomically with ``meta`` in its schema metadata; return its fingerprint.
+    """Write ``table`` atomically as an Arrow IPC stream (the format ``datasets`` itself writes) with ``meta`` in
+    its schema metadata; return its fingerprint.
 
     ``class_names`` maps label columns to names so ``datasets`` sees them as ``ClassLabel``.
     """
@@ -288,18 +272,15 @@ def write_table(
         for col, names in class_names.items():
             if col in features:
                 features[col] = ClassLabel(names=list(names))
-        hf = {"info": {"features": features.to_dict()}}
-        schema_meta[b"huggingface"] = json.dumps(hf, sort_keys=True).encode()
+        schema_meta[b"huggingface"] = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True).encode()
     table = table.replace_schema_metadata(schema_meta)
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=64 * 1024)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64 * 1024)
     return fingerprint_file(path)
 
 
 def read_table(path: str | os.PathLike[str], what: str = "table") -> pa.Table:
     """Read an mlrnet Arrow artifact (stream or file IPC format)."""
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
@@ -330,10 +311,6 @@ def read_table_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return table_meta(_read_ipc(path, lambda reader: reader.schema.empty_table(), str(path)))
 
 
-# ---------------------------------------------------------------------------------------------
-# safetensors
-
-
 def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
     """Write tensors atomically with ``meta`` as safetensors metadata; return the file's fingerprint."""
     from safetensors import SafetensorError
@@ -360,11 +337,9 @@ def read_tensors(path: str | os.PathLike[str], what: str = "tensor file") -> tup
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}", "run the previous stage first or pass its path")
     try:
-        tensors = load_file(str(path))
-        meta = read_tensors_meta(path) or {}
+        return load_file(str(path)), read_tensors_meta(path) or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{what} {path} is truncated or not a safetensors file: {e}") from e
-    return tensors, meta
 
 
 def read_tensors_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -407,12 +382,8 @@ def split_frozen_weights(folder: Path, head_prefix: str, link_from: list[Path] |
     write_json(folder / "model.safetensors.index.json", index)
     whole.unlink()
     shard = folder / FROZEN_SHARD
-    mine = None
     for other in (Path(d) / FROZEN_SHARD for d in link_from):
-        if not other.is_file() or other.stat().st_size != shard.stat().st_size:
-            continue
-        mine = mine or fingerprint_file(shard)
-        if fingerprint_file(other) == mine:
+        if other.is_file() and filecmp.cmp(other, shard, shallow=False):
             tmp = folder / f"{TMP_PREFIX}{FROZEN_SHARD}.link"
             tmp.unlink(missing_ok=True)
             try:

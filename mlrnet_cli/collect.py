@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mlrnet_cli import artifacts, distributed, locks, modeling, seeding, stageio
 from mlrnet_cli.configs import CollectConfig
 from mlrnet_cli.distributed import Shard
-from mlrnet_cli.engine import Checkpoint, Loop, StepOutput, sum_over_ranks
+from mlrnet_cli.engine import STATE_FILE, Checkpoint, Loop, StepOutput, sum_over_ranks
 from mlrnet_cli.errors import ArtifactError, DataError, UsageError
 from mlrnet_cli.modeling import autocast_context, to_device
 from mlrnet_cli.progress import NullProgress, Progress
@@ -65,35 +65,21 @@ class CollectResult:
         return {"stage": STAGE, **out, "final": self.history[-1] if self.history else None}
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
-@dataclass(frozen=True)
-class _TrainData:
-    rows: stageio.Rows
-    num_classes: int
-    class_names: list[str]
-
-
-def _read_inputs(train_path: Path, manifest_path: Path | None) -> _TrainData:
+def _read_inputs(train_path: Path, manifest_path: Path | None) -> tuple[stageio.Rows, stageio.Manifest]:
+    """The training rows, and the manifest (without one, classes ``0..max label`` named by their ids)."""
     manifest = stageio.read_manifest(manifest_path) if manifest_path is not None else None
     rows = stageio.read_rows(train_path, "training table", manifest.num_classes if manifest else None)
-    num_classes = manifest.num_classes if manifest else int(rows.labels.max()) + 1
-    return _TrainData(rows, num_classes, manifest.class_names if manifest else [str(i) for i in range(num_classes)])
+    n = int(rows.labels.max()) + 1
+    return rows, manifest or stageio.Manifest(n, [str(i) for i in range(n)])
 
 
 def _stage1_meta_reader(path: Path) -> dict[str, Any] | None:
     """Meta of a finished stage1/ folder, or of the run whose state it holds, or None if empty."""
-    mfile = path / "mlrnet.json"
-    if mfile.is_file():
-        return artifacts.read_json(mfile).get(artifacts.META_KEY)
-    meta = Checkpoint.read_meta(path / _STATE_DIR)
+    if (path / "mlrnet.json").is_file():
+        return artifacts.read_any_meta(path)
+    state = path / _STATE_DIR / STATE_FILE
+    meta = Checkpoint.read(state, mmap=True).get("meta") if state.is_file() else None
     return dict(meta, kind="stage1") if isinstance(meta, dict) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage
 
 
 class _Stats:
@@ -169,14 +155,14 @@ def collect_losses(
     # one writer per output (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     with locks.exclusive([paths.losses, paths.stage1], STAGE) if distributed.is_main() else contextlib.nullcontext():
         t_start = time.perf_counter()
-        data = _read_inputs(paths.train, paths.manifest)
-        meta, state = _prepare(config, paths, data, overwrite)
+        rows, manifest = _read_inputs(paths.train, paths.manifest)
+        meta, state = _prepare(config, paths, manifest, overwrite)
         if not overwrite:
-            done = _finished_result(paths.losses, paths.stage1, meta, len(data.rows), config.epochs)
+            done = _finished_result(paths, meta, len(rows), config.epochs)
             if done is not None:
                 log.info("collect-losses: %s is up to date (same inputs and config)", paths.losses)
                 return done
-        return _collect(config, paths, data, meta, state, overwrite, progress, t_start)
+        return _collect(config, paths, rows, manifest, meta, state, overwrite, progress, t_start)
 
 
 @dataclass(frozen=True)
@@ -189,7 +175,7 @@ class _Paths:
 
 
 def _prepare(
-    config: CollectConfig, paths: _Paths, data: _TrainData, overwrite: bool
+    config: CollectConfig, paths: _Paths, manifest: stageio.Manifest, overwrite: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The run's metadata and resume state, once the outputs are known to be ours (or free) and a killed run's
     temps are gone."""
@@ -198,7 +184,7 @@ def _prepare(
         raise UsageError(f"--model {config.model} is the output folder --stage1-dir: choose another --stage1-dir")
     inputs = {"train": artifacts.fingerprint_file(paths.train), "model": modeling.model_fingerprint(config.model)}
     run = {k: getattr(config, k) for k in ("model", "epochs", "lr", "record")}
-    run |= {"num_classes": data.num_classes, "class_names": data.class_names}
+    run |= {"num_classes": manifest.num_classes, "class_names": manifest.class_names}
     meta = artifacts.make_meta(STAGE, "losses", config.provenance_config(), config.seed, inputs, **run)
     input_paths = [paths.train] + ([paths.manifest] if paths.manifest else [])
     if distributed.is_main():  # under torchrun only rank 0 changes files; the others read after the barrier
@@ -219,7 +205,8 @@ def _prepare(
 def _collect(
     config: CollectConfig,
     paths: _Paths,
-    data: _TrainData,
+    rows: stageio.Rows,
+    manifest: stageio.Manifest,
     meta: dict[str, Any],
     state: dict[str, Any] | None,
     overwrite: bool,
@@ -230,8 +217,8 @@ def _collect(
     tokenizer = modeling.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = modeling.load_classifier(
         config.model,
-        data.num_classes,
-        data.class_names,
+        manifest.num_classes,
+        manifest.class_names,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         init_seed=seeding.init_seed(config.seed),
@@ -245,20 +232,20 @@ def _collect(
     distributed.barrier()
     with distributed.main_first():  # rank 0 fills the token cache, the others read it
         token_cache = tokenize_table(
-            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=data.rows.table
+            paths.train, tokenizer, meta["inputs"]["model"], config.max_length, paths.cache, table=rows.table
         )
     pad_id = modeling.pad_token_id(tokenizer)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seeding.collect_dropout_seed(config.seed, distributed.rank()))
-        run = _Run(config, data, token_cache, model, device, pad_id, paths.cache, meta["inputs"]["model"], progress)
+        run = _Run(config, rows, token_cache, model, device, pad_id, paths.cache, meta["inputs"]["model"], progress)
         loop = run.loop(Checkpoint(paths.stage1 / _STATE_DIR, meta), state)
     losses_cpu = run.losses.cpu()
     if not torch.isfinite(losses_cpu).all():
         raise DataError("training diverged: some recorded losses are not finite", "lower --lr")
 
     # outputs: the stage-1 classifier first, the curves last (their presence marks a finished run)
-    curves = {"losses": losses_cpu, "sample_id": torch.from_numpy(data.rows.sample_ids)}
+    curves = {"losses": losses_cpu, "sample_id": torch.from_numpy(rows.sample_ids)}
     fp = None
     if distributed.is_main():
         _write_stage1(paths.stage1, model, tokenizer, loop.history, dict(meta, kind="stage1"))
@@ -268,7 +255,7 @@ def _collect(
     return CollectResult(
         losses_path=paths.losses,
         stage1_dir=paths.stage1,
-        num_samples=len(data.rows),
+        num_samples=len(rows),
         epochs=config.epochs,
         history=loop.history,
         fingerprint=fp,
@@ -280,24 +267,22 @@ def _collect(
     )
 
 
-def _finished_result(
-    losses_path: Path, stage1_dir: Path, meta: dict[str, Any], n: int, epochs: int
-) -> CollectResult | None:
-    if not (losses_path.is_file() and (stage1_dir / "mlrnet.json").is_file()):
+def _finished_result(paths: _Paths, meta: dict[str, Any], n: int, epochs: int) -> CollectResult | None:
+    if not (paths.losses.is_file() and (paths.stage1 / "mlrnet.json").is_file()):
         return None
     try:
-        old = artifacts.read_tensors_meta(losses_path)
-        s1 = artifacts.read_json(stage1_dir / "mlrnet.json")
-        hist = artifacts.read_json(stage1_dir / "history.json").get("epochs", [])
+        old = artifacts.read_tensors_meta(paths.losses)
+        s1 = artifacts.read_json(paths.stage1 / "mlrnet.json")
+        hist = artifacts.read_json(paths.stage1 / "history.json").get("epochs", [])
     except ArtifactError:
         return None
     if not old or artifacts.provenance(old) != artifacts.provenance(meta):
         return None
     if artifacts.provenance(s1.get(artifacts.META_KEY) or {}) != artifacts.provenance(dict(meta, kind="stage1")):
         return None
-    shutil.rmtree(stage1_dir / _STATE_DIR, ignore_errors=True)
-    fp = artifacts.fingerprint_file(losses_path)
-    return CollectResult(losses_path, stage1_dir, n, epochs, hist, fp, up_to_date=True)
+    shutil.rmtree(paths.stage1 / _STATE_DIR, ignore_errors=True)
+    fp = artifacts.fingerprint_file(paths.losses)
+    return CollectResult(paths.losses, paths.stage1, n, epochs, hist, fp, up_to_date=True)
 
 
 def _write_stage1(
@@ -328,7 +313,7 @@ class _Run:
     def __init__(
         self,
         config: CollectConfig,
-        data: _TrainData,
+        rows: stageio.Rows,
         tokens: TokenCache,
         model: torch.nn.Module,
         device: torch.device,
@@ -339,9 +324,9 @@ class _Run:
     ) -> None:
         self.config, self.tokens, self.model, self.device, self.pad_id = config, tokens, model, device, pad_id
         self.progress = get_progress(progress) if distributed.is_main() else NullProgress()
-        self.n = len(data.rows)
-        self.labels = torch.from_numpy(data.rows.labels).to(device)
-        true = data.rows.true_labels  # -1 where unknown
+        self.n = len(rows)
+        self.labels = torch.from_numpy(rows.labels).to(device)
+        true = rows.true_labels  # -1 where unknown
         self.true = torch.from_numpy(true).to(device) if true is not None else None
         self.losses = torch.zeros((self.n, config.epochs + 1), dtype=torch.float32, device=device)
         self.features: torch.Tensor | None = None
@@ -355,8 +340,6 @@ class _Run:
         self.train_forward = distributed.training_forward(
             model, _classifier_logits, device, compile_forward=config.compile
         )
-        self._stats = _Stats(device)
-        self._own_rows: list[torch.Tensor] = []
 
     def _freeze_encoder(self, cache_dir: Path, model_fp: str) -> None:
         encoder_id = modeling.encoder_cache_id(self.model, model_fp, self.config.seed)
@@ -402,11 +385,9 @@ class _Run:
         """Losses of every sample in eval mode (no dropout) into column ``epoch`` (ranks split the batches)."""
         self.model.eval()
         stats = _Stats(self.device)
-        bs = max(self.config.batch_size, 64)
-        batches = length_grouped_batches(self.tokens.lengths, bs)
+        batches = length_grouped_batches(self.tokens.lengths, max(self.config.batch_size, 64))
         own = batches[distributed.rank() :: distributed.world_size()]
-        total = sum(len(b) for b in own)
-        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=total) as task:
+        with self.progress.task(f"epoch {epoch}/{self.config.epochs} (recording)", total=sum(map(len, own))) as task:
             for idx in own:
                 rows = to_device(torch.from_numpy(idx), self.device)
                 with autocast_context(self.device):

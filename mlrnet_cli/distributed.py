@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mlrnet_cli.errors import UsageError
-
-log = logging.getLogger("mlrnet")
 
 #: Environment variables torchrun sets for every worker.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -85,9 +82,7 @@ def init_from_env(timeout_s: float | None = None) -> bool:
             "start distributed runs with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)",
         )
     use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
-    kwargs: dict[str, Any] = {}
-    if timeout_s is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
     if use_nccl:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         kwargs["device_id"] = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -95,23 +90,18 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     return True
 
 
-def teardown() -> None:
-    """Wait for every rank (rank 0 may still be writing), then leave the process group."""
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):  # a failed peer must not turn our own exit into a hang report
-            dist.barrier()
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def session(timeout_s: float | None = None) -> Iterator[bool]:
-    """``init_from_env`` … ``teardown`` around one command; yields whether the run is distributed."""
+    """``init_from_env`` around one command, then (once every rank, rank 0 maybe still writing, gets there) leave
+    the process group; yields whether the run is distributed."""
     started = init_from_env(timeout_s)
     try:
         yield started
     finally:
-        if started:
-            teardown()
+        if started and dist.is_initialized():
+            with contextlib.suppress(Exception):  # a failed peer must not turn our own exit into a hang report
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -123,18 +113,11 @@ def barrier() -> None:
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. fills a cache), the others after it, so they read what it wrote."""
-    if not is_distributed():
-        yield
-        return
     if not is_main():
-        dist.barrier()
+        barrier()
     yield
     if is_main():
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# shards
+        barrier()
 
 
 @dataclass(frozen=True)
@@ -174,10 +157,8 @@ def shard_batches(
     """
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
-    g = batch_size * w
     out = []
-    for start in range(0, len(perm), g):
-        glob = perm[start : start + g]
+    for glob in perm.split(batch_size * w):
         own = torch.tensor_split(glob, w)[r]
         out.append(Shard(own, len(own) * w / len(glob), len(glob)) if len(own) else Shard(glob[:1], 0.0, len(glob)))
     return out
@@ -190,22 +171,16 @@ def split_evenly(n: int, rank_: int | None = None, world: int | None = None) -> 
     return torch.tensor_split(torch.arange(n), w)[r]
 
 
-# ---------------------------------------------------------------------------------------------
-# collectives
-
-
-def _comm_device(t: torch.Tensor) -> torch.device:
+def _comm_device() -> torch.device:
     # NCCL moves CUDA tensors only; gloo handles CPU tensors (and CUDA ones by copying)
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over the ranks (a new tensor on ``t``'s device; ``t`` itself in one process)."""
     if not is_distributed():
         return t
-    buf = t.detach().to(_comm_device(t), copy=True).contiguous()
+    buf = t.detach().to(_comm_device(), copy=True).contiguous()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
@@ -219,10 +194,8 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
     present = [t for t in tensors if t is not None]
     if not is_distributed() or not present:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present])
-    if weight != 1.0:
-        flat.mul_(weight)
-    buf = flat.to(_comm_device(flat))
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in present]).mul_(weight)
+    buf = flat.to(_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf = buf.div_(world_size()).to(present[0].device)
     for t, part in zip(present, buf.split([t.numel() for t in present]), strict=True):
@@ -231,32 +204,16 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], weight: float = 1.0
 
 def gather_rows(rows: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
     """A dense ``[size, ...]`` tensor (row-position order, i.e. the table's ``sample_id`` order) holding every
-    rank's ``values[i]`` at ``rows[i]``; rows no rank sent stay 0. One ``all_gather`` (sizes padded to the
-    largest rank's); every rank gets the result, rank 0 is the one that writes it."""
-    rows = rows.reshape(-1).long()
-    if not is_distributed():
-        out = values.new_zeros((size, *values.shape[1:]))
-        out[rows.to(values.device)] = values
-        return out
-    dev = _comm_device(values)
-    w = world_size()
-    count = torch.tensor([rows.numel()], dtype=torch.int64, device=dev)
-    counts = [torch.zeros_like(count) for _ in range(w)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    m = max(max(sizes), 1)
-    pad_rows = torch.full((m,), -1, dtype=torch.int64, device=dev)
-    pad_rows[: rows.numel()] = rows.to(dev)
-    pad_vals = torch.zeros((m, *values.shape[1:]), dtype=values.dtype, device=dev)
-    pad_vals[: rows.numel()] = values.to(dev)
-    all_rows = [torch.empty_like(pad_rows) for _ in range(w)]
-    all_vals = [torch.empty_like(pad_vals) for _ in range(w)]
-    dist.all_gather(all_rows, pad_rows)
-    dist.all_gather(all_vals, pad_vals)
-    out = torch.zeros((size, *values.shape[1:]), dtype=values.dtype, device=dev)
-    for k, r_, v in zip(sizes, all_rows, all_vals, strict=True):
-        out[r_[:k]] = v[:k]
-    return out.to(values.device)
+    rank's ``values[i]`` at ``rows[i]``; rows no rank sent stay 0. One ``all_gather_object`` of the ranks'
+    (rows, values); every rank gets the result, rank 0 is the one that writes it."""
+    parts: list[Any] = [(rows.reshape(-1).long().cpu(), values.detach().cpu())]
+    if is_distributed():
+        mine, parts = parts[0], [None] * world_size()
+        dist.all_gather_object(parts, mine)
+    out = values.new_zeros((size, *values.shape[1:]))
+    for r, v in parts:
+        out[r.to(out.device)] = v.to(out.device)
+    return out
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -274,13 +231,9 @@ def broadcast_module_(module: nn.Module) -> None:
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            buf = t.detach().to(_comm_device(t), copy=True)
+            buf = t.detach().to(_comm_device(), copy=True)
             dist.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
-
-
-# ---------------------------------------------------------------------------------------------
-# the training forward, wrapped for DDP
 
 
 class ForwardModule(nn.Module):
@@ -297,7 +250,10 @@ class ForwardModule(nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[Mapping[str, torch.Tensor]]) -> Any:
         if isinstance(inputs, Mapping | torch.Tensor):
             return self.fn(self.model, inputs)
-        return _concat([self.fn(self.model, i) for i in inputs])
+        outs = [self.fn(self.model, i) for i in inputs]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+        return torch.cat(outs)
 
 
 def training_forward(
@@ -319,19 +275,10 @@ def training_forward(
         from torch.nn.parallel import DistributedDataParallel
 
         # BERT-family buffers are constants (position ids): no per-forward buffer sync
-        no_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-            else {"broadcast_buffers": False}
-        )
+        new_api = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if new_api else "broadcast_buffers": False}
         ids = [device.index] if device.type == "cuda" else None
         module = DistributedDataParallel(module, device_ids=ids, **no_sync)
     if compile_forward:
         module = torch.compile(module)
     return module
-
-
-def _concat(outs: list[Any]) -> Any:
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-    return torch.cat(outs)

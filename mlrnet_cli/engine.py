@@ -90,12 +90,6 @@ class Checkpoint:
                 f"delete {path.parent} or pass --overwrite to start again",
             ) from e
 
-    @classmethod
-    def read_meta(cls, folder: Path) -> dict[str, Any] | None:
-        """The metadata of the run whose state ``folder`` holds, or None."""
-        path = folder / STATE_FILE
-        return cls.read(path, mmap=True).get("meta") if path.is_file() else None
-
     def load(self, overwrite: bool) -> dict[str, Any] | None:
         """The saved state of this very run; None when there is none (or, with ``overwrite``, another run's or
         an unreadable one)."""
@@ -235,5 +229,4 @@ class Loop:
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
     """Host numbers added over the ranks (themselves in one process)."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    return distributed.all_reduce_sum(t).tolist() if distributed.is_distributed() else t.tolist()
+    return distributed.all_reduce_sum(torch.tensor(list(values), dtype=torch.float64)).tolist()

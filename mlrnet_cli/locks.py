@@ -40,13 +40,6 @@ def _open(path: Path) -> int:
         ) from e
 
 
-def _holder(fd: int) -> str:
-    text = ""
-    with contextlib.suppress(OSError):
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    return text or "another mlrnet run"
-
-
 def lock_file(output: Path) -> Path:
     """Where the lock of ``output`` (a file or folder a stage writes) lives: beside it."""
     return output.parent / f"{LOCK_NAME}.{output.name}"
@@ -89,10 +82,12 @@ def _lock(path: Path, output: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            holder = b""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 200, 0)
             os.close(fd)
             raise WorkspaceBusyError(
-                f"{output} is being written by {holder}",
+                f"{output} is being written by {holder.decode(errors='replace').strip() or 'another mlrnet run'}",
                 "wait for it to finish, or write to another --workdir or output path",
             ) from None
         # a lock on a file that is no longer at ``path`` would lock nothing anyone else sees
@@ -113,12 +108,9 @@ def shared(folder: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    fd = _open(Path(folder) / LOCK_NAME)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+    with os.fdopen(_open(Path(folder) / LOCK_NAME), "rb") as fh:  # closing the file releases its lock
+        fcntl.flock(fh, fcntl.LOCK_SH)
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -130,13 +122,10 @@ def if_unused(folder: Path) -> Iterator[bool]:
     if not Path(folder).is_dir():
         yield False
         return
-    fd = _open(Path(folder) / LOCK_NAME)
-    try:
+    with os.fdopen(_open(Path(folder) / LOCK_NAME), "rb") as fh:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
         yield True
-    finally:
-        os.close(fd)

@@ -19,17 +19,14 @@ class Progress(Protocol):
     def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Task]: ...
 
 
-class _NullTask:
+class NullProgress:
+    """Reports nothing (the default inside the library and in tests): its tasks are itself."""
+
+    def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Task]:
+        return contextlib.nullcontext(self)
+
     def advance(self, n: int = 1, **fields: Any) -> None:
         return None
-
-
-class NullProgress:
-    """Reports nothing (the default inside the library and in tests)."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Task]:
-        yield _NullTask()
 
 
 class RichProgress:
@@ -42,7 +39,7 @@ class RichProgress:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
         if not self.console.is_terminal:
-            yield _NullTask()
+            yield NullProgress()
             return
         from rich import progress as rp
         from rich.text import Text

@@ -113,7 +113,6 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
 class Curves:
     """Stage-1 loss curves ``L_i`` (float32 [N, T+1]) in the order of a table's rows."""
 
-    path: Path
     losses: torch.Tensor
     meta: dict[str, Any]
     fingerprint: str
@@ -154,11 +153,7 @@ def read_curves(path: str | os.PathLike[str], rows: Rows) -> Curves:
     losses = tensors["losses"].float()[order]
     if losses.ndim != 2 or not torch.isfinite(losses).all():
         raise DataError(f"{path}: the `losses` tensor must be a finite [N, T+1] matrix")
-    return Curves(path, losses, meta, artifacts.fingerprint_file(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# model folders
+    return Curves(losses, meta, artifacts.fingerprint_file(path))
 
 
 def write_model_folder(
@@ -211,7 +206,6 @@ def json_file(obj: Any) -> Callable[[Path], None]:
 def clean_stale(outputs: Sequence[Path]) -> None:
     """Remove what a killed writer of ``outputs`` left: temp siblings of each, and temps inside the folders."""
     for out in outputs:
-        if out.parent.is_dir():
-            for p in out.parent.glob(f"{artifacts.TMP_PREFIX}{out.name}*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in out.parent.glob(f"{artifacts.TMP_PREFIX}{out.name}*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         artifacts.clean_stale_temps(out)

@@ -144,6 +144,17 @@ def test_outputs_shape_ids_meta_and_history(ws: Workspace, cfg: CollectConfig) -
     assert not list(ws.root.rglob(artifacts.TMP_PREFIX + "*"))
 
 
+def test_without_a_manifest_the_classes_are_the_label_ids(ws: Workspace, cfg: CollectConfig) -> None:
+    from mlrnet_cli.modeling import load_classifier
+
+    ws.manifest.unlink()
+    paths = {"losses_path": ws.losses, "stage1_dir": ws.stage1, "cache_dir": ws.cache}
+    collect_losses(cfg, train_path=ws.train, manifest_path=None, **paths)
+    meta = artifacts.read_tensors(ws.losses)[1]
+    assert meta["num_classes"] == 4 and meta["class_names"] == ["0", "1", "2", "3"]
+    assert load_classifier(ws.stage1, 4).config.id2label[2] == "2"
+
+
 def test_deterministic_and_seed_sensitive(tmp_path: Path, cfg: CollectConfig) -> None:
     a = write_tiny_workspace(tmp_path / "a")
     b = write_tiny_workspace(tmp_path / "b")
