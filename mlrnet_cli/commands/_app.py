@@ -214,4 +214,5 @@ def _root(
         False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    """mlrnet command-line interface."""
+    """mlrnet command-line interface: every command logs to stderr (:func:`setup_logging`)."""
+    setup_logging()

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
-from mlrnet_cli.configs import CollectConfig, Record
+from mlrnet_cli.configs import CollectConfig, Record, build
 
 _opt = partial(option, CollectConfig)
 
@@ -59,11 +59,9 @@ def collect_losses_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     from mlrnet_cli.collect import collect_losses
-    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import run_on_ranks
     from mlrnet_cli.workspace import Workspace
 
-    setup_logging()
     config = build(CollectConfig, locals(), compile=compile_forward)
     ws = Workspace.at(workdir)
     train_path = train or ws.train

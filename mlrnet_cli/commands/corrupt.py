@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec
+from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec, build
 
 _opt = partial(option, CorruptConfig)
 _in = partial(option, InputSpec)
@@ -74,12 +74,10 @@ def corrupt_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, setup_logging, stderr_console
-    from mlrnet_cli.configs import NoiseSpec, build
+    from mlrnet_cli.commands._app import emit, stderr_console
     from mlrnet_cli.corrupt import corrupt
     from mlrnet_cli.workspace import Workspace
 
-    setup_logging()
     config = build(CorruptConfig, locals(), noise=NoiseSpec.parse(noise))
     inputs = build(InputSpec, locals(), text_columns=tuple(text_column))
     result = corrupt(config, inputs, out or Workspace.at(workdir).data, overwrite=overwrite)

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from mlrnet_cli.commands._app import JsonOption, ModelOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import EvalConfig
+from mlrnet_cli.configs import EvalConfig, build
 
 _opt = partial(option, EvalConfig)
 
@@ -43,14 +43,11 @@ def eval_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import emit, progress
     from mlrnet_cli.evaluate import evaluate
 
-    setup_logging()
-    config = build(EvalConfig, locals())
     result = evaluate(
-        config,
+        build(EvalConfig, locals()),
         workdir=workdir,
         model=model,
         data=data,

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from mlrnet_cli.commands._app import ModelOption, OverwriteOption, WorkdirOption, app, option
-from mlrnet_cli.configs import PredictConfig
+from mlrnet_cli.configs import PredictConfig, build
 
 _opt = partial(option, PredictConfig)
 
@@ -48,12 +48,10 @@ def predict_cmd(
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import progress
     from mlrnet_cli.errors import UsageError
     from mlrnet_cli.predict import predict
 
-    setup_logging()
     config = build(PredictConfig, locals())
     texts = None
     if data is None or data == "-":

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
-from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig
+from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig, build
 
 _opt = partial(option, TrainConfig)
 
@@ -109,11 +109,9 @@ def train_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import run_on_ranks
     from mlrnet_cli.train import train
 
-    setup_logging()
     config = build(TrainConfig, locals(), compile=compile_forward)
     paths = {"train_path": train_path, "clean_path": clean_path, "losses_path": losses_path, "dev_path": dev}
     paths.update(manifest_path=manifest_path, out_dir=out)

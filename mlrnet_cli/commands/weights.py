@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import WeightsConfig
+from mlrnet_cli.configs import WeightsConfig, build
 
 _opt = partial(option, WeightsConfig)
 
@@ -48,14 +48,11 @@ def weights_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress, setup_logging, stderr_console
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import emit, progress, stderr_console
     from mlrnet_cli.weights import compute_weights
 
-    setup_logging()
-    config = build(WeightsConfig, locals())
     result = compute_weights(
-        config,
+        build(WeightsConfig, locals()),
         workdir=workdir,
         model=model,
         train=train,
