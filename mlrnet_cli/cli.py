@@ -5,14 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from mlrnet_cli.commands import (  # noqa: F401  (each module registers its command)
-    collect_losses,
-    corrupt,
-    eval,
-    predict,
-    train,
-    weights,
-)
+# each module registers its command
+from mlrnet_cli.commands import collect_losses, corrupt, eval, predict, train, weights  # noqa: F401
 from mlrnet_cli.commands._app import app
 
 

@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from mlrnet_cli import __version__
 from mlrnet_cli.errors import MlrnetError
+from mlrnet_cli.workspace import ENV_WORKDIR
 
 T = TypeVar("T")
 
@@ -91,13 +92,15 @@ app = MlrnetTyper(
     rich_markup_mode="rich",
 )
 
-WorkdirOption = typer.Option(
-    None,
-    "--workdir",
-    "-w",
-    envvar="MLRNET_WORKDIR",
-    help="Workspace folder that chains the stages \\[default: ./mlrnet-work].",
-    show_default=False,
+
+def optional(flag: str, what: str, default: str, *flags: str, **kwargs: Any) -> Any:
+    """An option that is None unless given; its help says what None stands for (typically a workspace path, which
+    the stage resolves)."""
+    return typer.Option(None, flag, *flags, help=f"{what} \\[default: {default}].", **kwargs)
+
+
+WorkdirOption = optional(
+    "--workdir", "Workspace folder that chains the stages", "./mlrnet-work", "-w", envvar=ENV_WORKDIR
 )
 JsonOption = typer.Option(False, "--json/--no-json", help="Print a JSON summary on stdout instead of artifact paths.")
 OverwriteOption = typer.Option(
@@ -132,11 +135,6 @@ def option(config: type, field: str, help: str | None = None, *flags: str, **kwa
     if isinstance(default, bool) and len(flags) == 1 and "/" not in flags[0]:
         flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
     return typer.Option(default, *flags, help=help or SHARED_HELP[field], **kwargs)
-
-
-def path_option(flag: str, what: str, default: str) -> Any:
-    """An optional path whose default is a workspace path (resolved by the stage)."""
-    return typer.Option(None, flag, help=f"{what} \\[default: {default}].")
 
 
 def stderr_console() -> Any:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import typer
-
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
 from mlrnet_cli.configs import CollectConfig, Record, build
 
 _opt = partial(option, CollectConfig)
@@ -30,15 +28,14 @@ interruption.
 @app.command("collect-losses", help=HELP)
 def collect_losses_cmd(
     workdir: Path | None = WorkdirOption,
-    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
-    manifest: Path | None = typer.Option(
-        None,
+    train: Path | None = optional("--train", "Training table", "WORKDIR/data/train.arrow"),
+    manifest: Path | None = optional(
         "--manifest",
-        help="Manifest with num_classes and class_names \\[default: WORKDIR/data/manifest.json, or manifest.json "
-        "beside --train; without one, classes are 0..max(label)].",
+        "Manifest with num_classes and class_names",
+        "WORKDIR/data/manifest.json, or manifest.json beside --train; without one, classes are 0..max(label)",
     ),
-    out: Path | None = path_option("--out", "Loss curves", "WORKDIR/losses.safetensors"),
-    stage1_dir: Path | None = path_option("--stage1-dir", "Stage-1 classifier folder", "WORKDIR/stage1"),
+    out: Path | None = optional("--out", "Loss curves", "WORKDIR/losses.safetensors"),
+    stage1_dir: Path | None = optional("--stage1-dir", "Stage-1 classifier folder", "WORKDIR/stage1"),
     model: str = _opt("model", "Hub id or local model folder (AutoModelForSequenceClassification)."),
     epochs: int = _opt("epochs", "T: training epochs (curves have T+1 points)."),
     lr: float = _opt("lr", "AdamW peak learning rate (try 1e-3 with --freeze-encoder)."),

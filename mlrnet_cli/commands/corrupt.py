@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec, build
 
 _opt = partial(option, CorruptConfig)
@@ -68,7 +68,7 @@ def corrupt_cmd(
     true_label_column: str | None = _in(
         "true_label_column", "Column with the true labels of already-noisy benchmark data."
     ),
-    out: Path | None = path_option("--out", "Output folder", "WORKDIR/data"),
+    out: Path | None = optional("--out", "Output folder", "WORKDIR/data"),
     seed: int = _opt("seed"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional
 from mlrnet_cli.configs import WeightsConfig, build
 
 _opt = partial(option, WeightsConfig)
@@ -35,10 +35,10 @@ def weights_cmd(
     plot: Path | None = typer.Option(
         None, "--plot", help="PNG: weight histograms and mean loss curves per group (needs mlrnet\\[plot])."
     ),
-    model: Path | None = path_option("--model", "Model folder", "WORKDIR/model/best"),
-    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
-    losses: Path | None = path_option("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
-    out: Path | None = path_option("--out", "Weights table", "WORKDIR/weights.arrow"),
+    model: Path | None = optional("--model", "Model folder", "WORKDIR/model/best"),
+    train: Path | None = optional("--train", "Training table", "WORKDIR/data/train.arrow"),
+    losses: Path | None = optional("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
+    out: Path | None = optional("--out", "Weights table", "WORKDIR/weights.arrow"),
     batch_size: int = _opt("batch_size"),
     max_length: int | None = _opt("max_length"),
     allow_unfinished: bool = _opt("allow_unfinished"),
