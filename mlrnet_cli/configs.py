@@ -59,14 +59,11 @@ def _choice(enum: type[Enum], value: Any, flag: str, error: type[Exception] = Us
         raise error(f"unknown {flag} {value!r}: choose one of {choices}") from None
 
 
-_LAST_K = re.compile(r"^last-(\d+)$")
-
-
 def parse_meta_params(spec: str) -> tuple[str, int]:
     """Validate ``--meta-params``: ``all``, ``head`` or ``last-K`` (K ≥ 1) → (kind, K)."""
     if spec in ("all", "head"):
         return spec, 0
-    m = _LAST_K.match(spec)
+    m = re.match(r"last-(\d+)$", spec)
     if m and int(m.group(1)) >= 1:
         return "last", int(m.group(1))
     raise ConfigError(f"--meta-params {spec!r} is not one of all, head, last-K (K >= 1)")

@@ -107,8 +107,7 @@ def _class_label_names(ds: Any) -> list[str] | None:
 def _read_hub(name: str, split: str) -> Source:
     import datasets
 
-    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "urllib3")]
-    levels = [lg.level for lg in quiet]
+    quiet = {lg: lg.level for lg in map(logging.getLogger, ("huggingface_hub", "datasets", "urllib3"))}
     try:
         for lg in quiet:  # the hub's retry warnings would bury our one-line error
             lg.setLevel(logging.ERROR)
@@ -120,7 +119,7 @@ def _read_hub(name: str, split: str) -> Source:
             "offline? pass a local file or folder with --data",
         ) from e
     finally:
-        for lg, level in zip(quiet, levels, strict=True):
+        for lg, level in quiet.items():
             lg.setLevel(level)
     fp = fingerprint_obj({"hub": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None)})
     return Source(ds.data.table.replace_schema_metadata(None), f"hub:{name}[{split}]", fp, _class_label_names(ds))
