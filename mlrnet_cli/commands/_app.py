@@ -174,6 +174,17 @@ def progress() -> Any:
     return RichProgress(stderr_console())
 
 
+def stage_args(stage: Callable[..., Any], params: dict[str, Any], **renamed: Any) -> dict[str, Any]:
+    """The keyword arguments of ``stage``: a progress display, and the command's parsed ``params`` (its locals)
+    that ``stage`` takes by the same name, as :func:`~mlrnet_cli.configs.build` picks a config's fields (plus
+    ``renamed`` ones: a parameter whose name differs)."""
+    import inspect
+
+    takes = inspect.signature(stage).parameters
+    named = {k: v for k, v in params.items() if k in takes and takes[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return named | {"progress": progress()} | renamed
+
+
 def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
     """Run ``work(progress)`` in a torchrun session (one process: nothing changes); rank 0 alone reports.
 

@@ -43,19 +43,10 @@ def eval_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress
+    from mlrnet_cli.commands._app import emit, stage_args
     from mlrnet_cli.evaluate import evaluate
 
-    result = evaluate(
-        build(EvalConfig, locals()),
-        workdir=workdir,
-        model=model,
-        data=data,
-        predictions=predictions,
-        out_dir=out,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = evaluate(build(EvalConfig, locals()), **stage_args(evaluate, locals(), out_dir=out))
     if as_json:
         emit(result.paths, result.metrics, as_json)
     else:

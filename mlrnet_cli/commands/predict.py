@@ -44,27 +44,16 @@ def predict_cmd(
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress
+    from mlrnet_cli.commands._app import stage_args
     from mlrnet_cli.errors import UsageError
     from mlrnet_cli.predict import predict
 
-    config = build(PredictConfig, locals())
     texts = None
     if data is None or data == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no texts to predict", "pass --data FILE, or pipe one text per line on stdin")
         texts, data = sys.stdin.read().splitlines(), None
-    result = predict(
-        config,
-        workdir=workdir,
-        model=model,
-        data=data,
-        texts=texts,
-        out=out,
-        fmt=fmt,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = predict(build(PredictConfig, locals()), **stage_args(predict, locals()))
     if result.path is not None:
         typer.echo(str(result.path))
     else:

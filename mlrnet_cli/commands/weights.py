@@ -48,21 +48,10 @@ def weights_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress, stderr_console
+    from mlrnet_cli.commands._app import emit, stage_args, stderr_console
     from mlrnet_cli.weights import compute_weights
 
-    result = compute_weights(
-        build(WeightsConfig, locals()),
-        workdir=workdir,
-        model=model,
-        train=train,
-        losses=losses,
-        out=out,
-        export_relabel=export_relabel,
-        plot=plot,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = compute_weights(build(WeightsConfig, locals()), **stage_args(compute_weights, locals()))
     _print_summary(result.summary, result.top, stderr_console())
     emit(result.paths, {"summary": result.summary, "top": result.top}, as_json)
 
