@@ -376,17 +376,14 @@ def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> 
 def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
     import pyarrow as pa
 
+    n, known = len(ids), true_labels is not None  # unknown truth: null columns of the same types
     cols: dict[str, pa.Array | pa.ChunkedArray] = {
         "sample_id": pa.array(np.asarray(ids, dtype=np.int64)),
         "text": pa.array(texts, type=pa.string()),
         "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "true_label": pa.array(np.asarray(true_labels, dtype=np.int64)) if known else pa.nulls(n, pa.int64()),
+        "is_noisy": pa.array(np.asarray(labels) != np.asarray(true_labels)) if known else pa.nulls(n, pa.bool_()),
     }
-    if true_labels is not None:
-        cols["true_label"] = pa.array(np.asarray(true_labels, dtype=np.int64))
-        cols["is_noisy"] = pa.array(np.asarray(labels) != np.asarray(true_labels))
-    else:
-        cols["true_label"] = pa.nulls(len(ids), pa.int64())
-        cols["is_noisy"] = pa.nulls(len(ids), pa.bool_())
     take = pa.array(np.asarray(rows, dtype=np.int64))
     cols |= {name: col.take(take) for name, col in extra.items()}
     return pa.table(cols)

@@ -205,12 +205,10 @@ class LabelMap:
 
     def encode(self, labels: list[Any], origin: str) -> list[int]:
         index = {v: i for i, v in enumerate(self.values)}
-        out = []
         for i, v in enumerate(labels):
             if v not in index:
                 raise DataError(f"{origin} row {i} has label {v!r}, which the training data does not have")
-            out.append(index[v])
-        return out
+        return [index[v] for v in labels]
 
 
 def build_label_map(labels: list[Any], class_names: list[str] | None, origin: str) -> LabelMap:

@@ -155,7 +155,7 @@ def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]
     return table
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging() -> None:
     """Library logs (logger ``mlrnet``) go to stderr through Rich."""
     from rich.logging import RichHandler
 
@@ -164,7 +164,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler = RichHandler(console=stderr_console(), show_time=False, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose or os.environ.get("MLRNET_DEBUG") else logging.INFO)
+    logger.setLevel(logging.DEBUG if os.environ.get("MLRNET_DEBUG") else logging.INFO)
     logger.propagate = False
 
 

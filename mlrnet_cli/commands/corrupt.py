@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional, rich_table
 from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec, build
 
 _opt = partial(option, CorruptConfig)
@@ -87,8 +87,6 @@ def corrupt_cmd(
 
 
 def _print_summary(manifest: dict, console) -> None:
-    from mlrnet_cli.commands._app import rich_table
-
     counts = manifest["counts"]
     realised = (manifest["noise"].get("realised") or {}).get("per_class_rate")
     rows = (

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional, rich_table
 from mlrnet_cli.configs import WeightsConfig, build
 
 _opt = partial(option, WeightsConfig)
@@ -61,8 +61,6 @@ def _fmt(x: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
-    from mlrnet_cli.commands._app import rich_table
-
     title = f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)"
     stats = ("mean", "q25", "median", "q75")
     groups = summary["groups"].items()
