@@ -275,10 +275,9 @@ class TrainConfig:
         _fraction(self, "dev_fraction", "warmup_ratio")
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
-        if not (math.isfinite(self.meta_share) and self.meta_share >= 0):
-            raise ConfigError(f"--meta-share must be a finite number >= 0, got {self.meta_share}")
-        if not (math.isfinite(self.curve_prior) and self.curve_prior >= 0):
-            raise ConfigError(f"--curve-prior must be a finite number >= 0, got {self.curve_prior}")
+        for name, value in (("meta-share", self.meta_share), ("curve-prior", self.curve_prior)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
         if self.meta_share and self.method not in META_METHODS:

@@ -342,10 +342,8 @@ def _test_split(
     config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
 ) -> tuple[Source | None, float | None, np.ndarray]:
     """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
-    test_src = None
     if inputs.test_data is not None or has_hub_split(inputs.data, inputs.test_split):
         test_src = load_source(inputs.data if inputs.test_data is None else inputs.test_data, inputs.test_split)
-    if test_src is not None:
         if config.test_fraction is not None:
             raise UsageError(
                 f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",

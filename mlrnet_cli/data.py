@@ -44,9 +44,9 @@ def load_source(spec: str | None, split: str = "train") -> Source:
         names = json.loads((embedded_dir() / "classes.json").read_text())
         return Source(_read_local(path), f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
     path = Path(spec)
+    if path.is_dir():
+        return _read_folder(path, split)
     if path.exists():
-        if path.is_dir():
-            return _read_folder(path, split)
         return Source(_read_local(path), str(path), fingerprint_file(path))
     if path.suffix.lower() in LOCAL_SUFFIXES or "/" in spec and spec.startswith((".", "/", "~")):
         raise DataError(f"no such file: {spec}")

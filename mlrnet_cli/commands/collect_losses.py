@@ -61,14 +61,13 @@ def collect_losses_cmd(
 
     config = build(CollectConfig, locals(), compile=compile_forward)
     ws = Workspace.at(workdir)
-    train_path = train or ws.train
     # the workspace's manifest, or the one beside --train when there is one
     beside = ws.manifest if train is None else train.parent / "manifest.json"
     manifest_path = manifest if manifest is not None else (beside if train is None or beside.is_file() else None)
     run_on_ranks(
         lambda prog: collect_losses(
             config,
-            train_path=train_path,
+            train_path=train or ws.train,
             manifest_path=manifest_path,
             losses_path=out or ws.losses,
             stage1_dir=stage1_dir or ws.stage1,
