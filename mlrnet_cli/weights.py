@@ -197,7 +197,6 @@ def compute_weights(
         raise DataError(f"{train_path} has labels outside 0..{len(class_names) - 1} of the model")
     opts = {"batch_size": config.batch_size, "bf16": config.bf16, "progress": progress, "description": "weights"}
     inf = _classifier_pass(clf, rows, ws, train_cfg, meta, **opts)
-    probs = inf.probabilities
     row_loss = cross_entropy(inf.logits, labels)
     weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
     if weight.std() < DEAD_META_NET_STD:
@@ -205,7 +204,7 @@ def compute_weights(
 
     head = head_classes(labels, len(class_names))
     groups = row_groups(labels, is_noisy, head)
-    table = _weights_table(rows, weight, probs, row_loss, groups)
+    table = _weights_table(rows, weight, inf.probabilities, row_loss, groups)
     summary: dict[str, Any] = {
         "method": kind,
         "model": model_id,
