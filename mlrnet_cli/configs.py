@@ -59,14 +59,11 @@ def _choice(enum: type[Enum], value: Any, flag: str, error: type[Exception] = Us
         raise error(f"unknown {flag} {value!r}: choose one of {choices}") from None
 
 
-_LAST_K = re.compile(r"^last-(\d+)$")
-
-
 def parse_meta_params(spec: str) -> tuple[str, int]:
     """Validate ``--meta-params``: ``all``, ``head`` or ``last-K`` (K ≥ 1) → (kind, K)."""
     if spec in ("all", "head"):
         return spec, 0
-    m = _LAST_K.match(spec)
+    m = re.match(r"last-(\d+)$", spec)
     if m and int(m.group(1)) >= 1:
         return "last", int(m.group(1))
     raise ConfigError(f"--meta-params {spec!r} is not one of all, head, last-K (K >= 1)")
@@ -129,20 +126,18 @@ class NoiseSpec:
 class CorruptConfig:
     """How `corrupt` biases the data. Defaults leave it untouched apart from setting the clean pool aside."""
 
-    imbalance: float = 1.0
-    """Imbalance factor F ≥ 1: head rows / tail rows."""
-    n_max: int | None = None
-    """Rows the head class keeps; default: the smallest class's available rows (exact profile)."""
+    imbalance: float = 1.0  #: imbalance factor F ≥ 1: head rows / tail rows
+    n_max: int | None = None  #: rows the head class keeps; None: the smallest class's available rows (exact profile)
+    #: ``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first
     class_order: str = "given"
-    """``given`` (class 0 is the head), ``shuffle`` (seeded), or a comma list of class names/ids, head first."""
     noise: NoiseSpec = NoiseSpec()
+    #: clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
+    #: None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given
     meta_pool_per_class: int | None = None
-    """Clean rows per class set aside before corruption, for `train --meta-per-class` and model selection;
-    None: 500 (``DEFAULT_META_POOL``), or the whole ``--clean-data`` table when one is given."""
     seed: int = 0
+    #: share of each class held out as the test split when the source has none; None: 0.2
+    #: (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)
     test_fraction: float | None = None
-    """Share of each class held out as the test split when the source has none; None: 0.2
-    (``DEFAULT_TEST_FRACTION``); 0 holds out nothing (and writes no test.arrow)."""
 
     def validate(self) -> None:
         if self.meta_pool_per_class is not None and self.meta_pool_per_class < 1:
@@ -280,10 +275,9 @@ class TrainConfig:
         _fraction(self, "dev_fraction", "warmup_ratio")
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
-        if not (math.isfinite(self.meta_share) and self.meta_share >= 0):
-            raise ConfigError(f"--meta-share must be a finite number >= 0, got {self.meta_share}")
-        if not (math.isfinite(self.curve_prior) and self.curve_prior >= 0):
-            raise ConfigError(f"--curve-prior must be a finite number >= 0, got {self.curve_prior}")
+        for name, value in (("meta-share", self.meta_share), ("curve-prior", self.curve_prior)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
         if self.meta_share and self.method not in META_METHODS:
@@ -305,76 +299,53 @@ class TrainConfig:
 # inference: eval, weights, predict
 
 
-def _check_sizes(config: Any) -> None:
-    """``--batch-size`` ≥ 1 and ``--max-length`` ≥ 2 (None: as the model was trained)."""
-    if config.batch_size is not None and config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {config.batch_size}")
-    if config.max_length is not None and config.max_length < 2:
-        raise ConfigError(f"--max-length must be ≥ 2, got {config.max_length}")
-
-
 @dataclass(frozen=True)
-class EvalConfig:
-    """Inference settings of `mlrnet eval` (none of them change the metrics, only speed and memory)."""
+class _InferenceConfig:
+    """What the reports (eval, weights, predict) share: speed and memory settings (the results stay the same, up to
+    float rounding)."""
 
-    batch_size: int = 64
-    """Rows per forward pass."""
-    max_length: int | None = None
-    """Longer texts are truncated to this many tokens; None = as the model was trained (128 if it does not say)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """Autocast to bfloat16 on CUDA (ignored on CPU, where bf16 is slower)."""
-    text_column: str | None = None
-    """Text column of --data [default: text, sentence or content]."""
-    label_column: str = "label"
-    """Label column of --data (class ids, or class names mapped with the workspace's manifest)."""
-    allow_unfinished: bool = False
-    """Evaluate a model whose training run stopped before its last epoch (warned about and recorded)."""
+    batch_size: int | None = 64  #: rows per forward pass
+    max_length: int | None = None  #: token truncation; None = as the model was trained (128 if it does not say)
+    device: str = "auto"  #: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``
+    bf16: bool = True  #: autocast to bfloat16 on CUDA (ignored on CPU, where bf16 is slower)
 
     def validate(self) -> None:
-        _check_sizes(self)
+        """``--batch-size`` ≥ 1 and ``--max-length`` ≥ 2 (None: as the model was trained)."""
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be ≥ 2, got {self.max_length}")
 
 
 @dataclass(frozen=True)
-class WeightsConfig:
-    """Settings of `mlrnet weights` (inference settings do not change the weights beyond float rounding)."""
+class EvalConfig(_InferenceConfig):
+    """Inference settings of `mlrnet eval` (none of them change the metrics, only speed and memory)."""
 
-    top: int = 10
-    """How many of the most distrusted rows (lowest weight) to list and to export for relabelling."""
-    batch_size: int = 64
-    """Rows per classifier forward pass."""
-    max_length: int | None = None
-    """Token truncation; None = the one the model was trained with (128 if it does not say)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """bf16 autocast on CUDA for the classifier pass (the meta-net runs in float32)."""
+    text_column: str | None = None  #: text column of --data [default: text, sentence or content]
+    label_column: str = "label"  #: label column of --data (class ids, or class names mapped with the manifest)
+    #: evaluate a model whose training run stopped before its last epoch (warned about and recorded)
     allow_unfinished: bool = False
-    """Use a model whose training run stopped before its last epoch (warned about and recorded)."""
+
+
+@dataclass(frozen=True)
+class WeightsConfig(_InferenceConfig):
+    """Settings of `mlrnet weights` (inference settings do not change the weights beyond float rounding; the
+    meta-net runs in float32 whatever ``bf16`` says)."""
+
+    top: int = 10  #: how many of the most distrusted rows (lowest weight) to list and to export for relabelling
+    allow_unfinished: bool = False  #: use a model whose training run stopped before its last epoch (warned, recorded)
 
     def validate(self) -> None:
         if self.top < 0:
             raise ConfigError(f"--top must be ≥ 0, got {self.top}")
-        _check_sizes(self)
+        super().validate()
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(_InferenceConfig):
     """Settings of `mlrnet predict`. ``None`` means: as the model was trained (its mlrnet.json), else the fallback."""
 
-    batch_size: int | None = None
-    """Rows per forward pass [default: the model's training batch size, else 64]."""
-    max_length: int | None = None
-    """Texts are truncated to this many tokens [default: the model's training --max-length, else 128]."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """Autocast to bfloat16 on CUDA (ignored on CPU)."""
+    batch_size: int | None = None  #: rows per forward pass [default: the model's training batch size, else 64]
+    #: text column of the table [default: text (what `corrupt` writes and `train` reads), sentence or content]
     text_column: str | None = None
-    """Text column of the table [default: text (what `corrupt` writes and `train` reads), sentence or content]."""
-    with_text: bool = True
-    """Copy each row's text into the output."""
-
-    def validate(self) -> None:
-        _check_sizes(self)
+    with_text: bool = True  #: copy each row's text into the output

@@ -71,10 +71,8 @@ def corruption_matrix(noise: NoiseSpec, num_classes: int, rng: np.random.Generat
         return (1 - p) * eye + p / c * np.ones((c, c))
     if noise.kind == "pair":
         targets = [(i + 1) % c for i in range(c)]
-    elif noise.kind == "flip":
+    else:  # flip (NoiseSpec.parse knows no other kind)
         targets = [int(rng.choice([j for j in range(c) if j != i])) for i in range(c)]
-    else:  # pragma: no cover - NoiseSpec.parse guards this
-        raise ConfigError(f"unknown noise kind {noise.kind}")
     t = (1 - p) * eye
     t[np.arange(c), targets] += p
     return t
@@ -344,10 +342,8 @@ def _test_split(
     config: CorruptConfig, inputs: InputSpec, labels: np.ndarray, num_classes: int
 ) -> tuple[Source | None, float | None, np.ndarray]:
     """(the source's own test split, or None; the fraction held out instead, or None; the held-out rows)."""
-    test_src = None
     if inputs.test_data is not None or has_hub_split(inputs.data, inputs.test_split):
         test_src = load_source(inputs.data if inputs.test_data is None else inputs.test_data, inputs.test_split)
-    if test_src is not None:
         if config.test_fraction is not None:
             raise UsageError(
                 f"--test-fraction holds out a test split, but {test_src.origin} is the test split already",
@@ -378,17 +374,14 @@ def _extra_columns(table: pa.Table, text_cols: list[str], inputs: InputSpec) -> 
 def _make_table(ids, texts, labels, true_labels, extra, rows) -> pa.Table:
     import pyarrow as pa
 
+    n, known = len(ids), true_labels is not None  # unknown truth: null columns of the same types
     cols: dict[str, pa.Array | pa.ChunkedArray] = {
         "sample_id": pa.array(np.asarray(ids, dtype=np.int64)),
         "text": pa.array(texts, type=pa.string()),
         "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "true_label": pa.array(np.asarray(true_labels, dtype=np.int64)) if known else pa.nulls(n, pa.int64()),
+        "is_noisy": pa.array(np.asarray(labels) != np.asarray(true_labels)) if known else pa.nulls(n, pa.bool_()),
     }
-    if true_labels is not None:
-        cols["true_label"] = pa.array(np.asarray(true_labels, dtype=np.int64))
-        cols["is_noisy"] = pa.array(np.asarray(labels) != np.asarray(true_labels))
-    else:
-        cols["true_label"] = pa.nulls(len(ids), pa.int64())
-        cols["is_noisy"] = pa.nulls(len(ids), pa.bool_())
     take = pa.array(np.asarray(rows, dtype=np.int64))
     cols |= {name: col.take(take) for name, col in extra.items()}
     return pa.table(cols)

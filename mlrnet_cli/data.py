@@ -44,9 +44,9 @@ def load_source(spec: str | None, split: str = "train") -> Source:
         names = json.loads((embedded_dir() / "classes.json").read_text())
         return Source(_read_local(path), f"{EMBEDDED}/{path.name}", fingerprint_file(path), names)
     path = Path(spec)
+    if path.is_dir():
+        return _read_folder(path, split)
     if path.exists():
-        if path.is_dir():
-            return _read_folder(path, split)
         return Source(_read_local(path), str(path), fingerprint_file(path))
     if path.suffix.lower() in LOCAL_SUFFIXES or "/" in spec and spec.startswith((".", "/", "~")):
         raise DataError(f"no such file: {spec}")
@@ -107,8 +107,7 @@ def _class_label_names(ds: Any) -> list[str] | None:
 def _read_hub(name: str, split: str) -> Source:
     import datasets
 
-    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "urllib3")]
-    levels = [lg.level for lg in quiet]
+    quiet = {lg: lg.level for lg in map(logging.getLogger, ("huggingface_hub", "datasets", "urllib3"))}
     try:
         for lg in quiet:  # the hub's retry warnings would bury our one-line error
             lg.setLevel(logging.ERROR)
@@ -120,7 +119,7 @@ def _read_hub(name: str, split: str) -> Source:
             "offline? pass a local file or folder with --data",
         ) from e
     finally:
-        for lg, level in zip(quiet, levels, strict=True):
+        for lg, level in quiet.items():
             lg.setLevel(level)
     fp = fingerprint_obj({"hub": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None)})
     return Source(ds.data.table.replace_schema_metadata(None), f"hub:{name}[{split}]", fp, _class_label_names(ds))
@@ -206,12 +205,10 @@ class LabelMap:
 
     def encode(self, labels: list[Any], origin: str) -> list[int]:
         index = {v: i for i, v in enumerate(self.values)}
-        out = []
         for i, v in enumerate(labels):
             if v not in index:
                 raise DataError(f"{origin} row {i} has label {v!r}, which the training data does not have")
-            out.append(index[v])
-        return out
+        return [index[v] for v in labels]
 
 
 def build_label_map(labels: list[Any], class_names: list[str] | None, origin: str) -> LabelMap:

@@ -37,9 +37,7 @@ def encode_labels(
 ) -> np.ndarray:
     """Integer labels must be class ids; strings are class names (or the source's original label values)."""
     c = len(class_names)
-    index: dict[Any, int] = {str(n): i for i, n in enumerate(class_names)}
-    for i, v in enumerate(label_values or ()):
-        index.setdefault(str(v), i)
+    index = {str(v): i for i, v in enumerate(label_values or ())} | {str(n): i for i, n in enumerate(class_names)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, v in enumerate(raw):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

@@ -43,11 +43,9 @@ def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     return float((t == p).mean()) if t.size else 0.0
 
 
-def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int | None = None) -> np.ndarray:
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
     """``cm[i, j]`` = number of rows of true class i predicted as j (int64, shape [C, C])."""
     t, p = _pair(y_true, y_pred)
-    if num_classes is None:
-        num_classes = int(max(t.max(initial=-1), p.max(initial=-1))) + 1
     if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
         raise DataError(f"class ids must lie in 0..{num_classes - 1}")
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -67,18 +65,16 @@ def per_class_scores(cm: ArrayLike) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int | None = None) -> float:
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> float:
     """Unweighted mean of the per-class F1 over all classes."""
     f1 = per_class_scores(confusion_matrix(y_true, y_pred, num_classes))["f1"]
     return float(f1.mean()) if f1.size else 0.0
 
 
-def micro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int | None = None) -> float:
+def micro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> float:
     """F1 of the pooled counts: 2·TP / (2·TP + FP + FN); equals accuracy for single-label data."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp = np.trace(cm)
-    fp = cm.sum() - tp  # every wrong prediction is one FP and one FN
-    return float(_safe_div(2 * tp, 2 * tp + 2 * fp))
+    return float(_safe_div(np.trace(cm), cm.sum()))  # every wrong prediction is one FP and one FN: TP / rows
 
 
 def classification_report(

@@ -20,7 +20,6 @@ from mlrnet_cli.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-INSTALL_HINT = "pip install 'mlrnet[plot]'"
 _STYLE = {  # group: (colour, line style), in the order the legends list them
     "clean/head": ("tab:blue", "-"),
     "clean/tail": ("tab:cyan", "-"),
@@ -29,7 +28,6 @@ _STYLE = {  # group: (colour, line style), in the order the legends list them
     "head": ("tab:blue", "-"),
     "tail": ("tab:orange", "-"),
 }
-GROUP_ORDER = tuple(_STYLE)
 
 
 def require_matplotlib() -> None:
@@ -37,7 +35,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"--plot needs matplotlib, which is not installed ({INSTALL_HINT})") from e
+        raise ConfigError("--plot needs matplotlib, which is not installed (pip install 'mlrnet[plot]')") from e
 
 
 def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str | os.PathLike[str]) -> Path:
@@ -59,7 +57,7 @@ def plot_weights(weights_table: pa.Table, curves: np.ndarray | None, path: str |
         curves = np.asarray(curves, dtype=np.float64)
         if curves.ndim != 2 or curves.shape[0] != weight.size:
             raise DataError(f"curves have shape {curves.shape}, expected ({weight.size}, epochs)")
-    groups = [g for g in GROUP_ORDER if (group == g).any()] + sorted({str(g) for g in group} - set(GROUP_ORDER))
+    groups = [g for g in _STYLE if (group == g).any()] + sorted({str(g) for g in group} - set(_STYLE))
 
     panels = 2 if curves is not None and curves.shape[1] > 0 else 1
     fig = Figure(figsize=(6.0 * panels, 4.2), layout="constrained")

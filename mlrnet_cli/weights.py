@@ -26,6 +26,7 @@ from mlrnet_cli import artifacts, inference, metrics, modeling, stageio
 from mlrnet_cli.configs import WeightsConfig
 from mlrnet_cli.errors import ArtifactError, DataError, FingerprintMismatchError, ModelError
 from mlrnet_cli.metanet import normalized_curves
+from mlrnet_cli.plot import plot_weights, require_matplotlib
 from mlrnet_cli.progress import Progress
 from mlrnet_cli.tokens import tokenize_table
 from mlrnet_cli.workspace import Workspace
@@ -120,18 +121,12 @@ def load_meta_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], dic
 
 @torch.no_grad()
 def meta_net_weights(
-    net: torch.nn.Module,
-    features: np.ndarray | None,
-    labels: np.ndarray,
-    curves: np.ndarray | None,
-    losses: np.ndarray,
-    batch_size: int = 4096,
+    net: torch.nn.Module, features: np.ndarray | None, labels: np.ndarray, curves: np.ndarray | None, losses: np.ndarray
 ) -> np.ndarray:
-    """v_i = V(·; θ) for every row, in float32 on CPU (the meta-net is small)."""
-    n = labels.shape[0]
-    out = np.empty(n, dtype=np.float32)
-    for s in range(0, n, batch_size):
-        sl = slice(s, s + batch_size)
+    """v_i = V(·; θ) for every row, in float32 on CPU (the meta-net is small: 4096 rows at a time)."""
+    out = np.empty(labels.shape[0], dtype=np.float32)
+    for s in range(0, out.size, 4096):
+        sl = slice(s, s + 4096)
         v = net(
             None if features is None else torch.as_tensor(features[sl], dtype=torch.float32),
             torch.as_tensor(labels[sl], dtype=torch.long),
@@ -166,8 +161,6 @@ def compute_weights(
     """Weight every training row with the trained meta-net; write ``weights.arrow`` (+ CSV, + PNG)."""
     config.validate()
     if plot is not None:
-        from mlrnet_cli.plot import require_matplotlib
-
         require_matplotlib()
     ws = Workspace.at(workdir)
     model_id = inference.resolve_model(model, ws, hub_ok=False)
@@ -204,7 +197,6 @@ def compute_weights(
         raise DataError(f"{train_path} has labels outside 0..{len(class_names) - 1} of the model")
     opts = {"batch_size": config.batch_size, "bf16": config.bf16, "progress": progress, "description": "weights"}
     inf = _classifier_pass(clf, rows, ws, train_cfg, meta, **opts)
-    probs = inf.probabilities
     row_loss = cross_entropy(inf.logits, labels)
     weight = meta_net_weights(net, inf.features, labels, curves if kind == "mlrnet" else None, row_loss)
     if weight.std() < DEAD_META_NET_STD:
@@ -212,7 +204,7 @@ def compute_weights(
 
     head = head_classes(labels, len(class_names))
     groups = row_groups(labels, is_noisy, head)
-    table = _weights_table(rows, weight, probs, row_loss, groups)
+    table = _weights_table(rows, weight, inf.probabilities, row_loss, groups)
     summary: dict[str, Any] = {
         "method": kind,
         "model": model_id,
@@ -230,8 +222,6 @@ def compute_weights(
     if export_relabel is not None:
         _write_relabel_csv(paths["relabel"], top, table.schema)
     if plot is not None:
-        from mlrnet_cli.plot import plot_weights
-
         plot_weights(table, curves, paths["plot"])
     return WeightsResult(table, summary, top, paths)
 

@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from mlrnet_cli import __version__
 from mlrnet_cli.errors import MlrnetError
+from mlrnet_cli.workspace import ENV_WORKDIR
 
 T = TypeVar("T")
 
@@ -91,13 +92,15 @@ app = MlrnetTyper(
     rich_markup_mode="rich",
 )
 
-WorkdirOption = typer.Option(
-    None,
-    "--workdir",
-    "-w",
-    envvar="MLRNET_WORKDIR",
-    help="Workspace folder that chains the stages \\[default: ./mlrnet-work].",
-    show_default=False,
+
+def optional(flag: str, what: str, default: str, *flags: str, **kwargs: Any) -> Any:
+    """An option that is None unless given; its help says what None stands for (typically a workspace path, which
+    the stage resolves)."""
+    return typer.Option(None, flag, *flags, help=f"{what} \\[default: {default}].", **kwargs)
+
+
+WorkdirOption = optional(
+    "--workdir", "Workspace folder that chains the stages", "./mlrnet-work", "-w", envvar=ENV_WORKDIR
 )
 JsonOption = typer.Option(False, "--json/--no-json", help="Print a JSON summary on stdout instead of artifact paths.")
 OverwriteOption = typer.Option(
@@ -134,11 +137,6 @@ def option(config: type, field: str, help: str | None = None, *flags: str, **kwa
     return typer.Option(default, *flags, help=help or SHARED_HELP[field], **kwargs)
 
 
-def path_option(flag: str, what: str, default: str) -> Any:
-    """An optional path whose default is a workspace path (resolved by the stage)."""
-    return typer.Option(None, flag, help=f"{what} \\[default: {default}].")
-
-
 def stderr_console() -> Any:
     from rich.console import Console
 
@@ -157,7 +155,7 @@ def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]
     return table
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging() -> None:
     """Library logs (logger ``mlrnet``) go to stderr through Rich."""
     from rich.logging import RichHandler
 
@@ -166,7 +164,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler = RichHandler(console=stderr_console(), show_time=False, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose or os.environ.get("MLRNET_DEBUG") else logging.INFO)
+    logger.setLevel(logging.DEBUG if os.environ.get("MLRNET_DEBUG") else logging.INFO)
     logger.propagate = False
 
 
@@ -174,6 +172,17 @@ def progress() -> Any:
     from mlrnet_cli.progress import RichProgress
 
     return RichProgress(stderr_console())
+
+
+def stage_args(stage: Callable[..., Any], params: dict[str, Any], **renamed: Any) -> dict[str, Any]:
+    """The keyword arguments of ``stage``: a progress display, and the command's parsed ``params`` (its locals)
+    that ``stage`` takes by the same name, as :func:`~mlrnet_cli.configs.build` picks a config's fields (plus
+    ``renamed`` ones: a parameter whose name differs)."""
+    import inspect
+
+    takes = inspect.signature(stage).parameters
+    named = {k: v for k, v in params.items() if k in takes and takes[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return named | {"progress": progress()} | renamed
 
 
 def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:
@@ -214,4 +223,5 @@ def _root(
         False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    """mlrnet command-line interface."""
+    """mlrnet command-line interface: every command logs to stderr (:func:`setup_logging`)."""
+    setup_logging()

@@ -5,10 +5,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import typer
-
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
-from mlrnet_cli.configs import CollectConfig, Record
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
+from mlrnet_cli.configs import CollectConfig, Record, build
 
 _opt = partial(option, CollectConfig)
 
@@ -30,15 +28,14 @@ interruption.
 @app.command("collect-losses", help=HELP)
 def collect_losses_cmd(
     workdir: Path | None = WorkdirOption,
-    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
-    manifest: Path | None = typer.Option(
-        None,
+    train: Path | None = optional("--train", "Training table", "WORKDIR/data/train.arrow"),
+    manifest: Path | None = optional(
         "--manifest",
-        help="Manifest with num_classes and class_names \\[default: WORKDIR/data/manifest.json, or manifest.json "
-        "beside --train; without one, classes are 0..max(label)].",
+        "Manifest with num_classes and class_names",
+        "WORKDIR/data/manifest.json, or manifest.json beside --train; without one, classes are 0..max(label)",
     ),
-    out: Path | None = path_option("--out", "Loss curves", "WORKDIR/losses.safetensors"),
-    stage1_dir: Path | None = path_option("--stage1-dir", "Stage-1 classifier folder", "WORKDIR/stage1"),
+    out: Path | None = optional("--out", "Loss curves", "WORKDIR/losses.safetensors"),
+    stage1_dir: Path | None = optional("--stage1-dir", "Stage-1 classifier folder", "WORKDIR/stage1"),
     model: str = _opt("model", "Hub id or local model folder (AutoModelForSequenceClassification)."),
     epochs: int = _opt("epochs", "T: training epochs (curves have T+1 points)."),
     lr: float = _opt("lr", "AdamW peak learning rate (try 1e-3 with --freeze-encoder)."),
@@ -59,21 +56,18 @@ def collect_losses_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     from mlrnet_cli.collect import collect_losses
-    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import run_on_ranks
     from mlrnet_cli.workspace import Workspace
 
-    setup_logging()
     config = build(CollectConfig, locals(), compile=compile_forward)
     ws = Workspace.at(workdir)
-    train_path = train or ws.train
     # the workspace's manifest, or the one beside --train when there is one
     beside = ws.manifest if train is None else train.parent / "manifest.json"
     manifest_path = manifest if manifest is not None else (beside if train is None or beside.is_file() else None)
     run_on_ranks(
         lambda prog: collect_losses(
             config,
-            train_path=train_path,
+            train_path=train or ws.train,
             manifest_path=manifest_path,
             losses_path=out or ws.losses,
             stage1_dir=stage1_dir or ws.stage1,

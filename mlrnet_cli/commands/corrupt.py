@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional, rich_table
+from mlrnet_cli.configs import DEFAULT_META_POOL, DEFAULT_TEST_FRACTION, CorruptConfig, InputSpec, NoiseSpec, build
 
 _opt = partial(option, CorruptConfig)
 _in = partial(option, InputSpec)
@@ -68,18 +68,16 @@ def corrupt_cmd(
     true_label_column: str | None = _in(
         "true_label_column", "Column with the true labels of already-noisy benchmark data."
     ),
-    out: Path | None = path_option("--out", "Output folder", "WORKDIR/data"),
+    out: Path | None = optional("--out", "Output folder", "WORKDIR/data"),
     seed: int = _opt("seed"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, setup_logging, stderr_console
-    from mlrnet_cli.configs import NoiseSpec, build
+    from mlrnet_cli.commands._app import emit, stderr_console
     from mlrnet_cli.corrupt import corrupt
     from mlrnet_cli.workspace import Workspace
 
-    setup_logging()
     config = build(CorruptConfig, locals(), noise=NoiseSpec.parse(noise))
     inputs = build(InputSpec, locals(), text_columns=tuple(text_column))
     result = corrupt(config, inputs, out or Workspace.at(workdir).data, overwrite=overwrite)
@@ -89,8 +87,6 @@ def corrupt_cmd(
 
 
 def _print_summary(manifest: dict, console) -> None:
-    from mlrnet_cli.commands._app import rich_table
-
     counts = manifest["counts"]
     realised = (manifest["noise"].get("realised") or {}).get("per_class_rate")
     rows = (

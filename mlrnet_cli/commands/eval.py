@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, ModelOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import EvalConfig
+from mlrnet_cli.commands._app import JsonOption, ModelOption, OverwriteOption, WorkdirOption, app, option, optional
+from mlrnet_cli.configs import EvalConfig, build
 
 _opt = partial(option, EvalConfig)
 
@@ -25,7 +25,7 @@ WORKDIR/eval/predictions.arrow. stdout: a table of the metrics, or JSON with --j
 @app.command("eval", help=HELP)
 def eval_cmd(
     model: str | None = ModelOption,
-    data: Path | None = path_option("--data", "Labelled table", "WORKDIR/data/test.arrow"),
+    data: Path | None = optional("--data", "Labelled table", "WORKDIR/data/test.arrow"),
     text_column: str | None = _opt("text_column"),
     label_column: str = _opt("label_column", "Label column (ids or class names)."),
     predictions: bool = typer.Option(
@@ -38,27 +38,15 @@ def eval_cmd(
     allow_unfinished: bool = _opt("allow_unfinished"),
     device: str = _opt("device"),
     bf16: bool = _opt("bf16"),
-    out: Path | None = path_option("--out", "Output folder", "WORKDIR/eval"),
+    out: Path | None = optional("--out", "Output folder", "WORKDIR/eval"),
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import emit, stage_args
     from mlrnet_cli.evaluate import evaluate
 
-    setup_logging()
-    config = build(EvalConfig, locals())
-    result = evaluate(
-        config,
-        workdir=workdir,
-        model=model,
-        data=data,
-        predictions=predictions,
-        out_dir=out,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = evaluate(build(EvalConfig, locals()), **stage_args(evaluate, locals(), out_dir=out))
     if as_json:
         emit(result.paths, result.metrics, as_json)
     else:

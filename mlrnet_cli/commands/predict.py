@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from mlrnet_cli.commands._app import ModelOption, OverwriteOption, WorkdirOption, app, option
-from mlrnet_cli.configs import PredictConfig
+from mlrnet_cli.commands._app import ModelOption, OverwriteOption, WorkdirOption, app, option, optional
+from mlrnet_cli.configs import PredictConfig, build
 
 _opt = partial(option, PredictConfig)
 
@@ -29,15 +29,11 @@ Without --out: JSON Lines on stdout, for pipes. Progress and logs go to stderr.
 
 @app.command("predict", help=HELP)
 def predict_cmd(
-    data: str | None = typer.Option(
-        None, "--data", help="Table of texts, or - for stdin \\[default: stdin, one text per line]."
-    ),
+    data: str | None = optional("--data", "Table of texts, or - for stdin", "stdin, one text per line"),
     model: str | None = ModelOption,
     text_column: str | None = _opt("text_column"),
-    out: Path | None = typer.Option(None, "--out", help="Output file, .arrow or .jsonl \\[default: stdout]."),
-    fmt: str | None = typer.Option(
-        None, "--format", help="arrow or jsonl \\[default: from the --out suffix; jsonl on stdout]."
-    ),
+    out: Path | None = optional("--out", "Output file, .arrow or .jsonl", "stdout"),
+    fmt: str | None = optional("--format", "arrow or jsonl", "from the --out suffix; jsonl on stdout"),
     with_text: bool = _opt("with_text", "Copy each text into the output.", "--with-text/--no-text"),
     batch_size: int | None = _opt(
         "batch_size", "Rows per forward pass \\[default: the model's training batch size, else 64]."
@@ -48,29 +44,16 @@ def predict_cmd(
     workdir: Path | None = WorkdirOption,
     overwrite: bool = OverwriteOption,
 ) -> None:
-    from mlrnet_cli.commands._app import progress, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import stage_args
     from mlrnet_cli.errors import UsageError
     from mlrnet_cli.predict import predict
 
-    setup_logging()
-    config = build(PredictConfig, locals())
     texts = None
     if data is None or data == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no texts to predict", "pass --data FILE, or pipe one text per line on stdin")
         texts, data = sys.stdin.read().splitlines(), None
-    result = predict(
-        config,
-        workdir=workdir,
-        model=model,
-        data=data,
-        texts=texts,
-        out=out,
-        fmt=fmt,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = predict(build(PredictConfig, locals()), **stage_args(predict, locals()))
     if result.path is not None:
         typer.echo(str(result.path))
     else:

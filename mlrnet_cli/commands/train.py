@@ -5,10 +5,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import typer
-
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, path_option
-from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
+from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig, build
 
 _opt = partial(option, TrainConfig)
 
@@ -83,9 +81,7 @@ def train_cmd(
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),
     dev_fraction: float = _opt("dev_fraction", "Part of the clean pool held out per class for model selection."),
-    dev: Path | None = typer.Option(
-        None, "--dev", help="A dev table for model selection \\[default: --dev-fraction of the clean pool]."
-    ),
+    dev_path: Path | None = optional("--dev", "A dev table for model selection", "--dev-fraction of the clean pool"),
     max_length: int = _opt("max_length", "Token limit per text."),
     warmup_ratio: float = _opt("warmup_ratio", "Fraction of the steps spent warming up."),
     weight_decay: float = _opt("weight_decay", "AdamW weight decay of the classifier."),
@@ -93,11 +89,11 @@ def train_cmd(
     device: str = _opt("device"),
     allow_pickle: bool = _opt("allow_pickle"),
     trust_remote_code: bool = _opt("trust_remote_code"),
-    train_path: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
-    clean_path: Path | None = path_option("--clean", "Clean pool", "WORKDIR/data/clean.arrow"),
-    losses_path: Path | None = path_option("--losses", "Loss curves", "WORKDIR/losses.safetensors"),
-    manifest_path: Path | None = path_option("--manifest", "Manifest", "WORKDIR/data/manifest.json"),
-    out: Path | None = path_option("--out", "Output folder", "WORKDIR/model"),
+    train_path: Path | None = optional("--train", "Training table", "WORKDIR/data/train.arrow"),
+    clean_path: Path | None = optional("--clean", "Clean pool", "WORKDIR/data/clean.arrow"),
+    losses_path: Path | None = optional("--losses", "Loss curves", "WORKDIR/losses.safetensors"),
+    manifest_path: Path | None = optional("--manifest", "Manifest", "WORKDIR/data/manifest.json"),
+    out_dir: Path | None = optional("--out", "Output folder", "WORKDIR/model"),
     compile_forward: bool = _opt(
         "compile",
         "torch.compile the training forward of plain, plain-meta, meta-only and glc. mlrnet, mwnet and mlc run "
@@ -109,15 +105,11 @@ def train_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import run_on_ranks, setup_logging
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import run_on_ranks, stage_args
     from mlrnet_cli.train import train
 
-    setup_logging()
-    config = build(TrainConfig, locals(), compile=compile_forward)
-    paths = {"train_path": train_path, "clean_path": clean_path, "losses_path": losses_path, "dev_path": dev}
-    paths.update(manifest_path=manifest_path, out_dir=out)
+    config, args = build(TrainConfig, locals(), compile=compile_forward), stage_args(train, locals())
     run_on_ranks(
-        lambda prog: train(config, workdir=workdir, **paths, overwrite=overwrite, progress=prog),
+        lambda prog: train(config, **{**args, "progress": prog}),  # rank 0 alone shows progress
         lambda r: emit({"best": r.best_dir, "last": r.last_dir, "history": r.history_path}, r.summary(), as_json),
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, path_option
-from mlrnet_cli.configs import WeightsConfig
+from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, option, optional, rich_table
+from mlrnet_cli.configs import WeightsConfig, build
 
 _opt = partial(option, WeightsConfig)
 
@@ -35,10 +35,10 @@ def weights_cmd(
     plot: Path | None = typer.Option(
         None, "--plot", help="PNG: weight histograms and mean loss curves per group (needs mlrnet\\[plot])."
     ),
-    model: Path | None = path_option("--model", "Model folder", "WORKDIR/model/best"),
-    train: Path | None = path_option("--train", "Training table", "WORKDIR/data/train.arrow"),
-    losses: Path | None = path_option("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
-    out: Path | None = path_option("--out", "Weights table", "WORKDIR/weights.arrow"),
+    model: Path | None = optional("--model", "Model folder", "WORKDIR/model/best"),
+    train: Path | None = optional("--train", "Training table", "WORKDIR/data/train.arrow"),
+    losses: Path | None = optional("--losses", "Stage-1 loss curves", "WORKDIR/losses.safetensors"),
+    out: Path | None = optional("--out", "Weights table", "WORKDIR/weights.arrow"),
     batch_size: int = _opt("batch_size"),
     max_length: int | None = _opt("max_length"),
     allow_unfinished: bool = _opt("allow_unfinished"),
@@ -48,24 +48,10 @@ def weights_cmd(
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
 ) -> None:
-    from mlrnet_cli.commands._app import emit, progress, setup_logging, stderr_console
-    from mlrnet_cli.configs import build
+    from mlrnet_cli.commands._app import emit, stage_args, stderr_console
     from mlrnet_cli.weights import compute_weights
 
-    setup_logging()
-    config = build(WeightsConfig, locals())
-    result = compute_weights(
-        config,
-        workdir=workdir,
-        model=model,
-        train=train,
-        losses=losses,
-        out=out,
-        export_relabel=export_relabel,
-        plot=plot,
-        overwrite=overwrite,
-        progress=progress(),
-    )
+    result = compute_weights(build(WeightsConfig, locals()), **stage_args(compute_weights, locals()))
     _print_summary(result.summary, result.top, stderr_console())
     emit(result.paths, {"summary": result.summary, "top": result.top}, as_json)
 
@@ -75,8 +61,6 @@ def _fmt(x: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: Any) -> None:
-    from mlrnet_cli.commands._app import rich_table
-
     title = f"meta-net weights ({summary['method']}, {summary['num_rows']} training rows)"
     stats = ("mean", "q25", "median", "q75")
     groups = summary["groups"].items()
