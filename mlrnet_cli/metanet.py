@@ -158,5 +158,8 @@ def build_meta_net(spec: dict[str, Any]) -> MWNet | MLRNetMetaNet | LabelCorrect
     kind = spec.get("kind")
     for cls in (MWNet, LabelCorrectionNet, MLRNetMetaNet):
         if kind == cls.kind:
-            return cls(**{k: spec[k] for k in (*cls.spec_keys, *cls.optional_keys) if k in spec})
+            try:
+                return cls(**{k: spec[k] for k in (*cls.spec_keys, *cls.optional_keys) if k in spec})
+            except (TypeError, ValueError) as e:  # a size missing (no default) or not a size
+                raise ArtifactError(f"the saved {kind} meta-net spec is incomplete or invalid: {e}") from e
     raise ArtifactError(f"unknown meta-net kind {kind!r} in a saved meta-net")

@@ -105,3 +105,24 @@ def test_help_does_not_import_torch() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_stage_args_passes_the_parsed_options_a_stage_takes_and_one_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlrnet_cli.commands import _app
+
+    made: list[object] = []
+    monkeypatch.setattr(_app, "progress", lambda: made.append(object()) or made[-1])
+
+    def stage(config: object, *, data: object, out_dir: object, progress: object) -> None: ...
+
+    def emit() -> None: ...  # an imported function whose name a stage might take
+
+    params = {"config": 1, "data": "d.arrow", "out": "o", "workdir": None, "out_dir": emit}
+    assert _app.stage_args(stage, params, out_dir="o") == {"data": "d.arrow", "out_dir": "o", "progress": made[0]}
+    assert _app.stage_args(stage, {"data": 2, "out_dir": 3}, progress="mine") == {
+        "data": 2,
+        "out_dir": 3,
+        "progress": "mine",
+    }
+    assert len(made) == 1  # a caller's own progress display: none is built to be thrown away
+    assert _app.stage_args(stage, {"data": emit, "out_dir": 3}) == {"out_dir": 3, "progress": made[1]}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlrnet_cli.errors import ConfigError
+from mlrnet_cli.errors import ArtifactError, ConfigError
 from mlrnet_cli.meta import (
     ClassifierFns,
     StepBatch,
@@ -440,6 +440,15 @@ def test_the_curve_prior_ranks_each_labels_rows_by_their_mean_stage1_loss():
     paper = MLRNetMetaNet(16, C, T1)  # 0: the paper's net, no extra parameter, and the spec it always had
     assert not hasattr(paper, "prior_scale") and "curve_prior" not in paper.spec()
     assert build_meta_net(net.spec()).curve_prior == 2.0 and build_meta_net(paper.spec()).curve_prior == 0.0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"kind": "mlrnet", "feature_dim": 16, "num_classes": C}, {"kind": "mlc", "feature_dim": "x", "num_classes": C}],
+)
+def test_an_incomplete_or_invalid_meta_net_spec_is_an_artifact_error(spec):
+    with pytest.raises(ArtifactError, match="incomplete or invalid"):
+        build_meta_net(spec)
 
 
 def test_mlrnet_meta_net_structure_follows_section_4_3():

@@ -175,14 +175,17 @@ def progress() -> Any:
 
 
 def stage_args(stage: Callable[..., Any], params: dict[str, Any], **renamed: Any) -> dict[str, Any]:
-    """The keyword arguments of ``stage``: a progress display, and the command's parsed ``params`` (its locals)
-    that ``stage`` takes by the same name, as :func:`~mlrnet_cli.configs.build` picks a config's fields (plus
-    ``renamed`` ones: a parameter whose name differs)."""
+    """The keyword arguments of ``stage``: the command's parsed ``params`` (its locals; not the functions it
+    imported) that ``stage`` takes by the same name, as :func:`~mlrnet_cli.configs.build` picks a config's fields,
+    then ``renamed`` ones (a parameter whose name differs), and a progress display unless ``renamed`` has one."""
     import inspect
 
     takes = inspect.signature(stage).parameters
-    named = {k: v for k, v in params.items() if k in takes and takes[k].kind is inspect.Parameter.KEYWORD_ONLY}
-    return named | {"progress": progress()} | renamed
+    keyword = {k for k, p in takes.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    named = {k: v for k, v in params.items() if k in keyword and not callable(v)}
+    if "progress" in keyword and "progress" not in renamed:
+        renamed["progress"] = progress()
+    return named | renamed
 
 
 def run_on_ranks(work: Callable[[Any], T], report: Callable[[T], None]) -> None:

@@ -108,8 +108,8 @@ def train_cmd(
     from mlrnet_cli.commands._app import run_on_ranks, stage_args
     from mlrnet_cli.train import train
 
-    config, args = build(TrainConfig, locals(), compile=compile_forward), stage_args(train, locals())
+    config, params = build(TrainConfig, locals(), compile=compile_forward), locals()
     run_on_ranks(
-        lambda prog: train(config, **{**args, "progress": prog}),  # rank 0 alone shows progress
+        lambda prog: train(config, **stage_args(train, params, progress=prog)),  # rank 0 alone shows progress
         lambda r: emit({"best": r.best_dir, "last": r.last_dir, "history": r.history_path}, r.summary(), as_json),
     )
