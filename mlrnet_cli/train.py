@@ -41,9 +41,10 @@ log = logging.getLogger("mlrnet")
 METHODS = tuple(m.value for m in Method)
 #: a classifier that predicts one class for this share of the dev rows has collapsed (see real_collapse)
 COLLAPSE_SHARE = 0.8
-#: below this weight std (over the training rows) the meta-net's weights are nearly constant: a collapse then
-#: cannot come from a meta-net that learns too fast (those push the weights to 0 and 1)
-SPREAD_WEIGHT_STD = 1e-2
+#: below this weight std (over the training rows) the weights did not go to the ends, so a collapse cannot come
+#: from a meta-net that learns too fast: CIC's meta-driven collapses had std 0.28-0.41, while mlc at meta lr 1e-5
+#: collapsed with near-uniform soft labels (std 0.02-0.04) because its meta-net learned too slowly
+SPREAD_WEIGHT_STD = 0.1
 
 
 #: (best epoch, its dev accuracy, the history) of a run
@@ -567,12 +568,13 @@ def _items(config: TrainConfig, inp: _Inputs) -> list[tuple[str, int]]:
 @dataclass(frozen=True)
 class _Collapse:
     """An epoch's :func:`real_collapse`: the class predicted for most dev rows, its share of the predictions and of
-    the labels, and whether the meta-net's spread weights drove it."""
+    the labels, whether the meta-net's spread weights drove it, and their std (None without a meta-net)."""
 
     label: str
     share: float
     true_share: float
     blame_meta: bool
+    weight_std: float | None = None
 
     def __str__(self) -> str:
         return (
@@ -645,14 +647,20 @@ class _Hooks:
         )
         if found is None:
             return None
-        # weights that are nearly constant cannot be the meta-net's doing: then it is the classifier's lr
-        blame_meta = run.meta_net is not None and row.get("weight_std", 0.0) >= SPREAD_WEIGHT_STD
-        return _Collapse(run.inp.manifest.class_names[found[0]], found[1], found[2], blame_meta)
+        # weights that did not go to the ends cannot be a too-fast meta-net's doing
+        std = row.get("weight_std") if run.meta_net is not None else None
+        blame_meta = std is not None and std >= SPREAD_WEIGHT_STD
+        return _Collapse(run.inp.manifest.class_names[found[0]], found[1], found[2], blame_meta, std)
 
     def _warn(self, epoch: int, c: _Collapse) -> None:
         advice = f"try a smaller --lr than {self.run.config.lr:g}"
         if c.blame_meta:
             advice = f"the meta-net may be learning too fast: try --meta-lr {self.meta_lr / 10:g}"
+        elif c.weight_std is not None:  # flat weights (mlc's near-uniform soft labels): too slow, or the classifier
+            advice = (
+                f"the meta-net's weights barely spread (std {c.weight_std:.2f}), so the meta-net did not drive it: "
+                f"{advice}, or a larger --meta-lr than {self.meta_lr:g} if the meta-net learns too slowly"
+            )
         log.warning("epoch %d: %s; %s", epoch, c, advice)
 
     def _guard_acts(self) -> bool:

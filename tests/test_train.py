@@ -453,6 +453,25 @@ def test_mlc_real_step_trains_on_the_corrected_labels(ws: Path, monkeypatch: pyt
 # ---------------------------------------------------------------------------------------------
 # the collapse guard (--meta-backoff)
 
+
+def test_flat_mlc_soft_labels_are_not_blamed_on_a_fast_meta_net(
+    ws: Path, mlrnet_logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # headline seed 0, mlc at meta lr 1e-5: soft labels near uniform (std 0.02-0.04) and one class for every dev
+    # row; the guard then cut the meta lr, which only slowed a meta-net that was already too slow
+    monkeypatch.setattr(train_mod, "one_class_collapse", lambda predicted, labels: (1, 0.875, 0.25))
+    args = ["train", "--workdir", str(ws), *FAST, "--method", "mlc", "--meta-lr", "1e-4", "--epochs", "2", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    history = json.loads(r.stdout)["history"]
+    assert all(0 < row["weight_std"] < train_mod.SPREAD_WEIGHT_STD for row in history), history
+    assert [row["meta_lr"] for row in history] == pytest.approx([1e-4, 1e-4])  # no back-off
+    warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
+    assert not any("rerunning" in w or "may be learning too fast" in w for w in warnings), warnings
+    advice = "so the meta-net did not drive it: try a smaller --lr than 1e-05, or a larger --meta-lr than 0.0001"
+    assert sum(advice in w for w in warnings) == 2, warnings
+
+
 GUARD_CFG = TrainConfig(
     method="mlrnet", epochs=3, batch_size=16, max_length=24, meta_per_class=4, device="cpu", meta_params="last-1"
 )
