@@ -250,6 +250,10 @@ class TrainConfig:
     # weights spread to the ends), rerun that epoch from where it began with the meta lr divided by 10, at most
     # this many times in a run (docs/train.md); 0 = off, the paper's loop
     meta_backoff: int = 2
+    # our extension: before training, each of --meta-lr x (0.1, 1, 10) trains this many steps from the run's start
+    # and the best dev accuracy without a collapse chooses the meta lr (written to the run's config and log);
+    # 0 = off: --meta-lr as given. Kept out of the provenance when 0
+    meta_lr_probe: int = 0
     # torch.compile the training forward of plain / plain-meta / meta-only / glc; the meta methods run eagerly
     # (the meta step differentiates twice / in forward mode through functional_call). Not in provenance.
     compile: bool = False
@@ -269,7 +273,7 @@ class TrainConfig:
         parse_meta_params(self.meta_params)
         _at_least(self, 1, "meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim")
         _at_least(self, 2, "max_length")
-        _at_least(self, 0, "meta_backoff")
+        _at_least(self, 0, "meta_backoff", "meta_lr_probe")
         if self.meta_batch_size is not None:
             _at_least(self, 1, "meta_batch_size")
         _fraction(self, "dev_fraction", "warmup_ratio")
@@ -280,6 +284,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
+        if self.meta_lr_probe and self.method not in META_METHODS:
+            raise UsageError(f"--meta-lr-probe applies to the meta methods ({', '.join(META_METHODS)})")
         if self.meta_share and self.method not in META_METHODS:
             raise UsageError(
                 f"--meta-share applies to the meta methods ({', '.join(META_METHODS)}), not --method {self.method}",
@@ -289,9 +295,9 @@ class TrainConfig:
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
-        on another device), and ``meta_share`` and ``curve_prior`` only when not 0 (so runs from before they existed
-        are the same run)."""
-        unset = {k for k in ("meta_share", "curve_prior") if not getattr(self, k)}
+        on another device), and ``meta_share``, ``curve_prior`` and ``meta_lr_probe`` only when not 0 (so runs from
+        before they existed are the same run)."""
+        unset = {k for k in ("meta_share", "curve_prior", "meta_lr_probe") if not getattr(self, k)}
         return {k: v for k, v in asdict(self).items() if k not in {"compile", "device", *unset}}
 
 

@@ -45,6 +45,9 @@ COLLAPSE_SHARE = 0.8
 #: from a meta-net that learns too fast: CIC's meta-driven collapses had std 0.28-0.41, while mlc at meta lr 1e-5
 #: collapsed with near-uniform soft labels (std 0.02-0.04) because its meta-net learned too slowly
 SPREAD_WEIGHT_STD = 0.1
+#: --meta-lr-probe's candidates, as factors of --meta-lr
+PROBE_FACTORS = (0.1, 1.0, 10.0)
+PROBE_FILE = "meta_lr_probe.json"
 
 
 #: (best epoch, its dev accuracy, the history) of a run
@@ -66,6 +69,7 @@ class TrainResult:
     dev_size: int
     model: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    meta_lr_probe: dict[str, Any] | None = None  #: --meta-lr-probe: the candidates' dev accuracy and the choice
 
     def summary(self) -> dict[str, Any]:
         """The run's numbers (``--json``): every field but the paths, ``resumed_from`` as ``resumed_from_epoch``."""
@@ -700,6 +704,8 @@ class _Hooks:
             "encoder_cache_id": run.batches.encoder_id,
             "epoch": epoch,
         }
+        if run.config.meta_lr_probe:  # the config below holds --meta-lr; the run trained with the probe's choice
+            extra["meta_lr_chosen"] = run.config.meta_lr
         files = {}
         if (net := run.meta_net) is not None:
             files["meta_net.safetensors"] = lambda p: artifacts.write_tensors(
@@ -814,7 +820,7 @@ def train(
             done = _finished_history(out, meta, config.epochs)
             if done is not None:
                 log.info("train: %s is up to date (same inputs and config)", out)
-                return _result(config, inp, out, done, config.epochs)
+                return replace(_result(config, inp, out, done, config.epochs), meta_lr_probe=_saved_probe(out, meta))
         model, tokenizer, device, init_path = _load_model(config, ws, inp.manifest)
         # only once the model loaded: a bad --model with --overwrite must leave the old state alone
         distributed.barrier()  # every rank has read the old state before rank 0 removes it
@@ -823,23 +829,20 @@ def train(
         distributed.barrier()
         batches = _Batches(config, ws, inp, model, tokenizer, device, init_path, progress)
         run = _Run(inp, batches, model, _meta_net(config, inp, model, batches))
-        return _fit(run, checkpoint, state, out, progress)
+        probe = None
+        if config.meta_lr_probe:  # the run goes on with the chosen meta lr; its provenance keeps the option
+            probe = _chosen_meta_lr(run, out, checkpoint, progress, reuse=state is not None or not overwrite)
+            run.config = replace(run.config, meta_lr=probe["chosen"])
+        result = _fit(run, checkpoint, state, out, progress)
+        return replace(result, meta_lr_probe=probe)
 
 
 def _fit(
     run: _Run, checkpoint: Checkpoint, state: dict[str, Any] | None, out: Path, progress: Progress | None
 ) -> TrainResult:
     """Build the method's step and run the engine's loop; every rank returns once rank 0 wrote everything."""
-    from transformers import get_linear_schedule_with_warmup
-
-    config, model, meta_net = run.config, run.model, run.meta_net
-    # global steps: batches of batch_size rows per rank (batch_size x world in all)
-    steps_per_epoch = distributed.num_steps(len(run.items), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-    )
-    sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
+    config, meta_net = run.config, run.meta_net
+    opt, sched, steps_per_epoch = _optimizer(run)
     if config.compile and meta_net is not None:
         log.warning(
             "--compile: the %s meta step differentiates twice (or in forward mode) through functional_call, "
@@ -849,7 +852,7 @@ def _fit(
     step = STEPS[config.method](run, opt)
     hooks = _Hooks(run, step, out, checkpoint.meta)
     bar = get_progress(progress) if distributed.is_main() else NullProgress()
-    loop = Loop(model, opt, sched, run.device, config.epochs, checkpoint, bar)
+    loop = Loop(run.model, opt, sched, run.device, config.epochs, checkpoint, bar)
     loop.rollback = meta_net is not None and config.meta_backoff > 0
     start = 0
     if state is not None:
@@ -861,6 +864,114 @@ def _fit(
     distributed.barrier()  # the others return once rank 0 has written everything
     best_acc = hooks.best_acc if hooks.best_acc >= 0 else None
     return _result(config, run.inp, out, (hooks.best_epoch, best_acc, loop.history), start)
+
+
+def _optimizer(run: _Run) -> tuple[torch.optim.Optimizer, Any, int]:
+    """The classifier's AdamW and its warm-up/decay schedule over the run, and the global steps per epoch."""
+    from transformers import get_linear_schedule_with_warmup
+
+    config = run.config
+    # global steps: batches of batch_size rows per rank (batch_size x world in all)
+    steps_per_epoch = distributed.num_steps(len(run.items), config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    opt = torch.optim.AdamW(
+        [p for p in run.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
+    return opt, sched, steps_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# --meta-lr-probe
+
+
+def probe_meta_lr(run: _Run, checkpoint: Checkpoint, progress: Progress | None = None) -> dict[str, Any]:
+    """``--meta-lr-probe N``: each meta lr of --meta-lr × PROBE_FACTORS trains the first N steps of epoch 1 from
+    the run's start; the best dev accuracy among those that end without a collapse chooses (ties: --meta-lr, then
+    the smaller). The dev rows alone decide; the run then starts again from the same state."""
+    config = run.config
+    start = _snapshot(run)
+    scores: dict[str, dict[str, Any]] = {}
+    for factor in PROBE_FACTORS:
+        lr = float(f"{config.meta_lr * factor:.6g}")  # 1e-05, not 1.0000000000000002e-05
+        acc, collapsed = _probe_one(run, lr, checkpoint, progress)
+        scores[f"{lr:g}"] = {"meta_lr": lr, "dev_accuracy": acc, "collapsed": collapsed}
+        _restore(run, start)
+        log.info(
+            "--meta-lr-probe: meta lr %g, %d steps: dev accuracy %s%s",
+            lr, config.meta_lr_probe, "n/a" if acc is None else f"{acc:.4f}", " (collapsed)" * collapsed,
+        )  # fmt: skip
+    kept = [s for s in scores.values() if not s["collapsed"]] or list(scores.values())
+    best = max(kept, key=lambda s: (s["dev_accuracy"] or 0.0, s["meta_lr"] == config.meta_lr, -s["meta_lr"]))
+    if all(s["collapsed"] for s in scores.values()):
+        log.warning("--meta-lr-probe: every candidate collapsed; keeping the best dev accuracy among them")
+    log.info("--meta-lr-probe: chose meta lr %g (dev rows only)", best["meta_lr"])
+    return {"steps": config.meta_lr_probe, "chosen": best["meta_lr"], "candidates": scores}
+
+
+def _probe_one(run: _Run, lr: float, checkpoint: Checkpoint, progress: Progress | None) -> tuple[float | None, bool]:
+    """One candidate's probe: (dev accuracy after its steps, whether that is a collapse)."""
+    opt, sched, _ = _optimizer(run)
+    step = STEPS[run.config.method](run, opt)
+    for group in step.optimizer.param_groups:
+        group["lr"] = lr
+    bar = get_progress(progress) if distributed.is_main() else NullProgress()
+    loop = Loop(run.model, opt, sched, run.device, run.config.epochs, checkpoint, bar)
+    loop.probe(_Hooks(run, step, checkpoint.folder, checkpoint.meta), step, run.config.meta_lr_probe)
+    acc, predicted = _accuracy(run, run.config.batch_size * 2)
+    if acc is None or predicted is None:
+        return acc, False
+    found = real_collapse(predicted, run.inp.dev_labels, acc, None, run.inp.train.labels)
+    return acc, found is not None
+
+
+def _snapshot(run: _Run) -> dict[str, Any]:
+    """The model's and meta-net's parameters and the random state a run starts from (copies)."""
+    clone = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    cuda = run.device.type == "cuda"
+    return {
+        "model": clone(run.model),
+        "meta_net": clone(run.meta_net),
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(run.device) if cuda else None,
+    }
+
+
+def _restore(run: _Run, start: dict[str, Any]) -> None:
+    run.model.load_state_dict(start["model"])
+    run.meta_net.load_state_dict(start["meta_net"])
+    torch.set_rng_state(start["cpu_rng"])
+    if start["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(start["cuda_rng"], run.device)
+
+
+def _chosen_meta_lr(
+    run: _Run, out: Path, checkpoint: Checkpoint, progress: Progress | None, *, reuse: bool
+) -> dict[str, Any]:
+    """This run's probe record: with ``reuse``, read back from ``out/meta_lr_probe.json`` when this run wrote it
+    (a resumed run does not probe again), else probed now and written there."""
+    saved = _saved_probe(out, checkpoint.meta) if reuse else None
+    if saved is not None:
+        return saved
+    record = probe_meta_lr(run, checkpoint, progress)
+    if distributed.is_main():
+        artifacts.write_json(out / PROBE_FILE, {"probe": record, artifacts.META_KEY: _probe_meta(checkpoint.meta)})
+    distributed.barrier()
+    return record
+
+
+def _saved_probe(out: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The probe record this very run (same inputs and config) wrote to ``out``, if any."""
+    path = out / PROBE_FILE
+    if not path.is_file():
+        return None
+    saved = artifacts.read_json(path, "meta lr probe")
+    same = artifacts.provenance(saved.get(artifacts.META_KEY) or {}) == artifacts.provenance(_probe_meta(meta))
+    return saved.get("probe") if same else None
+
+
+def _probe_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "kind": "meta-lr-probe"}
 
 
 def _result(config: TrainConfig, inp: _Inputs, out: Path, best: _Best, resumed_from: int) -> TrainResult:

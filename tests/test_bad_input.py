@@ -396,6 +396,15 @@ CASES = [
     Case("train-unwritable-out", "train", _a_file, [*TRAIN, "--out", "{tmp}/afile/model"], "afile"),
     Case("train-negative-meta-share", "train", None, [*TRAIN, "--meta-share", "-0.5"], "--meta-share must be"),
     Case("train-nan-meta-share", "train", None, [*TRAIN, "--meta-share", "nan"], "--meta-share must be"),
+    Case("train-negative-probe", "train", None, [*TRAIN, "--meta-lr-probe", "-1"], "--meta-lr-probe must be >= 0"),
+    Case(
+        "train-probe-plain",
+        "train",
+        None,
+        [*TRAIN, "--method", "plain", "--meta-lr-probe", "5"],
+        "--meta-lr-probe applies",
+        code=2,
+    ),
     Case(
         "train-meta-share-plain-meta",
         "train",

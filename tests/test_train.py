@@ -561,3 +561,82 @@ def test_collapse_guard_gives_up_after_meta_backoff_and_ignores_flat_weights(
     warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
     assert not any("rerunning" in w for w in warnings)
     assert sum("try a smaller --lr than 1e-05" in w for w in warnings) == 2
+
+
+# --meta-lr-probe
+
+
+def test_meta_lr_probe_choice_skips_collapses_and_breaks_ties_toward_meta_lr(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, mlrnet_logs: pytest.LogCaptureFixture
+) -> None:
+    scripted = {}  # meta lr -> (dev accuracy, collapsed), what each candidate's probe "measured"
+    monkeypatch.setattr(train_mod, "_probe_one", lambda run, lr, checkpoint, progress: scripted[f"{lr:g}"])
+    cfg = replace(GUARD_CFG, epochs=1, meta_lr_probe=2)
+
+    def chosen(scores: dict[str, tuple[float, bool]]) -> float:
+        scripted.clear()
+        scripted.update(scores)
+        return train(cfg, workdir=ws, overwrite=True).meta_lr_probe["chosen"]
+
+    assert chosen({"1e-05": (0.5, False), "0.0001": (0.6, False), "0.001": (0.7, False)}) == 1e-3
+    assert chosen({"1e-05": (0.5, False), "0.0001": (0.6, False), "0.001": (0.9, True)}) == 1e-4  # collapsed
+    assert chosen({"1e-05": (0.6, False), "0.0001": (0.6, False), "0.001": (0.6, False)}) == 1e-4  # tie: --meta-lr
+    assert chosen({"1e-05": (0.6, False), "0.0001": (0.5, False), "0.001": (0.6, False)}) == 1e-5  # then smaller
+    assert chosen({"1e-05": (0.2, True), "0.0001": (0.3, True), "0.001": (0.1, True)}) == 1e-4
+    warnings = [rec.getMessage() for rec in mlrnet_logs.records if rec.levelname == "WARNING"]
+    assert any("every candidate collapsed" in w for w in warnings), warnings
+
+
+def test_meta_lr_probe_trains_on_with_its_choice_from_the_runs_start_and_records_it(
+    ws: Path, tmp_path: Path, mlrnet_logs: pytest.LogCaptureFixture
+) -> None:
+    probed = Path(shutil.copytree(ws, tmp_path / "probed"))
+    r = runner.invoke(app, ["train", "-w", str(probed), *FAST, "--epochs", "2", "--meta-lr-probe", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    probe = json.loads(r.stdout)["meta_lr_probe"]
+    assert probe["steps"] == 2 and sorted(probe["candidates"]) == ["0.0001", "0.001", "1e-05"]
+    accs = {k: c["dev_accuracy"] for k, c in probe["candidates"].items()}
+    assert all(0.0 <= a <= 1.0 for a in accs.values()), accs
+    # a tiny random model often predicts one class for the 8 dev rows: then all candidates compete
+    kept = [c for c in probe["candidates"].values() if not c["collapsed"]] or list(probe["candidates"].values())
+    best = max(
+        kept,
+        key=lambda c: (c["dev_accuracy"], c["meta_lr"] == 1e-4, -c["meta_lr"]),
+    )
+    assert probe["chosen"] == best["meta_lr"]
+    # recorded: the history's meta lr, the model folders' config, the probe file, the log
+    history = artifacts.read_table(probed / "model" / "history.arrow").to_pylist()
+    assert [row["meta_lr"] for row in history] == pytest.approx([probe["chosen"]] * 2)
+    for d in ("best", "last"):
+        saved = artifacts.read_json(probed / "model" / d / "train_config.json")
+        assert saved["meta_lr_chosen"] == probe["chosen"] and saved["config"]["meta_lr_probe"] == 2
+    assert artifacts.read_json(probed / "model" / "meta_lr_probe.json")["probe"] == probe
+    assert any(f"chose meta lr {probe['chosen']:g}" in rec.getMessage() for rec in mlrnet_logs.records)
+    # the probes leave no trace: the run equals one started at the chosen meta lr
+    direct = Path(shutil.copytree(ws, tmp_path / "direct"))
+    args = ["train", "-w", str(direct), *FAST, "--epochs", "2", "--meta-lr", f"{probe['chosen']:g}"]
+    assert runner.invoke(app, args).exit_code == 0
+    a, b = _tensors(probed / "model" / "last"), _tensors(direct / "model" / "last")  # metadata: other configs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same command again: up to date, no new probe, the same record
+    mlrnet_logs.clear()
+    r = runner.invoke(app, ["train", "-w", str(probed), *FAST, "--epochs", "2", "--meta-lr-probe", "2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["meta_lr_probe"] == probe
+    assert not any("--meta-lr-probe: meta lr" in rec.getMessage() for rec in mlrnet_logs.records)
+
+
+def test_a_resumed_run_reads_its_probe_back(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = replace(GUARD_CFG, epochs=2, meta_lr_probe=1)
+    roots = [make_workspace(tmp_path / "a")]
+    write_losses(roots[0], tiny_model_dir)
+    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    full = train(cfg, workdir=roots[0])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=roots[1], progress=_Interrupt(2))
+    monkeypatch.setattr(train_mod, "probe_meta_lr", lambda *a, **k: pytest.fail("probed again on resume"))
+    resumed = train(cfg, workdir=roots[1])
+    assert resumed.resumed_from == 1 and resumed.meta_lr_probe == full.meta_lr_probe
+    for f in ("last/model.safetensors", "last/meta_net.safetensors"):
+        assert (roots[0] / "model" / f).read_bytes() == (roots[1] / "model" / f).read_bytes(), f

@@ -69,6 +69,12 @@ def train_cmd(
         "weights went to the ends is run again from where it began with a 10x smaller meta lr, at most this many "
         "times (history.arrow's meta_lr column shows each epoch's); 0 turns it off.",
     ),
+    meta_lr_probe: int = _opt(
+        "meta_lr_probe",
+        "Choose the meta lr on the dev rows: each of --meta-lr x 0.1, 1 and 10 trains N steps from the run's "
+        "start, and the best dev accuracy without a collapse wins (our extension; the choice goes to the log, "
+        "train_config.json and meta_lr_probe.json); 0 uses --meta-lr as given.",
+    ),
     meta_interval: int = _opt("meta_interval", "Update the meta-net every K steps."),
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
