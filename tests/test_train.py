@@ -45,6 +45,13 @@ def write_losses(
     )
 
 
+def _workspaces(tmp_path: Path, tiny_model_dir: Path, n: int) -> list[Path]:
+    """``n`` copies of one workspace with curves, in tmp_path/a, b, ..."""
+    first = make_workspace(tmp_path / "a")
+    write_losses(first, tiny_model_dir)
+    return [first] + [Path(shutil.copytree(first, tmp_path / chr(ord("a") + i))) for i in range(1, n)]
+
+
 @pytest.fixture
 def ws(workspace: Path, tiny_model_dir: Path) -> Path:
     write_losses(workspace, tiny_model_dir)
@@ -169,9 +176,7 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
     cfg = TrainConfig(
         method="mlrnet", epochs=2, batch_size=16, max_length=24, meta_per_class=4, device="cpu", meta_params="last-1"
     )
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
     full = train(cfg, workdir=roots[0])
     with pytest.raises(KeyboardInterrupt):
         train(cfg, workdir=roots[1], progress=_Interrupt(2))
@@ -200,9 +205,7 @@ def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Pa
     """`train --meta-share 0.5`: in the model's config, a different model than the paper's form (whose config
     has no meta_share at all: earlier runs stay the same run), and a killed run resumes to identical artifacts."""
     args = [*FAST, "--epochs", "2", "--meta-params", "last-1", "--device", "cpu"]
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots += [Path(shutil.copytree(roots[0], tmp_path / n)) for n in ("b", "c")]
+    roots = _workspaces(tmp_path, tiny_model_dir, 3)
     r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--meta-share", "0.5"])
     assert r.exit_code == 0, r.output
     model = roots[0] / "model"
@@ -240,9 +243,7 @@ def test_curve_prior_is_recorded_and_the_weights_command_rebuilds_it(tmp_path: P
     """`train --curve-prior 1`: β is in the run's config, the saved meta-net's spec and its tensors, and `weights`
     rebuilds that net; --curve-prior 0 is the paper's run, with no curve_prior in its config or spec."""
     args = [*FAST, "--epochs", "1", "--meta-params", "last-1", "--device", "cpu"]
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
     for root, prior in zip(roots, ("1", "0"), strict=True):
         r = runner.invoke(app, ["train", "-w", str(root), *args, "--curve-prior", prior])
         assert r.exit_code == 0, r.output
@@ -501,9 +502,7 @@ def test_collapse_guard_reruns_the_epoch_from_its_start_at_a_tenth_of_the_meta_l
 ) -> None:
     """A collapse at epoch 1 under meta lr 1e-3: epoch 1 runs again from the initial state at 1e-4, so the
     run ends exactly where a run at --meta-lr 1e-4 from the start ends."""
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
     _collapse_at(monkeypatch, 1, above_lr=2e-4)
     guarded = train(replace(GUARD_CFG, meta_lr=1e-3), workdir=roots[0])
     assert [r["meta_lr"] for r in guarded.history] == pytest.approx([1e-4] * 3)
@@ -521,9 +520,7 @@ def test_collapse_guard_reruns_the_epoch_from_its_start_at_a_tenth_of_the_meta_l
 def test_collapse_guard_resumes_identically_when_killed_in_a_rerun(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots += [Path(shutil.copytree(roots[0], tmp_path / n)) for n in ("b", "c")]
+    roots = _workspaces(tmp_path, tiny_model_dir, 3)
     _collapse_at(monkeypatch, 2, above_lr=2e-5)
     full = train(GUARD_CFG, workdir=roots[0])
     assert [r["meta_lr"] for r in full.history] == pytest.approx([1e-4, 1e-5, 1e-5])
@@ -629,9 +626,7 @@ def test_a_resumed_run_reads_its_probe_back(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = replace(GUARD_CFG, epochs=2, meta_lr_probe=1)
-    roots = [make_workspace(tmp_path / "a")]
-    write_losses(roots[0], tiny_model_dir)
-    roots.append(Path(shutil.copytree(roots[0], tmp_path / "b")))
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
     full = train(cfg, workdir=roots[0])
     with pytest.raises(KeyboardInterrupt):
         train(cfg, workdir=roots[1], progress=_Interrupt(2))
