@@ -46,16 +46,21 @@ NEEDS_STAGE1 = ("mlrnet", "glc")
 #: on the meta-net (weight decay 1e-4, which every meta method here has), 1/n weights as in its noisy-label script,
 #: the meta loss in training mode (dropout on). The θ gradient stays divided by α: at a fine-tuning α it would
 #: otherwise fall under Adam's eps (docs/train.md), which is the setting's scale, not MW-Net's method.
+#: ``mlc-ref`` is MLC's reference default (microsoft/MLC ``main.py``, ``hmlc_K_mix``): the real step also trains
+#: on half of its clean batch, weighted by rows (16 clean against 32 noisy: S = 0.5 up to a common factor), with
+#: the meta lr of its README's runs (3e-4; AMSGrad without weight decay is every mlc run's meta optimiser). The
+#: reference trains on the clean half it does not evaluate the meta loss on; `--meta-share` reuses the meta batch.
 META_PRESETS: dict[str, tuple[str, ...]] = {
     "lr1e-5": ("--meta-lr", "1e-5"),
     "lr1e-4": ("--meta-lr", "1e-4"),
     "lr1e-3": ("--meta-lr", "1e-3"),
     "mwnet-ref": ("--meta-lr", "1e-3", "--no-normalize-weights", "--meta-dropout"),
+    "mlc-ref": ("--meta-lr", "3e-4", "--meta-share", "0.5"),
 }
 TUNED_PRESETS: dict[str, tuple[str, ...]] = {
     "mwnet": ("lr1e-5", "lr1e-4", "lr1e-3", "mwnet-ref"),
     "mlrnet": ("lr1e-5", "lr1e-4", "lr1e-3"),
-    "mlc": ("lr1e-5", "lr1e-4", "lr1e-3"),
+    "mlc": ("lr1e-5", "lr1e-4", "lr1e-3", "mlc-ref"),
 }
 #: the seed whose dev rows choose a tuned method's preset; the other seeds of the cell reuse the choice
 TUNING_SEED = 0
@@ -579,14 +584,22 @@ def plan_tuned(cell: Cell, method: str, rows: list[dict]) -> list[Variant] | str
 
 def record_choice(cell: Cell, method: str, results: Path) -> dict | None:
     """Once every candidate of ``method`` ran on the tuning seed, write its ``-tuned`` row: the chosen candidate's
-    metrics, the choice and every candidate's dev accuracy."""
+    metrics, the choice and every candidate's dev accuracy. A choice made before a preset joined the grid is made
+    again once that preset has run (the report keeps the later row)."""
     rows = read_results(results)
-    if any(row_key(r) == (cell.name, cell.seed, tuned_label(method)) for r in rows):
+    made = [r for r in rows if row_key(r) == (cell.name, cell.seed, tuned_label(method))]
+    if made and set(made[-1].get("candidates_dev_accuracy") or {}) == set(TUNED_PRESETS[method]):
         return None
     choice = choose_preset(rows, cell.name, method)
     if choice is None:
         return None
     preset, dev = choice
+    if made and made[-1].get("preset") != preset:
+        print(
+            f"{cell.name}: {method} now chooses {preset} (was {made[-1].get('preset')}); its other seeds' "
+            f"{tuned_label(method)} runs used the old choice: delete their rows and workspaces to rerun them",
+            file=sys.stderr,
+        )
     src = next(
         r for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed and r.get("label") == f"{method}@{preset}"
     )

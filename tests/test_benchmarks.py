@@ -406,7 +406,7 @@ def test_tune_chooses_the_meta_setting_on_dev_rows_of_seed_0_and_reuses_it(
     table = fidelity.report(tmp_path)
     assert "| IF20-u0.4-m20 | mwnet-tuned | 2 |" in table
     assert "| IF20-u0.4-m20 | mwnet@lr1e-4 |" not in table  # candidates only in the choices table
-    assert "| IF20-u0.4-m20 | mwnet | 50.00 | 70.00 | 60.00 | 65.00 | lr1e-4 |" in table
+    assert "| IF20-u0.4-m20 | mwnet | 50.00 | 70.00 | 60.00 | 65.00 | - | lr1e-4 |" in table  # mlc-ref: mlc only
 
 
 def test_table2_grid_and_its_mean_per_noise_type(tmp_path: Path) -> None:
@@ -461,3 +461,36 @@ def test_a_run_another_process_holds_or_finished_is_skipped(tmp_path: Path, monk
     other.close()  # the other process ended (or was killed): its run is free again
     rows = fidelity.run_cell(cell, tmp_path, budget, "m", tmp_path, tmp_path, methods=("mwnet",), results=results)
     assert trained == ["plain", "mwnet"] and [r["method"] for r in rows] == ["mwnet"]
+
+
+def test_mlc_and_mwnet_each_get_their_reference_preset_beside_the_shared_lr_grid() -> None:
+    flags = {v.label: v.flags for v in fidelity.candidates("mlc")}
+    assert list(flags) == ["mlc@lr1e-5", "mlc@lr1e-4", "mlc@lr1e-3", "mlc@mlc-ref"]
+    # microsoft/MLC's hmlc_K_mix: the clean half of its gold batch in the real step, meta lr 3e-4
+    assert flags["mlc@mlc-ref"] == ("--meta-lr", "3e-4", "--meta-share", "0.5")
+    assert [v.preset for v in fidelity.candidates("mwnet")][-1] == "mwnet-ref"
+    assert "mlc-ref" not in fidelity.TUNED_PRESETS["mwnet"] + fidelity.TUNED_PRESETS["mlrnet"]
+
+
+def test_a_choice_is_made_again_when_a_preset_joins_the_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cell = fidelity.Cell("c", 1, "uniform:0.4", 100, fidelity.TUNING_SEED)
+    results = tmp_path / "results.jsonl"
+    row = {"cell": "c", "seed": cell.seed, "method": "mlc", "accuracy": 0.5, "macro_f1": 0.5}
+    monkeypatch.setitem(fidelity.TUNED_PRESETS, "mlc", ("lr1e-5", "lr1e-4"))
+    for preset, dev in (("lr1e-5", 0.6), ("lr1e-4", 0.7)):
+        fidelity._append(results, {**row, "label": f"mlc@{preset}", "preset": preset, "dev_accuracy": dev})
+    assert fidelity.record_choice(cell, "mlc", results)["preset"] == "lr1e-4"
+    assert fidelity.record_choice(cell, "mlc", results) is None  # made already
+    monkeypatch.setitem(fidelity.TUNED_PRESETS, "mlc", ("lr1e-5", "lr1e-4", "mlc-ref"))
+    assert fidelity.record_choice(cell, "mlc", results) is None  # the new preset has not run yet
+    fidelity._append(results, {**row, "label": "mlc@mlc-ref", "preset": "mlc-ref", "dev_accuracy": 0.8})
+    again = fidelity.record_choice(cell, "mlc", results)
+    assert again["preset"] == "mlc-ref" and again["candidates_dev_accuracy"] == {
+        "lr1e-5": 0.6,
+        "lr1e-4": 0.7,
+        "mlc-ref": 0.8,
+    }
+    assert "now chooses mlc-ref (was lr1e-4)" in capsys.readouterr().err
+    assert "| c | mlc-tuned | 1 |" in fidelity.report(tmp_path)
