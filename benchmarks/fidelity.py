@@ -594,10 +594,11 @@ def record_choice(cell: Cell, method: str, results: Path) -> dict | None:
     if choice is None:
         return None
     preset, dev = choice
-    if made and made[-1].get("preset") != preset:
+    stale = {r["seed"] for r in rows if r["cell"] == cell.name and r.get("label") == tuned_label(method)} - {cell.seed}
+    if made and made[-1].get("preset") != preset and stale:
         print(
-            f"{cell.name}: {method} now chooses {preset} (was {made[-1].get('preset')}); its other seeds' "
-            f"{tuned_label(method)} runs used the old choice: delete their rows and workspaces to rerun them",
+            f"{cell.name}: {method} now chooses {preset} (was {made[-1].get('preset')}); the {tuned_label(method)} "
+            f"runs of seeds {sorted(stale)} used the old choice: delete their rows and workspaces to rerun them",
             file=sys.stderr,
         )
     src = next(

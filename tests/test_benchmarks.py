@@ -492,5 +492,10 @@ def test_a_choice_is_made_again_when_a_preset_joins_the_grid(
         "lr1e-4": 0.7,
         "mlc-ref": 0.8,
     }
-    assert "now chooses mlc-ref (was lr1e-4)" in capsys.readouterr().err
-    assert "| c | mlc-tuned | 1 |" in fidelity.report(tmp_path)
+    assert "now chooses" not in capsys.readouterr().err  # no other seed ran the old choice
+    fidelity._append(results, {**row, "label": "mlc-tuned", "preset": "lr1e-4", "seed": 1})
+    monkeypatch.setitem(fidelity.TUNED_PRESETS, "mlc", ("lr1e-5", "lr1e-4", "mlc-ref", "lr1e-3"))
+    fidelity._append(results, {**row, "label": "mlc@lr1e-3", "preset": "lr1e-3", "dev_accuracy": 0.9})
+    assert fidelity.record_choice(cell, "mlc", results)["preset"] == "lr1e-3"
+    assert "now chooses lr1e-3 (was mlc-ref); the mlc-tuned runs of seeds [1]" in capsys.readouterr().err
+    assert "| c | mlc-tuned | 2 |" in fidelity.report(tmp_path)  # seeds 0 (the new choice) and 1
