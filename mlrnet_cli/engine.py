@@ -194,16 +194,19 @@ class Loop:
                 self.checkpoint.save(self.state(epoch, hooks))
             epoch += 1
 
-    def probe(self, hooks: EpochHooks, step: Step, steps: int) -> None:
-        """Only the first ``steps`` steps of epoch 1: no end of epoch, no artifacts, no checkpoint (train's
-        --meta-lr-probe)."""
-        self._epoch(hooks, step, 1, 0, limit=steps)
+    def probe(self, hooks: EpochHooks, step: Step, steps: int, description: str) -> None:
+        """Only the first ``steps`` steps of epoch 1, shown as ``description``: no end of epoch, no artifacts, no
+        checkpoint (train's --meta-lr-probe)."""
+        self._epoch(hooks, step, 1, 0, limit=(steps, description))
 
-    def _epoch(self, hooks: EpochHooks, step: Step, epoch: int, step_index: int, limit: int | None = None) -> int:
-        """One epoch's steps (the first ``limit`` of them); returns the next global step index."""
+    def _epoch(
+        self, hooks: EpochHooks, step: Step, epoch: int, step_index: int, limit: tuple[int, str] | None = None
+    ) -> int:
+        """One epoch's steps (with ``limit``, its first steps under another description); returns the next global
+        step index."""
         shards, description, total = hooks.epoch_shards(epoch)
-        if limit is not None and limit < len(shards):
-            shards = shards[:limit]
+        if limit is not None:
+            shards, description = shards[: limit[0]], limit[1]
             total = sum(shard.global_size for shard in shards)
         self.model.train()
         t0 = time.perf_counter()

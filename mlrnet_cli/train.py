@@ -917,7 +917,8 @@ def _probe_one(run: _Run, lr: float, checkpoint: Checkpoint, progress: Progress 
         group["lr"] = lr
     bar = get_progress(progress) if distributed.is_main() else NullProgress()
     loop = Loop(run.model, opt, sched, run.device, run.config.epochs, checkpoint, bar)
-    loop.probe(_Hooks(run, step, checkpoint.folder, checkpoint.meta), step, run.config.meta_lr_probe)
+    steps = run.config.meta_lr_probe
+    loop.probe(_Hooks(run, step, checkpoint.folder, checkpoint.meta), step, steps, f"probe: meta lr {lr:g}")
     acc, predicted = _accuracy(run, run.config.batch_size * 2)
     if acc is None or predicted is None:
         return acc, False

@@ -161,8 +161,10 @@ class _Interrupt:
 
     def __init__(self, at: int, nth: int = 1) -> None:
         self.at, self.left = at, nth
+        self.tasks: list[tuple[str, int | None]] = []
 
     def task(self, description: str, total: int | None):
+        self.tasks.append((description, total))
         if description.startswith(f"epoch {self.at}/"):
             self.left -= 1
             if self.left == 0:
@@ -627,7 +629,11 @@ def test_a_resumed_run_reads_its_probe_back(
 ) -> None:
     cfg = replace(GUARD_CFG, epochs=2, meta_lr_probe=1)
     roots = _workspaces(tmp_path, tiny_model_dir, 2)
-    full = train(cfg, workdir=roots[0])
+    shown = _Interrupt(at=99)  # never interrupts: records what the progress display was asked to show
+    full = train(cfg, workdir=roots[0], progress=shown)
+    probes = ["probe: meta lr 1e-05", "probe: meta lr 0.0001", "probe: meta lr 0.001"]
+    assert [d for d, _ in shown.tasks] == [*probes, "epoch 1/2", "epoch 2/2"]
+    assert [t for _, t in shown.tasks][:3] == [16] * 3  # one step of 16 rows each
     with pytest.raises(KeyboardInterrupt):
         train(cfg, workdir=roots[1], progress=_Interrupt(2))
     monkeypatch.setattr(train_mod, "probe_meta_lr", lambda *a, **k: pytest.fail("probed again on resume"))
