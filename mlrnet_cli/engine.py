@@ -197,17 +197,18 @@ class Loop:
     def probe(self, hooks: EpochHooks, step: Step, steps: int, description: str) -> None:
         """Only the first ``steps`` steps of epoch 1, shown as ``description``: no end of epoch, no artifacts, no
         checkpoint (train's --meta-lr-probe)."""
-        self._epoch(hooks, step, 1, 0, limit=(steps, description))
+        self._epoch(hooks, step, 1, 0, limit=steps, shown=description)
 
     def _epoch(
-        self, hooks: EpochHooks, step: Step, epoch: int, step_index: int, limit: tuple[int, str] | None = None
+        self, hooks: EpochHooks, step: Step, epoch: int, step_index: int, limit: int | None = None, shown: str = ""
     ) -> int:
-        """One epoch's steps (with ``limit``, its first steps under another description); returns the next global
-        step index."""
+        """One epoch's steps (with ``limit``, only its first ones; ``shown`` replaces the progress description);
+        returns the next global step index."""
         shards, description, total = hooks.epoch_shards(epoch)
         if limit is not None:
-            shards, description = shards[: limit[0]], limit[1]
+            shards = shards[:limit]
             total = sum(shard.global_size for shard in shards)
+        description = shown or description
         self.model.train()
         t0 = time.perf_counter()
         with self.progress.task(description, total=total) as task:

@@ -42,8 +42,8 @@ METHODS = tuple(m.value for m in Method)
 #: a classifier that predicts one class for this share of the dev rows has collapsed (see real_collapse)
 COLLAPSE_SHARE = 0.8
 #: below this weight std (over the training rows) the weights did not go to the ends, so a collapse cannot come
-#: from a meta-net that learns too fast: CIC's meta-driven collapses had std 0.28-0.41, while mlc at meta lr 1e-5
-#: collapsed with near-uniform soft labels (std 0.02-0.04) because its meta-net learned too slowly
+#: from a meta-net that learns too fast: the meta-driven collapses in our benchmark logs had std 0.22-0.41, while
+#: mlc at meta lr 1e-5 collapsed with near-uniform soft labels (std 0.02-0.05) because its LCN learned too slowly
 SPREAD_WEIGHT_STD = 0.1
 #: --meta-lr-probe's candidates, as factors of --meta-lr
 PROBE_FACTORS = (0.1, 1.0, 10.0)
@@ -193,6 +193,10 @@ def _split(
     meta_pos, dev_pos = split_clean_pool(clean.labels[pool], num_classes, meta_n, fraction, config.seed)
     dev_pos = pool[dev_pos] if dev is None else np.arange(len(dev))
     dev_labels = clean.labels[dev_pos] if dev is None else dev.labels
+    if len(dev_pos) == 0 and config.meta_lr_probe:  # before any model is loaded: the probe would choose blind
+        raise ConfigError(
+            "--meta-lr-probe chooses on the dev rows and there are none", "pass --dev or a --dev-fraction"
+        )
     if len(dev_pos) == 0:
         log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
     return pool[meta_pos], dev_pos, dev_labels
@@ -918,7 +922,8 @@ def _probe_one(run: _Run, lr: float, checkpoint: Checkpoint, progress: Progress 
     bar = get_progress(progress) if distributed.is_main() else NullProgress()
     loop = Loop(run.model, opt, sched, run.device, run.config.epochs, checkpoint, bar)
     steps = run.config.meta_lr_probe
-    loop.probe(_Hooks(run, step, checkpoint.folder, checkpoint.meta), step, steps, f"probe: meta lr {lr:g}")
+    hooks = _Hooks(run, step, checkpoint.folder, checkpoint.meta)  # only its epoch_shards: the probe saves nothing
+    loop.probe(hooks, step, steps, f"probe: meta lr {lr:g}")
     acc, predicted = _accuracy(run, run.config.batch_size * 2)
     if acc is None or predicted is None:
         return acc, False

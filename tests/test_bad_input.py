@@ -396,6 +396,13 @@ CASES = [
     Case("train-unwritable-out", "train", _a_file, [*TRAIN, "--out", "{tmp}/afile/model"], "afile"),
     Case("train-negative-meta-share", "train", None, [*TRAIN, "--meta-share", "-0.5"], "--meta-share must be"),
     Case("train-nan-meta-share", "train", None, [*TRAIN, "--meta-share", "nan"], "--meta-share must be"),
+    Case(
+        "train-probe-without-dev",
+        "train",
+        None,
+        [*TRAIN, "--meta-lr-probe", "5", "--dev-fraction", "0"],
+        "there are none",
+    ),
     Case("train-negative-probe", "train", None, [*TRAIN, "--meta-lr-probe", "-1"], "--meta-lr-probe must be >= 0"),
     Case(
         "train-probe-plain",
