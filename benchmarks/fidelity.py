@@ -551,6 +551,8 @@ def _run_method(
         # issue #17's measure: within each observed label, against the stage-1 loss alone on the same rows
         row["weight_auroc_within_label"] = (det.get("within_label") or {}).get("roc_auc")
         row["stage1_auroc_within_label"] = ((det.get("stage1_loss") or {}).get("within_label") or {}).get("roc_auc")
+        # how much of the weights' spread only follows the observed label (a per-label switch near 1)
+        row["weight_label_share"] = (w.get("summary") or {}).get("label_share")
         groups = (w.get("summary") or {}).get("groups") or {}
         row["weight_mean_by_group"] = {g: v.get("mean") for g, v in groups.items()}
     return row

@@ -202,6 +202,18 @@ def noise_detection(scores: ArrayLike, noisy: ArrayLike, labels: ArrayLike) -> d
     return {**detection_report(scores, noisy), "within_label": {k: v for k, v in within.items() if k != "per_label"}}
 
 
+def label_share(weights: ArrayLike, labels: ArrayLike) -> float | None:
+    """The share of the weights' variance that lies between observed labels (the correlation ratio η²): 1 when
+    every row of a label gets the same weight (a per-label switch), 0 when each label has the same mean weight.
+    None when every row has the same weight. Needs no truth, so it reads a user's own data too."""
+    w, lab = np.asarray(weights, dtype=np.float64), np.asarray(labels)
+    total = float(((w - w.mean()) ** 2).sum())
+    if w.size == 0 or total <= 0.0:
+        return None
+    within = sum(float(((w[lab == c] - w[lab == c].mean()) ** 2).sum()) for c in np.unique(lab))
+    return max(0.0, 1.0 - within / total)
+
+
 def stage1_loss_score(losses: ArrayLike) -> np.ndarray:
     """The stage-1 loss alone as a noise score: each row's mean loss over the curve's epochs 1..T (epoch 0 is
     the untrained classifier's loss; a one-point curve is used as it is)."""

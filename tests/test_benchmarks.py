@@ -187,7 +187,7 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
             trains.append(cmd)
         if sub == "weights":
             det = {"roc_auc": 0.7, "within_label": {"roc_auc": 0.9}, "stage1_loss": {"within_label": {"roc_auc": 0.8}}}
-            return {"summary": {"noise_detection": det}}
+            return {"summary": {"noise_detection": det, "label_share": 0.25}}
         return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
 
     monkeypatch.setattr(fidelity, "run", fake_run)
@@ -206,6 +206,7 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
     assert [fidelity.row_key(r)[2] for r in rows] == ["mwnet", "mlrnet-prior0"]
     assert rows[1]["budget"]["curve_prior"] == 0.0
     assert (rows[1]["weight_auroc_within_label"], rows[1]["stage1_auroc_within_label"]) == (0.9, 0.8)
+    assert rows[1]["weight_label_share"] == 0.25
     monkeypatch.setattr(sys, "argv", [*base, "--curve-prior", "1", "--tune"])
     with pytest.raises(SystemExit):
         fidelity.main()

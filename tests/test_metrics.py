@@ -127,3 +127,12 @@ def test_stage1_loss_score_leaves_out_the_untrained_epoch() -> None:
     curves = np.array([[5.0, 1.0, 3.0], [0.0, 2.0, 2.0]])
     np.testing.assert_allclose(metrics.stage1_loss_score(curves), [2.0, 2.0])
     np.testing.assert_allclose(metrics.stage1_loss_score(curves[:, :1]), [5.0, 0.0])
+
+
+def test_label_share_is_the_between_label_share_of_the_variance() -> None:
+    labels = np.array([0, 0, 1, 1])
+    assert metrics.label_share([0.9, 0.9, 0.1, 0.1], labels) == pytest.approx(1.0)  # a per-label switch
+    assert metrics.label_share([0.9, 0.1, 0.9, 0.1], labels) == pytest.approx(0.0)  # equal label means
+    # label means 0.5 and 0.2 around 0.35: between 4 * 0.15² = 0.09; total 0.09 + (0.4² + 0.4² + 0.1² + 0.1²) = 0.43
+    assert metrics.label_share([0.9, 0.1, 0.3, 0.1], labels) == pytest.approx(0.09 / 0.43)
+    assert metrics.label_share([0.5, 0.5, 0.5, 0.5], labels) is None

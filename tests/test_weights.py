@@ -161,6 +161,9 @@ def test_weights_cli_summary_top_export_and_plot(tmp_path: Path, tiny_model_dir:
         assert st["count"] == sel.size
         assert st["mean"] == pytest.approx(sel.mean(), abs=1e-6)
         assert st["median"] == pytest.approx(np.median(sel), abs=1e-6)
+    # how much of the weights' spread only says which label a row carries, from the written weights
+    assert s["label_share"] == pytest.approx(metrics.label_share(w, rows["label"]), abs=1e-6)
+    assert s["per_label_switch"] == (s["label_share"] >= 0.9)
     det = s["noise_detection"]
     assert det["k"] == int(rows["is_noisy"].sum())
     assert det["roc_auc"] == pytest.approx(metrics.roc_auc(-w, rows["is_noisy"]))
@@ -341,3 +344,27 @@ def test_pipeline_train_then_eval_and_weights_with_no_options(
     assert out["summary"]["method"] == method and out["summary"]["noise_detection"]["k"] == int(
         sum(table.column("is_noisy").to_pylist())
     )
+
+
+@pytest.mark.parametrize(("share", "switch"), [(0.95, True), (0.40, False)])
+def test_summary_says_when_the_weights_only_follow_the_label(share: float, switch: bool) -> None:
+    import io
+
+    from rich.console import Console
+
+    from mlrnet_cli.commands.weights import _print_summary
+
+    buf = io.StringIO()
+    summary = {
+        "method": "mlrnet",
+        "num_rows": 4,
+        "groups": {"all": {"count": 4, "mean": 0.5, "q25": 0.1, "median": 0.5, "q75": 0.9}},
+        "head_classes": ["a"],
+        "tail_classes": ["b"],
+        "label_share": share,
+        "per_label_switch": switch,
+    }
+    _print_summary(summary, [], Console(file=buf, width=300))
+    text = buf.getvalue()
+    assert f"the observed label explains {share:.0%} of the weights' variance" in text
+    assert ("the weights mostly follow the label" in text) is switch

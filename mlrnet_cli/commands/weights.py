@@ -67,6 +67,13 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
     rows = ([name, str(s["count"]), *(_fmt(s[k]) for k in stats)] for name, s in groups if s.get("count"))
     console.print(rich_table(title, ("group", "rows", *stats), rows))
     console.print(f"head classes: {', '.join(summary['head_classes'])}; tail: {', '.join(summary['tail_classes'])}")
+    if (share := summary.get("label_share")) is not None:
+        console.print(f"the observed label explains {share:.0%} of the weights' variance")
+        if summary.get("per_label_switch"):
+            console.print(
+                "  the weights mostly follow the label (they rebalance classes) and rank rows little within a label: "
+                "to choose rows to relabel, compare rows of one label (or train with --curve-prior 1)"
+            )
     if det := summary.get("noise_detection"):
         console.print(
             f"low weight finds noisy rows: ROC-AUC {_fmt(det['roc_auc'])}, average precision "
