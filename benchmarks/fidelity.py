@@ -195,23 +195,29 @@ class Variant:
         return method if isinstance(method, Variant) else cls(method, method_label(method, budget))
 
 
-def tuned_label(method: str) -> str:
-    return f"{method}-tuned"
+def tuned_label(method: str, budget: dict | None = None) -> str:
+    """``mwnet-tuned``; with the budget's own flags in the name (``mlrnet-share0.5-tuned``)."""
+    return f"{method_label(method, budget or {})}-tuned"
 
 
-def candidates(method: str) -> list[Variant]:
-    """The tuning runs of ``method`` on the cell's tuning seed, one per preset."""
-    return [Variant(method, f"{method}@{p}", META_PRESETS[p], p) for p in TUNED_PRESETS[method]]
+def candidates(method: str, budget: dict | None = None) -> list[Variant]:
+    """The tuning runs of ``method`` on the cell's tuning seed, one per preset (``mlrnet@lr1e-4``, or
+    ``mlrnet-share0.5@lr1e-4`` when the budget passes ``--meta-share``; a preset's own flags win over the budget's)."""
+    name = method_label(method, budget or {})
+    return [Variant(method, f"{name}@{p}", META_PRESETS[p], p) for p in TUNED_PRESETS[method]]
 
 
-def choose_preset(rows: list[dict], cell: str, method: str) -> tuple[str, dict[str, float | None]] | None:
+def choose_preset(
+    rows: list[dict], cell: str, method: str, budget: dict | None = None
+) -> tuple[str, dict[str, float | None]] | None:
     """The preset of ``method`` with the best dev accuracy on ``cell``'s tuning seed (ties: the earlier preset in
     TUNED_PRESETS), with every candidate's dev accuracy; None until every candidate has finished. Test rows
     play no part."""
+    name = method_label(method, budget or {})
     dev = {
         r["label"].split("@", 1)[1]: r.get("dev_accuracy")
         for r in rows
-        if r["cell"] == cell and r["seed"] == TUNING_SEED and r.get("label", "").startswith(f"{method}@")
+        if r["cell"] == cell and r["seed"] == TUNING_SEED and r.get("label", "").startswith(f"{name}@")
     }
     if any(p not in dev for p in TUNED_PRESETS[method]):
         return None
@@ -563,50 +569,48 @@ def _append(results: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def plan_tuned(cell: Cell, method: str, rows: list[dict]) -> list[Variant] | str:
+def plan_tuned(cell: Cell, method: str, rows: list[dict], budget: dict | None = None) -> list[Variant] | str:
     """The runs ``--tune`` needs for ``method`` on ``cell``: on the tuning seed, the candidates not yet run (and,
     once all have, the ``-tuned`` row copied from the chosen one: it is not trained again); on another seed, the
     run with the preset the tuning seed chose. A string says why nothing can run yet."""
+    tuned = tuned_label(method, budget)
     if cell.seed != TUNING_SEED:
         chosen = next(
-            (
-                r
-                for r in rows
-                if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned_label(method)
-            ),
+            (r for r in rows if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned),
             None,
         )
         if chosen is None:
-            return f"{method} on {cell.name}: run seed {TUNING_SEED} first (its dev rows choose the preset)"
+            return f"{tuned} on {cell.name}: run seed {TUNING_SEED} first (its dev rows choose the preset)"
         p = chosen["preset"]
-        return [Variant(method, tuned_label(method), META_PRESETS[p], p)]
+        return [Variant(method, tuned, META_PRESETS[p], p)]
     done = {r.get("label") for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed}
-    return [v for v in candidates(method) if v.label not in done]
+    return [v for v in candidates(method, budget) if v.label not in done]
 
 
-def record_choice(cell: Cell, method: str, results: Path) -> dict | None:
+def record_choice(cell: Cell, method: str, results: Path, budget: dict | None = None) -> dict | None:
     """Once every candidate of ``method`` ran on the tuning seed, write its ``-tuned`` row: the chosen candidate's
     metrics, the choice and every candidate's dev accuracy. A choice made before a preset joined the grid is made
     again once that preset has run (the report keeps the later row)."""
     rows = read_results(results)
-    made = [r for r in rows if row_key(r) == (cell.name, cell.seed, tuned_label(method))]
+    tuned, name = tuned_label(method, budget), method_label(method, budget or {})
+    made = [r for r in rows if row_key(r) == (cell.name, cell.seed, tuned)]
     if made and set(made[-1].get("candidates_dev_accuracy") or {}) == set(TUNED_PRESETS[method]):
         return None
-    choice = choose_preset(rows, cell.name, method)
+    choice = choose_preset(rows, cell.name, method, budget)
     if choice is None:
         return None
     preset, dev = choice
-    stale = {r["seed"] for r in rows if r["cell"] == cell.name and r.get("label") == tuned_label(method)} - {cell.seed}
+    stale = {r["seed"] for r in rows if r["cell"] == cell.name and r.get("label") == tuned} - {cell.seed}
     if made and made[-1].get("preset") != preset and stale:
         print(
-            f"{cell.name}: {method} now chooses {preset} (was {made[-1].get('preset')}); the {tuned_label(method)} "
+            f"{cell.name}: {name} now chooses {preset} (was {made[-1].get('preset')}); the {tuned} "
             f"runs of seeds {sorted(stale)} used the old choice: delete their rows and workspaces to rerun them",
             file=sys.stderr,
         )
     src = next(
-        r for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed and r.get("label") == f"{method}@{preset}"
+        r for r in rows if r["cell"] == cell.name and r["seed"] == cell.seed and r.get("label") == f"{name}@{preset}"
     )
-    row = dict(src, label=tuned_label(method), preset=preset, candidates_dev_accuracy=dev)
+    row = dict(src, label=tuned, preset=preset, candidates_dev_accuracy=dev)
     _append(results, row)
     return row
 
@@ -661,8 +665,8 @@ def report(out: Path) -> str:
             )
     # the issue's targets compare methods on the same corrupted data, so compare them seed by seed: against the
     # tuned MLRNet when there is one, else against each MLRNet variant (e.g. mlrnet-share0.5 beside mlrnet)
-    tuned = any(k[1] == "mlrnet-tuned" for k in by)
-    refs = ["mlrnet-tuned"] if tuned else [m for m in labels if method_of[m] == "mlrnet"]
+    refs = [m for m in labels if method_of[m] == "mlrnet" and m.endswith("-tuned")]
+    refs = refs or [m for m in labels if method_of[m] == "mlrnet"]
     paired = [line for ref in refs for line in _paired(by, cells, ref, [m for m in labels if m != ref])]
     return "\n".join(md + paired + _noise_type_means(lines, labels) + _choices(everything))
 
@@ -732,7 +736,8 @@ def _choices(rows: list[dict]) -> list[str]:
     for r in tuned:
         dev = r["candidates_dev_accuracy"]
         cols = [f"{100 * dev[p]:.2f}" if dev.get(p) is not None else "-" for p in META_PRESETS]
-        out.append(f"| {r['cell']} | {r['method']} | " + " | ".join(cols) + f" | {r['preset']} |")
+        name = r["label"].removesuffix("-tuned")
+        out.append(f"| {r['cell']} | {name} | " + " | ".join(cols) + f" | {r['preset']} |")
     return out
 
 
@@ -744,7 +749,7 @@ def _todo(cell: Cell, methods: tuple[str, ...], budget: dict, results: Path, *, 
     todo: list[Variant] = []
     for m in methods:
         if tune and m in TUNED_PRESETS:
-            plan = plan_tuned(cell, m, rows)
+            plan = plan_tuned(cell, m, rows, budget)
             if isinstance(plan, str):
                 print(f"skip {plan}", file=sys.stderr)
                 continue
@@ -820,14 +825,15 @@ def main() -> None:
         type=float,
         default=None,
         help="pass `train --meta-share S` to " + ", ".join(SHARE_METHODS) + "; their results are labelled "
-        "METHOD-shareS [default: not passed, the CLI's default]; not with --tune",
+        "METHOD-shareS (with --tune: METHOD-shareS@PRESET, METHOD-shareS-tuned; a preset's own flags win) "
+        "[default: not passed, the CLI's default]",
     )
     ap.add_argument(
         "--curve-prior",
         type=float,
         default=None,
-        help="pass `train --curve-prior B` to mlrnet; its results are labelled mlrnet-priorB [default: not "
-        "passed, the CLI's default]; not with --tune",
+        help="pass `train --curve-prior B` to mlrnet; its results are labelled mlrnet-priorB (tuned like "
+        "--meta-share) [default: not passed, the CLI's default]",
     )
     ap.add_argument(
         "--report",
@@ -844,11 +850,6 @@ def main() -> None:
     )
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
-    if args.tune and (args.meta_share is not None or args.curve_prior is not None):
-        # the tuning rows (METHOD@PRESET, METHOD-tuned) are not labelled by these flags: they would mix
-        ap.error(
-            "--meta-share or --curve-prior with --tune is not supported yet (the tuning rows' labels do not carry them)"
-        )
     if args.report:
         print(report(args.report))
         return
@@ -886,7 +887,7 @@ def main() -> None:
             continue
         if args.tune and cell.seed == TUNING_SEED:  # a run stopped between its last candidate and the choice
             for m in TUNED_PRESETS:
-                record_choice(cell, m, results)
+                record_choice(cell, m, results, asdict(budget))
         todo = _todo(cell, args.methods or cell.methods, asdict(budget), results, tune=args.tune)
         if not todo:
             print(f"skip {cell.name} seed {cell.seed} (done)", file=sys.stderr)
@@ -903,7 +904,7 @@ def main() -> None:
             results=results,
         )
         if args.tune and cell.seed == TUNING_SEED:
-            rows += [r for m in TUNED_PRESETS if (r := record_choice(cell, m, results)) is not None]
+            rows += [r for m in TUNED_PRESETS if (r := record_choice(cell, m, results, asdict(budget))) is not None]
         print(
             f"{cell.name} seed {cell.seed}: {time.perf_counter() - t0:.0f}s "
             + ", ".join(f"{r.get('label', r['method'])} {100 * (r['accuracy'] or 0):.2f}" for r in rows),

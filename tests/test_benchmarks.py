@@ -171,9 +171,6 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
     trains.clear()
     fidelity.main()  # all done: nothing reruns
     assert trains == []
-    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0.5", "--tune"])
-    with pytest.raises(SystemExit):  # the tuning rows' labels do not carry the share
-        fidelity.main()
 
 
 def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,9 +204,55 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
     assert rows[1]["budget"]["curve_prior"] == 0.0
     assert (rows[1]["weight_auroc_within_label"], rows[1]["stage1_auroc_within_label"]) == (0.9, 0.8)
     assert rows[1]["weight_label_share"] == 0.25
-    monkeypatch.setattr(sys, "argv", [*base, "--curve-prior", "1", "--tune"])
-    with pytest.raises(SystemExit):
-        fidelity.main()
+
+
+def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tune --meta-share S: the candidates and the tuned run carry the share in their labels and commands, so
+    they neither reuse nor disturb the choice made without it; seed 1 reuses its own choice."""
+    trains: list[list[str]] = []
+    dev_of = {("1e-5", None): 0.5, ("1e-4", None): 0.7, ("1e-3", None): 0.6}
+    dev_of |= {("1e-5", "0.5"): 0.8, ("1e-4", "0.5"): 0.6, ("1e-3", "0.5"): 0.7}
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub, args = cmd[cmd.index("mlrnet_cli") + 1], cmd[cmd.index("mlrnet_cli") + 2 :]
+        if sub == "train":
+            trains.append(args)
+            share = args[args.index("--meta-share") + 1] if "--meta-share" in args else None
+            return {"best_dev_accuracy": dev_of[args[args.index("--meta-lr") + 1], share]}
+        return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--out", str(tmp_path)]
+    base += ["--methods", "mlrnet", "--tune"]
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "0"])
+    fidelity.main()
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "0", "--meta-share", "0.5"])
+    fidelity.main()
+    shared = [a for a in trains if "--meta-share" in a]
+    assert [a[a.index("--workdir") + 1].rsplit("-m20-", 1)[1] for a in shared] == [
+        "mlrnet-share0.5@lr1e-5",
+        "mlrnet-share0.5@lr1e-4",
+        "mlrnet-share0.5@lr1e-3",
+    ]
+    assert all(a[a.index("--meta-share") + 1] == "0.5" for a in shared)
+    rows = fidelity.read_results(tmp_path / "results.jsonl")
+    chosen = {r["label"]: r["preset"] for r in rows if r["label"].endswith("-tuned")}
+    assert chosen == {"mlrnet-tuned": "lr1e-4", "mlrnet-share0.5-tuned": "lr1e-5"}
+    trains.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--seed", "1", "--meta-share", "0.5"])
+    fidelity.main()
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mlrnet-share0.5-tuned")
+    assert trains[0][trains[0].index("--meta-lr") + 1] == "1e-5"
+    table = fidelity.report(tmp_path)
+    assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 80.00 | 60.00 | 70.00 | - | - | lr1e-5 |" in table
+    assert "| IF20-u0.4-m20 | mlrnet | 50.00 | 70.00 | 60.00 | - | - | lr1e-4 |" in table
+    assert "mlrnet-share0.5-tuned minus each method" in table and "mlrnet-tuned minus each method" in table
 
 
 def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
