@@ -39,7 +39,7 @@ log = logging.getLogger("mlrnet")
 META_NET_FILE = "meta_net.safetensors"
 DEAD_META_NET_STD = 1e-4
 #: above this share of the weights' variance between observed labels the weights act as a per-label switch: they
-#: rebalance classes and barely rank rows within a label (measured: 0.75-1.0 on imbalanced sets without noise)
+#: rebalance classes and barely rank rows within a label (the paper's net on our frozen no-noise cells: 0.75-1.0)
 SWITCH_LABEL_SHARE = 0.9
 NEEDS_META_NET = "weights need a model from `mlrnet train --method mlrnet` or `--method mwnet`"
 #: the columns of --export-relabel: the weights table's, the class names, and an empty one for the relabeller
