@@ -197,13 +197,13 @@ class Variant:
 
 def tuned_label(method: str, budget: dict | None = None) -> str:
     """``mwnet-tuned``; with the budget's own flags in the name (``mlrnet-share0.5-tuned``)."""
-    return f"{method_label(method, budget or {})}-tuned"
+    return f"{method_label(method, budget)}-tuned"
 
 
 def candidates(method: str, budget: dict | None = None) -> list[Variant]:
     """The tuning runs of ``method`` on the cell's tuning seed, one per preset (``mlrnet@lr1e-4``, or
     ``mlrnet-share0.5@lr1e-4`` when the budget passes ``--meta-share``; a preset's own flags win over the budget's)."""
-    name = method_label(method, budget or {})
+    name = method_label(method, budget)
     return [Variant(method, f"{name}@{p}", META_PRESETS[p], p) for p in TUNED_PRESETS[method]]
 
 
@@ -213,7 +213,7 @@ def choose_preset(
     """The preset of ``method`` with the best dev accuracy on ``cell``'s tuning seed (ties: the earlier preset in
     TUNED_PRESETS), with every candidate's dev accuracy; None until every candidate has finished. Test rows
     play no part."""
-    name = method_label(method, budget or {})
+    name = method_label(method, budget)
     dev = {
         r["label"].split("@", 1)[1]: r.get("dev_accuracy")
         for r in rows
@@ -232,11 +232,12 @@ def method_epochs(method: str, budget: dict) -> int | None:
     return own or budget.get("epochs")
 
 
-def method_label(method: str, budget: dict) -> str:
+def method_label(method: str, budget: dict | None = None) -> str:
     """A method's name in results and workspaces: meta-only with its own epoch count is a separate baseline
     (``meta-only-e100``), so it neither skips nor overwrites the shared-budget run in the same ``--out``; so is
     a meta method trained with an explicit ``--meta-share S`` (``mlrnet-share0.5``) or ``--curve-prior B``
     (``mlrnet-prior0``)."""
+    budget = budget or {}
     epochs = method_epochs(method, budget)
     label = f"{method}-e{epochs}" if epochs != budget.get("epochs") else method
     return label + "".join(f"-{tag}{value}" for tag, _, value in _own_flags(method, budget))
@@ -592,7 +593,7 @@ def record_choice(cell: Cell, method: str, results: Path, budget: dict | None = 
     metrics, the choice and every candidate's dev accuracy. A choice made before a preset joined the grid is made
     again once that preset has run (the report keeps the later row)."""
     rows = read_results(results)
-    tuned, name = tuned_label(method, budget), method_label(method, budget or {})
+    name, tuned = method_label(method, budget), tuned_label(method, budget)
     made = [r for r in rows if row_key(r) == (cell.name, cell.seed, tuned)]
     if made and set(made[-1].get("candidates_dev_accuracy") or {}) == set(TUNED_PRESETS[method]):
         return None

@@ -205,6 +205,7 @@ def compute_weights(
     if weight.std() < DEAD_META_NET_STD:
         log.warning("every training row gets the same weight (std %.2g): the meta-net learned nothing", weight.std())
 
+    share = metrics.label_share(weight, labels)
     head = head_classes(labels, len(class_names))
     groups = row_groups(labels, is_noisy, head)
     table = _weights_table(rows, weight, inf.probabilities, row_loss, groups)
@@ -216,7 +217,7 @@ def compute_weights(
         "head_classes": [class_names[i] for i in np.flatnonzero(head)],
         "tail_classes": [class_names[i] for i in np.flatnonzero(~head)],
         "groups": group_summary(weight, groups),
-        "label_share": (share := metrics.label_share(weight, labels)),
+        "label_share": share,
         "per_label_switch": share is not None and share >= SWITCH_LABEL_SHARE,
         "noise_detection": _noise_detection(weight, is_noisy, labels, stage1_losses),
     }
