@@ -576,8 +576,13 @@ def plan_tuned(cell: Cell, method: str, rows: list[dict], budget: dict | None = 
     run with the preset the tuning seed chose. A string says why nothing can run yet."""
     tuned = tuned_label(method, budget)
     if cell.seed != TUNING_SEED:
+        # the latest choice: one made again after a preset joined the grid is appended below the old one
         chosen = next(
-            (r for r in rows if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned),
+            (
+                r
+                for r in reversed(rows)
+                if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned
+            ),
             None,
         )
         if chosen is None:

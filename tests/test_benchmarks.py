@@ -537,6 +537,9 @@ def test_a_choice_is_made_again_when_a_preset_joins_the_grid(
         "mlc-ref": 0.8,
     }
     assert "now chooses" not in capsys.readouterr().err  # no other seed ran the old choice
+    other_seed = fidelity.Cell("c", 1, "uniform:0.4", 100, 1)
+    (reuse,) = fidelity.plan_tuned(other_seed, "mlc", fidelity.read_results(results))
+    assert reuse.preset == "mlc-ref" and reuse.flags == fidelity.META_PRESETS["mlc-ref"]  # the new choice, not lr1e-4
     fidelity._append(results, {**row, "label": "mlc-tuned", "preset": "lr1e-4", "seed": 1})
     monkeypatch.setitem(fidelity.TUNED_PRESETS, "mlc", ("lr1e-5", "lr1e-4", "mlc-ref", "lr1e-3"))
     fidelity._append(results, {**row, "label": "mlc@lr1e-3", "preset": "lr1e-3", "dev_accuracy": 0.9})
