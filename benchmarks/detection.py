@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,13 +105,16 @@ def find_cells(out: Path) -> list[Cell]:
 
 
 def method_of(ws: Path) -> str:
-    """The method a workspace trained (``train``'s config in model/best's metadata; else the name's end)."""
-    for meta in (ws / "model" / "best" / "config.json",):
-        if meta.is_file():
-            cfg = json.loads(meta.read_text()).get("mlrnet", {}).get("config", {})
-            if cfg.get("method"):
-                return str(cfg["method"])
-    return "mwnet" if ws.name.endswith("mwnet") else "mlrnet" if ws.name.endswith("mlrnet") else ws.name
+    """The method a workspace trained: ``train``'s config (model/best/train_config.json), else the name's method
+    part (``...-m100-mlrnet@lr1e-4``, ``...-m20-mwnet-tuned``, ``...-m20-mlrnet-share0.5`` give mlrnet, mwnet,
+    mlrnet)."""
+    cfg = ws / "model" / "best" / "train_config.json"
+    if cfg.is_file():
+        method = (json.loads(cfg.read_text()).get("config") or {}).get("method")
+        if method:
+            return str(method)
+    tail = re.split(r"-m\d+-", ws.name)[-1]
+    return re.split(r"@|-tuned|-share|-prior", tail)[0]
 
 
 def read_arrow(path: Path) -> Any:

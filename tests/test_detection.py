@@ -95,16 +95,23 @@ def test_cell_scores_align_weights_and_losses_by_sample_id(tmp_path: Path) -> No
         },
         str(base / "losses.safetensors"),
     )
-    ws = tmp_path / "work" / "if4-uniform0.4-s0-m5-mlrnet"
+    ws = tmp_path / "work" / "if4-uniform0.4-s0-m5-mlrnet@lr1e-4"  # a tuning candidate: the method is in the name
     ws.mkdir()
     (ws / "data").symlink_to(base / "data")
     _write_arrow(pa.table({"sample_id": [13, 12, 11, 10], "weight": [0.1, 0.9, 0.2, 0.8]}), ws / "weights.arrow")
+    tuned = tmp_path / "work" / "if4-uniform0.4-s0-m5-other-tuned"  # the method is in train's config
+    (tuned / "model" / "best").mkdir(parents=True)
+    (tuned / "model" / "best" / "train_config.json").write_text('{"config": {"method": "mwnet"}}')
+    (tuned / "data").symlink_to(base / "data")
+    _write_arrow(pa.table({"sample_id": [10, 11, 12, 13], "weight": [0.5, 0.5, 0.5, 0.4]}), tuned / "weights.arrow")
 
     cells = detection.find_cells(tmp_path)
-    assert [c.name for c in cells] == [base.name] and list(cells[0].methods) == [ws.name]
-    scores, noisy, labels = detection.cell_scores(cells[0], ("mlrnet-weight", "stage1-loss"), "oof", "", 0)
+    assert [c.name for c in cells] == [base.name] and list(cells[0].methods) == [ws.name, tuned.name]
+    wanted = ("mlrnet-weight", "mwnet-weight", "stage1-loss")
+    scores, noisy, labels = detection.cell_scores(cells[0], wanted, "oof", "", 0)
     assert noisy.tolist() == [False, True, False, True] and labels.tolist() == [0, 0, 1, 1]
-    np.testing.assert_allclose(scores["mlrnet-weight (m5-mlrnet)"], [0.2, 0.8, 0.1, 0.9])  # 1 - weight
+    np.testing.assert_allclose(scores["mlrnet-weight (m5-mlrnet@lr1e-4)"], [0.2, 0.8, 0.1, 0.9])  # 1 - weight
+    np.testing.assert_allclose(scores["mwnet-weight (m5-other-tuned)"], [0.5, 0.5, 0.5, 0.6])
     np.testing.assert_allclose(scores["stage1-loss"], [0.1, 2.0, 0.3, 2.0])  # mean of epochs 1..T
 
 
