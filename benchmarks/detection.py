@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -105,16 +104,11 @@ def find_cells(out: Path) -> list[Cell]:
 
 
 def method_of(ws: Path) -> str:
-    """The method a workspace trained: ``train``'s config (model/best/train_config.json), else the name's method
-    part (``...-m100-mlrnet@lr1e-4``, ``...-m20-mwnet-tuned``, ``...-m20-mlrnet-share0.5`` give mlrnet, mwnet,
-    mlrnet)."""
-    cfg = ws / "model" / "best" / "train_config.json"
-    if cfg.is_file():
-        method = (json.loads(cfg.read_text()).get("config") or {}).get("method")
-        if method:
-            return str(method)
-    tail = re.split(r"-m\d+-", ws.name)[-1]
-    return re.split(r"@|-tuned|-share|-prior", tail)[0]
+    """The method whose meta-net wrote ``weights.arrow`` (the artifact's own metadata records its config)."""
+    from mlrnet_cli import artifacts
+
+    meta = artifacts.read_table_meta(ws / "weights.arrow") or {}
+    return str((meta.get("config") or {}).get("method") or "unknown")
 
 
 def read_arrow(path: Path) -> Any:

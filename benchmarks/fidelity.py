@@ -576,15 +576,7 @@ def plan_tuned(cell: Cell, method: str, rows: list[dict], budget: dict | None = 
     run with the preset the tuning seed chose. A string says why nothing can run yet."""
     tuned = tuned_label(method, budget)
     if cell.seed != TUNING_SEED:
-        # the latest choice: one made again after a preset joined the grid is appended below the old one
-        chosen = next(
-            (
-                r
-                for r in reversed(rows)
-                if r["cell"] == cell.name and r["seed"] == TUNING_SEED and r.get("label") == tuned
-            ),
-            None,
-        )
+        chosen = latest_row(rows, (cell.name, TUNING_SEED, tuned))
         if chosen is None:
             return f"{tuned} on {cell.name}: run seed {TUNING_SEED} first (its dev rows choose the preset)"
         p = chosen["preset"]
@@ -599,17 +591,17 @@ def record_choice(cell: Cell, method: str, results: Path, budget: dict | None = 
     again once that preset has run (the report keeps the later row)."""
     rows = read_results(results)
     name, tuned = method_label(method, budget), tuned_label(method, budget)
-    made = [r for r in rows if row_key(r) == (cell.name, cell.seed, tuned)]
-    if made and set(made[-1].get("candidates_dev_accuracy") or {}) == set(TUNED_PRESETS[method]):
+    made = latest_row(rows, (cell.name, cell.seed, tuned))
+    if made and set(made.get("candidates_dev_accuracy") or {}) == set(TUNED_PRESETS[method]):
         return None
     choice = choose_preset(rows, cell.name, method, budget)
     if choice is None:
         return None
     preset, dev = choice
     stale = {r["seed"] for r in rows if r["cell"] == cell.name and r.get("label") == tuned} - {cell.seed}
-    if made and made[-1].get("preset") != preset and stale:
+    if made and made.get("preset") != preset and stale:
         print(
-            f"{cell.name}: {name} now chooses {preset} (was {made[-1].get('preset')}); the {tuned} "
+            f"{cell.name}: {name} now chooses {preset} (was {made.get('preset')}); the {tuned} "
             f"runs of seeds {sorted(stale)} used the old choice: delete their rows and workspaces to rerun them",
             file=sys.stderr,
         )
@@ -619,6 +611,12 @@ def record_choice(cell: Cell, method: str, results: Path, budget: dict | None = 
     row = dict(src, label=tuned, preset=preset, candidates_dev_accuracy=dev)
     _append(results, row)
     return row
+
+
+def latest_row(rows: list[dict], key: tuple[str, int, str]) -> dict | None:
+    """The last row with this run_key: a choice made again after a preset joined the grid is appended below the
+    old one, and the later row is the one that holds (as in the report)."""
+    return next((r for r in reversed(rows) if row_key(r) == key), None)
 
 
 def read_results(path: Path) -> list[dict]:

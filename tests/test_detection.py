@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -95,15 +96,16 @@ def test_cell_scores_align_weights_and_losses_by_sample_id(tmp_path: Path) -> No
         },
         str(base / "losses.safetensors"),
     )
-    ws = tmp_path / "work" / "if4-uniform0.4-s0-m5-mlrnet@lr1e-4"  # a tuning candidate: the method is in the name
-    ws.mkdir()
-    (ws / "data").symlink_to(base / "data")
-    _write_arrow(pa.table({"sample_id": [13, 12, 11, 10], "weight": [0.1, 0.9, 0.2, 0.8]}), ws / "weights.arrow")
-    tuned = tmp_path / "work" / "if4-uniform0.4-s0-m5-other-tuned"  # the method is in train's config
-    (tuned / "model" / "best").mkdir(parents=True)
-    (tuned / "model" / "best" / "train_config.json").write_text('{"config": {"method": "mwnet"}}')
-    (tuned / "data").symlink_to(base / "data")
-    _write_arrow(pa.table({"sample_id": [10, 11, 12, 13], "weight": [0.5, 0.5, 0.5, 0.4]}), tuned / "weights.arrow")
+    # the method comes from the weights artifact's own metadata, whatever the workspace is called
+    ws = tmp_path / "work" / "if4-uniform0.4-s0-m5-mlrnet@lr1e-4"
+    tuned = tmp_path / "work" / "if4-uniform0.4-s0-m5-other-tuned"
+    for w, method, weight in ((ws, "mlrnet", [0.1, 0.9, 0.2, 0.8]), (tuned, "mwnet", [0.4, 0.5, 0.5, 0.5])):
+        w.mkdir()
+        (w / "data").symlink_to(base / "data")
+        table = pa.table({"sample_id": [13, 12, 11, 10], "weight": weight})
+        _write_arrow(
+            table.replace_schema_metadata({"mlrnet": json.dumps({"config": {"method": method}})}), w / "weights.arrow"
+        )
 
     cells = detection.find_cells(tmp_path)
     assert [c.name for c in cells] == [base.name] and list(cells[0].methods) == [ws.name, tuned.name]
