@@ -114,6 +114,9 @@ class Budget:
     meta_share: float | None = None
     # `train --curve-prior B` for mlrnet; None = not passed (the CLI's default). Labelled like meta_share
     curve_prior: float | None = None
+    # `train --seed K` on the cell's seed-`seed` workspace (same corruption and stage-1 curves; another meta set,
+    # initialisation and order): the spread of one cell over training seeds. None = the cell's seed. Labelled `-tsK`
+    train_seed: int | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -254,6 +257,7 @@ def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
     options = (
         ("meta_share", "share", "--meta-share", SHARE_METHODS),
         ("curve_prior", "prior", "--curve-prior", ("mlrnet",)),
+        ("train_seed", "ts", "--seed", METHODS),  # after the cell's own --seed: the later value wins
     )
     return [
         (tag, flag, f"{budget[key]:g}")
@@ -840,6 +844,13 @@ def main() -> None:
         "--meta-share) [default: not passed, the CLI's default]",
     )
     ap.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="pass `train --seed K` on the cell's base (same corruption and loss curves; another meta set, "
+        "initialisation and order); results are labelled METHOD-tsK [default: the cell's seed]",
+    )
+    ap.add_argument(
         "--report",
         type=Path,
         default=None,
@@ -873,6 +884,7 @@ def main() -> None:
         meta_only_epochs=args.meta_only_epochs,
         meta_share=args.meta_share,
         curve_prior=args.curve_prior,
+        train_seed=args.train_seed,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)

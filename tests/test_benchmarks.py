@@ -546,3 +546,35 @@ def test_a_choice_is_made_again_when_a_preset_joins_the_grid(
     assert fidelity.record_choice(cell, "mlc", results)["preset"] == "lr1e-3"
     assert "now chooses lr1e-3 (was mlc-ref); the mlc-tuned runs of seeds [1]" in capsys.readouterr().err
     assert "| c | mlc-tuned | 2 |" in fidelity.report(tmp_path)  # seeds 0 (the new choice) and 1
+
+
+def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        calls.append(cmd[cmd.index("mlrnet_cli") + 1 :])
+        return {"accuracy": 0.5} if "eval" in cmd else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    argv = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--methods", "mlrnet", "--train-seed", "3"])
+    fidelity.main()
+
+    by_sub = {c[0]: c for c in calls}
+    seeds = [by_sub["train"][i + 1] for i, a in enumerate(by_sub["train"]) if a == "--seed"]
+    assert seeds[-1] == "3"  # the last --seed is the one the CLI keeps
+    assert by_sub["corrupt"][by_sub["corrupt"].index("--seed") + 1] == "0"  # the cell's corruption and curves
+    assert by_sub["collect-losses"][by_sub["collect-losses"].index("--seed") + 1] == "0"
+    row = json.loads((tmp_path / "results.jsonl").read_text())
+    assert (row["label"], row["seed"], row["budget"]["train_seed"]) == ("mlrnet-ts3", 0, 3)
+    assert by_sub["train"][by_sub["train"].index("--workdir") + 1].endswith("-mlrnet-ts3")
+
+    calls.clear()
+    fidelity.main()  # resumable: the finished training seed is skipped
+    assert not [c for c in calls if c[0] == "train"]
