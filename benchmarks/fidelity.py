@@ -117,6 +117,10 @@ class Budget:
     # `train --seed K` on the cell's seed-`seed` workspace (same corruption and stage-1 curves; another meta set,
     # initialisation and order): the spread of one cell over training seeds. None = the cell's seed. Labelled `-tsK`
     train_seed: int | None = None
+    # `train --meta-params P` / `--meta-interval K` for the meta methods (issue #17's cost/accuracy frontier);
+    # None = the CLI's default. Labelled `-mpP` / `-miK`
+    meta_params: str | None = None
+    meta_interval: int | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -257,10 +261,12 @@ def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
     options = (
         ("meta_share", "share", "--meta-share", SHARE_METHODS),
         ("curve_prior", "prior", "--curve-prior", ("mlrnet",)),
+        ("meta_params", "mp", "--meta-params", SHARE_METHODS),
+        ("meta_interval", "mi", "--meta-interval", SHARE_METHODS),
         ("train_seed", "ts", "--seed", METHODS),  # after the cell's own --seed: the later value wins
     )
     return [
-        (tag, flag, f"{budget[key]:g}")
+        (tag, flag, budget[key] if isinstance(budget[key], str) else f"{budget[key]:g}")
         for key, tag, flag, methods in options
         if budget.get(key) is not None and method in methods
     ]
@@ -844,6 +850,18 @@ def main() -> None:
         "--meta-share) [default: not passed, the CLI's default]",
     )
     ap.add_argument(
+        "--meta-params",
+        default=None,
+        help="pass `train --meta-params P` (all, head, last-K) to mwnet, mlc, mlrnet; labelled METHOD-mpP "
+        "[default: not passed, the CLI's default]",
+    )
+    ap.add_argument(
+        "--meta-interval",
+        type=int,
+        default=None,
+        help="pass `train --meta-interval K` to mwnet, mlc, mlrnet; labelled METHOD-miK [default: not passed]",
+    )
+    ap.add_argument(
         "--train-seed",
         type=int,
         default=None,
@@ -885,6 +903,8 @@ def main() -> None:
         meta_share=args.meta_share,
         curve_prior=args.curve_prior,
         train_seed=args.train_seed,
+        meta_params=args.meta_params,
+        meta_interval=args.meta_interval,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)

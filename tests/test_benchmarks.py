@@ -578,3 +578,20 @@ def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
     calls.clear()
     fidelity.main()  # resumable: the finished training seed is skipped
     assert not [c for c in calls if c[0] == "train"]
+
+
+def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> None:
+    budget = {"epochs": 5, "meta_share": 0.5, "curve_prior": 1.0, "meta_params": "last-1", "meta_interval": 2}
+    assert fidelity.method_label("mlrnet", budget) == "mlrnet-share0.5-prior1-mplast-1-mi2"
+    assert fidelity.method_train_args("mlrnet", budget) == [
+        "--meta-share",
+        "0.5",
+        "--curve-prior",
+        "1",
+        "--meta-params",
+        "last-1",
+        "--meta-interval",
+        "2",
+    ]
+    assert fidelity.method_label("plain", budget) == "plain" and fidelity.method_train_args("plain", budget) == []
+    assert fidelity.method_label("mwnet", {"epochs": 5, "meta_params": "head"}) == "mwnet-mphead"
