@@ -334,6 +334,24 @@ def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch
     assert r["variant"] == "all-interval-2" and r["step_s"] > 0 and r["peak_rss_mib"] > 0
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_meta_step_share_variants_put_the_meta_batch_in_the_real_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `-share` variants time the step of --meta-share 0.5: the meta batch is passed as the clean batch."""
+    import mlrnet_cli.meta as meta
+
+    seen: list[tuple[bool, float]] = []
+    real = meta.meta_step
+
+    def spying(*args, **kwargs):
+        seen.append((kwargs["clean_batch"] is args[4], kwargs["clean_share"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "meta_step", spying)
+    meta_step.child("head-share", steps=1, threads=1, tiny=True)
+    meta_step.child("head", steps=1, threads=1, tiny=True)
+    assert seen == [(True, 0.5)] * 2 + [(False, 0.0)] * 2
+
+
 def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     """benchmarks/gpu.sh end to end on the CPU (no GPU is lent to CI): the table it prints is the eval results."""
     import os
