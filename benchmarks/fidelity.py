@@ -251,8 +251,8 @@ def method_label(method: str, budget: dict | None = None) -> str:
 
 
 def method_train_args(method: str, budget: dict) -> list[str]:
-    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``,
-    ``--curve-prior``)."""
+    """The train flags a method takes from the budget beyond the shared ones (``--meta-share``, ``--curve-prior``,
+    ``--meta-params``, ``--meta-interval``, and ``--seed`` for a training seed)."""
     return [arg for _, flag, value in _own_flags(method, budget) for arg in (flag, value)]
 
 
