@@ -121,6 +121,8 @@ class Budget:
     # None = the CLI's default. Labelled `-mpP` / `-miK`
     meta_params: str | None = None
     meta_interval: int | None = None
+    # `train --meta-share-at A` (w, w-hat) for the meta methods; None = not passed. Labelled `-atA`
+    meta_share_at: str | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -252,7 +254,7 @@ def method_label(method: str, budget: dict | None = None) -> str:
 
 def method_train_args(method: str, budget: dict) -> list[str]:
     """The train flags a method takes from the budget beyond the shared ones (``--meta-share``, ``--curve-prior``,
-    ``--meta-params``, ``--meta-interval``, and ``--seed`` for a training seed)."""
+    ``--meta-params``, ``--meta-interval``, ``--meta-share-at``, and ``--seed`` for a training seed)."""
     return [arg for _, flag, value in _own_flags(method, budget) for arg in (flag, value)]
 
 
@@ -263,6 +265,7 @@ def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
         ("curve_prior", "prior", "--curve-prior", ("mlrnet",)),
         ("meta_params", "mp", "--meta-params", SHARE_METHODS),
         ("meta_interval", "mi", "--meta-interval", SHARE_METHODS),
+        ("meta_share_at", "at", "--meta-share-at", SHARE_METHODS),
         ("train_seed", "ts", "--seed", METHODS),  # after the cell's own --seed: the later value wins
     )
     return [
@@ -862,6 +865,13 @@ def main() -> None:
         help="pass `train --meta-interval K` to mwnet, mlc, mlrnet; labelled METHOD-miK [default: not passed]",
     )
     ap.add_argument(
+        "--meta-share-at",
+        choices=("w", "w-hat"),
+        default=None,
+        help="pass `train --meta-share-at A` to mwnet, mlc, mlrnet (with --meta-share); labelled METHOD-atA "
+        "[default: not passed]",
+    )
+    ap.add_argument(
         "--train-seed",
         type=int,
         default=None,
@@ -905,6 +915,7 @@ def main() -> None:
         train_seed=args.train_seed,
         meta_params=args.meta_params,
         meta_interval=args.meta_interval,
+        meta_share_at=args.meta_share_at,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)

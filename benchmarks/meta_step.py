@@ -9,7 +9,8 @@ Each variant runs in its own subprocess so peak RSS figures don't mix.
 
 Targets: all <= 3.5x plain time (issue 17, which withdrew issue 4's 2.5x: by count the exact step is 11
 forward-equivalents against 3) and <= 1.6x plain peak memory; head <= 1.3x plain time. The `-share` variants
-add the meta batch to the real step (`--meta-share 0.5`, issue 17's candidate default).
+add the meta batch to the real step (`--meta-share 0.5`, issue 17's candidate default); `all-share-w-hat` takes
+that term's gradient from the meta step (`--meta-share-at w-hat`), without the second pass.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Variant(NamedTuple):
     interval: int = 1  # --meta-interval
     meta_dropout: bool = False  # --meta-dropout
     share: float = 0.0  # --meta-share: the step's meta batch also joins the real forward (a 32-row real step)
+    share_at: str = "w"  # --meta-share-at: w-hat reuses the meta loss's gradient at ŵ instead of that pass
 
 
 VARIANTS: dict[str, Variant | None] = {
@@ -51,6 +53,8 @@ VARIANTS: dict[str, Variant | None] = {
     "last-1-share": Variant("last-1", share=0.5),
     "head-share": Variant("head", share=0.5),
     "all-interval-2-share": Variant("all", interval=2, share=0.5),
+    # the same share without the second pass: the clean term's gradient is the meta loss's at ŵ
+    "all-share-w-hat": Variant("all", share=0.5, share_at="w-hat"),
 }
 
 
@@ -142,6 +146,7 @@ def child(variant: str, steps: int, threads: int, tiny: bool = False) -> dict:
                 meta_dropout=spec.meta_dropout,
                 clean_batch=mb if spec.share else None,
                 clean_share=spec.share,
+                clean_share_at=spec.share_at,
             ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

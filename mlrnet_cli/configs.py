@@ -43,6 +43,14 @@ class MetaMode(str, Enum):
     unrolled = "unrolled"
 
 
+class MetaShareAt(str, Enum):
+    """Where ``--meta-share``'s clean term takes its gradient: a pass of the meta rows at w (exact), or the meta
+    loss's gradient at ŵ that the meta step computed anyway (eq. 5; no second pass)."""
+
+    w = "w"
+    w_hat = "w-hat"
+
+
 class Record(str, Enum):
     """`collect-losses --record`: the training forward's losses, or an extra no-dropout pass."""
 
@@ -246,6 +254,9 @@ class TrainConfig:
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
     # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
     meta_share: float = 0.0
+    # where that term's gradient is taken: w (the meta rows run again in the real forward, +1 forward and backward of
+    # the meta batch) or w-hat (the meta loss's gradient at ŵ, reused; needs --meta-params all). Provenance: not "w"
+    meta_share_at: str = MetaShareAt.w.value
     # the collapse guard: when an epoch ends in a collapse the meta-net drove (one class for most dev rows, the
     # weights spread to the ends), rerun that epoch from where it began with the meta lr divided by 10, at most
     # this many times in a run (docs/train.md); 0 = off, the paper's loop
@@ -268,6 +279,7 @@ class TrainConfig:
             ("method", Method, UsageError),
             ("init_from", InitFrom, UsageError),
             ("meta_mode", MetaMode, ConfigError),
+            ("meta_share_at", MetaShareAt, ConfigError),
         ):
             object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
         parse_meta_params(self.meta_params)
@@ -292,12 +304,22 @@ class TrainConfig:
                 "it adds the meta batch to the meta step's real update; plain-meta and meta-only train on the "
                 "meta rows already",
             )
+        if self.meta_share_at != MetaShareAt.w.value:
+            if not self.meta_share:
+                raise UsageError("--meta-share-at applies with --meta-share > 0")
+            if self.meta_params != "all":
+                raise ConfigError(
+                    f"--meta-share-at {self.meta_share_at} needs --meta-params all, not {self.meta_params}",
+                    "the meta loss's gradient at w-hat covers only the parameters in w-hat",
+                )
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
-        on another device), and ``meta_share``, ``curve_prior`` and ``meta_lr_probe`` only when not 0 (so runs from
-        before they existed are the same run)."""
+        on another device), ``meta_share``, ``curve_prior`` and ``meta_lr_probe`` only when not 0 and ``meta_share_at``
+        only when not ``w`` (so runs from before they existed are the same run)."""
         unset = {k for k in ("meta_share", "curve_prior", "meta_lr_probe") if not getattr(self, k)}
+        if self.meta_share_at == MetaShareAt.w.value:
+            unset.add("meta_share_at")
         return {k: v for k, v in asdict(self).items() if k not in {"compile", "device", *unset}}
 
 

@@ -39,7 +39,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from mlrnet_cli.configs import parse_meta_params
+from mlrnet_cli.configs import MetaShareAt, parse_meta_params
 from mlrnet_cli.distributed import ForwardModule
 from mlrnet_cli.errors import ConfigError
 from mlrnet_cli.modeling import eval_mode, math_attention
@@ -177,6 +177,75 @@ def add_clean_share(
     return loss + share * F.cross_entropy(_upcast(clean_logits), clean.labels).to(loss.dtype)
 
 
+def add_clean_share_gradient(
+    loss: torch.Tensor,
+    meta_loss: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    g_meta: Sequence[torch.Tensor],
+    share: float,
+) -> torch.Tensor:
+    """``--meta-share-at w-hat``: ``loss`` plus S × a term whose value is the meta loss at ŵ (eq. 5) and whose
+    gradient is ``g_meta``, that loss's gradient at ŵ (already computed for θ), in place of a pass at w."""
+    # a loss term, not a write to .grad: the optimiser, DDP's all-reduce and a gradient scaler see it as they see
+    # the rest of the loss, and the logged loss is what the pass at w would log
+    term = sum(_GradientTerm.apply(p, g.to(p.dtype)) for p, g in zip(params, g_meta, strict=True))
+    return loss + share * (meta_loss.detach() + term).to(loss.dtype)
+
+
+class _GradientTerm(torch.autograd.Function):
+    """A zero whose gradient with respect to ``p`` is ``g``: one multiply in the backward, nothing in the forward
+    (``(p − p.detach()) · g`` gives the same gradient at the cost of three passes over every parameter)."""
+
+    @staticmethod
+    def forward(ctx: Any, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g)
+        return p.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return grad_out * g, None
+
+
+class _CleanShare:
+    """How one step adds the clean rows' term of ``--meta-share`` S: by a pass at w, or from g_meta at ŵ."""
+
+    def __init__(
+        self, clean: StepBatch | None, share: float, at: str, meta: StepBatch | None, updates_meta: bool
+    ) -> None:
+        choices = [a.value for a in MetaShareAt]
+        if at not in choices:
+            raise ConfigError(f"--meta-share-at {at!r} is not one of {', '.join(choices)}")
+        self.share = share if clean is not None else 0.0
+        self.from_grad = bool(self.share) and at == MetaShareAt.w_hat.value and updates_meta and meta is not None
+        if self.from_grad and clean is not meta:
+            raise ConfigError(
+                "--meta-share-at w-hat reuses the meta loss's gradient: the clean batch must be the meta batch"
+            )
+        self.real_batch = clean if self.share and not self.from_grad else None
+        self.g_meta: list[torch.Tensor] | None = None
+        self.meta_loss = torch.zeros(())
+        self.names: list[str] = []
+
+    def reuse(self, rp: _RealPass, meta_loss: torch.Tensor, g_meta: list[torch.Tensor]) -> None:
+        """Keep g_meta = ∇L_meta(ŵ) when this step takes the clean term from it (ŵ must hold every trainable
+        parameter: the clean rows train the whole classifier)."""
+        if not self.from_grad:
+            return
+        trainable = {n for n, p in rp.model.named_parameters() if p.requires_grad}
+        if not trainable <= set(rp.names):
+            raise ConfigError("--meta-share-at w-hat needs --meta-params all: g_meta covers only ŵ's parameters")
+        self.meta_loss, self.g_meta, self.names = meta_loss, g_meta, rp.names
+
+    def add(self, loss: torch.Tensor, rp: _RealPass) -> torch.Tensor:
+        """The real step's loss with the clean term (eqs. 6/9 plus our extension); ``loss`` when S = 0."""
+        if self.g_meta is not None:
+            params = dict(rp.model.named_parameters())
+            selected = [params[n] for n in self.names]
+            return add_clean_share_gradient(loss, self.meta_loss, selected, self.g_meta, self.share)
+        return add_clean_share(loss, rp.clean_logits, self.real_batch, self.share)
+
+
 class _RealPass:
     """The real step's forward of meta_step / mlc_step, and what their meta update needs to know about it."""
 
@@ -257,13 +326,13 @@ class _RealPass:
         meta_dropout: bool,
         meta_grad_scale: float,
         reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The virtual step ŵ = w − α ∇_w Σ_i c_i train_loss_i (eqs. 4/8; ``coeffs`` None: a scalar loss), the meta
         loss at ŵ (eq. 5) and one optimiser step of the meta-net θ on its exact gradient (the other arguments as for
-        :func:`meta_step`). Returns the meta loss, detached.
+        :func:`meta_step`). Returns the meta loss and ``g_meta = ∇L_meta(ŵ)`` (one tensor per ŵ parameter), detached.
 
         ``unrolled``: ŵ(θ) is built with ``create_graph=True`` and the meta loss is backpropagated through it. jvp:
-        ŵ is a detached leaf and ``along(g_meta)`` turns ``g_meta = ∇L_meta(ŵ)`` into the θ gradient."""
+        ŵ is a detached leaf and ``along(g_meta)`` turns ``g_meta`` into the θ gradient."""
         model, names, unrolled = self.model, self.names, self.unrolled
         params = dict(model.named_parameters())
         selected = [params[n] for n in names]
@@ -278,17 +347,20 @@ class _RealPass:
             w_hat = dict(zip(names, stepped, strict=True))
             meta_loss = F.cross_entropy(_upcast(self.meta_logits(w_hat, meta, meta_dropout)), meta.labels)
             if unrolled:
-                theta_grads = torch.autograd.grad(meta_loss, theta, retain_graph=True, allow_unused=True)
+                # one backward gives θ's gradient and g_meta (ŵ's entries are non-leaf tensors here)
+                grads = torch.autograd.grad(meta_loss, [*theta, *stepped], retain_graph=True, materialize_grads=True)
+                theta_grads, g_meta = grads[: len(theta)], list(grads[len(theta) :])
             else:
                 # a ŵ parameter the meta loss does not reach gets a zero gradient, not None
-                theta_grads = along(list(torch.autograd.grad(meta_loss, list(w_hat.values()), materialize_grads=True)))
+                g_meta = list(torch.autograd.grad(meta_loss, stepped, materialize_grads=True))
+                theta_grads = along(g_meta)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(theta, theta_grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g.detach() * meta_grad_scale
         if reduce_meta_grads is not None:
             reduce_meta_grads([p.grad for p in theta])
         opt.step()
-        return meta_loss.detach()
+        return meta_loss.detach(), [g.detach() for g in g_meta]
 
 
 def meta_step(
@@ -310,6 +382,7 @@ def meta_step(
     meta_dropout: bool = False,
     clean_batch: StepBatch | None = None,
     clean_share: float = 0.0,
+    clean_share_at: str = "w",
 ) -> MetaStepOutput:
     """One iteration of Algorithm 1: virtual step (eqs. 4/8), θ update (eq. 5), weighted loss for eqs. 6/9.
 
@@ -331,8 +404,12 @@ def meta_step(
     forward after the training rows (:func:`forward_with_clean`) and ``output.loss`` becomes
     ``Σ_i c_i L_i + S · mean CE(clean rows)``. The meta-net, the virtual step and ``output.losses``/``weights``
     see the training rows only. S = 0 is the paper's form, computed exactly as without a clean batch.
+    ``clean_share_at="w-hat"`` (``--meta-share-at``): on a step that updates θ the clean term's gradient is the
+    meta loss's gradient at ŵ (eq. 5, computed for θ anyway; ``clean_batch`` must be ``meta_batch``) instead of a
+    second pass of the clean rows at w (:func:`add_clean_share_gradient`); the other steps run the pass at w.
     """
-    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    share = _CleanShare(clean_batch, clean_share, clean_share_at, meta_batch, update_meta and meta_opt is not None)
+    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, share.real_batch)
     losses = per_sample_loss(rp.logits, batch.labels)
     feats, loss_in = rp.features.detach(), losses.detach()
 
@@ -347,14 +424,15 @@ def meta_step(
             s = torch.zeros_like(batch.labels, dtype=torch.float32) if s is None else s
             return torch.autograd.grad(coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True)
 
-        meta_loss = rp.meta_update(
+        meta_loss, g_meta = rp.meta_update(
             meta_opt, theta, meta_batch, losses, coeffs, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
         )
+        share.reuse(rp, meta_loss, g_meta)
 
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
     loss = (weight_coefficients(weights, normalize_weights).to(losses.dtype) * losses).sum()
-    loss = add_clean_share(loss, rp.clean_logits, clean_batch, clean_share)
+    loss = share.add(loss, rp)
     return MetaStepOutput(loss=loss, losses=loss_in, weights=weights, meta_loss=meta_loss)
 
 
@@ -397,6 +475,7 @@ def mlc_step(
     meta_dropout: bool = False,
     clean_batch: StepBatch | None = None,
     clean_share: float = 0.0,
+    clean_share_at: str = "w",
 ) -> MlcStepOutput:
     """One step of Meta Label Correction (Zheng, Awadallah & Dumais, AAAI 2021) with one look-ahead step.
 
@@ -412,10 +491,11 @@ def mlc_step(
     ``unrolled`` backpropagates through ŵ(θ) built with ``create_graph=True`` instead.
 
     The arguments mean what they mean for :func:`meta_step` (modes, head-only path, dropout replay, gradient
-    scale and reduction, ``clean_batch``/``clean_share`` for ``--meta-share``); only the per-sample weights
-    become soft labels.
+    scale and reduction, ``clean_batch``/``clean_share``/``clean_share_at`` for ``--meta-share``); only the
+    per-sample weights become soft labels.
     """
-    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, clean_batch if clean_share else None)
+    share = _CleanShare(clean_batch, clean_share, clean_share_at, meta_batch, update_meta and lcn_opt is not None)
+    rp = _RealPass(model, fns, batch, meta_params, mode, real_forward, share.real_batch)
     feats = rp.features.detach()
 
     meta_loss: torch.Tensor | None = None
@@ -432,12 +512,13 @@ def mlc_step(
             return torch.autograd.grad(dl_dz, theta, grad_outputs=-alpha * dz.to(dl_dz.dtype), allow_unused=True)
 
         train_loss = soft_cross_entropy(rp.logits, soft if rp.unrolled else soft.detach()).mean()
-        meta_loss = rp.meta_update(
+        meta_loss, g_meta = rp.meta_update(
             lcn_opt, theta, meta_batch, train_loss, None, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
         )
+        share.reuse(rp, meta_loss, g_meta)
 
     with torch.no_grad():
         soft_new = lcn(feats, batch.labels).detach()
     losses = soft_cross_entropy(rp.logits, soft_new)
-    loss = add_clean_share(losses.mean(), rp.clean_logits, clean_batch, clean_share)
+    loss = share.add(losses.mean(), rp)
     return MlcStepOutput(loss=loss, losses=losses.detach(), soft_labels=soft_new, meta_loss=meta_loss)

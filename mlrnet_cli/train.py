@@ -433,6 +433,7 @@ class MetaStep:
             "meta_dropout": cfg.meta_dropout,
             "real_forward": run.real_forward,
             "clean_share": cfg.meta_share,  # --meta-share: the same meta rows also enter the real step
+            "clean_share_at": cfg.meta_share_at,
             "reduce_meta_grads": reduce_meta,
             # ∂L_meta/∂θ is O(α) (eq. 5 through eq. 4). At a fine-tuning α (1e-5) it falls below Adam's eps and
             # under its coupled weight decay, which then shrinks θ to a constant weight. Divided by α, Adam sees

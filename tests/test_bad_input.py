@@ -420,6 +420,21 @@ CASES = [
         "--meta-share applies",
         code=2,
     ),
+    Case(
+        "train-meta-share-at-head",
+        "train",
+        None,
+        [*TRAIN, "--meta-share", "0.5", "--meta-share-at", "w-hat", "--meta-params", "head"],
+        "--meta-share-at w-hat needs --meta-params all",
+    ),
+    Case(
+        "train-meta-share-at-no-share",
+        "train",
+        None,
+        [*TRAIN, "--meta-share-at", "w-hat"],
+        "--meta-share-at applies with --meta-share > 0",
+        code=2,
+    ),
     Case("train-negative-curve-prior", "train", None, [*TRAIN, "--curve-prior", "-1"], "--curve-prior must be"),
     Case(
         "train-curve-prior-mwnet",

@@ -343,13 +343,14 @@ def test_meta_step_share_variants_put_the_meta_batch_in_the_real_step(monkeypatc
     real = meta.meta_step
 
     def spying(*args, **kwargs):
-        seen.append((kwargs["clean_batch"] is args[4], kwargs["clean_share"]))
+        seen.append((kwargs["clean_batch"] is args[4], kwargs["clean_share"], kwargs["clean_share_at"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(meta, "meta_step", spying)
     meta_step.child("head-share", steps=1, threads=1, tiny=True)
     meta_step.child("head", steps=1, threads=1, tiny=True)
-    assert seen == [(True, 0.5)] * 2 + [(False, 0.0)] * 2
+    meta_step.child("all-share-w-hat", steps=1, threads=1, tiny=True)
+    assert seen == [(True, 0.5, "w")] * 2 + [(False, 0.0, "w")] * 2 + [(True, 0.5, "w-hat")] * 2
 
 
 def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -601,6 +602,9 @@ def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
 def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> None:
     budget = {"epochs": 5, "meta_share": 0.5, "curve_prior": 1.0, "meta_params": "last-1", "meta_interval": 2}
     assert fidelity.method_label("mlrnet", budget) == "mlrnet-share0.5-prior1-mplast-1-mi2"
+    at = {"epochs": 5, "meta_share": 0.5, "meta_share_at": "w-hat"}
+    assert fidelity.method_label("mwnet", at) == "mwnet-share0.5-atw-hat"
+    assert fidelity.method_train_args("mwnet", at) == ["--meta-share", "0.5", "--meta-share-at", "w-hat"]
     assert fidelity.method_train_args("mlrnet", budget) == [
         "--meta-share",
         "0.5",

@@ -273,11 +273,14 @@ def test_meta_step_leaves_classifier_grads_alone_and_returns_the_weighted_loss()
     assert model.classifier.weight.grad is not None
 
 
-def _share_step(model, net, batch, meta, *, share, mode="jvp", spec="all", real_forward=None, lr=1e-2):
+def _share_step(
+    model, net, batch, meta, *, share, mode="jvp", spec="all", real_forward=None, lr=1e-2, at="w", clean=None
+):
     """One meta_step with --meta-share ``share`` (θ moved by Adam, so c_i come from the updated meta-net)."""
     names = resolve_meta_params(model, spec, "classifier.")
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    kwargs = {} if share is None else {"clean_batch": meta, "clean_share": share}
+    clean = meta if clean is None else clean
+    kwargs = {} if share is None else {"clean_batch": clean, "clean_share": share, "clean_share_at": at}
     return meta_step(
         model,
         net,
@@ -353,6 +356,86 @@ def test_meta_share_leaves_the_meta_net_and_its_inputs_alone(mode):
     torch.testing.assert_close(a.losses, b.losses, rtol=0, atol=0)
     torch.testing.assert_close(a.weights, b.weights, rtol=1e-12, atol=1e-14)
     assert b.loss.item() > a.loss.item()  # the clean part was added
+
+
+def _virtual_step_grad(model, batch, meta, train_loss, alpha):
+    """By hand: ŵ = w − α ∇_w train_loss(logits) over every parameter, and ∇ mean CE(meta batch) at ŵ (eqs. 4/5)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    _, logits = _forward(model, batch.inputs)
+    grads = torch.autograd.grad(train_loss(logits), params, allow_unused=True, materialize_grads=True)
+    w_hat = {n: (p - alpha * g).detach().requires_grad_(True) for n, p, g in zip(names, params, grads, strict=True)}
+    meta_logits = torch.func.functional_call(model, w_hat, (), meta.inputs).logits
+    meta_loss = F.cross_entropy(meta_logits, meta.labels)
+    return meta_loss, torch.autograd.grad(meta_loss, list(w_hat.values()), materialize_grads=True)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_meta_share_at_w_hat_adds_the_meta_losss_gradient_at_w_hat(mode):
+    """--meta-share-at w-hat: the real step's classifier gradient is that of Σ_i c_i(θ_new) L_i plus S × the meta
+    loss's gradient at ŵ (ŵ from θ before its update), with no pass of the meta rows at w; the logged loss adds
+    S × the meta loss at ŵ."""
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    feats, logits = _forward(model, batch.inputs)
+    losses = F.cross_entropy(logits, batch.labels, reduction="none")
+    with torch.no_grad():
+        c_old = weight_coefficients(net(feats, batch.labels, batch.curves, losses), True)
+    weighted_ce = lambda z: (c_old * F.cross_entropy(z, batch.labels, reduction="none")).sum()  # noqa: E731
+    meta_loss, g_hat = _virtual_step_grad(model, batch, meta, weighted_ce, alpha=2.0)
+
+    calls = []
+
+    def real(inputs):
+        calls.append(type(inputs))
+        return _forward(model, inputs)
+
+    names = resolve_meta_params(model, "all", "classifier.")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    kwargs = {"clean_batch": meta, "clean_share": 0.5, "clean_share_at": "w-hat"}
+    out = meta_step(
+        model, net, opt, batch, meta, alpha=2.0, meta_params=names, normalize_weights=True, fns=FNS, mode=mode,
+        real_forward=real, **kwargs,
+    )  # fmt: skip
+    assert calls == [dict]  # the training rows alone: no second pass of the meta rows
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    with torch.no_grad():
+        c_new = weight_coefficients(net(feats, batch.labels, batch.curves, losses), True)
+    weighted = torch.autograd.grad((c_new * losses).sum(), params, retain_graph=True)
+    at_w = torch.autograd.grad(F.cross_entropy(_forward(model, meta.inputs)[1], meta.labels), params)
+    for g, w, h in zip(got, weighted, g_hat, strict=True):
+        torch.testing.assert_close(g, w + 0.5 * h, rtol=1e-9, atol=1e-12)
+    # ŵ is a real step away from w: the gradient there is not the one at w (so the test tells the two apart)
+    assert max(float((h - a).abs().max()) for h, a in zip(g_hat, at_w, strict=True)) > 1e-4
+    assert out.loss.item() == pytest.approx((c_new * losses).sum().item() + 0.5 * meta_loss.item(), rel=1e-10)
+
+
+def test_meta_share_at_w_hat_runs_the_pass_at_w_on_steps_without_a_meta_update():
+    """Between --meta-interval steps there is no g_meta: the meta rows join the real forward, as with ``w``."""
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    outs = []
+    for at in ("w", "w-hat"):
+        model, net = _bert(), _meta_net("mlrnet")
+        names = resolve_meta_params(model, "all", "classifier.")
+        out = meta_step(
+            model, net, None, batch, meta, alpha=2.0, meta_params=names, normalize_weights=True, fns=FNS,
+            update_meta=False, clean_batch=meta, clean_share=0.5, clean_share_at=at,
+        )  # fmt: skip
+        outs.append(torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad]))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_meta_share_at_w_hat_needs_every_parameter_in_w_hat_and_the_meta_batch():
+    model, net = _bert(), _meta_net("mlrnet")
+    batch, meta = _batch(6, 1), _batch(5, 2, curves=False)
+    with pytest.raises(ConfigError, match="--meta-params all"):
+        _share_step(model, net, batch, meta, share=0.5, spec="head", at="w-hat")
+    with pytest.raises(ConfigError, match="the meta batch"):
+        _share_step(model, net, batch, meta, share=0.5, at="w-hat", clean=_batch(5, 3, curves=False))
+    with pytest.raises(ConfigError, match="--meta-share-at"):
+        _share_step(model, net, batch, meta, share=0.5, at="w_hat")
 
 
 def _theta_update(alpha: float, scale: float) -> torch.Tensor:
@@ -607,6 +690,29 @@ def test_mlc_meta_share_adds_the_meta_batch_to_the_real_step_gradient(mode):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert out.loss.item() == pytest.approx(paper.loss.item() + 0.5 * clean.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "unrolled"])
+def test_mlc_meta_share_at_w_hat_adds_the_meta_losss_gradient_at_w_hat(mode):
+    """mlc with --meta-share-at w-hat: the soft-label loss's gradient plus S × ∇ mean CE(meta batch) at ŵ, ŵ the
+    virtual step on the soft labels of the LCN before its update."""
+    model, lcn = _bert(), _lcn()
+    batch, meta = _batch(6, 1, curves=False), _batch(5, 2, curves=False)
+    feats, _ = _forward(model, batch.inputs)
+    with torch.no_grad():
+        soft_old = lcn(feats, batch.labels)
+    soft_ce = lambda z: soft_cross_entropy(z, soft_old).mean()  # noqa: E731
+    _, g_hat = _virtual_step_grad(model, batch, meta, soft_ce, alpha=1.0)
+    names = resolve_meta_params(model, "all", "classifier.")
+    opt = torch.optim.Adam(lcn.parameters(), lr=1e-2)
+    kwargs = {"clean_batch": meta, "clean_share": 0.5, "clean_share_at": "w-hat"}
+    out = mlc_step(model, lcn, opt, batch, meta, alpha=1.0, meta_params=names, fns=FNS, mode=mode, **kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params)
+    logits = _forward(model, batch.inputs)[1]
+    want = torch.autograd.grad(soft_cross_entropy(logits, out.soft_labels).mean(), params)
+    for g, w, h in zip(got, want, g_hat, strict=True):
+        torch.testing.assert_close(g, w + 0.5 * h, rtol=1e-9, atol=1e-12)
 
 
 def test_soft_cross_entropy_of_a_one_hot_label_is_the_cross_entropy():

@@ -241,6 +241,24 @@ def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Pa
     assert h0.equals(h1)
 
 
+def test_meta_share_at_w_hat_is_recorded_and_is_its_own_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`train --meta-share 0.5 --meta-share-at w-hat` trains (a different model than at w, with meta_share_at in
+    its config; at w the field stays out, so earlier runs are the same run); partial ŵ or no share is refused."""
+    args = [*FAST, "--epochs", "1", "--device", "cpu", "--meta-share", "0.5"]
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
+    for root, at in zip(roots, ("w-hat", "w"), strict=True):
+        r = runner.invoke(app, ["train", "-w", str(root), *args, "--meta-params", "all", "--meta-share-at", at])
+        assert r.exit_code == 0, r.output
+    configs = [artifacts.read_json(w / "model" / "best" / "train_config.json")["config"] for w in roots]
+    assert configs[0]["meta_share_at"] == "w-hat" and "meta_share_at" not in configs[1]
+    last = "model/last/model.safetensors"
+    assert (roots[0] / last).read_bytes() != (roots[1] / last).read_bytes()
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--meta-params", "last-1", "--meta-share-at", "w-hat"])
+    assert r.exit_code == 1 and "needs --meta-params all" in r.stderr
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *FAST, "--meta-share-at", "w-hat"])
+    assert r.exit_code == 2 and "--meta-share-at applies with --meta-share > 0" in r.stderr
+
+
 def test_curve_prior_is_recorded_and_the_weights_command_rebuilds_it(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`train --curve-prior 1`: β is in the run's config, the saved meta-net's spec and its tensors, and `weights`
     rebuilds that net; --curve-prior 0 is the paper's run, with no curve_prior in its config or spec."""

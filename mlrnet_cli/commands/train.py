@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
-from mlrnet_cli.configs import InitFrom, MetaMode, Method, TrainConfig, build
+from mlrnet_cli.configs import InitFrom, MetaMode, MetaShareAt, Method, TrainConfig, build
 
 _opt = partial(option, TrainConfig)
 
@@ -62,6 +62,11 @@ def train_cmd(
         "meta_share",
         "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
         "(our extension, as MLC's code does); 0 is the paper's exact form.",
+    ),
+    meta_share_at: MetaShareAt = _opt(
+        "meta_share_at",
+        "Where --meta-share's term takes its gradient: w (the meta rows run again in the real step, exact) or "
+        "w-hat (reuse the meta loss's gradient at w^ from the meta step: no second pass; needs --meta-params all).",
     ),
     meta_backoff: int = _opt(
         "meta_backoff",
