@@ -155,7 +155,15 @@ def test_two_rank_collect_losses_matches_one_rank(tmp_path: Path) -> None:
 
 
 def _train_worker(
-    rank: int, world: int, port: int, ws: str, model: str, out: str, method: str = "mlrnet", share: float = 0.0
+    rank: int,
+    world: int,
+    port: int,
+    ws: str,
+    model: str,
+    out: str,
+    method: str = "mlrnet",
+    share: float = 0.0,
+    at: str = "w",
 ) -> None:
     """One rank of a spawned `train` run: the library call, then this rank's meta-net and classifier."""
     os.environ.update(
@@ -194,6 +202,7 @@ def _train_worker(
                 label_emb_dim=8,
                 df_dim=8,
                 meta_share=share,
+                meta_share_at=at,
             ),
             workdir=ws,
         )
@@ -211,21 +220,28 @@ def _train_worker(
 
 
 @pytest.mark.parametrize(
-    ("method", "share"), [("mlrnet", 0.0), ("mlrnet", 0.5), pytest.param("mlc", 0.0, marks=pytest.mark.slow)]
+    ("method", "share", "at"),
+    [
+        ("mlrnet", 0.0, "w"),
+        ("mlrnet", 0.5, "w"),
+        ("mlrnet", 0.5, "w-hat"),
+        pytest.param("mlc", 0.0, "w", marks=pytest.mark.slow),
+    ],
 )
 def test_two_rank_train_runs_and_keeps_ranks_identical(
-    tmp_path: Path, tiny_model_dir: Path, method: str, share: float
+    tmp_path: Path, tiny_model_dir: Path, method: str, share: float, at: str
 ) -> None:
     """Spawned 2-rank MLRNet (and MLC) run: to the end, the meta-net (θ gradients averaged by all_reduce) and the
     classifier (DDP) hold bit-identical parameters on both ranks, and rank 0 wrote the artifacts. With
-    --meta-share the meta rows go through the same DDP forward as the training rows (one forward per backward)."""
+    --meta-share the meta rows go through the same DDP forward as the training rows (one forward per backward);
+    with --meta-share-at w-hat each rank's g_meta term is all-reduced with the rest of the real step's gradient."""
     from test_train import write_losses
 
     ws = make_workspace(tmp_path / "ws")
     write_losses(ws, tiny_model_dir)
     torch.multiprocessing.spawn(
         _train_worker,
-        args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path), method, share),
+        args=(2, _free_port(), str(ws), str(tiny_model_dir), str(tmp_path), method, share, at),
         nprocs=2,
         join=True,
     )
@@ -240,7 +256,7 @@ def test_two_rank_train_runs_and_keeps_ranks_identical(
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in r0["history"] + r1["history"]]
     assert strip[:2] == strip[2:]  # statistics were summed over the ranks the same way
     saved, meta = artifacts.read_tensors(init.model / "last" / "meta_net.safetensors")
-    assert meta["config"].get("meta_share", 0.0) == share
+    assert meta["config"].get("meta_share", 0.0) == share and meta["config"].get("meta_share_at", "w") == at
     for k, v in saved.items():
         assert torch.equal(v, r0["meta_net"][k]), k
 
