@@ -10,7 +10,8 @@ One call of :func:`meta_step` does, on a training mini-batch of n rows and a met
 3. eqs. 6/9, the weighted training loss ``Σ_i c_i(θ_new) L_i(w)``, returned with its graph for the caller's
    optimiser (the real update reuses the training forward, so it sees the same dropout masks); with
    ``clean_share`` S > 0 (``--meta-share``, our extension) plus ``S · mean CE`` of the clean batch, whose rows run
-   in the same real forward (:func:`forward_with_clean`, :func:`add_clean_share`).
+   in the same real forward (:func:`forward_with_clean`, :func:`add_clean_share`), or, with ``--meta-share-at
+   w-hat``, from the meta loss's gradient at ŵ that step 2 computed (:func:`add_clean_share_gradient`).
 
 The θ gradient is exact in both modes. Because w does not depend on θ, the chain rule gives
 ``dL_meta/dθ = −α Σ_i (∇L_meta(ŵ) · ∇L_i(w)) ∂c_i/∂θ``. ``mode="jvp"`` (default) gets the n directional
