@@ -224,9 +224,7 @@ class _CleanShare:
                 "--meta-share-at w-hat reuses the meta loss's gradient: the clean batch must be the meta batch"
             )
         self.real_batch = clean if self.share and not self.from_grad else None
-        self.g_meta: list[torch.Tensor] | None = None
-        self.meta_loss = torch.zeros(())
-        self.names: list[str] = []
+        self.reused: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None  # (L_meta(ŵ), ŵ names, g_meta)
 
     def reuse(self, rp: _RealPass, meta_loss: torch.Tensor, g_meta: list[torch.Tensor]) -> None:
         """Keep g_meta = ∇L_meta(ŵ) when this step takes the clean term from it (ŵ must hold every trainable
@@ -236,14 +234,14 @@ class _CleanShare:
         trainable = {n for n, p in rp.model.named_parameters() if p.requires_grad}
         if not trainable <= set(rp.names):
             raise ConfigError("--meta-share-at w-hat needs --meta-params all: g_meta covers only ŵ's parameters")
-        self.meta_loss, self.g_meta, self.names = meta_loss, g_meta, rp.names
+        self.reused = meta_loss, rp.names, g_meta
 
     def add(self, loss: torch.Tensor, rp: _RealPass) -> torch.Tensor:
         """The real step's loss with the clean term (eqs. 6/9 plus our extension); ``loss`` when S = 0."""
-        if self.g_meta is not None:
+        if self.reused is not None:
+            meta_loss, names, g_meta = self.reused
             params = dict(rp.model.named_parameters())
-            selected = [params[n] for n in self.names]
-            return add_clean_share_gradient(loss, self.meta_loss, selected, self.g_meta, self.share)
+            return add_clean_share_gradient(loss, meta_loss, [params[n] for n in names], g_meta, self.share)
         return add_clean_share(loss, rp.clean_logits, self.real_batch, self.share)
 
 
@@ -327,10 +325,12 @@ class _RealPass:
         meta_dropout: bool,
         meta_grad_scale: float,
         reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None,
+        want_g_meta: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The virtual step ŵ = w − α ∇_w Σ_i c_i train_loss_i (eqs. 4/8; ``coeffs`` None: a scalar loss), the meta
         loss at ŵ (eq. 5) and one optimiser step of the meta-net θ on its exact gradient (the other arguments as for
-        :func:`meta_step`). Returns the meta loss and ``g_meta = ∇L_meta(ŵ)`` (one tensor per ŵ parameter), detached.
+        :func:`meta_step`). Returns the meta loss and ``g_meta = ∇L_meta(ŵ)`` (one tensor per ŵ parameter), detached;
+        the unrolled mode computes g_meta only when ``want_g_meta`` (jvp needs it anyway) and returns [] otherwise.
 
         ``unrolled``: ŵ(θ) is built with ``create_graph=True`` and the meta loss is backpropagated through it. jvp:
         ŵ is a detached leaf and ``along(g_meta)`` turns ``g_meta`` into the θ gradient."""
@@ -348,8 +348,9 @@ class _RealPass:
             w_hat = dict(zip(names, stepped, strict=True))
             meta_loss = F.cross_entropy(_upcast(self.meta_logits(w_hat, meta, meta_dropout)), meta.labels)
             if unrolled:
-                # one backward gives θ's gradient and g_meta (ŵ's entries are non-leaf tensors here)
-                grads = torch.autograd.grad(meta_loss, [*theta, *stepped], retain_graph=True, materialize_grads=True)
+                # one backward gives θ's gradient and, when asked, g_meta (ŵ's entries are non-leaf tensors here)
+                inputs = [*theta, *stepped] if want_g_meta else theta
+                grads = torch.autograd.grad(meta_loss, inputs, retain_graph=True, materialize_grads=True)
                 theta_grads, g_meta = grads[: len(theta)], list(grads[len(theta) :])
             else:
                 # a ŵ parameter the meta loss does not reach gets a zero gradient, not None
@@ -426,7 +427,17 @@ def meta_step(
             return torch.autograd.grad(coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True)
 
         meta_loss, g_meta = rp.meta_update(
-            meta_opt, theta, meta_batch, losses, coeffs, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
+            meta_opt,
+            theta,
+            meta_batch,
+            losses,
+            coeffs,
+            along,
+            alpha,
+            meta_dropout,
+            meta_grad_scale,
+            reduce_meta_grads,
+            want_g_meta=share.from_grad,
         )
         share.reuse(rp, meta_loss, g_meta)
 
@@ -514,7 +525,17 @@ def mlc_step(
 
         train_loss = soft_cross_entropy(rp.logits, soft if rp.unrolled else soft.detach()).mean()
         meta_loss, g_meta = rp.meta_update(
-            lcn_opt, theta, meta_batch, train_loss, None, along, alpha, meta_dropout, meta_grad_scale, reduce_meta_grads
+            lcn_opt,
+            theta,
+            meta_batch,
+            train_loss,
+            None,
+            along,
+            alpha,
+            meta_dropout,
+            meta_grad_scale,
+            reduce_meta_grads,
+            want_g_meta=share.from_grad,
         )
         share.reuse(rp, meta_loss, g_meta)
 

@@ -244,7 +244,7 @@ def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Pa
 def test_meta_share_at_w_hat_is_recorded_and_is_its_own_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`train --meta-share 0.5 --meta-share-at w-hat` trains (a different model than at w, with meta_share_at in
     its config; at w the field stays out, so earlier runs are the same run); partial ŵ or no share is refused."""
-    args = [*FAST, "--epochs", "1", "--device", "cpu", "--meta-share", "0.5"]
+    args = [*FAST, "--device", "cpu", "--meta-share", "0.5"]
     roots = _workspaces(tmp_path, tiny_model_dir, 2)
     for root, at in zip(roots, ("w-hat", "w"), strict=True):
         r = runner.invoke(app, ["train", "-w", str(root), *args, "--meta-params", "all", "--meta-share-at", at])
