@@ -325,12 +325,12 @@ class _RealPass:
         meta_dropout: bool,
         meta_grad_scale: float,
         reduce_meta_grads: Callable[[list[torch.Tensor]], None] | None,
-        want_g_meta: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        share: _CleanShare,
+    ) -> torch.Tensor:
         """The virtual step ŵ = w − α ∇_w Σ_i c_i train_loss_i (eqs. 4/8; ``coeffs`` None: a scalar loss), the meta
         loss at ŵ (eq. 5) and one optimiser step of the meta-net θ on its exact gradient (the other arguments as for
-        :func:`meta_step`). Returns the meta loss and ``g_meta = ∇L_meta(ŵ)`` (one tensor per ŵ parameter), detached;
-        the unrolled mode computes g_meta only when ``want_g_meta`` (jvp needs it anyway) and returns [] otherwise.
+        :func:`meta_step`). Returns the meta loss, detached; ``share`` keeps ``g_meta = ∇L_meta(ŵ)`` when the step
+        takes ``--meta-share``'s term from it (the unrolled mode computes g_meta only then; jvp needs it anyway).
 
         ``unrolled``: ŵ(θ) is built with ``create_graph=True`` and the meta loss is backpropagated through it. jvp:
         ŵ is a detached leaf and ``along(g_meta)`` turns ``g_meta`` into the θ gradient."""
@@ -349,7 +349,7 @@ class _RealPass:
             meta_loss = F.cross_entropy(_upcast(self.meta_logits(w_hat, meta, meta_dropout)), meta.labels)
             if unrolled:
                 # one backward gives θ's gradient and, when asked, g_meta (ŵ's entries are non-leaf tensors here)
-                inputs = [*theta, *stepped] if want_g_meta else theta
+                inputs = [*theta, *stepped] if share.from_grad else theta
                 grads = torch.autograd.grad(meta_loss, inputs, retain_graph=True, materialize_grads=True)
                 theta_grads, g_meta = grads[: len(theta)], list(grads[len(theta) :])
             else:
@@ -362,7 +362,8 @@ class _RealPass:
         if reduce_meta_grads is not None:
             reduce_meta_grads([p.grad for p in theta])
         opt.step()
-        return meta_loss.detach(), [g.detach() for g in g_meta]
+        share.reuse(self, meta_loss.detach(), [g.detach() for g in g_meta])
+        return meta_loss.detach()
 
 
 def meta_step(
@@ -426,7 +427,7 @@ def meta_step(
             s = torch.zeros_like(batch.labels, dtype=torch.float32) if s is None else s
             return torch.autograd.grad(coeffs, theta, grad_outputs=-alpha * s.to(coeffs.dtype), allow_unused=True)
 
-        meta_loss, g_meta = rp.meta_update(
+        meta_loss = rp.meta_update(
             meta_opt,
             theta,
             meta_batch,
@@ -437,9 +438,8 @@ def meta_step(
             meta_dropout,
             meta_grad_scale,
             reduce_meta_grads,
-            want_g_meta=share.from_grad,
+            share,
         )
-        share.reuse(rp, meta_loss, g_meta)
 
     with torch.no_grad():
         weights = meta_net(feats, batch.labels, batch.curves, loss_in).detach()
@@ -524,7 +524,7 @@ def mlc_step(
             return torch.autograd.grad(dl_dz, theta, grad_outputs=-alpha * dz.to(dl_dz.dtype), allow_unused=True)
 
         train_loss = soft_cross_entropy(rp.logits, soft if rp.unrolled else soft.detach()).mean()
-        meta_loss, g_meta = rp.meta_update(
+        meta_loss = rp.meta_update(
             lcn_opt,
             theta,
             meta_batch,
@@ -535,9 +535,8 @@ def mlc_step(
             meta_dropout,
             meta_grad_scale,
             reduce_meta_grads,
-            want_g_meta=share.from_grad,
+            share,
         )
-        share.reuse(rp, meta_loss, g_meta)
 
     with torch.no_grad():
         soft_new = lcn(feats, batch.labels).detach()
