@@ -39,6 +39,9 @@ METHODS = ("plain", "plain-meta", "meta-only", "glc", "mwnet", "mlc", "mlrnet")
 METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
 #: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
 SHARE_METHODS = ("mwnet", "mlc", "mlrnet")
+#: the CLI defaults a results row was trained under, written into each row: 2 since MLRNet's defaults put the meta rows
+#: into the real step (``--meta-share 0.5`` at ŵ, ``--curve-prior 1``); rows without it ran under 1 (0, 0, at w)
+DEFAULTS = 2
 #: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
 NEEDS_STAGE1 = ("mlrnet", "glc")
 #: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method
@@ -55,7 +58,7 @@ META_PRESETS: dict[str, tuple[str, ...]] = {
     "lr1e-4": ("--meta-lr", "1e-4"),
     "lr1e-3": ("--meta-lr", "1e-3"),
     "mwnet-ref": ("--meta-lr", "1e-3", "--no-normalize-weights", "--meta-dropout"),
-    "mlc-ref": ("--meta-lr", "3e-4", "--meta-share", "0.5"),
+    "mlc-ref": ("--meta-lr", "3e-4", "--meta-share", "0.5", "--meta-share-at", "w"),  # MLC's code: one pass at w
 }
 TUNED_PRESETS: dict[str, tuple[str, ...]] = {
     "mwnet": ("lr1e-5", "lr1e-4", "lr1e-3", "mwnet-ref"),
@@ -488,6 +491,8 @@ def run_cell(
     commit = code_commit()
     for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{variant.label}"
+        if spelled_out_label(variant.method, asdict(budget), variant.preset, variant.label) != variant.label:
+            ws = ws.with_name(f"{ws.name}-d{DEFAULTS}")  # the name's version-1 run trained something else there
         ws.mkdir(parents=True, exist_ok=True)
         claim = _claim(ws)
         # another process runs it, or finished it after this one planned its runs: `train` would refuse or redo it
@@ -563,6 +568,7 @@ def _run_method(
         "cell_config": asdict(cell),
         "budget": asdict(budget),
         "commit": commit,
+        "defaults": DEFAULTS,
     }
     if method in ("mwnet", "mlrnet"):
         w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
@@ -633,8 +639,41 @@ def latest_row(rows: list[dict], key: tuple[str, int, str]) -> dict | None:
 
 
 def read_results(path: Path) -> list[dict]:
-    """One dict per finished method (``run_cell`` appends a line as each method ends)."""
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    """One dict per finished method (``run_cell`` appends a line as each method ends); a row trained under the
+    CLI's earlier defaults carries the label those defaults have today (:func:`as_run_today`)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [as_run_today(r) for r in rows]
+
+
+def as_run_today(row: dict) -> dict:
+    """A row of an earlier ``DEFAULTS`` version with its label spelled out for today's defaults (``mlrnet`` of
+    version 1 is ``mlrnet-share0-prior0`` now), so it is neither taken for a run of today's defaults nor skipped
+    by one; the label it ran under stays in ``label_as_run``."""
+    if row.get("defaults", 1) >= DEFAULTS or row["method"] not in SHARE_METHODS:
+        return row
+    budget = row.get("budget") or {}
+    as_run = row.get("label") or method_label(row["method"], budget)
+    label = spelled_out_label(row["method"], budget, row.get("preset"), as_run)
+    return row if label == as_run else {**row, "label": label, "label_as_run": as_run}
+
+
+def spelled_out_label(method: str, budget: dict, preset: str | None, label: str) -> str:
+    """``label`` (of ``method`` with ``budget``, and ``preset``'s flags) with version 1's defaults written out where
+    today's differ: MLRNet's ``--meta-share 0`` and ``--curve-prior 0``, and ``--meta-share-at w`` wherever a
+    share applied with ``--meta-params all``."""
+    flags = META_PRESETS.get(preset or "", ())
+    filled = dict(budget)
+    if method == "mlrnet":
+        if filled.get("meta_share") is None and "--meta-share" not in flags:
+            filled["meta_share"] = 0.0
+        if filled.get("curve_prior") is None:
+            filled["curve_prior"] = 0.0
+    share = filled.get("meta_share") or ("--meta-share" in flags)
+    if share and filled.get("meta_share_at") is None and "--meta-share-at" not in flags:
+        if filled.get("meta_params") in (None, "all"):
+            filled["meta_share_at"] = "w"
+    base = method_label(method, budget)
+    return method_label(method, filled) + label.removeprefix(base) if label.startswith(base) else label
 
 
 def report(out: Path) -> str:

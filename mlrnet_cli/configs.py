@@ -29,6 +29,10 @@ class Method(str, Enum):
 
 
 META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
+#: MLRNet's defaults for our two extensions (issue #17; the measurements: docs/results.md). MW-Net and MLC keep 0, the
+#: form of their papers; ``--meta-share 0 --curve-prior 0`` is MLRNet as the paper has it
+DEFAULT_META_SHARE = 0.5
+DEFAULT_CURVE_PRIOR = 1.0
 
 
 class InitFrom(str, Enum):
@@ -235,7 +239,9 @@ class TrainConfig:
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
     label_emb_dim: int = 128  # §4.3: label embedding (C, 128); also MLC's label embedding
     df_dim: int = 128  # §4.3: size of the discriminative feature DF_i; also MLC's hidden layers (its reference: 128)
-    curve_prior: float = 0.0  # our extension: the meta-net's logit starts at -β × mean stage-1 I_i; 0 = the paper's
+    # our extension: the meta-net's logit starts at -β × mean stage-1 I_i. None = the method's default (1 for mlrnet,
+    # chosen by measurement in docs/results.md; 0 otherwise); 0 = the paper's meta-net
+    curve_prior: float | None = None
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training
     dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
@@ -252,11 +258,14 @@ class TrainConfig:
     # it is evaluated, without dropout noise, and the meta forward is cheaper. On: MW-Net's reference code.
     meta_dropout: bool = False
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
-    # weighted loss. 0 = the paper's exact form; kept out of the provenance when 0 (earlier runs stay the same run)
-    meta_share: float = 0.0
+    # weighted loss. None = the method's default (0.5 for mlrnet, chosen by measurement in docs/results.md; 0 for
+    # mwnet and mlc, their papers' form); 0 = the paper's exact form. Kept out of the provenance when 0 (earlier runs
+    # stay the same run)
+    meta_share: float | None = None
     # where that term's gradient is taken: w (the meta rows run again in the real forward, +1 forward and backward of
-    # the meta batch) or w-hat (the meta loss's gradient at ŵ, reused; needs --meta-params all). Provenance: not "w"
-    meta_share_at: str = MetaShareAt.w.value
+    # the meta batch) or w-hat (the meta loss's gradient at ŵ, reused; needs --meta-params all). None = w-hat where it
+    # applies (S > 0 and --meta-params all), else w. Provenance: only when not "w"
+    meta_share_at: str | None = None
     # the collapse guard: when an epoch ends in a collapse the meta-net drove (one class for most dev rows, the
     # weights spread to the ends), rerun that epoch from where it began with the meta lr divided by 10, at most
     # this many times in a run (docs/train.md); 0 = off, the paper's loop
@@ -281,8 +290,10 @@ class TrainConfig:
             ("meta_mode", MetaMode, ConfigError),
             ("meta_share_at", MetaShareAt, ConfigError),
         ):
-            object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
         parse_meta_params(self.meta_params)
+        self._resolve_method_defaults()
         _at_least(self, 1, "meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim")
         _at_least(self, 2, "max_length")
         _at_least(self, 0, "meta_backoff", "meta_lr_probe")
@@ -312,6 +323,18 @@ class TrainConfig:
                     f"--meta-share-at {self.meta_share_at} needs --meta-params all, not {self.meta_params}",
                     "the meta loss's gradient at w-hat covers only the parameters in w-hat",
                 )
+
+    def _resolve_method_defaults(self) -> None:
+        """Fill the options left at None with the method's defaults: MLRNet's clean rows in the real step
+        (``DEFAULT_META_SHARE``) with the gradient reused from ŵ, and its curve prior (``DEFAULT_CURVE_PRIOR``)."""
+        mlrnet = self.method == Method.mlrnet.value
+        if self.meta_share is None:
+            object.__setattr__(self, "meta_share", DEFAULT_META_SHARE if mlrnet else 0.0)
+        if self.curve_prior is None:
+            object.__setattr__(self, "curve_prior", DEFAULT_CURVE_PRIOR if mlrnet else 0.0)
+        if self.meta_share_at is None:
+            reuse = self.meta_share and self.meta_share > 0 and self.meta_params == "all"
+            object.__setattr__(self, "meta_share_at", (MetaShareAt.w_hat if reuse else MetaShareAt.w).value)
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes

@@ -31,6 +31,18 @@ def normalized_curves(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return losses - (sums / counts[:, None])[labels]
 
 
+def mean_trained_curve(curves: torch.Tensor) -> torch.Tensor:
+    """The mean of I_i over the trained epochs 1..T (epoch 0 is the untrained classifier), what ``--curve-prior``
+    scales."""
+    return (curves[:, 1:] if curves.shape[1] > 1 else curves).mean(-1)
+
+
+def curve_prior_spread(curves: torch.Tensor, beta: float) -> float:
+    """The std of the weights ``--curve-prior`` β gives on its own (the net's logit 0): the spread the weights have
+    before the meta-net learned anything."""
+    return float(torch.sigmoid(-beta * mean_trained_curve(curves).double()).std()) if beta and len(curves) > 1 else 0.0
+
+
 class _MetaNet(nn.Module):
     """A meta-net that ``build_meta_net`` rebuilds from its ``spec()``: its ``kind`` and constructor arguments."""
 
@@ -115,8 +127,7 @@ class MLRNetMetaNet(_MetaNet):
         df = self.discriminative_features(features, labels, curves)
         logit = self.out(self.feed_forward(df)).squeeze(-1)
         if self.curve_prior:
-            trained = curves[:, 1:] if curves.shape[1] > 1 else curves  # epoch 0 is the untrained classifier
-            logit = logit - self.prior_scale * trained.to(logit.dtype).mean(-1)
+            logit = logit - self.prior_scale * mean_trained_curve(curves).to(logit.dtype)
         return torch.sigmoid(logit)
 
 

@@ -29,7 +29,7 @@ from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, Stage1MissingError
 from mlrnet_cli.glc import forward_corrected_loss, glc_corruption_matrix
 from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, mlc_step, per_sample_loss, resolve_meta_params
-from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, normalized_curves
+from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, curve_prior_spread, normalized_curves
 from mlrnet_cli.modeling import eval_mode, to_device
 from mlrnet_cli.progress import NullProgress, Progress
 from mlrnet_cli.progress import get as get_progress
@@ -601,6 +601,8 @@ class _Hooks:
         self.best_acc, self.best_epoch, self.better = -1.0, 0, False
         self.collapse: _Collapse | None = None  # the last epoch's, if any
         self._rerun_meta_lr = 0.0  # the meta lr of a rolled-back epoch's rerun
+        curves, beta = run.inp.curves, run.config.curve_prior
+        self.prior_spread = curve_prior_spread(curves, beta) if curves is not None and run.meta_net is not None else 0.0
 
     def epoch_shards(self, epoch: int) -> tuple[list[Shard], str, int]:
         cfg, e = self.run.config, epoch - 1
@@ -656,9 +658,10 @@ class _Hooks:
         )
         if found is None:
             return None
-        # weights that did not go to the ends cannot be a too-fast meta-net's doing
+        # weights that did not go to the ends cannot be a too-fast meta-net's doing; the curve prior spreads them
+        # before the meta-net learned anything, so only the spread beyond the prior's own counts
         std = row.get("weight_std") if run.meta_net is not None else None
-        blame_meta = std is not None and std >= SPREAD_WEIGHT_STD
+        blame_meta = std is not None and std >= SPREAD_WEIGHT_STD + self.prior_spread
         return _Collapse(run.inp.manifest.class_names[found[0]], found[1], found[2], blame_meta, std)
 
     def _warn(self, epoch: int, c: _Collapse) -> None:

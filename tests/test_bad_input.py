@@ -431,7 +431,7 @@ CASES = [
         "train-meta-share-at-no-share",
         "train",
         None,
-        [*TRAIN, "--meta-share-at", "w-hat"],
+        [*TRAIN, "--meta-share", "0", "--meta-share-at", "w-hat"],
         "--meta-share-at applies with --meta-share > 0",
         code=2,
     ),

@@ -45,6 +45,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
     ]
     for r, (w, s1) in zip(rows[2:], [(0.9, 0.85), (0.6, 0.8), (0.7, 0.9)], strict=True):
         r |= {"weight_auroc_within_label": w, "stage1_auroc_within_label": s1}
+    rows = [r | {"defaults": fidelity.DEFAULTS} for r in rows]
     rows.append(rows[0])  # a method rerun on its finished workspace appends the same row: counted once
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = fidelity.report(tmp_path).splitlines()
@@ -156,7 +157,7 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
     got = {c[c.index("--method") + 1]: c for c in trains}
     assert list(got) == ["mwnet", "mlrnet"]  # plain does not take it: its run without the flag counts
     for m, c in got.items():
-        assert c[c.index("--meta-share") + 1] == "0.5" and c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5")
+        assert c[c.index("--meta-share") + 1] == "0.5" and c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5-d2")
     rows = fidelity.read_results(tmp_path / "results.jsonl")
     assert [fidelity.row_key(r)[2] for r in rows] == ["plain", "mlrnet", "mwnet-share0.5", "mlrnet-share0.5"]
     assert rows[-1]["budget"]["meta_share"] == 0.5 and rows[0]["budget"]["meta_share"] is None
@@ -198,7 +199,7 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
     got = {c[c.index("--method") + 1]: c for c in trains}
     assert "--curve-prior" not in got["mwnet"] and got["mwnet"][got["mwnet"].index("--workdir") + 1].endswith("-mwnet")
     assert got["mlrnet"][got["mlrnet"].index("--curve-prior") + 1] == "0"
-    assert got["mlrnet"][got["mlrnet"].index("--workdir") + 1].endswith("-mlrnet-prior0")
+    assert got["mlrnet"][got["mlrnet"].index("--workdir") + 1].endswith("-mlrnet-prior0-d2")
     rows = fidelity.read_results(tmp_path / "results.jsonl")
     assert [fidelity.row_key(r)[2] for r in rows] == ["mwnet", "mlrnet-prior0"]
     assert rows[1]["budget"]["curve_prior"] == 0.0
@@ -236,9 +237,9 @@ def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
     fidelity.main()
     shared = [a for a in trains if "--meta-share" in a]
     assert [a[a.index("--workdir") + 1].rsplit("-m20-", 1)[1] for a in shared] == [
-        "mlrnet-share0.5@lr1e-5",
-        "mlrnet-share0.5@lr1e-4",
-        "mlrnet-share0.5@lr1e-3",
+        "mlrnet-share0.5@lr1e-5-d2",
+        "mlrnet-share0.5@lr1e-4-d2",
+        "mlrnet-share0.5@lr1e-3-d2",
     ]
     assert all(a[a.index("--meta-share") + 1] == "0.5" for a in shared)
     rows = fidelity.read_results(tmp_path / "results.jsonl")
@@ -247,7 +248,7 @@ def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
     trains.clear()
     monkeypatch.setattr(sys, "argv", [*base, "--seed", "1", "--meta-share", "0.5"])
     fidelity.main()
-    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mlrnet-share0.5-tuned")
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mlrnet-share0.5-tuned-d2")
     assert trains[0][trains[0].index("--meta-lr") + 1] == "1e-5"
     table = fidelity.report(tmp_path)
     assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 80.00 | 60.00 | 70.00 | - | - | lr1e-5 |" in table
@@ -530,7 +531,7 @@ def test_mlc_and_mwnet_each_get_their_reference_preset_beside_the_shared_lr_grid
     flags = {v.label: v.flags for v in fidelity.candidates("mlc")}
     assert list(flags) == ["mlc@lr1e-5", "mlc@lr1e-4", "mlc@lr1e-3", "mlc@mlc-ref"]
     # microsoft/MLC's hmlc_K_mix: the clean half of its gold batch in the real step, meta lr 3e-4
-    assert flags["mlc@mlc-ref"] == ("--meta-lr", "3e-4", "--meta-share", "0.5")
+    assert flags["mlc@mlc-ref"] == ("--meta-lr", "3e-4", "--meta-share", "0.5", "--meta-share-at", "w")
     assert [v.preset for v in fidelity.candidates("mwnet")][-1] == "mwnet-ref"
     assert "mlc-ref" not in fidelity.TUNED_PRESETS["mwnet"] + fidelity.TUNED_PRESETS["mlrnet"]
 
@@ -592,7 +593,7 @@ def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
     assert by_sub["collect-losses"][by_sub["collect-losses"].index("--seed") + 1] == "0"
     row = json.loads((tmp_path / "results.jsonl").read_text())
     assert (row["label"], row["seed"], row["budget"]["train_seed"]) == ("mlrnet-ts3", 0, 3)
-    assert by_sub["train"][by_sub["train"].index("--workdir") + 1].endswith("-mlrnet-ts3")
+    assert by_sub["train"][by_sub["train"].index("--workdir") + 1].endswith("-mlrnet-ts3-d2")
 
     calls.clear()
     fidelity.main()  # resumable: the finished training seed is skipped
@@ -617,3 +618,80 @@ def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> Non
     ]
     assert fidelity.method_label("plain", budget) == "plain" and fidelity.method_train_args("plain", budget) == []
     assert fidelity.method_label("mwnet", {"epochs": 5, "meta_params": "head"}) == "mwnet-mphead"
+
+
+def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row trained before MLRNet's defaults changed (no ``defaults`` in it) is read under the label today's CLI
+    gives the same run, so a run of today's defaults neither skips nor mixes with it, and one spelled out
+    (``--meta-share 0 --curve-prior 0``) finds it done."""
+    old = [
+        ("mlrnet", "mlrnet", {}, None, "mlrnet-share0-prior0"),
+        (
+            "mlrnet",
+            "mlrnet-share0.5-prior1",
+            {"meta_share": 0.5, "curve_prior": 1.0},
+            None,
+            "mlrnet-share0.5-prior1-atw",
+        ),
+        (
+            "mlrnet",
+            "mlrnet-share0.5-mphead",
+            {"meta_share": 0.5, "meta_params": "head"},
+            None,
+            "mlrnet-share0.5-prior0-mphead",
+        ),
+        ("mlrnet", "mlrnet@lr1e-4", {}, "lr1e-4", "mlrnet-share0-prior0@lr1e-4"),
+        ("mlrnet", "mlrnet-tuned", {}, "lr1e-4", "mlrnet-share0-prior0-tuned"),
+        ("mwnet", "mwnet-share0.5", {"meta_share": 0.5}, None, "mwnet-share0.5-atw"),
+        ("mwnet", "mwnet", {}, None, "mwnet"),
+        ("mlc", "mlc@mlc-ref", {}, "mlc-ref", "mlc@mlc-ref"),
+        ("plain", "plain", {}, None, "plain"),
+    ]
+    rows = [
+        {
+            "cell": "IF20-u0.4-m20",
+            "seed": 0,
+            "method": m,
+            "label": label,
+            "budget": b,
+            "preset": p,
+            "accuracy": 0.6,
+            "macro_f1": 0.5,
+        }
+        for m, label, b, p, _ in old
+    ]
+    rows.append(rows[0] | {"label": "mlrnet-share0.5-prior1-atw-hat", "defaults": fidelity.DEFAULTS})
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = fidelity.read_results(results)
+    assert [r["label"] for r in read] == [want for *_, want in old] + ["mlrnet-share0.5-prior1-atw-hat"]
+    assert [r.get("label_as_run") for r in read[:2]] == ["mlrnet", "mlrnet-share0.5-prior1"]
+
+    trains: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        trains.extend([cmd] if sub == "train" else [])
+        return {"accuracy": 0.8, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path), "--methods", "mlrnet"]
+    monkeypatch.setattr(sys, "argv", base)
+    fidelity.main()  # today's defaults: not the old row, and not in the old row's workspace
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-m20-mlrnet-d2")
+    assert "--meta-share" not in trains[0] and "--curve-prior" not in trains[0]
+    new = fidelity.read_results(results)[-1]
+    assert (new["label"], new["defaults"]) == ("mlrnet", fidelity.DEFAULTS)
+    trains.clear()
+    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0", "--curve-prior", "0"])
+    fidelity.main()  # the old row is this run
+    assert trains == []
+    table = fidelity.report(tmp_path)
+    assert (
+        "| IF20-u0.4-m20 | mlrnet | 1 | 80.00 |" in table
+        and "| IF20-u0.4-m20 | mlrnet-share0-prior0 | 1 | 60.00 |" in table
+    )

@@ -203,6 +203,41 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
     assert r.exit_code == 1 and "different" in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ({}, (0.5, 1.0, "w-hat")),  # MLRNet's defaults (issue #17): the meta rows in the real step, from w-hat
+        ({"meta_params": "last-1"}, (0.5, 1.0, "w")),  # w-hat needs every parameter in w-hat: the pass at w
+        ({"meta_share": 0.0, "curve_prior": 0.0}, (0.0, 0.0, "w")),  # the paper's MLRNet
+        ({"meta_share_at": "w"}, (0.5, 1.0, "w")),
+        ({"method": "mwnet"}, (0.0, 0.0, "w")),  # the baselines keep their papers' form
+        ({"method": "mlc"}, (0.0, 0.0, "w")),
+        ({"method": "mwnet", "meta_share": 0.5}, (0.5, 0.0, "w-hat")),
+        ({"method": "plain"}, (0.0, 0.0, "w")),
+        ({"method": "meta-only"}, (0.0, 0.0, "w")),
+    ],
+)
+def test_method_defaults_of_the_meta_share_and_the_curve_prior(given: dict, want: tuple) -> None:
+    cfg = TrainConfig(**given)
+    cfg.validate()
+    assert (cfg.meta_share, cfg.curve_prior, cfg.meta_share_at) == want
+
+
+def test_the_defaults_are_recorded_and_the_papers_form_is_one_option_away(ws: Path, tmp_path: Path) -> None:
+    """A run with no options records MLRNet's defaults in its config; ``--meta-share 0 --curve-prior 0`` records
+    none of them, so it is the same run as one trained before the defaults changed."""
+    paper = Path(shutil.copytree(ws, tmp_path / "paper"))
+    assert runner.invoke(app, ["train", "-w", str(ws), *FAST, "--device", "cpu"]).exit_code == 0
+    r = runner.invoke(
+        app, ["train", "-w", str(paper), *FAST, "--device", "cpu", "--meta-share", "0", "--curve-prior", "0"]
+    )
+    assert r.exit_code == 0, r.output
+    default, papers = (artifacts.read_json(w / "model" / "best" / "train_config.json")["config"] for w in (ws, paper))
+    assert (default["meta_share"], default["curve_prior"], default["meta_share_at"]) == (0.5, 1.0, "w-hat")
+    assert not {"meta_share", "curve_prior", "meta_share_at"} & set(papers)
+    assert {k: v for k, v in default.items() if k not in ("meta_share", "curve_prior", "meta_share_at")} == papers
+
+
 def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`train --meta-share 0.5`: in the model's config, a different model than the paper's form (whose config
     has no meta_share at all: earlier runs stay the same run), and a killed run resumes to identical artifacts."""
@@ -255,7 +290,7 @@ def test_meta_share_at_w_hat_is_recorded_and_is_its_own_run(tmp_path: Path, tiny
     assert (roots[0] / last).read_bytes() != (roots[1] / last).read_bytes()
     r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--meta-params", "last-1", "--meta-share-at", "w-hat"])
     assert r.exit_code == 1 and "needs --meta-params all" in r.stderr
-    r = runner.invoke(app, ["train", "-w", str(roots[0]), *FAST, "--meta-share-at", "w-hat"])
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *FAST, "--meta-share", "0", "--meta-share-at", "w-hat"])
     assert r.exit_code == 2 and "--meta-share-at applies with --meta-share > 0" in r.stderr
 
 
@@ -555,6 +590,32 @@ def test_collapse_guard_resumes_identically_when_killed_in_a_rerun(
             assert (roots[0] / "model" / f).read_bytes() == (root / "model" / f).read_bytes(), (root, f)
         h0, h1 = (artifacts.read_table(w / "model" / "history.arrow").drop(["seconds"]) for w in (roots[0], root))
         assert h0.equals(h1)
+
+
+def test_curve_prior_spread_is_the_std_of_the_priors_own_weights() -> None:
+    curves = torch.tensor([[9.0, 1.0, -1.0], [9.0, 0.0, 0.0], [9.0, -2.0, 0.0], [9.0, 2.0, 2.0]])
+    want = torch.sigmoid(-2 * torch.tensor([0.0, 0.0, -1.0, 2.0], dtype=torch.float64)).std().item()
+    assert train_mod.curve_prior_spread(curves, 2.0) == pytest.approx(want, rel=1e-12)  # epoch 0 left out
+    assert train_mod.curve_prior_spread(curves, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("weight_std", "prior_spread", "blamed"), [(0.2, 0.0, True), (0.2, 0.15, False), (0.3, 0.15, True)]
+)
+def test_the_meta_net_is_blamed_only_for_spread_beyond_the_curve_priors(
+    monkeypatch: pytest.MonkeyPatch, weight_std: float, prior_spread: float, blamed: bool
+) -> None:
+    """The curve prior spreads the weights before the meta-net learns (std 0.05-0.17 on the benchmark sets), so
+    a collapse with weights only that spread is the classifier's, not a too-fast meta-net's."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(train_mod, "real_collapse", lambda *a: (1, 0.875, 0.25))
+    inp = SimpleNamespace(dev_labels=np.zeros(8), train=SimpleNamespace(labels=np.zeros(8)))
+    inp.manifest = SimpleNamespace(class_names=["a", "b"])
+    hooks = SimpleNamespace(run=SimpleNamespace(inp=inp, meta_net=object()), prior_spread=prior_spread)
+    row = {"dev_accuracy": 0.2, "weight_std": weight_std}
+    found = train_mod._Hooks._collapse(hooks, row, np.ones(8, dtype=int), [0.5])
+    assert found is not None and found.blame_meta is blamed and found.label == "b"
 
 
 def test_collapse_guard_gives_up_after_meta_backoff_and_ignores_flat_weights(

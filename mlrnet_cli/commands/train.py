@@ -6,7 +6,16 @@ from functools import partial
 from pathlib import Path
 
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
-from mlrnet_cli.configs import InitFrom, MetaMode, MetaShareAt, Method, TrainConfig, build
+from mlrnet_cli.configs import (
+    DEFAULT_CURVE_PRIOR,
+    DEFAULT_META_SHARE,
+    InitFrom,
+    MetaMode,
+    MetaShareAt,
+    Method,
+    TrainConfig,
+    build,
+)
 
 _opt = partial(option, TrainConfig)
 
@@ -58,15 +67,17 @@ def train_cmd(
         "Dropout in the meta batch's forward at w-hat (eq. 5), as in MW-Net's code. Off (default): the meta "
         "loss is taken in eval mode, like the dev evaluation.",
     ),
-    meta_share: float = _opt(
+    meta_share: float | None = _opt(
         "meta_share",
         "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
-        "(our extension, as MLC's code does); 0 is the paper's exact form.",
+        "(our extension, as MLC's code does); 0 is the paper's exact form "
+        f"\\[default: {DEFAULT_META_SHARE:g} for mlrnet, 0 for mwnet and mlc].",
     ),
-    meta_share_at: MetaShareAt = _opt(
+    meta_share_at: MetaShareAt | None = _opt(
         "meta_share_at",
         "Where --meta-share's term takes its gradient: w (the meta rows run again in the real step, exact) or "
-        "w-hat (reuse the meta loss's gradient at w^ from the meta step: no second pass; needs --meta-params all).",
+        "w-hat (reuse the meta loss's gradient at w^ from the meta step: no second pass; needs --meta-params all) "
+        "\\[default: w-hat with --meta-params all, else w].",
     ),
     meta_backoff: int = _opt(
         "meta_backoff",
@@ -84,10 +95,11 @@ def train_cmd(
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
     df_dim: int = _opt("df_dim", "MLRNet discriminative-feature size (MLC: its hidden layers)."),
-    curve_prior: float = _opt(
+    curve_prior: float | None = _opt(
         "curve_prior",
         "mlrnet: start the weight's logit at -B x the row's mean normalised stage-1 loss, B learned with the "
-        "meta-net (our extension: keeps the within-label ranking of the loss curves); 0 is the paper's net.",
+        f"meta-net (our extension: keeps the within-label ranking of the loss curves); 0 is the paper's net "
+        f"\\[default: {DEFAULT_CURVE_PRIOR:g}].",
     ),
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),

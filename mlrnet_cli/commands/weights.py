@@ -72,7 +72,8 @@ def _print_summary(summary: dict[str, Any], top: list[dict[str, Any]], console: 
         if summary.get("per_label_switch"):
             console.print(
                 "  the weights mostly follow the label (they rebalance classes) and rank rows little within a label: "
-                "to choose rows to relabel, compare rows of one label (or train with --curve-prior 1)"
+                "to choose rows to relabel, compare rows of one label (or train MLRNet with its curve prior, "
+                "--curve-prior 1, the default)"
             )
     if det := summary.get("noise_detection"):
         console.print(
