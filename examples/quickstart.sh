@@ -50,8 +50,10 @@ distrusted). The groups table gives the weights of clean and noisy rows in head 
 classes. ROC-AUC is the chance that a noisy row weighs less than a clean one: 1.0 = noise found perfectly,
 0.5 = no better than chance, below 0.5 = noisy rows weigh MORE than clean ones. Below 0.5 is common when
 the classes are very imbalanced: uniform noise moves rows into the small classes, and the meta-net also
-up-weights the small classes to balance them (compare the head and tail groups). MLRNet's accuracy gain
-then likely comes from that balance more than from finding the noisy rows; do not relabel by weight alone.
+up-weights the small classes to balance them (compare the head and tail groups), so do not compare weights
+across labels. Within one label they do rank the rows: the "within each label" line gives that ROC-AUC beside
+the stage-1 loss's (MLRNet's default curve prior, --curve-prior 1, keeps the loss's ranking inside a label), so
+to choose rows for a human to check, compare rows of the same label.
 
 Next steps:
   - your data: copy this script and change the corrupt line (--data, --text-column, --label-column,
