@@ -77,7 +77,7 @@ def train_cmd(
         "meta_share_at",
         "Where --meta-share's term takes its gradient: w (the meta rows run again in the real step, exact) or "
         "w-hat (reuse the meta loss's gradient at w^ from the meta step: no second pass; needs --meta-params all) "
-        "\\[default: w-hat with --meta-params all, else w].",
+        "\\[default: w-hat where it applies (--meta-share > 0 with --meta-params all), else w].",
     ),
     meta_backoff: int = _opt(
         "meta_backoff",
