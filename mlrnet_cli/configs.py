@@ -333,7 +333,7 @@ class TrainConfig:
         if self.curve_prior is None:
             object.__setattr__(self, "curve_prior", DEFAULT_CURVE_PRIOR if mlrnet else 0.0)
         if self.meta_share_at is None:
-            reuse = self.meta_share and self.meta_share > 0 and self.meta_params == "all"
+            reuse = self.meta_share > 0 and self.meta_params == "all"
             object.__setattr__(self, "meta_share_at", (MetaShareAt.w_hat if reuse else MetaShareAt.w).value)
 
     def provenance_config(self) -> dict[str, Any]:
