@@ -40,9 +40,8 @@ METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
 #: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
 SHARE_METHODS = ("mwnet", "mlc", "mlrnet")
 #: the CLI defaults a results row was trained under, written into each row: 2 since MLRNet's defaults put the meta rows
-#: into the real step (``--meta-share 0.5`` at ŵ, ``--curve-prior 1``); rows without it ran under 1 (0, 0, at w);
-#: 3 since MLRNet updates its meta-net every other step (``--meta-interval 2``; 1 before)
-DEFAULTS = 3
+#: into the real step (``--meta-share 0.5`` at ŵ, ``--curve-prior 1``); rows without it ran under 1 (0, 0, at w)
+DEFAULTS = 2
 #: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
 NEEDS_STAGE1 = ("mlrnet", "glc")
 #: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method
@@ -492,13 +491,8 @@ def run_cell(
     commit = code_commit()
     for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{variant.label}"
-        changed = [  # the versions after which the label's meaning changed: its earlier runs trained something else
-            v + 1
-            for v in range(1, DEFAULTS)
-            if spelled_out_label(variant.method, asdict(budget), variant.preset, variant.label, v) != variant.label
-        ]
-        if changed:
-            ws = ws.with_name(f"{ws.name}-d{max(changed)}")
+        if spelled_out_label(variant.method, asdict(budget), variant.preset, variant.label) != variant.label:
+            ws = ws.with_name(f"{ws.name}-d{DEFAULTS}")  # the name's version-1 run trained something else there
         ws.mkdir(parents=True, exist_ok=True)
         claim = _claim(ws)
         # another process runs it, or finished it after this one planned its runs: `train` would refuse or redo it
@@ -655,33 +649,29 @@ def as_run_today(row: dict) -> dict:
     """A row of an earlier ``DEFAULTS`` version with its label spelled out for today's defaults (``mlrnet`` of
     version 1 is ``mlrnet-share0-prior0`` now), so it is neither taken for a run of today's defaults nor skipped
     by one; the label it ran under stays in ``label_as_run``."""
-    version = row.get("defaults", 1)
-    if version >= DEFAULTS or row["method"] not in SHARE_METHODS:
+    if row.get("defaults", 1) >= DEFAULTS or row["method"] not in SHARE_METHODS:
         return row
     budget = row.get("budget") or {}
     as_run = row.get("label") or method_label(row["method"], budget)
-    label = spelled_out_label(row["method"], budget, row.get("preset"), as_run, version)
+    label = spelled_out_label(row["method"], budget, row.get("preset"), as_run)
     return row if label == as_run else {**row, "label": label, "label_as_run": as_run}
 
 
-def spelled_out_label(method: str, budget: dict, preset: str | None, label: str, version: int = 1) -> str:
-    """``label`` (of ``method`` with ``budget``, and ``preset``'s flags) with the defaults of ``DEFAULTS`` version
-    ``version`` written out where today's differ: up to 1, MLRNet's ``--meta-share 0`` and ``--curve-prior 0``, and
-    ``--meta-share-at w`` wherever a share applied with ``--meta-params all``; up to 2, MLRNet's ``--meta-interval
-    1``."""
+def spelled_out_label(method: str, budget: dict, preset: str | None, label: str) -> str:
+    """``label`` (of ``method`` with ``budget``, and ``preset``'s flags) with version 1's defaults written out where
+    today's differ: MLRNet's ``--meta-share 0`` and ``--curve-prior 0``, and ``--meta-share-at w`` wherever a
+    share applied with ``--meta-params all``."""
     flags = META_PRESETS.get(preset or "", ())
     filled = dict(budget)
-    if method == "mlrnet" and version < 2:
+    if method == "mlrnet":
         if filled.get("meta_share") is None and "--meta-share" not in flags:
             filled["meta_share"] = 0.0
         if filled.get("curve_prior") is None:
             filled["curve_prior"] = 0.0
     share = filled.get("meta_share") or ("--meta-share" in flags)
-    if version < 2 and share and filled.get("meta_share_at") is None and "--meta-share-at" not in flags:
+    if share and filled.get("meta_share_at") is None and "--meta-share-at" not in flags:
         if filled.get("meta_params") in (None, "all"):
             filled["meta_share_at"] = "w"
-    if method == "mlrnet" and version < 3 and filled.get("meta_interval") is None and "--meta-interval" not in flags:
-        filled["meta_interval"] = 1
     base = method_label(method, budget)
     return method_label(method, filled) + label.removeprefix(base) if label.startswith(base) else label
 

@@ -33,9 +33,6 @@ META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
 #: form of their papers; ``--meta-share 0 --curve-prior 0`` is MLRNet as the paper has it
 DEFAULT_META_SHARE = 0.5
 DEFAULT_CURVE_PRIOR = 1.0
-#: MLRNet updates θ every other step by default (issue #17's cost/accuracy frontier: within the seed spread of every
-#: step at about 0.6x its training time); MW-Net and MLC keep every step, as their papers do
-DEFAULT_META_INTERVAL = 2
 
 
 class InitFrom(str, Enum):
@@ -238,9 +235,7 @@ class TrainConfig:
     meta_lr: float = 1e-4  # Adam lr of θ; MW-Net's 1e-3 swung full fine-tuning to extreme weights (docs/results.md)
     alpha: float | None = None  # virtual-step rate α of eqs. 4/8; None = lr (the paper's α steps both eqs. 4 and 6)
     meta_params: str = "all"  # all | head | last-K: parameters the virtual step differentiates through
-    # update θ every K classifier steps. None = the method's default (2 for mlrnet, measured in docs/results.md;
-    # 1 otherwise); 1 = the paper's every step
-    meta_interval: int | None = None
+    meta_interval: int = 1  # update θ every K classifier steps
     normalize_weights: bool = True  # c_i = v_i / Σv in the batch (MW-Net's guard against collapse)
     label_emb_dim: int = 128  # §4.3: label embedding (C, 128); also MLC's label embedding
     df_dim: int = 128  # §4.3: size of the discriminative feature DF_i; also MLC's hidden layers (its reference: 128)
@@ -331,11 +326,8 @@ class TrainConfig:
 
     def _resolve_method_defaults(self) -> None:
         """Fill the options left at None with the method's defaults: MLRNet's clean rows in the real step
-        (``DEFAULT_META_SHARE``) with the gradient reused from ŵ, its curve prior (``DEFAULT_CURVE_PRIOR``) and its
-        meta interval (``DEFAULT_META_INTERVAL``)."""
+        (``DEFAULT_META_SHARE``) with the gradient reused from ŵ, and its curve prior (``DEFAULT_CURVE_PRIOR``)."""
         mlrnet = self.method == Method.mlrnet.value
-        if self.meta_interval is None:
-            object.__setattr__(self, "meta_interval", DEFAULT_META_INTERVAL if mlrnet else 1)
         if self.meta_share is None:
             object.__setattr__(self, "meta_share", DEFAULT_META_SHARE if mlrnet else 0.0)
         if self.curve_prior is None:

@@ -156,11 +156,8 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
     fidelity.main()
     got = {c[c.index("--method") + 1]: c for c in trains}
     assert list(got) == ["mwnet", "mlrnet"]  # plain does not take it: its run without the flag counts
-    # the label's meaning last changed with version 2 (the share at ŵ) for MW-Net, 3 (every other step) for MLRNet
     for m, c in got.items():
-        version = {"mwnet": 2, "mlrnet": 3}[m]
-        assert c[c.index("--meta-share") + 1] == "0.5"
-        assert c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5-d{version}")
+        assert c[c.index("--meta-share") + 1] == "0.5" and c[c.index("--workdir") + 1].endswith(f"-{m}-share0.5-d2")
     rows = fidelity.read_results(tmp_path / "results.jsonl")
     assert [fidelity.row_key(r)[2] for r in rows] == ["plain", "mlrnet", "mwnet-share0.5", "mlrnet-share0.5"]
     assert rows[-1]["budget"]["meta_share"] == 0.5 and rows[0]["budget"]["meta_share"] is None
@@ -202,7 +199,7 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
     got = {c[c.index("--method") + 1]: c for c in trains}
     assert "--curve-prior" not in got["mwnet"] and got["mwnet"][got["mwnet"].index("--workdir") + 1].endswith("-mwnet")
     assert got["mlrnet"][got["mlrnet"].index("--curve-prior") + 1] == "0"
-    assert got["mlrnet"][got["mlrnet"].index("--workdir") + 1].endswith("-mlrnet-prior0-d3")
+    assert got["mlrnet"][got["mlrnet"].index("--workdir") + 1].endswith("-mlrnet-prior0-d2")
     rows = fidelity.read_results(tmp_path / "results.jsonl")
     assert [fidelity.row_key(r)[2] for r in rows] == ["mwnet", "mlrnet-prior0"]
     assert rows[1]["budget"]["curve_prior"] == 0.0
@@ -240,9 +237,9 @@ def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
     fidelity.main()
     shared = [a for a in trains if "--meta-share" in a]
     assert [a[a.index("--workdir") + 1].rsplit("-m20-", 1)[1] for a in shared] == [
-        "mlrnet-share0.5@lr1e-5-d3",
-        "mlrnet-share0.5@lr1e-4-d3",
-        "mlrnet-share0.5@lr1e-3-d3",
+        "mlrnet-share0.5@lr1e-5-d2",
+        "mlrnet-share0.5@lr1e-4-d2",
+        "mlrnet-share0.5@lr1e-3-d2",
     ]
     assert all(a[a.index("--meta-share") + 1] == "0.5" for a in shared)
     rows = fidelity.read_results(tmp_path / "results.jsonl")
@@ -251,7 +248,7 @@ def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
     trains.clear()
     monkeypatch.setattr(sys, "argv", [*base, "--seed", "1", "--meta-share", "0.5"])
     fidelity.main()
-    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mlrnet-share0.5-tuned-d3")
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-s1-m20-mlrnet-share0.5-tuned-d2")
     assert trains[0][trains[0].index("--meta-lr") + 1] == "1e-5"
     table = fidelity.report(tmp_path)
     assert "| IF20-u0.4-m20 | mlrnet-share0.5 | 80.00 | 60.00 | 70.00 | - | - | lr1e-5 |" in table
@@ -596,7 +593,7 @@ def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
     assert by_sub["collect-losses"][by_sub["collect-losses"].index("--seed") + 1] == "0"
     row = json.loads((tmp_path / "results.jsonl").read_text())
     assert (row["label"], row["seed"], row["budget"]["train_seed"]) == ("mlrnet-ts3", 0, 3)
-    assert by_sub["train"][by_sub["train"].index("--workdir") + 1].endswith("-mlrnet-ts3-d3")
+    assert by_sub["train"][by_sub["train"].index("--workdir") + 1].endswith("-mlrnet-ts3-d2")
 
     calls.clear()
     fidelity.main()  # resumable: the finished training seed is skipped
@@ -624,28 +621,27 @@ def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> Non
 
 
 def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A row trained before MLRNet's defaults changed (no ``defaults`` in it, or an earlier version) is read under
-    the label today's CLI gives the same run, so a run of today's defaults neither skips nor mixes with it, and one
-    spelled out (``--meta-share 0 --curve-prior 0 --meta-interval 1``) finds it done."""
+    """A row trained before MLRNet's defaults changed (no ``defaults`` in it) is read under the label today's CLI
+    gives the same run, so a run of today's defaults neither skips nor mixes with it, and one spelled out
+    (``--meta-share 0 --curve-prior 0``) finds it done."""
     old = [
-        ("mlrnet", "mlrnet", {}, None, "mlrnet-share0-prior0-mi1"),
+        ("mlrnet", "mlrnet", {}, None, "mlrnet-share0-prior0"),
         (
             "mlrnet",
             "mlrnet-share0.5-prior1",
             {"meta_share": 0.5, "curve_prior": 1.0},
             None,
-            "mlrnet-share0.5-prior1-mi1-atw",
+            "mlrnet-share0.5-prior1-atw",
         ),
         (
             "mlrnet",
             "mlrnet-share0.5-mphead",
             {"meta_share": 0.5, "meta_params": "head"},
             None,
-            "mlrnet-share0.5-prior0-mphead-mi1",
+            "mlrnet-share0.5-prior0-mphead",
         ),
-        ("mlrnet", "mlrnet@lr1e-4", {}, "lr1e-4", "mlrnet-share0-prior0-mi1@lr1e-4"),
-        ("mlrnet", "mlrnet-tuned", {}, "lr1e-4", "mlrnet-share0-prior0-mi1-tuned"),
-        ("mlrnet", "mlrnet-mi2", {"meta_interval": 2}, None, "mlrnet-share0-prior0-mi2"),
+        ("mlrnet", "mlrnet@lr1e-4", {}, "lr1e-4", "mlrnet-share0-prior0@lr1e-4"),
+        ("mlrnet", "mlrnet-tuned", {}, "lr1e-4", "mlrnet-share0-prior0-tuned"),
         ("mwnet", "mwnet-share0.5", {"meta_share": 0.5}, None, "mwnet-share0.5-atw"),
         ("mwnet", "mwnet", {}, None, "mwnet"),
         ("mlc", "mlc@mlc-ref", {}, "mlc-ref", "mlc@mlc-ref"),
@@ -664,19 +660,11 @@ def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeyp
         }
         for m, label, b, p, _ in old
     ]
-    # version 2 (the meta rows in the real step, every step a meta step), and a row of today's
-    v2 = [
-        ("mlrnet", {}, "mlrnet-mi1"),
-        ("mlrnet-share0-prior0", {"meta_share": 0.0, "curve_prior": 0.0}, "mlrnet-share0-prior0-mi1"),
-        ("mlrnet-mi2", {"meta_interval": 2}, "mlrnet-mi2"),
-    ]
-    rows += [rows[0] | {"label": label, "defaults": 2, "budget": budget} for label, budget, _ in v2]
     rows.append(rows[0] | {"label": "mlrnet-share0.5-prior1-atw-hat", "defaults": fidelity.DEFAULTS})
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     read = fidelity.read_results(results)
-    want = [want for *_, want in old] + [want for *_, want in v2] + ["mlrnet-share0.5-prior1-atw-hat"]
-    assert [r["label"] for r in read] == want
+    assert [r["label"] for r in read] == [want for *_, want in old] + ["mlrnet-share0.5-prior1-atw-hat"]
     assert [r.get("label_as_run") for r in read[:2]] == ["mlrnet", "mlrnet-share0.5-prior1"]
 
     trains: list[list[str]] = []
@@ -694,20 +682,16 @@ def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeyp
     base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path), "--methods", "mlrnet"]
     monkeypatch.setattr(sys, "argv", base)
     fidelity.main()  # today's defaults: not the old row, and not in the old row's workspace
-    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-m20-mlrnet-d3")
-    assert not {"--meta-share", "--curve-prior", "--meta-interval"} & set(trains[0])
+    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-m20-mlrnet-d2")
+    assert "--meta-share" not in trains[0] and "--curve-prior" not in trains[0]
     new = fidelity.read_results(results)[-1]
     assert (new["label"], new["defaults"]) == ("mlrnet", fidelity.DEFAULTS)
     trains.clear()
-    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0", "--curve-prior", "0", "--meta-interval", "1"])
+    monkeypatch.setattr(sys, "argv", [*base, "--meta-share", "0", "--curve-prior", "0"])
     fidelity.main()  # the old row is this run
     assert trains == []
-    # a label whose meaning changed with version 2 only keeps version 2's workspace
-    monkeypatch.setattr(sys, "argv", [*base[:-1], "mwnet", "--meta-share", "0.5"])
-    fidelity.main()
-    assert len(trains) == 1 and trains[0][trains[0].index("--workdir") + 1].endswith("-m20-mwnet-share0.5-d2")
     table = fidelity.report(tmp_path)
     assert (
         "| IF20-u0.4-m20 | mlrnet | 1 | 80.00 |" in table
-        and "| IF20-u0.4-m20 | mlrnet-share0-prior0-mi1 | 1 | 60.00 |" in table
+        and "| IF20-u0.4-m20 | mlrnet-share0-prior0 | 1 | 60.00 |" in table
     )

@@ -206,39 +206,36 @@ def test_resume_after_interruption_gives_identical_artifacts(tmp_path: Path, tin
 @pytest.mark.parametrize(
     ("given", "want"),
     [
-        ({}, (0.5, 1.0, "w-hat", 2)),  # MLRNet's defaults (issue #17): the meta rows in the real step, from w-hat
-        ({"meta_params": "last-1"}, (0.5, 1.0, "w", 2)),  # w-hat needs every parameter in w-hat: the pass at w
-        ({"meta_share": 0.0, "curve_prior": 0.0, "meta_interval": 1}, (0.0, 0.0, "w", 1)),  # the paper's MLRNet
-        ({"meta_share_at": "w"}, (0.5, 1.0, "w", 2)),
-        ({"meta_interval": 3}, (0.5, 1.0, "w-hat", 3)),
-        ({"method": "mwnet"}, (0.0, 0.0, "w", 1)),  # the baselines keep their papers' form
-        ({"method": "mlc"}, (0.0, 0.0, "w", 1)),
-        ({"method": "mwnet", "meta_share": 0.5}, (0.5, 0.0, "w-hat", 1)),
-        ({"method": "plain"}, (0.0, 0.0, "w", 1)),
-        ({"method": "meta-only"}, (0.0, 0.0, "w", 1)),
+        ({}, (0.5, 1.0, "w-hat")),  # MLRNet's defaults (issue #17): the meta rows in the real step, from w-hat
+        ({"meta_params": "last-1"}, (0.5, 1.0, "w")),  # w-hat needs every parameter in w-hat: the pass at w
+        ({"meta_share": 0.0, "curve_prior": 0.0}, (0.0, 0.0, "w")),  # the paper's MLRNet
+        ({"meta_share_at": "w"}, (0.5, 1.0, "w")),
+        ({"method": "mwnet"}, (0.0, 0.0, "w")),  # the baselines keep their papers' form
+        ({"method": "mlc"}, (0.0, 0.0, "w")),
+        ({"method": "mwnet", "meta_share": 0.5}, (0.5, 0.0, "w-hat")),
+        ({"method": "plain"}, (0.0, 0.0, "w")),
+        ({"method": "meta-only"}, (0.0, 0.0, "w")),
     ],
 )
-def test_method_defaults_of_the_meta_share_the_curve_prior_and_the_interval(given: dict, want: tuple) -> None:
+def test_method_defaults_of_the_meta_share_and_the_curve_prior(given: dict, want: tuple) -> None:
     cfg = TrainConfig(**given)
     cfg.validate()
-    assert (cfg.meta_share, cfg.curve_prior, cfg.meta_share_at, cfg.meta_interval) == want
+    assert (cfg.meta_share, cfg.curve_prior, cfg.meta_share_at) == want
 
 
-def test_the_defaults_are_recorded_and_the_papers_form_is_three_options_away(ws: Path, tmp_path: Path) -> None:
-    """A run with no options records MLRNet's defaults in its config; ``--meta-share 0 --curve-prior 0
-    --meta-interval 1`` records none of the first two and the paper's every-step update, so it is the same run as
-    one trained before the defaults changed."""
+def test_the_defaults_are_recorded_and_the_papers_form_is_one_option_away(ws: Path, tmp_path: Path) -> None:
+    """A run with no options records MLRNet's defaults in its config; ``--meta-share 0 --curve-prior 0`` records
+    none of them, so it is the same run as one trained before the defaults changed."""
     paper = Path(shutil.copytree(ws, tmp_path / "paper"))
     assert runner.invoke(app, ["train", "-w", str(ws), *FAST, "--device", "cpu"]).exit_code == 0
-    papers_form = ["--meta-share", "0", "--curve-prior", "0", "--meta-interval", "1"]
-    r = runner.invoke(app, ["train", "-w", str(paper), *FAST, "--device", "cpu", *papers_form])
+    r = runner.invoke(
+        app, ["train", "-w", str(paper), *FAST, "--device", "cpu", "--meta-share", "0", "--curve-prior", "0"]
+    )
     assert r.exit_code == 0, r.output
     default, papers = (artifacts.read_json(w / "model" / "best" / "train_config.json")["config"] for w in (ws, paper))
     assert (default["meta_share"], default["curve_prior"], default["meta_share_at"]) == (0.5, 1.0, "w-hat")
-    assert (default["meta_interval"], papers["meta_interval"]) == (2, 1)
     assert not {"meta_share", "curve_prior", "meta_share_at"} & set(papers)
-    ours = ("meta_share", "curve_prior", "meta_share_at", "meta_interval")
-    assert {k: v for k, v in default.items() if k not in ours} == {k: v for k, v in papers.items() if k not in ours}
+    assert {k: v for k, v in default.items() if k not in ("meta_share", "curve_prior", "meta_share_at")} == papers
 
 
 def test_meta_share_is_recorded_trains_on_the_meta_rows_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:

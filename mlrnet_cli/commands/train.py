@@ -8,7 +8,6 @@ from pathlib import Path
 from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption, app, emit, option, optional
 from mlrnet_cli.configs import (
     DEFAULT_CURVE_PRIOR,
-    DEFAULT_META_INTERVAL,
     DEFAULT_META_SHARE,
     InitFrom,
     MetaMode,
@@ -92,10 +91,10 @@ def train_cmd(
         "start, and the best dev accuracy without a collapse wins (our extension; the choice goes to the log, "
         "train_config.json and meta_lr_probe.json); 0 uses --meta-lr as given.",
     ),
-    meta_interval: int | None = _opt(
+    meta_interval: int = _opt(
         "meta_interval",
         "Update the meta-net every K steps (the steps between train with its current weights); 1 is the paper's "
-        f"every step \\[default: {DEFAULT_META_INTERVAL} for mlrnet, 1 for mwnet and mlc].",
+        "every step, 2 the cheapest setting measured close to it (docs/results.md, the frontier).",
     ),
     normalize_weights: bool = _opt("normalize_weights", "Normalise weights in the batch: v_i / sum(v)."),
     label_emb_dim: int = _opt("label_emb_dim", "MLRNet (and MLC) label-embedding size."),
