@@ -10,7 +10,8 @@ Each variant runs in its own subprocess so peak RSS figures don't mix.
 Targets: all <= 3.5x plain time (issue 17, which withdrew issue 4's 2.5x: by count the exact step is 11
 forward-equivalents against 3) and <= 1.6x plain peak memory; head <= 1.3x plain time. The `-share` variants
 add the meta batch to the real step (`--meta-share 0.5`, issue 17's candidate default); `all-share-w-hat` takes
-that term's gradient from the meta step (`--meta-share-at w-hat`), without the second pass.
+that term's gradient from the meta step (`--meta-share-at w-hat`), without the second pass (MLRNet's default step);
+`all-interval-2-share-w-hat` is that step with θ updated every other step (`--meta-interval 2`).
 """
 
 from __future__ import annotations
