@@ -203,11 +203,12 @@ def main() -> None:
     print(
         f"{base['model']}, batch 16 + meta 16, seq 64, {args.threads} threads, best of {args.rounds}x{args.steps} steps"
     )
-    print(f"{'variant':<28}{'s/step':>9}{'x plain':>9}{'peak RSS MiB':>14}{'x plain':>9}")
+    width = max(map(len, ["variant", *variants])) + 2
+    print(f"{'variant':<{width}}{'s/step':>9}{'x plain':>9}{'peak RSS MiB':>14}{'x plain':>9}")
     for v in variants:
         r = results[v]
         print(
-            f"{v:<28}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['peak_rss_mib']:>14.0f}"
+            f"{v:<{width}}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['peak_rss_mib']:>14.0f}"
             f"{r['peak_rss_mib'] / base['peak_rss_mib']:>9.2f}"
         )
 

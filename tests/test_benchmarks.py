@@ -337,21 +337,26 @@ def test_meta_step_child_times_whole_meta_cycles(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.usefixtures("one_thread")
 def test_meta_step_share_variants_put_the_meta_batch_in_the_real_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The `-share` variants time the step of --meta-share 0.5: the meta batch is passed as the clean batch."""
+    """The `-share` variants time the step of --meta-share 0.5: the meta batch is passed as the clean batch (and
+    with --meta-interval 2, θ is updated on every other step)."""
     import mlrnet_cli.meta as meta
 
-    seen: list[tuple[bool, float]] = []
+    seen: list[tuple[bool, float, str, bool]] = []
     real = meta.meta_step
 
     def spying(*args, **kwargs):
-        seen.append((kwargs["clean_batch"] is args[4], kwargs["clean_share"], kwargs["clean_share_at"]))
+        clean = kwargs["clean_batch"] is args[4]
+        seen.append((clean, kwargs["clean_share"], kwargs["clean_share_at"], kwargs["update_meta"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(meta, "meta_step", spying)
     meta_step.child("head-share", steps=1, threads=1, tiny=True)
     meta_step.child("head", steps=1, threads=1, tiny=True)
     meta_step.child("all-share-w-hat", steps=1, threads=1, tiny=True)
-    assert seen == [(True, 0.5, "w")] * 2 + [(False, 0.0, "w")] * 2 + [(True, 0.5, "w-hat")] * 2
+    meta_step.child("all-interval-2-share-w-hat", steps=1, threads=1, tiny=True)
+    assert seen[:6] == [(True, 0.5, "w", True)] * 2 + [(False, 0.0, "w", True)] * 2 + [(True, 0.5, "w-hat", True)] * 2
+    # warm-up + one cycle of 2 steps: meta, between (its clean term by the pass at w inside meta_step), meta
+    assert seen[6:] == [(True, 0.5, "w-hat", True), (True, 0.5, "w-hat", False), (True, 0.5, "w-hat", True)]
 
 
 def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
