@@ -27,6 +27,8 @@ the metrics.
     pip install 'mlrnet[bench]'     # cleanlab and scikit-learn; never a runtime dependency of mlrnet
     python benchmarks/detection.py --out bench-work/frozen
     python benchmarks/detection.py --out bench-work/full5 --only if20-uniform0.4-s0 --stage1 in-sample
+    # issue #17's within-label criterion: each weight score minus the stage-1 loss, with a paired bootstrap interval
+    python benchmarks/detection.py --out bench-work/headline --scores mlrnet-weight stage1-loss --bootstrap 2000
 """
 
 from __future__ import annotations
@@ -67,6 +69,40 @@ def cell_report(scores: np.ndarray, noisy: np.ndarray, labels: np.ndarray) -> di
     from mlrnet_cli.metrics import within_label_report
 
     return {"overall": detection_metrics(scores, noisy), "within_label": within_label_report(scores, noisy, labels)}
+
+
+def within_label_auc_gap(
+    a: np.ndarray, b: np.ndarray, noisy: np.ndarray, labels: np.ndarray, reps: int, seed: int = 0
+) -> dict[str, Any]:
+    """Within-label ROC-AUC of score ``a`` minus that of ``b`` on the same rows, with a paired bootstrap: each of
+    ``reps`` resamples draws every label's rows with replacement (labels keep their sizes) and scores both on it.
+
+    Issue #17 asks the weights to rank the noisy rows within labels at or above the stage-1 loss; the interval says
+    whether a measured gap is larger than the resampling spread of the rows themselves."""
+    from mlrnet_cli.metrics import roc_auc
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    noisy, labels = np.asarray(noisy).astype(bool), np.asarray(labels)
+    # a label with no noisy or no clean row has no ROC-AUC (within_label_report leaves it out the same way)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    groups = [g for g in groups if 0 < noisy[g].sum() < g.size]
+    if not groups:
+        return {"gap": None, "low": None, "high": None, "reps": reps, "labels_used": 0}
+
+    def gap(parts: list[np.ndarray]) -> float:
+        return float(np.mean([roc_auc(a[g], noisy[g]) - roc_auc(b[g], noisy[g]) for g in parts]))
+
+    rng = np.random.default_rng(seed)
+
+    def draw(g: np.ndarray) -> np.ndarray:
+        while True:  # a resample with only clean (or only noisy) rows has no AUC: draw that label again
+            part = rng.choice(g, size=g.size, replace=True)
+            if 0 < noisy[part].sum() < part.size:
+                return part
+
+    draws = [gap([draw(g) for g in groups]) for _ in range(reps)]
+    low, high = np.quantile(draws, [0.025, 0.975]).tolist() if draws else (None, None)
+    return {"gap": gap(groups), "low": low, "high": high, "reps": reps, "labels_used": len(groups)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +459,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(md)
 
 
+def gap_markdown(rows: list[dict[str, Any]]) -> str:
+    """The weights' within-label ROC-AUC minus the stage-1 loss's, with its bootstrap interval (``--bootstrap``)."""
+    md = [
+        "| cell | score (high = noisy) | within-label ROC-AUC | stage-1 loss | difference | 95 % interval (paired "
+        "bootstrap) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g = r.get("vs_stage1_loss")
+        if not g or g["gap"] is None:
+            continue
+        md.append(
+            f"| {r['cell']} | {r['score']} | {r['within_label']['roc_auc']:.4f} | {g['stage1_roc_auc']:.4f} | "
+            f"{g['gap']:+.4f} | {g['low']:+.4f} to {g['high']:+.4f} ({g['reps']} resamples) |"
+        )
+    return "\n".join(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="a fidelity.py --out folder (reads OUT/work)")
@@ -437,6 +491,14 @@ def main() -> None:
     ap.add_argument("--encoder", default=None, help="encoder for the logistic regression [default: offline MiniLM]")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fold split")
     ap.add_argument("--jsonl", type=Path, default=None, help="[default: OUT/detection.jsonl]")
+    ap.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also each weight score's within-label ROC-AUC minus the stage-1 loss's, with a 95 %% interval from N "
+        "paired resamples of each label's rows (needs stage1-loss among --scores) [default: 0, off]",
+    )
     args = ap.parse_args()
     encoder = args.encoder
     if encoder is None and "cleanlab-lr" in args.scores:
@@ -452,24 +514,31 @@ def main() -> None:
             continue
         scores, noisy, labels = got
         for name, s in scores.items():
-            rows.append(
-                {
-                    "cell": cell.name,
-                    "score": name,
-                    **cell_report(s, noisy, labels),
-                    "settings": {
-                        "stage1": args.stage1,
-                        "folds": FOLDS,
-                        "fold_seed": args.seed,
-                        "encoder": encoder if name == "cleanlab-lr" else None,
-                    },
-                }
-            )
+            row = {
+                "cell": cell.name,
+                "score": name,
+                **cell_report(s, noisy, labels),
+                "settings": {
+                    "stage1": args.stage1,
+                    "folds": FOLDS,
+                    "fold_seed": args.seed,
+                    "encoder": encoder if name == "cleanlab-lr" else None,
+                },
+            }
+            if args.bootstrap and "-weight" in name and "stage1-loss" in scores:
+                base = scores["stage1-loss"]
+                gap = within_label_auc_gap(s, base, noisy, labels, args.bootstrap, args.seed)
+                stage1_auc = cell_report(base, noisy, labels)["within_label"]["roc_auc"]
+                row["vs_stage1_loss"] = {**gap, "stage1_roc_auc": stage1_auc}
+            rows.append(row)
     jsonl = args.jsonl or args.out / "detection.jsonl"
     tmp = jsonl.with_name(jsonl.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, jsonl)
     print(markdown(rows))
+    if args.bootstrap:
+        print()
+        print(gap_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,29 @@ import prepare_data  # noqa: E402
 # metrics: numpy only, no bench extra
 
 
+def test_within_label_auc_gap_is_the_difference_of_the_means_with_a_paired_interval() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 60)
+    noisy = rng.random(labels.size) < 0.3
+    noisy[labels == 2] = False  # no noisy row: left out, as within_label_report leaves it out
+    perfect = noisy.astype(float) + 0.01 * rng.random(labels.size)
+    random_ = rng.random(labels.size)
+    got = detection.within_label_auc_gap(perfect, random_, noisy, labels, reps=300, seed=0)
+    want = detection.cell_report(perfect, noisy, labels)["within_label"]["roc_auc"]
+    want -= detection.cell_report(random_, noisy, labels)["within_label"]["roc_auc"]
+    assert got["gap"] == pytest.approx(want)
+    assert got["labels_used"] == 2 and got["reps"] == 300
+    assert 0.0 < got["low"] <= got["gap"] <= got["high"] < 1.0  # a perfect ranking beats a random one, surely
+    # the same score on both sides: every paired resample differs by exactly 0
+    same = detection.within_label_auc_gap(random_, random_, noisy, labels, reps=50)
+    assert (same["gap"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    # the reversed order swaps the sign and the interval's ends
+    back = detection.within_label_auc_gap(random_, perfect, noisy, labels, reps=300, seed=0)
+    assert (back["gap"], back["low"], back["high"]) == pytest.approx((-got["gap"], -got["high"], -got["low"]))
+    none = detection.within_label_auc_gap(perfect, random_, np.zeros_like(noisy), labels, reps=10)
+    assert none["gap"] is None and none["labels_used"] == 0
+
+
 def test_perfect_and_reversed_scores() -> None:
     noisy = np.array([1, 0, 0, 1, 0, 0], dtype=bool)
     perfect = detection.detection_metrics(noisy.astype(float), noisy)
@@ -68,7 +91,9 @@ def _write_arrow(table, path: Path) -> None:
         w.write_table(table)
 
 
-def test_cell_scores_align_weights_and_losses_by_sample_id(tmp_path: Path) -> None:
+def test_cell_scores_align_weights_and_losses_by_sample_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import pyarrow as pa
     import torch
     from safetensors.torch import save_file
@@ -115,6 +140,17 @@ def test_cell_scores_align_weights_and_losses_by_sample_id(tmp_path: Path) -> No
     np.testing.assert_allclose(scores["mlrnet-weight (m5-mlrnet@lr1e-4)"], [0.2, 0.8, 0.1, 0.9])  # 1 - weight
     np.testing.assert_allclose(scores["mwnet-weight (m5-other-tuned)"], [0.5, 0.5, 0.5, 0.6])
     np.testing.assert_allclose(scores["stage1-loss"], [0.1, 2.0, 0.3, 2.0])  # mean of epochs 1..T
+
+    # --bootstrap: each weight score against the stage-1 loss, within labels (mwnet: 0.5 and 1 against 1 and 1)
+    argv = ["detection.py", "--out", str(tmp_path), "--scores", *wanted, "--bootstrap", "20"]
+    monkeypatch.setattr(sys, "argv", argv)
+    detection.main()
+    printed = capsys.readouterr().out
+    assert "| -0.2500 | -0.2500 to -0.2500 (20 resamples) |" in printed
+    rows = {r["score"]: r for r in map(json.loads, (tmp_path / "detection.jsonl").read_text().splitlines())}
+    assert rows["mlrnet-weight (m5-mlrnet@lr1e-4)"]["vs_stage1_loss"]["gap"] == 0.0
+    assert rows["mwnet-weight (m5-other-tuned)"]["vs_stage1_loss"]["stage1_roc_auc"] == 1.0
+    assert "vs_stage1_loss" not in rows["stage1-loss"]
 
 
 # ---------------------------------------------------------------------------------------------
