@@ -517,6 +517,8 @@ def main() -> None:
         if got is None:
             continue
         scores, noisy, labels = got
+        base = scores.get("stage1-loss") if args.bootstrap else None
+        base_auc = None if base is None else cell_report(base, noisy, labels)["within_label"]["roc_auc"]
         for name, s in scores.items():
             row = {
                 "cell": cell.name,
@@ -529,11 +531,9 @@ def main() -> None:
                     "encoder": encoder if name == "cleanlab-lr" else None,
                 },
             }
-            if args.bootstrap and "-weight" in name and "stage1-loss" in scores:
-                base = scores["stage1-loss"]
+            if base is not None and "-weight" in name:
                 gap = within_label_auc_gap(s, base, noisy, labels, args.bootstrap, args.seed)
-                stage1_auc = cell_report(base, noisy, labels)["within_label"]["roc_auc"]
-                row["vs_stage1_loss"] = {**gap, "stage1_roc_auc": stage1_auc}
+                row["vs_stage1_loss"] = {**gap, "stage1_roc_auc": base_auc}
             rows.append(row)
     jsonl = args.jsonl or args.out / "detection.jsonl"
     tmp = jsonl.with_name(jsonl.name + ".tmp")

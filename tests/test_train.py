@@ -223,7 +223,7 @@ def test_method_defaults_of_the_meta_share_and_the_curve_prior(given: dict, want
     assert (cfg.meta_share, cfg.curve_prior, cfg.meta_share_at) == want
 
 
-def test_the_defaults_are_recorded_and_the_papers_form_is_one_option_away(ws: Path, tmp_path: Path) -> None:
+def test_the_defaults_are_recorded_and_the_papers_form_is_two_options_away(ws: Path, tmp_path: Path) -> None:
     """A run with no options records MLRNet's defaults in its config; ``--meta-share 0 --curve-prior 0`` records
     none of them, so it is the same run as one trained before the defaults changed."""
     paper = Path(shutil.copytree(ws, tmp_path / "paper"))
