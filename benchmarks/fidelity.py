@@ -126,6 +126,8 @@ class Budget:
     meta_interval: int | None = None
     # `train --meta-share-at A` (w, w-hat) for the meta methods; None = not passed. Labelled `-atA`
     meta_share_at: str | None = None
+    # `train --df-inputs D` (all, label-curve) for mlrnet; None = not passed. Labelled `-dfD`
+    df_inputs: str | None = None
 
 
 def grids(seeds: int, data_root: Path = SHARED) -> dict[str, list[Cell]]:
@@ -269,6 +271,7 @@ def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
         ("meta_params", "mp", "--meta-params", SHARE_METHODS),
         ("meta_interval", "mi", "--meta-interval", SHARE_METHODS),
         ("meta_share_at", "at", "--meta-share-at", SHARE_METHODS),
+        ("df_inputs", "df", "--df-inputs", ("mlrnet",)),
         ("train_seed", "ts", "--seed", METHODS),  # after the cell's own --seed: the later value wins
     )
     return [
@@ -911,6 +914,13 @@ def main() -> None:
         "[default: not passed]",
     )
     ap.add_argument(
+        "--df-inputs",
+        choices=("all", "label-curve"),
+        default=None,
+        help="pass `train --df-inputs D` to mlrnet (label-curve: DF_i without the classifier's feature, an "
+        "ablation); labelled mlrnet-dfD [default: not passed]",
+    )
+    ap.add_argument(
         "--train-seed",
         type=int,
         default=None,
@@ -955,6 +965,7 @@ def main() -> None:
         meta_params=args.meta_params,
         meta_interval=args.meta_interval,
         meta_share_at=args.meta_share_at,
+        df_inputs=args.df_inputs,
     )
     if cic:
         train_p, test_p, built = prepare_cic(args.out, data_root=args.data_root)

@@ -55,6 +55,15 @@ class MetaShareAt(str, Enum):
     w_hat = "w-hat"
 
 
+class DFInputs(str, Enum):
+    """`train --df-inputs`: what MLRNet's discriminative feature DF_i (eq. 7) is built from: the classifier's
+    feature h(x_i), the label embedding and the loss curve (the paper), or the label embedding and the loss curve
+    alone (an ablation the paper does not report)."""
+
+    all = "all"
+    label_curve = "label-curve"
+
+
 class Record(str, Enum):
     """`collect-losses --record`: the training forward's losses, or an extra no-dropout pass."""
 
@@ -242,6 +251,9 @@ class TrainConfig:
     # our extension: the meta-net's logit starts at -β × mean stage-1 I_i. None = the method's default (1 for mlrnet,
     # chosen by measurement in docs/results.md; 0 otherwise); 0 = the paper's meta-net
     curve_prior: float | None = None
+    # what DF_i (eq. 7) reads: all = h(x_i), Y_emb(y_i) and I_i (the paper); label-curve = Y_emb(y_i) and I_i, without
+    # the classifier's feature (an ablation). Provenance: only when not "all"
+    df_inputs: str = DFInputs.all.value
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training
     dev_fraction: float = 0.2  # part of the clean pool held out for model selection (ignored with --dev)
@@ -289,6 +301,7 @@ class TrainConfig:
             ("init_from", InitFrom, UsageError),
             ("meta_mode", MetaMode, ConfigError),
             ("meta_share_at", MetaShareAt, ConfigError),
+            ("df_inputs", DFInputs, ConfigError),
         ):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
@@ -307,6 +320,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
+        if self.df_inputs != DFInputs.all.value and self.method != Method.mlrnet.value:
+            raise UsageError(f"--df-inputs applies to --method mlrnet, not --method {self.method}")
         if self.meta_lr_probe and self.method not in META_METHODS:
             raise UsageError(f"--meta-lr-probe applies to the meta methods ({', '.join(META_METHODS)})")
         if self.meta_share and self.method not in META_METHODS:
@@ -338,11 +353,14 @@ class TrainConfig:
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
-        on another device), ``meta_share``, ``curve_prior`` and ``meta_lr_probe`` only when not 0 and ``meta_share_at``
-        only when not ``w`` (so runs from before they existed are the same run)."""
+        on another device), ``meta_share``, ``curve_prior`` and ``meta_lr_probe`` only when not 0, ``meta_share_at``
+        only when not ``w`` and ``df_inputs`` only when not ``all`` (so runs from before they existed are the same
+        run)."""
         unset = {k for k in ("meta_share", "curve_prior", "meta_lr_probe") if not getattr(self, k)}
         if self.meta_share_at == MetaShareAt.w.value:
             unset.add("meta_share_at")
+        if self.df_inputs == DFInputs.all.value:
+            unset.add("df_inputs")
         return {k: v for k, v in asdict(self).items() if k not in {"compile", "device", *unset}}
 
 

@@ -87,10 +87,13 @@ class MLRNetMetaNet(_MetaNet):
     the sigmoid, with β learned by the meta step like the rest of θ. A fresh meta-net then ranks the rows of
     each label by their stage-1 loss, and a per-label shift the net learns for class balance cannot wash that
     ranking out. 0 is the paper's net.
+
+    ``without_features`` (an ablation, ``--df-inputs label-curve``) leaves ``h(x_i)`` out of the first branch:
+    DF_i = Dense(Y_emb(y_i)) + Dense(I_i).
     """
 
     kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim")
-    optional_keys = ("curve_prior",)
+    optional_keys = ("curve_prior", "without_features")
 
     def __init__(
         self,
@@ -100,14 +103,16 @@ class MLRNetMetaNet(_MetaNet):
         label_emb_dim: int = 128,
         df_dim: int = 128,
         curve_prior: float = 0.0,
+        without_features: bool = False,
     ) -> None:
         super().__init__()
         self.feature_dim, self.num_classes, self.curve_len = feature_dim, num_classes, curve_len
         self.label_emb_dim, self.df_dim, self.curve_prior = label_emb_dim, df_dim, float(curve_prior)
+        self.without_features = bool(without_features)
         if self.curve_prior:
             self.prior_scale = nn.Parameter(torch.tensor(self.curve_prior))
         self.label_embedding = nn.Embedding(num_classes, label_emb_dim)
-        self.feature_branch = _tanh_mlp([feature_dim + label_emb_dim, df_dim, df_dim])
+        self.feature_branch = _tanh_mlp([(0 if self.without_features else feature_dim) + label_emb_dim, df_dim, df_dim])
         self.curve_branch = _tanh_mlp([curve_len, df_dim, df_dim, df_dim])
         self.feed_forward = _tanh_mlp([df_dim, df_dim, df_dim, df_dim])
         self.out = nn.Linear(df_dim, 1)
@@ -117,7 +122,8 @@ class MLRNetMetaNet(_MetaNet):
     ) -> torch.Tensor:
         """DF(H(x), Y_emb, I_i) = Dense(concat(h(x_i), Y_emb(y_i))) + Dense(I_i) (eq. 7)."""
         dtype = self.out.weight.dtype
-        joint = torch.cat([features.to(dtype), self.label_embedding(labels)], dim=-1)
+        label_emb = self.label_embedding(labels)
+        joint = label_emb if self.without_features else torch.cat([features.to(dtype), label_emb], dim=-1)
         return self.feature_branch(joint) + self.curve_branch(curves.to(dtype))
 
     def forward(

@@ -300,7 +300,8 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
         else:
             assert inp.curves is not None
             dims = {"label_emb_dim": config.label_emb_dim, "df_dim": config.df_dim}
-            meta_net = MLRNetMetaNet(*sizes, inp.curves.shape[1], **dims, curve_prior=config.curve_prior)
+            extra = {"curve_prior": config.curve_prior, "without_features": config.df_inputs == "label-curve"}
+            meta_net = MLRNetMetaNet(*sizes, inp.curves.shape[1], **dims, **extra)
     else:
         return None
     meta_net.to(batches.device)

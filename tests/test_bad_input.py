@@ -444,6 +444,15 @@ CASES = [
         "--curve-prior applies",
         code=2,
     ),
+    Case(
+        "train-df-inputs-mwnet",
+        "train",
+        None,
+        [*TRAIN, "--method", "mwnet", "--df-inputs", "label-curve"],
+        "--df-inputs applies",
+        code=2,
+    ),
+    Case("train-df-inputs-unknown", "train", None, [*TRAIN, "--df-inputs", "none"], "--df-inputs", code=2),
     # eval ---------------------------------------------------------------------------------
     Case(
         "eval-missing-label-column",

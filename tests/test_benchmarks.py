@@ -623,6 +623,10 @@ def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> Non
     ]
     assert fidelity.method_label("plain", budget) == "plain" and fidelity.method_train_args("plain", budget) == []
     assert fidelity.method_label("mwnet", {"epochs": 5, "meta_params": "head"}) == "mwnet-mphead"
+    ablation = {"epochs": 5, "df_inputs": "label-curve"}  # --df-inputs: MLRNet's flag alone
+    assert fidelity.method_label("mlrnet", ablation) == "mlrnet-dflabel-curve"
+    assert fidelity.method_train_args("mlrnet", ablation) == ["--df-inputs", "label-curve"]
+    assert fidelity.method_label("mwnet", ablation) == "mwnet" and fidelity.method_train_args("mwnet", ablation) == []
 
 
 def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

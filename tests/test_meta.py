@@ -73,8 +73,9 @@ def _batch(n: int, seed: int, curves: bool = True) -> StepBatch:
 
 def _meta_net(kind: str, seed: int = 1):
     torch.manual_seed(seed)
-    if kind.startswith("mlrnet"):  # "mlrnet-prior": with the curve prior (--curve-prior 1)
-        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=float(kind == "mlrnet-prior"))
+    if kind.startswith("mlrnet"):  # "mlrnet-prior": with the curve prior (--curve-prior 1); "-nofeat": DF without h
+        prior, nofeat = float(kind == "mlrnet-prior"), kind == "mlrnet-nofeat"
+        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=prior, without_features=nofeat)
     else:
         net = MWNet(hidden=10)
     return net.double()
@@ -137,6 +138,7 @@ def _fd_along(model, net, batch, meta, d, eps=1e-5, **reference):
         ("mlrnet", "all", True, "jvp"),
         ("mlrnet-prior", "all", True, "jvp"),
         ("mlrnet-prior", "head", False, "unrolled"),
+        ("mlrnet-nofeat", "all", True, "jvp"),
         ("mlrnet", "last-1", False, "jvp"),
         ("mlrnet", "head", True, "jvp"),
         ("mwnet", "all", False, "jvp"),
@@ -486,7 +488,7 @@ def test_no_meta_update_between_intervals():
     assert out.loss.item() == pytest.approx((out.weights / out.weights.sum() * out.losses).sum().item())
 
 
-@pytest.mark.parametrize("kind", ["mlrnet", "mlrnet-prior", "mwnet"])
+@pytest.mark.parametrize("kind", ["mlrnet", "mlrnet-prior", "mlrnet-nofeat", "mwnet"])
 def test_weights_are_in_unit_interval_with_one_per_sample(kind):
     net = _meta_net(kind).float()
     g = torch.Generator().manual_seed(0)
@@ -523,6 +525,24 @@ def test_the_curve_prior_ranks_each_labels_rows_by_their_mean_stage1_loss():
     paper = MLRNetMetaNet(16, C, T1)  # 0: the paper's net, no extra parameter, and the spec it always had
     assert not hasattr(paper, "prior_scale") and "curve_prior" not in paper.spec()
     assert build_meta_net(net.spec()).curve_prior == 2.0 and build_meta_net(paper.spec()).curve_prior == 0.0
+
+
+def test_df_inputs_label_curve_leaves_the_classifiers_feature_out():
+    """--df-inputs label-curve: the first branch reads the label embedding alone (its first layer has no feature
+    columns), so the weights do not move with h(x_i) but do with the label and the curve; the spec says so and
+    rebuilds it, and the paper's net keeps the spec it always had."""
+    net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, without_features=True).double()
+    assert tuple(net.feature_branch[0].weight.shape) == (8, 8)
+    g = torch.Generator().manual_seed(5)
+    labels, curves = torch.arange(12) % C, torch.randn(12, T1, generator=g, dtype=torch.float64)
+    w = net(torch.randn(12, 16, generator=g, dtype=torch.float64), labels, curves)
+    assert torch.equal(net(100 * torch.randn(12, 16, generator=g, dtype=torch.float64), labels, curves), w)
+    assert not torch.allclose(net(None, labels, curves.flip(0)), w)
+    assert not torch.allclose(net(None, (labels + 1) % C, curves), w)
+    assert net.spec()["without_features"] is True and "without_features" not in MLRNetMetaNet(16, C, T1).spec()
+    rebuilt = build_meta_net(net.spec()).double()
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(None, labels, curves), w)
 
 
 @pytest.mark.parametrize(

@@ -318,6 +318,28 @@ def test_curve_prior_is_recorded_and_the_weights_command_rebuilds_it(tmp_path: P
     assert outs[0]["weight"] != outs[1]["weight"]
 
 
+def test_df_inputs_label_curve_is_its_own_run_and_weights_rebuild_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`train --df-inputs label-curve`: recorded in the config (the default's config has no df_inputs: earlier
+    runs stay the same run), a meta-net whose first branch reads the label embedding alone, and `weights`
+    rebuilds that net from the saved spec."""
+    args = [*FAST, "--meta-params", "last-1", "--device", "cpu"]
+    roots = _workspaces(tmp_path, tiny_model_dir, 2)
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--df-inputs", "label-curve"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["train", "-w", str(roots[1]), *args]).exit_code == 0
+    configs = [artifacts.read_json(root / "model" / "best" / "train_config.json")["config"] for root in roots]
+    assert configs[0]["df_inputs"] == "label-curve" and "df_inputs" not in configs[1]
+    tensors, meta = artifacts.read_tensors(roots[0] / "model" / "best" / "meta_net.safetensors", "meta-net")
+    assert meta["meta_net"]["without_features"] is True
+    assert tuple(tensors["feature_branch.0.weight"].shape) == (configs[0]["df_dim"], configs[0]["label_emb_dim"])
+    outs = []
+    for root in roots:
+        r = runner.invoke(app, ["weights", "-w", str(root), "--json"])
+        assert r.exit_code == 0, r.output
+        outs.append(artifacts.read_table(root / "weights.arrow").column("weight").to_pylist())
+    assert len(outs[0]) == len(outs[1]) > 0 and outs[0] != outs[1]
+
+
 def test_meta_set_is_balanced_disjoint_and_seeded(ws: Path) -> None:
     r = runner.invoke(app, ["train", "--workdir", str(ws), *FAST, "--method", "plain-meta"])
     assert r.exit_code == 0, r.output

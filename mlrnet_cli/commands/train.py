@@ -9,6 +9,7 @@ from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption,
 from mlrnet_cli.configs import (
     DEFAULT_CURVE_PRIOR,
     DEFAULT_META_SHARE,
+    DFInputs,
     InitFrom,
     MetaMode,
     MetaShareAt,
@@ -104,6 +105,12 @@ def train_cmd(
         "mlrnet: start the weight's logit at -B x the row's mean normalised stage-1 loss, B learned with the "
         f"meta-net (our extension: keeps the within-label ranking of the loss curves); 0 is the paper's net "
         f"\\[default: {DEFAULT_CURVE_PRIOR:g}].",
+    ),
+    df_inputs: DFInputs = _opt(
+        "df_inputs",
+        "mlrnet: what the discriminative feature DF_i (eq. 7) is built from: all (the classifier's feature, the "
+        "label embedding and the loss curve: the paper) or label-curve (without the classifier's feature: an "
+        "ablation, docs/results.md).",
     ),
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),
