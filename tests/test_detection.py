@@ -236,3 +236,44 @@ def test_fidelity_data_root_moves_the_cic_clean_pool(tmp_path: Path) -> None:
     cic = fidelity.grids(1, tmp_path)["cic"][0]
     assert cic.extra_corrupt[-1] == str(tmp_path / "dataclue_cic" / "dev.json")
     assert fidelity.grids(1)["cic"][0].extra_corrupt[-1] == str(fidelity.SHARED / "dataclue_cic" / "dev.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# weight_terms.py: the weight's logit split into its terms
+
+
+def test_weight_terms_add_up_to_the_weights_that_weights_writes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The ``weight`` term is the logit of the weight `mlrnet weights` writes, ``net`` + ``prior`` is that logit,
+    the prior alone ranks the rows as the stage-1 loss does (the same within-label ROC-AUC), and the paper's net
+    (no prior) has a zero prior term."""
+    import torch
+    import weight_terms
+    from test_weights import make_weights_workspace
+    from typer.testing import CliRunner
+
+    from mlrnet_cli.artifacts import read_table, read_tensors, write_tensors
+    from mlrnet_cli.cli import app
+    from mlrnet_cli.metanet import MLRNetMetaNet
+
+    ws, rows = make_weights_workspace(tmp_path / "ws", tiny_model_dir, n=48)
+    terms, noisy, labels, stage1 = weight_terms.workspace_terms(ws)
+    assert not (ws / "weights.arrow").exists()  # the workspace's own table is left alone
+    assert CliRunner().invoke(app, ["weights", "-w", str(ws)]).exit_code == 0
+    weight = read_table(ws / "weights.arrow").column("weight").to_numpy().astype(np.float64)
+    assert np.allclose(torch.sigmoid(torch.from_numpy(terms["weight"])).numpy(), weight, atol=1e-6)
+    assert np.allclose(terms["net"] + terms["prior"], terms["weight"]) and not terms["prior"].any()
+    assert noisy.tolist() == rows["is_noisy"].tolist() and labels.tolist() == rows["label"].tolist()
+
+    # the same net with a curve prior β = 2: the prior term is −2 · mean I_i, the stage-1 loss's order in each label
+    path = ws / "model" / "best" / "meta_net.safetensors"
+    tensors, meta = read_tensors(path, "meta-net")
+    net = MLRNetMetaNet(**{k: v for k, v in meta["meta_net"].items() if k != "kind"}, curve_prior=2.0)
+    net.load_state_dict(tensors, strict=False)
+    meta["meta_net"] = net.spec()
+    write_tensors(path, net.state_dict(), meta)
+    terms, noisy, labels, stage1 = weight_terms.workspace_terms(ws)
+    report = weight_terms.terms_report(terms, noisy, labels, stage1)
+    assert report["prior"]["within_label"] == pytest.approx(report["stage1-loss"]["within_label"])
+    assert report["prior"]["within_label"] > 0.9  # the fake curves put the noisy rows a whole loss unit higher
+    assert set(report) == {*weight_terms.TERMS, "stage1-loss"}
+    assert "| ws |" in weight_terms.markdown([{"workspace": "ws", "terms": report}])
