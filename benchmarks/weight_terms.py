@@ -88,7 +88,7 @@ def workspace_terms(workdir: Path) -> tuple[dict[str, np.ndarray], np.ndarray, n
     caught: dict[str, Any] = {}
     real = weights.meta_net_weights
 
-    def catch(net, features, labels, curves, losses):  # noqa: ANN001, ANN202 (a pass-through)
+    def catch(net, features, labels, curves, losses):  # a pass-through that keeps what it was given
         caught.update(net=net, features=features, labels=labels, curves=curves)
         return real(net, features, labels, curves, losses)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mlrnet_cli import artifacts, distributed, engine, locks, seeding, stageio
-from mlrnet_cli.configs import Method, TrainConfig
+from mlrnet_cli.configs import DFInputs, Method, TrainConfig
 from mlrnet_cli.distributed import Shard
 from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
 from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, Stage1MissingError
@@ -300,7 +300,8 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
         else:
             assert inp.curves is not None
             dims = {"label_emb_dim": config.label_emb_dim, "df_dim": config.df_dim}
-            extra = {"curve_prior": config.curve_prior, "without_features": config.df_inputs == "label-curve"}
+            without_features = config.df_inputs == DFInputs.label_curve.value
+            extra = {"curve_prior": config.curve_prior, "without_features": without_features}
             meta_net = MLRNetMetaNet(*sizes, inp.curves.shape[1], **dims, **extra)
     else:
         return None
