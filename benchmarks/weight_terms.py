@@ -39,25 +39,19 @@ def logit_terms(net: Any, features: np.ndarray, labels: np.ndarray, curves: np.n
     """The weight's logit and its terms (see the module docstring) for every row, float64 (high = trusted)."""
     import torch
 
-    from mlrnet_cli.metanet import mean_trained_curve
-
     with torch.no_grad():
         f = torch.as_tensor(features, dtype=torch.float32)
-        y = torch.as_tensor(labels, dtype=torch.long)
         c = torch.as_tensor(curves, dtype=torch.float32)
-        head = lambda df: net.out(net.feed_forward(df)).squeeze(-1)  # noqa: E731
-        label_emb = net.label_embedding(y)
-        joint = label_emb if getattr(net, "without_features", False) else torch.cat([f, label_emb], dim=-1)
-        feature_branch, curve_branch = net.feature_branch(joint), net.curve_branch(c)
-        own = head(feature_branch + curve_branch)
-        beta = net.prior_scale if net.curve_prior else torch.zeros(())
-        prior = -beta * mean_trained_curve(c)
+        feature_part, curve_part = net.branches(f, torch.as_tensor(labels, dtype=torch.long), c)
+        own = net.net_logit(feature_part + curve_part)
+        prior = net.prior_term(c, own.dtype)
+        prior = torch.zeros_like(own) if prior is None else -prior
         out = {
             "weight": own + prior,
             "net": own,
             "prior": prior,
-            "curve-branch": head(curve_branch),
-            "feature-branch": head(feature_branch),
+            "curve-branch": net.net_logit(curve_part),
+            "feature-branch": net.net_logit(feature_part),
         }
     return {k: v.double().numpy() for k, v in out.items()}
 

@@ -117,24 +117,36 @@ class MLRNetMetaNet(_MetaNet):
         self.feed_forward = _tanh_mlp([df_dim, df_dim, df_dim, df_dim])
         self.out = nn.Linear(df_dim, 1)
 
-    def discriminative_features(
-        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor
-    ) -> torch.Tensor:
-        """DF(H(x), Y_emb, I_i) = Dense(concat(h(x_i), Y_emb(y_i))) + Dense(I_i) (eq. 7)."""
+    def branches(
+        self, features: OptTensor, labels: torch.Tensor, curves: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two summands of DF_i (eq. 7): Dense(concat(h(x_i), Y_emb(y_i))) (Dense(Y_emb(y_i)) without the
+        feature) and Dense(I_i)."""
         dtype = self.out.weight.dtype
         label_emb = self.label_embedding(labels)
         joint = label_emb if self.without_features else torch.cat([features.to(dtype), label_emb], dim=-1)
-        return self.feature_branch(joint) + self.curve_branch(curves.to(dtype))
+        return self.feature_branch(joint), self.curve_branch(curves.to(dtype))
+
+    def discriminative_features(self, features: OptTensor, labels: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
+        """DF(H(x), Y_emb, I_i) = Dense(concat(h(x_i), Y_emb(y_i))) + Dense(I_i) (eq. 7)."""
+        feature_part, curve_part = self.branches(features, labels, curves)
+        return feature_part + curve_part
+
+    def net_logit(self, df: torch.Tensor) -> torch.Tensor:
+        """The logit V(DF_i; θ) puts through its sigmoid (eqs. 8/9), before the curve prior."""
+        return self.out(self.feed_forward(df)).squeeze(-1)
+
+    def prior_term(self, curves: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """β × the mean of I_i over epochs 1..T, what ``--curve-prior`` subtracts from the logit (None when off)."""
+        return self.prior_scale * mean_trained_curve(curves).to(dtype) if self.curve_prior else None
 
     def forward(
-        self, features: torch.Tensor, labels: torch.Tensor, curves: torch.Tensor, losses: OptTensor = None
+        self, features: OptTensor, labels: torch.Tensor, curves: torch.Tensor, losses: OptTensor = None
     ) -> torch.Tensor:
         """V(DF_i; θ) of eqs. 8/9: a weight in [0, 1] per sample."""
-        df = self.discriminative_features(features, labels, curves)
-        logit = self.out(self.feed_forward(df)).squeeze(-1)
-        if self.curve_prior:
-            logit = logit - self.prior_scale * mean_trained_curve(curves).to(logit.dtype)
-        return torch.sigmoid(logit)
+        logit = self.net_logit(self.discriminative_features(features, labels, curves))
+        prior = self.prior_term(curves, logit.dtype)
+        return torch.sigmoid(logit if prior is None else logit - prior)
 
 
 class LabelCorrectionNet(_MetaNet):
