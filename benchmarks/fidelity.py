@@ -126,7 +126,7 @@ class Budget:
     meta_interval: int | None = None
     # `train --meta-share-at A` (w, w-hat) for the meta methods; None = not passed. Labelled `-atA`
     meta_share_at: str | None = None
-    # `train --df-inputs D` (all, label-curve) for mlrnet; None = not passed. Labelled `-dfD`
+    # `train --df-inputs D` (all, label-curve, agreement) for mlrnet; None = not passed. Labelled `-dfD`
     df_inputs: str | None = None
 
 
@@ -915,10 +915,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--df-inputs",
-        choices=("all", "label-curve"),
+        choices=("all", "label-curve", "agreement"),
         default=None,
         help="pass `train --df-inputs D` to mlrnet (label-curve: DF_i without the classifier's feature, an "
-        "ablation); labelled mlrnet-dfD [default: not passed]",
+        "ablation; agreement: the feature only as its agreement with the label); labelled mlrnet-dfD "
+        "[default: not passed]",
     )
     ap.add_argument(
         "--train-seed",

@@ -57,11 +57,13 @@ class MetaShareAt(str, Enum):
 
 class DFInputs(str, Enum):
     """`train --df-inputs`: what MLRNet's discriminative feature DF_i (eq. 7) is built from: the classifier's
-    feature h(x_i), the label embedding and the loss curve (the paper), or the label embedding and the loss curve
-    alone (an ablation the paper does not report)."""
+    feature h(x_i), the label embedding and the loss curve (the paper); the label embedding and the loss curve
+    alone (an ablation the paper does not report); or all three with h(x_i) entering only as its agreement with the
+    label embedding (our variant)."""
 
     all = "all"
     label_curve = "label-curve"
+    agreement = "agreement"
 
 
 class Record(str, Enum):
@@ -252,7 +254,8 @@ class TrainConfig:
     # chosen by measurement in docs/results.md; 0 otherwise); 0 = the paper's meta-net
     curve_prior: float | None = None
     # what DF_i (eq. 7) reads: all = h(x_i), Y_emb(y_i) and I_i (the paper); label-curve = Y_emb(y_i) and I_i, without
-    # the classifier's feature (an ablation). Provenance: only when not "all"
+    # the classifier's feature (an ablation); agreement = h(x_i) only through <U h(x_i), Y_emb(y_i)> (our variant).
+    # Provenance: only when not "all"
     df_inputs: str = DFInputs.all.value
     init_from: str = InitFrom.pretrained.value  # pretrained | stage1
     freeze_encoder: bool = False  # cached encoder features, head-only training

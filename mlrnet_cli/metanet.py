@@ -90,10 +90,15 @@ class MLRNetMetaNet(_MetaNet):
 
     ``without_features`` (an ablation, ``--df-inputs label-curve``) leaves ``h(x_i)`` out of the first branch:
     DF_i = Dense(Y_emb(y_i)) + Dense(I_i).
+
+    ``feature_agreement`` (our variant, ``--df-inputs agreement``) lets ``h(x_i)`` into the first branch only as its
+    agreement with the observed label, the scalar a_i = <U h(x_i), Y_emb(y_i)> / sqrt(label_emb_dim) with U learned:
+    DF_i = Dense(concat(a_i, Y_emb(y_i))) + Dense(I_i). Within a label the feature can then only rank rows along
+    that label's own direction Uᵀ Y_emb(y_i), not along one direction shared by every label.
     """
 
     kind, spec_keys = "mlrnet", ("feature_dim", "num_classes", "curve_len", "label_emb_dim", "df_dim")
-    optional_keys = ("curve_prior", "without_features")
+    optional_keys = ("curve_prior", "without_features", "feature_agreement")
 
     def __init__(
         self,
@@ -104,15 +109,21 @@ class MLRNetMetaNet(_MetaNet):
         df_dim: int = 128,
         curve_prior: float = 0.0,
         without_features: bool = False,
+        feature_agreement: bool = False,
     ) -> None:
         super().__init__()
+        if without_features and feature_agreement:
+            raise ValueError("without_features and feature_agreement exclude each other")
         self.feature_dim, self.num_classes, self.curve_len = feature_dim, num_classes, curve_len
         self.label_emb_dim, self.df_dim, self.curve_prior = label_emb_dim, df_dim, float(curve_prior)
-        self.without_features = bool(without_features)
+        self.without_features, self.feature_agreement = bool(without_features), bool(feature_agreement)
         if self.curve_prior:
             self.prior_scale = nn.Parameter(torch.tensor(self.curve_prior))
         self.label_embedding = nn.Embedding(num_classes, label_emb_dim)
-        self.feature_branch = _tanh_mlp([(0 if self.without_features else feature_dim) + label_emb_dim, df_dim, df_dim])
+        if self.feature_agreement:
+            self.agreement = nn.Linear(feature_dim, label_emb_dim, bias=False)
+        first = 0 if self.without_features else 1 if self.feature_agreement else feature_dim
+        self.feature_branch = _tanh_mlp([first + label_emb_dim, df_dim, df_dim])
         self.curve_branch = _tanh_mlp([curve_len, df_dim, df_dim, df_dim])
         self.feed_forward = _tanh_mlp([df_dim, df_dim, df_dim, df_dim])
         self.out = nn.Linear(df_dim, 1)
@@ -121,11 +132,21 @@ class MLRNetMetaNet(_MetaNet):
         self, features: OptTensor, labels: torch.Tensor, curves: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two summands of DF_i (eq. 7): Dense(concat(h(x_i), Y_emb(y_i))) (Dense(Y_emb(y_i)) without the
-        feature) and Dense(I_i)."""
+        feature, Dense(concat(a_i, Y_emb(y_i))) with its agreement) and Dense(I_i)."""
         dtype = self.out.weight.dtype
         label_emb = self.label_embedding(labels)
-        joint = label_emb if self.without_features else torch.cat([features.to(dtype), label_emb], dim=-1)
+        if self.without_features:
+            joint = label_emb
+        elif self.feature_agreement:
+            joint = torch.cat([self.label_agreement(features, label_emb).unsqueeze(-1), label_emb], dim=-1)
+        else:
+            joint = torch.cat([features.to(dtype), label_emb], dim=-1)
         return self.feature_branch(joint), self.curve_branch(curves.to(dtype))
+
+    def label_agreement(self, features: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        """a_i = <U h(x_i), Y_emb(y_i)> / sqrt(label_emb_dim): how far the row's feature reads like its label."""
+        projected = self.agreement(features.to(self.out.weight.dtype))
+        return (projected * label_emb).sum(-1) / self.label_emb_dim**0.5
 
     def discriminative_features(self, features: OptTensor, labels: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
         """DF(H(x), Y_emb, I_i) = Dense(concat(h(x_i), Y_emb(y_i))) + Dense(I_i) (eq. 7)."""

@@ -300,8 +300,11 @@ def _meta_net(config: TrainConfig, inp: _Inputs, model: torch.nn.Module, batches
         else:
             assert inp.curves is not None
             dims = {"label_emb_dim": config.label_emb_dim, "df_dim": config.df_dim}
-            without_features = config.df_inputs == DFInputs.label_curve.value
-            extra = {"curve_prior": config.curve_prior, "without_features": without_features}
+            extra = {
+                "curve_prior": config.curve_prior,
+                "without_features": config.df_inputs == DFInputs.label_curve.value,
+                "feature_agreement": config.df_inputs == DFInputs.agreement.value,
+            }
             meta_net = MLRNetMetaNet(*sizes, inp.curves.shape[1], **dims, **extra)
     else:
         return None

@@ -626,6 +626,9 @@ def test_frontier_flags_reach_the_meta_methods_only_and_name_their_runs() -> Non
     ablation = {"epochs": 5, "df_inputs": "label-curve"}  # --df-inputs: MLRNet's flag alone
     assert fidelity.method_label("mlrnet", ablation) == "mlrnet-dflabel-curve"
     assert fidelity.method_train_args("mlrnet", ablation) == ["--df-inputs", "label-curve"]
+    variant = {"epochs": 5, "df_inputs": "agreement"}
+    assert fidelity.method_label("mlrnet", variant) == "mlrnet-dfagreement"
+    assert fidelity.method_train_args("mlrnet", variant) == ["--df-inputs", "agreement"]
     assert fidelity.method_label("mwnet", ablation) == "mwnet" and fidelity.method_train_args("mwnet", ablation) == []
 
 

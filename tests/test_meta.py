@@ -73,9 +73,10 @@ def _batch(n: int, seed: int, curves: bool = True) -> StepBatch:
 
 def _meta_net(kind: str, seed: int = 1):
     torch.manual_seed(seed)
-    if kind.startswith("mlrnet"):  # "mlrnet-prior": with the curve prior (--curve-prior 1); "-nofeat": DF without h
-        prior, nofeat = float(kind == "mlrnet-prior"), kind == "mlrnet-nofeat"
-        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=prior, without_features=nofeat)
+    if kind.startswith("mlrnet"):  # "-prior": the curve prior (--curve-prior 1); "-nofeat": DF without h; "-agree": h
+        # only through its agreement with the label (--df-inputs agreement)
+        flags = {"without_features": kind == "mlrnet-nofeat", "feature_agreement": kind == "mlrnet-agree"}
+        net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, curve_prior=float(kind == "mlrnet-prior"), **flags)
     else:
         net = MWNet(hidden=10)
     return net.double()
@@ -139,6 +140,8 @@ def _fd_along(model, net, batch, meta, d, eps=1e-5, **reference):
         ("mlrnet-prior", "all", True, "jvp"),
         ("mlrnet-prior", "head", False, "unrolled"),
         ("mlrnet-nofeat", "all", True, "jvp"),
+        ("mlrnet-agree", "all", True, "jvp"),
+        ("mlrnet-agree", "head", False, "unrolled"),
         ("mlrnet", "last-1", False, "jvp"),
         ("mlrnet", "head", True, "jvp"),
         ("mwnet", "all", False, "jvp"),
@@ -488,7 +491,7 @@ def test_no_meta_update_between_intervals():
     assert out.loss.item() == pytest.approx((out.weights / out.weights.sum() * out.losses).sum().item())
 
 
-@pytest.mark.parametrize("kind", ["mlrnet", "mlrnet-prior", "mlrnet-nofeat", "mwnet"])
+@pytest.mark.parametrize("kind", ["mlrnet", "mlrnet-prior", "mlrnet-nofeat", "mlrnet-agree", "mwnet"])
 def test_weights_are_in_unit_interval_with_one_per_sample(kind):
     net = _meta_net(kind).float()
     g = torch.Generator().manual_seed(0)
@@ -543,6 +546,34 @@ def test_df_inputs_label_curve_leaves_the_classifiers_feature_out():
     rebuilt = build_meta_net(net.spec()).double()
     rebuilt.load_state_dict(net.state_dict())
     assert torch.equal(rebuilt(None, labels, curves), w)
+
+
+def test_df_inputs_agreement_lets_the_feature_in_only_along_the_labels_own_direction():
+    """--df-inputs agreement: within a label the weight moves with h(x_i) only along U^T Y_emb(y_i) (a shift of h
+    orthogonal to it leaves every weight as it was, one along it does not), the direction differs from label to
+    label, the first branch reads 1 + label_emb_dim columns, and the spec rebuilds the net."""
+    net = MLRNetMetaNet(16, C, T1, label_emb_dim=8, df_dim=8, feature_agreement=True).double()
+    assert tuple(net.feature_branch[0].weight.shape) == (8, 9) and tuple(net.agreement.weight.shape) == (8, 16)
+    g = torch.Generator().manual_seed(9)
+    labels, curves = torch.full((6,), 2), torch.randn(6, T1, generator=g, dtype=torch.float64)
+    feats = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        direction = net.agreement.weight.T @ net.label_embedding.weight[2]  # U^T Y_emb(2), [16]
+    other = torch.randn(16, generator=g, dtype=torch.float64)
+    orthogonal = other - (other @ direction) / (direction @ direction) * direction
+    w = net(feats, labels, curves)
+    assert torch.allclose(net(feats + 10 * orthogonal, labels, curves), w, atol=1e-12)
+    assert not torch.allclose(net(feats + direction, labels, curves), w)
+    ones = torch.full((6,), 1)  # another label's own direction is another vector: the same shift moves its weights
+    assert not torch.allclose(net(feats + 10 * orthogonal, ones, curves), net(feats, ones, curves))
+    expected = (net.agreement(feats) * net.label_embedding(labels)).sum(-1) / 8**0.5
+    assert torch.allclose(net.label_agreement(feats, net.label_embedding(labels)), expected)
+    assert net.spec()["feature_agreement"] is True and "feature_agreement" not in MLRNetMetaNet(16, C, T1).spec()
+    rebuilt = build_meta_net(net.spec()).double()
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(feats, labels, curves), w)
+    with pytest.raises(ValueError, match="exclude each other"):
+        MLRNetMetaNet(16, C, T1, without_features=True, feature_agreement=True)
 
 
 @pytest.mark.parametrize(

@@ -318,20 +318,27 @@ def test_curve_prior_is_recorded_and_the_weights_command_rebuilds_it(tmp_path: P
     assert outs[0]["weight"] != outs[1]["weight"]
 
 
-def test_df_inputs_label_curve_is_its_own_run_and_weights_rebuild_it(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """`train --df-inputs label-curve`: recorded in the config (the default's config has no df_inputs: earlier
-    runs stay the same run), a meta-net whose first branch reads the label embedding alone, and `weights`
-    rebuilds that net from the saved spec."""
+@pytest.mark.parametrize(
+    ("df_inputs", "spec_key", "first_columns"),
+    [("label-curve", "without_features", 0), ("agreement", "feature_agreement", 1)],
+)
+def test_df_inputs_is_its_own_run_and_weights_rebuild_it(
+    tmp_path: Path, tiny_model_dir: Path, df_inputs: str, spec_key: str, first_columns: int
+) -> None:
+    """`train --df-inputs label-curve | agreement`: recorded in the config (the default's config has no df_inputs:
+    earlier runs stay the same run), a meta-net whose first branch reads the label embedding alone (label-curve) or
+    with one agreement column (agreement), and `weights` rebuilds that net from the saved spec."""
     args = [*FAST, "--meta-params", "last-1", "--device", "cpu"]
     roots = _workspaces(tmp_path, tiny_model_dir, 2)
-    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--df-inputs", "label-curve"])
+    r = runner.invoke(app, ["train", "-w", str(roots[0]), *args, "--df-inputs", df_inputs])
     assert r.exit_code == 0, r.output
     assert runner.invoke(app, ["train", "-w", str(roots[1]), *args]).exit_code == 0
     configs = [artifacts.read_json(root / "model" / "best" / "train_config.json")["config"] for root in roots]
-    assert configs[0]["df_inputs"] == "label-curve" and "df_inputs" not in configs[1]
+    assert configs[0]["df_inputs"] == df_inputs and "df_inputs" not in configs[1]
     tensors, meta = artifacts.read_tensors(roots[0] / "model" / "best" / "meta_net.safetensors", "meta-net")
-    assert meta["meta_net"]["without_features"] is True
-    assert tuple(tensors["feature_branch.0.weight"].shape) == (configs[0]["df_dim"], configs[0]["label_emb_dim"])
+    assert meta["meta_net"][spec_key] is True
+    columns = first_columns + configs[0]["label_emb_dim"]
+    assert tuple(tensors["feature_branch.0.weight"].shape) == (configs[0]["df_dim"], columns)
     outs = []
     for root in roots:
         r = runner.invoke(app, ["weights", "-w", str(root), "--json"])

@@ -109,8 +109,9 @@ def train_cmd(
     df_inputs: DFInputs = _opt(
         "df_inputs",
         "mlrnet: what the discriminative feature DF_i (eq. 7) is built from: all (the classifier's feature, the "
-        "label embedding and the loss curve: the paper) or label-curve (without the classifier's feature: an "
-        "ablation, docs/results.md).",
+        "label embedding and the loss curve: the paper), label-curve (without the classifier's feature: an "
+        "ablation) or agreement (the feature only as its agreement with the label embedding: our variant); "
+        "docs/train.md.",
     ),
     init_from: InitFrom = _opt("init_from", "pretrained (the paper) or stage1 (the collect-losses classifier)."),
     freeze_encoder: bool = _opt("freeze_encoder", "Cache the encoder's features once and train the head only."),
