@@ -113,8 +113,9 @@ class Budget:
     meta_only_epochs: int | None = None  # None = epochs
     meta_pool_per_class: int = 200
     # `train --meta-share S` for the meta methods (the meta batch also enters the real step); None = not passed,
-    # i.e. the CLI's default. Not a budget, but every row records it here and the run key follows it
-    meta_share: float | None = None
+    # i.e. the CLI's default; "auto": train chooses among its shares on the dev rows (the row's meta_share_chosen).
+    # Not a budget, but every row records it here and the run key follows it
+    meta_share: float | str | None = None
     # `train --curve-prior B` for mlrnet; None = not passed (the CLI's default). Labelled like meta_share
     curve_prior: float | None = None
     # `train --seed K` on the cell's seed-`seed` workspace (same corruption and stage-1 curves; another meta set,
@@ -279,6 +280,11 @@ def _own_flags(method: str, budget: dict) -> list[tuple[str, str, str]]:
         for key, tag, flag, methods in options
         if budget.get(key) is not None and method in methods
     ]
+
+
+def _share(value: str) -> float | str:
+    """``--meta-share``: ``auto`` (train chooses between its candidate shares on the dev rows) or a number."""
+    return "auto" if value == "auto" else float(value)
 
 
 def run_key(cell: str, seed: int, method: str, budget: dict) -> tuple[str, int, str]:
@@ -573,6 +579,8 @@ def _run_method(
         "commit": commit,
         "defaults": DEFAULTS,
     }
+    if trained.get("meta_share_choice"):  # --meta-share auto: the share the dev rows chose
+        row["meta_share_chosen"] = trained["meta_share_choice"]["chosen"]
     if method in ("mwnet", "mlrnet"):
         w = run([*mlrnet, "weights", "--workdir", str(ws), "--json"], log, env)
         det = (w.get("summary") or {}).get("noise_detection") or {}
@@ -881,9 +889,11 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=Budget.test_rows)
     ap.add_argument(
         "--meta-share",
-        type=float,
+        type=_share,
         default=None,
-        help="pass `train --meta-share S` to " + ", ".join(SHARE_METHODS) + "; their results are labelled "
+        help="pass `train --meta-share S` (a number, or auto) to "
+        + ", ".join(SHARE_METHODS)
+        + "; their results are labelled "
         "METHOD-shareS (with --tune: METHOD-shareS@PRESET, METHOD-shareS-tuned; a preset's own flags win) "
         "[default: not passed, the CLI's default]",
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -33,6 +33,10 @@ META_METHODS = (Method.mlrnet.value, Method.mwnet.value, Method.mlc.value)
 #: form of their papers; ``--meta-share 0 --curve-prior 0`` is MLRNet as the paper has it
 DEFAULT_META_SHARE = 0.5
 DEFAULT_CURVE_PRIOR = 1.0
+#: ``--meta-share auto``: train once per share and keep the run with the better dev accuracy (ties: the default)
+AUTO = "auto"
+#: its candidates: the paper's real step and the default share
+AUTO_META_SHARES = (0.0, DEFAULT_META_SHARE)
 
 
 class InitFrom(str, Enum):
@@ -275,8 +279,8 @@ class TrainConfig:
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
     # weighted loss. None = the method's default (0.5 for mlrnet, chosen by measurement in docs/results.md; 0 for
     # mwnet and mlc, their papers' form); 0 = the paper's exact form. Kept out of the provenance when 0 (earlier runs
-    # stay the same run)
-    meta_share: float | None = None
+    # stay the same run). "auto" trains once per share of AUTO_META_SHARES and keeps the better run on the dev rows
+    meta_share: float | str | None = None
     # where that term's gradient is taken: w (the meta rows run again in the real forward, +1 forward and backward of
     # the meta batch) or w-hat (the meta loss's gradient at ŵ, reused; needs --meta-params all). None = w-hat where it
     # applies (S > 0 and --meta-params all), else w. Provenance: only when not "w"
@@ -309,6 +313,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _choice(enum, getattr(self, name), f"--{name.replace('_', '-')}", error))
         parse_meta_params(self.meta_params)
+        if isinstance(self.meta_share, str):
+            object.__setattr__(self, "meta_share", _share_or_auto(self.meta_share))
         self._resolve_method_defaults()
         _at_least(self, 1, "meta_per_class", "epochs", "batch_size", "meta_interval", "label_emb_dim", "df_dim")
         _at_least(self, 2, "max_length")
@@ -319,7 +325,7 @@ class TrainConfig:
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
         for name, value in (("meta-share", self.meta_share), ("curve-prior", self.curve_prior)):
-            if not (math.isfinite(value) and value >= 0):
+            if value != AUTO and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
@@ -351,8 +357,16 @@ class TrainConfig:
         if self.curve_prior is None:
             object.__setattr__(self, "curve_prior", DEFAULT_CURVE_PRIOR if mlrnet else 0.0)
         if self.meta_share_at is None:
-            reuse = self.meta_share > 0 and self.meta_params == "all"
+            reuse = (self.meta_share == AUTO or self.meta_share > 0) and self.meta_params == "all"
             object.__setattr__(self, "meta_share_at", (MetaShareAt.w_hat if reuse else MetaShareAt.w).value)
+
+    def with_meta_share(self, share: float) -> TrainConfig:
+        """This (validated) config as one run of ``--meta-share auto``: the share fixed, ``meta_share_at`` as
+        resolved for it (``w`` at 0), so each candidate is the same run as when asked for by its own share."""
+        at = self.meta_share_at if share else MetaShareAt.w.value
+        config = replace(self, meta_share=share, meta_share_at=at)
+        config.validate()
+        return config
 
     def provenance_config(self) -> dict[str, Any]:
         """The fields that determine the model: not compile and device (where and how fast it runs; a run resumes
@@ -365,6 +379,16 @@ class TrainConfig:
         if self.df_inputs == DFInputs.all.value:
             unset.add("df_inputs")
         return {k: v for k, v in asdict(self).items() if k not in {"compile", "device", *unset}}
+
+
+def _share_or_auto(value: str) -> float | str:
+    """``--meta-share`` as the CLI passes it: ``auto`` or a number."""
+    if value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--meta-share must be a number >= 0 or auto, got {value!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,11 @@ def write_model_folder(
         if isinstance(e, ArtifactError):
             raise
         raise ArtifactError(f"cannot write {target}: {e}", "check free space and permissions") from e
+    swap_folder(tmp, target, keep)
+
+
+def swap_folder(tmp: Path, target: Path, keep: Sequence[str] = ()) -> None:
+    """Put the finished folder ``tmp`` in ``target``'s place; the old folder's ``keep`` entries move across."""
     old = target.parent / f"{artifacts.TMP_PREFIX}{target.name}-old"
     shutil.rmtree(old, ignore_errors=True)
     for name in keep:

@@ -23,10 +23,17 @@ import numpy as np
 import torch
 
 from mlrnet_cli import artifacts, distributed, engine, locks, seeding, stageio
-from mlrnet_cli.configs import DFInputs, Method, TrainConfig
+from mlrnet_cli.configs import AUTO, AUTO_META_SHARES, DEFAULT_META_SHARE, DFInputs, Method, TrainConfig
 from mlrnet_cli.distributed import Shard
 from mlrnet_cli.engine import Checkpoint, Loop, StepOutput
-from mlrnet_cli.errors import ArtifactError, ConfigError, DataError, FingerprintMismatchError, Stage1MissingError
+from mlrnet_cli.errors import (
+    ArtifactError,
+    ArtifactExistsError,
+    ConfigError,
+    DataError,
+    FingerprintMismatchError,
+    Stage1MissingError,
+)
 from mlrnet_cli.glc import forward_corrected_loss, glc_corruption_matrix
 from mlrnet_cli.meta import ClassifierFns, StepBatch, meta_step, mlc_step, per_sample_loss, resolve_meta_params
 from mlrnet_cli.metanet import LabelCorrectionNet, MLRNetMetaNet, MWNet, curve_prior_spread, normalized_curves
@@ -48,6 +55,10 @@ SPREAD_WEIGHT_STD = 0.1
 #: --meta-lr-probe's candidates, as factors of --meta-lr
 PROBE_FACTORS = (0.1, 1.0, 10.0)
 PROBE_FILE = "meta_lr_probe.json"
+#: --meta-share auto: its candidates' dev accuracy and the choice, beside the chosen run's outputs
+SHARE_CHOICE_FILE = "meta_share_choice.json"
+#: --meta-share auto: where each candidate trains (under the model folder), e.g. candidates/share-0.5
+CANDIDATES = "candidates"
 
 
 #: (best epoch, its dev accuracy, the history) of a run
@@ -70,6 +81,7 @@ class TrainResult:
     model: str
     history: list[dict[str, Any]] = field(default_factory=list)
     meta_lr_probe: dict[str, Any] | None = None  #: --meta-lr-probe: the candidates' dev accuracy and the choice
+    meta_share_choice: dict[str, Any] | None = None  #: --meta-share auto: the candidates' dev accuracy and the choice
 
     def summary(self) -> dict[str, Any]:
         """The run's numbers (``--json``): every field but the paths, ``resumed_from`` as ``resumed_from_epoch``."""
@@ -193,10 +205,13 @@ def _split(
     meta_pos, dev_pos = split_clean_pool(clean.labels[pool], num_classes, meta_n, fraction, config.seed)
     dev_pos = pool[dev_pos] if dev is None else np.arange(len(dev))
     dev_labels = clean.labels[dev_pos] if dev is None else dev.labels
-    if len(dev_pos) == 0 and config.meta_lr_probe:  # before any model is loaded: the probe would choose blind
-        raise ConfigError(
-            "--meta-lr-probe chooses on the dev rows and there are none", "pass --dev or a --dev-fraction"
-        )
+    choosers = [
+        f
+        for f, on in (("--meta-lr-probe", config.meta_lr_probe), ("--meta-share auto", config.meta_share == AUTO))
+        if on
+    ]
+    if len(dev_pos) == 0 and choosers:  # before any model is loaded: the choice would be blind
+        raise ConfigError(f"{choosers[0]} chooses on the dev rows and there are none", "pass --dev or a --dev-fraction")
     if len(dev_pos) == 0:
         log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
     return pool[meta_pos], dev_pos, dev_labels
@@ -816,6 +831,10 @@ def train(
         "dev": Path(dev_path) if dev_path is not None else None,
         "stage1": ws.stage1,
     }
+    if config.meta_share == AUTO:
+        args = dict(workdir=workdir, train_path=train_path, clean_path=clean_path, losses_path=losses_path)
+        args.update(manifest_path=manifest_path, dev_path=dev_path, overwrite=overwrite, progress=progress)
+        return _train_auto_share(config, paths, out, args)
     # one writer per model folder (under torchrun, rank 0 writes for all): a second run fails now, not mid-epoch
     with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
         config, inp = _read_inputs(config, paths)
@@ -892,6 +911,91 @@ def _optimizer(run: _Run) -> tuple[torch.optim.Optimizer, Any, int]:
     )
     sched = get_linear_schedule_with_warmup(opt, int(round(config.warmup_ratio * total_steps)), total_steps)
     return opt, sched, steps_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# --meta-share auto
+
+
+def _train_auto_share(
+    config: TrainConfig, paths: dict[str, Path | None], out: Path, args: dict[str, Any]
+) -> TrainResult:
+    """``--meta-share auto``: one run per share of ``AUTO_META_SHARES`` under ``out/candidates`` (each resumable and
+    the same run as one asked for by its share), and the one the dev rows prefer copied to ``out``."""
+    with locks.exclusive(out, "train") if distributed.is_main() else contextlib.nullcontext():
+        _, inp = _read_inputs(config, paths)  # refuses a choice without dev rows
+        meta = artifacts.make_meta(
+            "train", "meta-share-choice", config=config.provenance_config(), seed=config.seed, inputs=inp.fingerprints
+        )
+        if not args["overwrite"] and (out / "history.arrow").exists() and _saved_share_choice(out, meta) is None:
+            raise ArtifactExistsError(
+                f"{out} holds a run other than this --meta-share auto one",
+                "pass --overwrite to replace it, or choose another --workdir",
+            )
+        runs = {}
+        for share in AUTO_META_SHARES:
+            log.info("--meta-share auto: training with meta share %g", share)
+            folder = out / CANDIDATES / f"share-{share:g}"
+            runs[share] = train(config.with_meta_share(share), out_dir=folder, **args)
+        record = choose_meta_share({share: run.best_dev_accuracy for share, run in runs.items()})
+        record["candidates"] = {
+            f"{s:g}": {**record["candidates"][f"{s:g}"], "folder": str(r.best_dir.parent)} for s, r in runs.items()
+        }
+        chosen = runs[record["chosen"]]
+        if distributed.is_main():
+            artifacts.clean_stale_temps(out)
+            _adopt(chosen, out)  # the choice file last: a kill before it leaves a run that copies again
+            artifacts.write_json(out / SHARE_CHOICE_FILE, {"choice": record, artifacts.META_KEY: meta})
+        distributed.barrier()
+        log.info("--meta-share auto: chose meta share %g (dev rows only)", record["chosen"])
+        return replace(
+            _result(
+                config, inp, out, (chosen.best_epoch, chosen.best_dev_accuracy, chosen.history), chosen.resumed_from
+            ),
+            epochs_run=chosen.epochs_run,
+            model=chosen.model,
+            meta_share_choice=record,
+        )
+
+
+def choose_meta_share(dev_accuracy: dict[float, float | None]) -> dict[str, Any]:
+    """The share whose run has the best dev accuracy; ties go to the default share, then to the smaller."""
+    best = max(dev_accuracy, key=lambda s: (dev_accuracy[s] or 0.0, s == DEFAULT_META_SHARE, -s))
+    candidates = {f"{s:g}": {"meta_share": s, "dev_accuracy": acc} for s, acc in dev_accuracy.items()}
+    return {"chosen": best, "candidates": candidates}
+
+
+def _adopt(run: TrainResult, out: Path) -> None:
+    """A finished run's ``best``, ``last`` and ``history.arrow``, hard-linked into ``out`` (each swapped in whole)."""
+    for src in (run.best_dir, run.last_dir):
+        tmp = out / f"{artifacts.TMP_PREFIX}{src.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        stageio.swap_folder(tmp, out / src.name)
+    with artifacts.atomic_path(out / "history.arrow") as tmp:
+        shutil.copyfile(run.history_path, tmp)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (the candidate's files are replaced, never written in place), a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _saved_share_choice(out: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The choice this very run (same inputs and config) wrote to ``out``, if any."""
+    return _saved_record(out / SHARE_CHOICE_FILE, meta, "choice", "meta share choice")
+
+
+def _saved_record(path: Path, meta: dict[str, Any], key: str, what: str) -> dict[str, Any] | None:
+    """``key`` of the JSON record at ``path`` when the run of ``meta`` wrote it, else None."""
+    if not path.is_file():
+        return None
+    saved = artifacts.read_json(path, what)
+    same = artifacts.provenance(saved.get(artifacts.META_KEY) or {}) == artifacts.provenance(meta)
+    return saved.get(key) if same else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,12 +1081,7 @@ def _chosen_meta_lr(
 
 def _saved_probe(out: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The probe record this very run (same inputs and config) wrote to ``out``, if any."""
-    path = out / PROBE_FILE
-    if not path.is_file():
-        return None
-    saved = artifacts.read_json(path, "meta lr probe")
-    same = artifacts.provenance(saved.get(artifacts.META_KEY) or {}) == artifacts.provenance(_probe_meta(meta))
-    return saved.get("probe") if same else None
+    return _saved_record(out / PROBE_FILE, _probe_meta(meta), "probe", "meta lr probe")
 
 
 def _probe_meta(meta: dict[str, Any]) -> dict[str, Any]:

@@ -404,6 +404,22 @@ CASES = [
         "there are none",
     ),
     Case("train-negative-probe", "train", None, [*TRAIN, "--meta-lr-probe", "-1"], "--meta-lr-probe must be >= 0"),
+    Case("train-word-meta-share", "train", None, [*TRAIN, "--meta-share", "half"], "a number >= 0 or auto"),
+    Case(
+        "train-auto-share-without-dev",
+        "train",
+        None,
+        [*TRAIN, "--meta-share", "auto", "--dev-fraction", "0"],
+        "--meta-share auto chooses on the dev rows and there are none",
+    ),
+    Case(
+        "train-auto-share-plain",
+        "train",
+        None,
+        [*TRAIN, "--method", "plain", "--meta-share", "auto"],
+        "--meta-share applies",
+        code=2,
+    ),
     Case(
         "train-probe-plain",
         "train",

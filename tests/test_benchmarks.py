@@ -174,6 +174,33 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
     assert trains == []
 
 
+def test_fidelity_auto_meta_share_is_its_own_run_and_records_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trains: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+        sub = cmd[cmd.index("mlrnet_cli") + 1]
+        if sub == "train":
+            trains.append(cmd)
+            return {"best_dev_accuracy": 0.8, "meta_share_choice": {"chosen": 0.0, "candidates": {}}}
+        return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
+
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    argv = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path), "--methods", "mlrnet"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--meta-share", "auto"])
+    fidelity.main()
+    (cmd,) = trains
+    assert cmd[cmd.index("--meta-share") + 1] == "auto"
+    (row,) = fidelity.read_results(tmp_path / "results.jsonl")
+    assert fidelity.row_key(row)[2] == "mlrnet-shareauto" and row["budget"]["meta_share"] == "auto"
+    assert row["meta_share_chosen"] == 0.0 and row["dev_accuracy"] == 0.8
+
+
 def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--curve-prior B reaches mlrnet's train command only, labelled mlrnet-priorB (B = 0 included: the paper's
     net run explicitly beside a changed default), and the row keeps the within-label detection figures."""

@@ -670,6 +670,71 @@ def test_collapse_guard_gives_up_after_meta_backoff_and_ignores_flat_weights(
     assert sum("try a smaller --lr than 1e-05" in w for w in warnings) == 2
 
 
+# --meta-share auto
+
+
+def test_auto_meta_share_breaks_ties_toward_the_default_share_then_the_smaller() -> None:
+    choose = lambda accs: train_mod.choose_meta_share(accs)["chosen"]  # noqa: E731
+    assert choose({0.0: 0.7, 0.5: 0.6}) == 0.0 and choose({0.0: 0.6, 0.5: 0.7}) == 0.5
+    assert choose({0.0: 0.6, 0.5: 0.6}) == 0.5  # a tie: the default
+    assert choose({0.0: 0.6, 0.25: 0.6, 1.0: 0.5}) == 0.0  # no default among them: the smaller
+    assert choose({0.0: None, 0.5: 0.1}) == 0.5
+
+
+def test_auto_meta_share_trains_both_shares_and_keeps_the_one_the_dev_rows_prefer(
+    ws: Path, tmp_path: Path, mlrnet_logs: pytest.LogCaptureFixture
+) -> None:
+    auto = Path(shutil.copytree(ws, tmp_path / "auto"))
+    args = ["train", "-w", str(auto), *FAST, "--epochs", "2", "--meta-params", "last-1"]
+    r = runner.invoke(app, [*args, "--meta-share", "auto", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    choice, model = out["meta_share_choice"], auto / "model"
+    assert sorted(choice["candidates"]) == ["0", "0.5"]
+    # each candidate's best dev accuracy, read back from its own history: the choice is the better one
+    dev = {}
+    for key, cand in choice["candidates"].items():
+        history = artifacts.read_table(Path(cand["folder"]) / "history.arrow").to_pylist()
+        dev[float(key)] = max(row["dev_accuracy"] for row in history)
+        assert cand["dev_accuracy"] == pytest.approx(dev[float(key)])
+    assert choice["chosen"] == max(dev, key=lambda s: (dev[s], s == 0.5))
+    assert out["best_dev_accuracy"] == pytest.approx(dev[choice["chosen"]])
+    # the workspace's model is the chosen run's (its files, its config with the share it trained with)
+    chosen = model / "candidates" / f"share-{choice['chosen']:g}"
+    for f in ("best/model.safetensors", "last/meta_net.safetensors", "history.arrow"):
+        assert (model / f).read_bytes() == (chosen / f).read_bytes(), f
+    saved = artifacts.read_json(model / "best" / "train_config.json")["config"]
+    assert saved["meta_share"] == (choice["chosen"] or None)  # 0 is left out of the provenance
+    assert artifacts.read_json(model / "meta_share_choice.json")["choice"] == choice
+    assert any(f"chose meta share {choice['chosen']:g}" in rec.getMessage() for rec in mlrnet_logs.records)
+    # each candidate is the run its own share asks for
+    for share in (0.0, 0.5):
+        direct = Path(shutil.copytree(ws, tmp_path / f"direct-{share:g}"))
+        r = runner.invoke(app, ["train", "-w", str(direct), *args[3:], "--meta-share", f"{share:g}"])
+        assert r.exit_code == 0, r.output
+        a, b = _tensors(direct / "model" / "last"), _tensors(model / "candidates" / f"share-{share:g}" / "last")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), share
+    # the same command again: both candidates up to date, the same choice, nothing trained
+    mlrnet_logs.clear()
+    r = runner.invoke(app, [*args, "--meta-share", "auto", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["meta_share_choice"] == choice
+    assert sum("is up to date" in rec.getMessage() for rec in mlrnet_logs.records) == 2
+    assert not any("epoch 1:" in rec.getMessage() for rec in mlrnet_logs.records)
+    # the eval stage reads the chosen model like any other
+    assert runner.invoke(app, ["eval", "-w", str(auto), "--json"]).exit_code == 0
+
+
+def test_auto_meta_share_does_not_replace_another_run_without_overwrite(ws: Path) -> None:
+    args = ["train", "-w", str(ws), *FAST, "--meta-params", "last-1"]
+    assert runner.invoke(app, [*args, "--meta-share", "0"]).exit_code == 0
+    before = (ws / "model" / "last" / "model.safetensors").read_bytes()
+    r = runner.invoke(app, [*args, "--meta-share", "auto"])
+    assert r.exit_code == 1 and "holds a run other than this --meta-share auto one" in r.stderr
+    assert (ws / "model" / "last" / "model.safetensors").read_bytes() == before
+    assert not (ws / "model" / "candidates").exists()  # refused before anything trained
+    assert runner.invoke(app, [*args, "--meta-share", "auto", "--overwrite"]).exit_code == 0
+
+
 # --meta-lr-probe
 
 

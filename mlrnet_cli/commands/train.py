@@ -68,11 +68,14 @@ def train_cmd(
         "Dropout in the meta batch's forward at w-hat (eq. 5), as in MW-Net's code. Off (default): the meta "
         "loss is taken in eval mode, like the dev evaluation.",
     ),
-    meta_share: float | None = _opt(
+    meta_share: str | None = _opt(
         "meta_share",
         "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
-        "(our extension, as MLC's code does); 0 is the paper's exact form "
+        "(our extension, as MLC's code does); 0 is the paper's exact form. auto trains once with 0 and once with "
+        f"{DEFAULT_META_SHARE:g} (under model/candidates, twice the time) and keeps the run with the better dev "
+        "accuracy (the choice goes to the log and meta_share_choice.json) "
         f"\\[default: {DEFAULT_META_SHARE:g} for mlrnet, 0 for mwnet and mlc].",
+        metavar="S|auto",
     ),
     meta_share_at: MetaShareAt | None = _opt(
         "meta_share_at",
