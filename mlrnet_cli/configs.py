@@ -35,7 +35,7 @@ DEFAULT_META_SHARE = 0.5
 DEFAULT_CURVE_PRIOR = 1.0
 #: ``--meta-share auto``: train once per share and keep the run with the better dev accuracy (ties: the default)
 AUTO = "auto"
-#: its candidates: the paper's real step and the default share
+#: its candidates: the paper's MLRNet (the paper's real step and, unless --curve-prior is given, its net) and ours
 AUTO_META_SHARES = (0.0, DEFAULT_META_SHARE)
 
 
@@ -279,7 +279,8 @@ class TrainConfig:
     # our extension (MLC's default): the real step (eq. 9) adds S × the mean CE of this step's meta batch to the
     # weighted loss. None = the method's default (0.5 for mlrnet, chosen by measurement in docs/results.md; 0 for
     # mwnet and mlc, their papers' form); 0 = the paper's exact form. Kept out of the provenance when 0 (earlier runs
-    # stay the same run). "auto" trains once per share of AUTO_META_SHARES and keeps the better run on the dev rows
+    # stay the same run). "auto" trains the paper's form (S = 0 and, unless --curve-prior is given, B = 0) and
+    # S = 0.5 (with the default B), and keeps the better run on the dev rows
     meta_share: float | str | None = None
     # where that term's gradient is taken: w (the meta rows run again in the real forward, +1 forward and backward of
     # the meta batch) or w-hat (the meta loss's gradient at ŵ, reused; needs --meta-params all). None = w-hat where it
@@ -325,7 +326,7 @@ class TrainConfig:
         if self.lr <= 0 or self.meta_lr <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("--lr, --meta-lr and --alpha must be > 0")
         for name, value in (("meta-share", self.meta_share), ("curve-prior", self.curve_prior)):
-            if value != AUTO and not (math.isfinite(value) and value >= 0):
+            if value not in (AUTO, None) and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
         if self.curve_prior and self.method != Method.mlrnet.value:
             raise UsageError(f"--curve-prior applies to --method mlrnet, not --method {self.method}")
@@ -354,7 +355,7 @@ class TrainConfig:
         mlrnet = self.method == Method.mlrnet.value
         if self.meta_share is None:
             object.__setattr__(self, "meta_share", DEFAULT_META_SHARE if mlrnet else 0.0)
-        if self.curve_prior is None:
+        if self.curve_prior is None and self.meta_share != AUTO:  # auto: each candidate's own (with_meta_share)
             object.__setattr__(self, "curve_prior", DEFAULT_CURVE_PRIOR if mlrnet else 0.0)
         if self.meta_share_at is None:
             reuse = (self.meta_share == AUTO or self.meta_share > 0) and self.meta_params == "all"
@@ -362,9 +363,14 @@ class TrainConfig:
 
     def with_meta_share(self, share: float) -> TrainConfig:
         """This (validated) config as one run of ``--meta-share auto``: the share fixed, ``meta_share_at`` as
-        resolved for it (``w`` at 0), so each candidate is the same run as when asked for by its own share."""
+        resolved for it (``w`` at 0) and, unless given, the curve prior of the same form (MLRNet's at S > 0, the
+        paper's 0 at S = 0), so each candidate is the same run as the paper's MLRNet or the defaults with these
+        options."""
         at = self.meta_share_at if share else MetaShareAt.w.value
-        config = replace(self, meta_share=share, meta_share_at=at)
+        prior = self.curve_prior
+        if prior is None:
+            prior = DEFAULT_CURVE_PRIOR if share and self.method == Method.mlrnet.value else 0.0
+        config = replace(self, meta_share=share, meta_share_at=at, curve_prior=prior)
         config.validate()
         return config
 

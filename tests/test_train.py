@@ -681,6 +681,21 @@ def test_auto_meta_share_breaks_ties_toward_the_default_share_then_the_smaller()
     assert choose({0.0: None, 0.5: 0.1}) == 0.5
 
 
+def test_auto_meta_share_candidates_are_the_papers_form_and_ours_unless_the_curve_prior_is_given() -> None:
+    auto = TrainConfig(meta_share="auto")
+    auto.validate()
+    paper, ours = (auto.with_meta_share(s) for s in (0.0, 0.5))
+    assert (paper.meta_share, paper.curve_prior, paper.meta_share_at) == (0.0, 0.0, "w")
+    assert (ours.meta_share, ours.curve_prior, ours.meta_share_at) == (0.5, 1.0, "w-hat")
+    for config, flags in ((paper, {"meta_share": 0.0, "curve_prior": 0.0}), (ours, {})):
+        direct = TrainConfig(**flags)
+        direct.validate()
+        assert config.provenance_config() == direct.provenance_config()
+    given = TrainConfig(meta_share="AUTO", curve_prior=0.3)
+    given.validate()
+    assert given.meta_share == "auto" and {given.with_meta_share(s).curve_prior for s in (0.0, 0.5)} == {0.3}
+
+
 def test_auto_meta_share_trains_both_shares_and_keeps_the_one_the_dev_rows_prefer(
     ws: Path, tmp_path: Path, mlrnet_logs: pytest.LogCaptureFixture
 ) -> None:
@@ -705,12 +720,13 @@ def test_auto_meta_share_trains_both_shares_and_keeps_the_one_the_dev_rows_prefe
         assert (model / f).read_bytes() == (chosen / f).read_bytes(), f
     saved = artifacts.read_json(model / "best" / "train_config.json")["config"]
     assert saved["meta_share"] == (choice["chosen"] or None)  # 0 is left out of the provenance
+    assert saved["curve_prior"] == (1.0 if choice["chosen"] else None)  # S = 0 runs the paper's net too
     assert artifacts.read_json(model / "meta_share_choice.json")["choice"] == choice
     assert any(f"chose meta share {choice['chosen']:g}" in rec.getMessage() for rec in mlrnet_logs.records)
-    # each candidate is the run its own share asks for
-    for share in (0.0, 0.5):
+    # each candidate is the run its own options ask for: the paper's MLRNet, and the defaults
+    for share, flags in ((0.0, ["--meta-share", "0", "--curve-prior", "0"]), (0.5, [])):
         direct = Path(shutil.copytree(ws, tmp_path / f"direct-{share:g}"))
-        r = runner.invoke(app, ["train", "-w", str(direct), *args[3:], "--meta-share", f"{share:g}"])
+        r = runner.invoke(app, ["train", "-w", str(direct), *args[3:], *flags])
         assert r.exit_code == 0, r.output
         a, b = _tensors(direct / "model" / "last"), _tensors(model / "candidates" / f"share-{share:g}" / "last")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), share

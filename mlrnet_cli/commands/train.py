@@ -71,9 +71,9 @@ def train_cmd(
     meta_share: str | None = _opt(
         "meta_share",
         "mlrnet/mwnet/mlc: the real step also trains on the step's meta batch, with S x its mean cross-entropy "
-        "(our extension, as MLC's code does); 0 is the paper's exact form. auto trains once with 0 and once with "
-        f"{DEFAULT_META_SHARE:g} (under model/candidates, twice the time) and keeps the run with the better dev "
-        "accuracy (the choice goes to the log and meta_share_choice.json) "
+        "(our extension, as MLC's code does); 0 is the paper's exact form. auto trains the paper's MLRNet (0, and "
+        f"--curve-prior 0 unless given) and ours ({DEFAULT_META_SHARE:g}) under model/candidates (twice the time) "
+        "and keeps the run with the better dev accuracy (the choice goes to the log and meta_share_choice.json) "
         f"\\[default: {DEFAULT_META_SHARE:g} for mlrnet, 0 for mwnet and mlc].",
         metavar="S|auto",
     ),
