@@ -39,9 +39,10 @@ METHODS = ("plain", "plain-meta", "meta-only", "glc", "mwnet", "mlc", "mlrnet")
 METHODS_DEFAULT = ("plain", "plain-meta", "meta-only", "mwnet", "mlrnet")
 #: the methods `train --meta-share` applies to (fidelity.py --meta-share passes it to these only)
 SHARE_METHODS = ("mwnet", "mlc", "mlrnet")
-#: the CLI defaults a results row was trained under, written into each row: 2 since MLRNet's defaults put the meta rows
-#: into the real step (``--meta-share 0.5`` at ŵ, ``--curve-prior 1``); rows without it ran under 1 (0, 0, at w)
-DEFAULTS = 2
+#: the CLI defaults a results row was trained under, written into each row: 3 since MLRNet with a frozen encoder
+#: chooses its form on the dev rows (``--meta-share auto``); 2 put the meta rows into the real step (``--meta-share
+#: 0.5`` at ŵ, ``--curve-prior 1``), frozen or not; rows without it ran under 1 (0, 0, at w)
+DEFAULTS = 3
 #: methods that read collect-losses' output (the loss curves; GLC's stage-1 classifier)
 NEEDS_STAGE1 = ("mlrnet", "glc")
 #: the meta settings a tuned method chooses among on the dev rows (issue #18 item 1), one grid for every method
@@ -500,8 +501,9 @@ def run_cell(
     commit = code_commit()
     for variant in (Variant.of(m, asdict(budget)) for m in methods or cell.methods):
         ws = out / "work" / f"{cell.base_key}-m{cell.meta_per_class}-{variant.label}"
-        if spelled_out_label(variant.method, asdict(budget), variant.preset, variant.label) != variant.label:
-            ws = ws.with_name(f"{ws.name}-d{DEFAULTS}")  # the name's version-1 run trained something else there
+        since = label_version(variant.method, asdict(budget), variant.preset, variant.label, cell.freeze_encoder)
+        if since > 1:  # the name's runs under earlier defaults trained something else there
+            ws = ws.with_name(f"{ws.name}-d{since}")
         ws.mkdir(parents=True, exist_ok=True)
         claim = _claim(ws)
         # another process runs it, or finished it after this one planned its runs: `train` would refuse or redo it
@@ -660,27 +662,41 @@ def as_run_today(row: dict) -> dict:
     """A row of an earlier ``DEFAULTS`` version with its label spelled out for today's defaults (``mlrnet`` of
     version 1 is ``mlrnet-share0-prior0`` now), so it is neither taken for a run of today's defaults nor skipped
     by one; the label it ran under stays in ``label_as_run``."""
-    if row.get("defaults", 1) >= DEFAULTS or row["method"] not in SHARE_METHODS:
+    version = row.get("defaults", 1)
+    if version >= DEFAULTS or row["method"] not in SHARE_METHODS:
         return row
     budget = row.get("budget") or {}
     as_run = row.get("label") or method_label(row["method"], budget)
-    label = spelled_out_label(row["method"], budget, row.get("preset"), as_run)
+    frozen = bool((row.get("cell_config") or {}).get("freeze_encoder"))
+    label = spelled_out_label(row["method"], budget, row.get("preset"), as_run, version, frozen)
     return row if label == as_run else {**row, "label": label, "label_as_run": as_run}
 
 
-def spelled_out_label(method: str, budget: dict, preset: str | None, label: str) -> str:
-    """``label`` (of ``method`` with ``budget``, and ``preset``'s flags) with version 1's defaults written out where
-    today's differ: MLRNet's ``--meta-share 0`` and ``--curve-prior 0``, and ``--meta-share-at w`` wherever a
-    share applied with ``--meta-params all``."""
+def label_version(method: str, budget: dict, preset: str | None, label: str, frozen: bool = False) -> int:
+    """The oldest ``DEFAULTS`` version since which ``label`` names the run it names today (1: it always has)."""
+    same = lambda v: spelled_out_label(method, budget, preset, label, v, frozen) == label  # noqa: E731
+    return next((v for v in range(1, DEFAULTS) if all(map(same, range(v, DEFAULTS)))), DEFAULTS)
+
+
+def spelled_out_label(
+    method: str, budget: dict, preset: str | None, label: str, version: int = 1, frozen: bool = False
+) -> str:
+    """``label`` (of ``method`` with ``budget``, and ``preset``'s flags, on a ``frozen`` encoder or not) with the
+    defaults of ``DEFAULTS`` version ``version`` written out where today's differ: before 2, MLRNet's ``--meta-share
+    0`` and ``--curve-prior 0``, and ``--meta-share-at w`` wherever a share applied with ``--meta-params all``;
+    before 3, MLRNet's ``--meta-share 0.5`` on a frozen encoder (today's is ``auto`` there)."""
     flags = META_PRESETS.get(preset or "", ())
     filled = dict(budget)
-    if method == "mlrnet":
-        if filled.get("meta_share") is None and "--meta-share" not in flags:
+    unset_share = filled.get("meta_share") is None and "--meta-share" not in flags
+    if method == "mlrnet" and version < 2:
+        if unset_share:
             filled["meta_share"] = 0.0
         if filled.get("curve_prior") is None:
             filled["curve_prior"] = 0.0
+    elif method == "mlrnet" and version < 3 and frozen and unset_share:
+        filled["meta_share"] = 0.5
     share = filled.get("meta_share") or ("--meta-share" in flags)
-    if share and filled.get("meta_share_at") is None and "--meta-share-at" not in flags:
+    if version < 2 and share and filled.get("meta_share_at") is None and "--meta-share-at" not in flags:
         if filled.get("meta_params") in (None, "all"):
             filled["meta_share_at"] = "w"
     base = method_label(method, budget)

@@ -37,6 +37,9 @@ DEFAULT_CURVE_PRIOR = 1.0
 AUTO = "auto"
 #: its candidates: the paper's MLRNet (the paper's real step and, unless --curve-prior is given, its net) and ours
 AUTO_META_SHARES = (0.0, DEFAULT_META_SHARE)
+#: MLRNet's --meta-share with --freeze-encoder: a head-only run is cheap enough to train both forms, and one form
+#: does not suit every frozen set (docs/results.md)
+DEFAULT_META_SHARE_FROZEN = AUTO
 
 
 class InitFrom(str, Enum):
@@ -351,10 +354,12 @@ class TrainConfig:
 
     def _resolve_method_defaults(self) -> None:
         """Fill the options left at None with the method's defaults: MLRNet's clean rows in the real step
-        (``DEFAULT_META_SHARE``) with the gradient reused from ŵ, and its curve prior (``DEFAULT_CURVE_PRIOR``)."""
+        (``DEFAULT_META_SHARE``; with a frozen encoder ``DEFAULT_META_SHARE_FROZEN``, the dev rows' choice) with the
+        gradient reused from ŵ, and its curve prior (``DEFAULT_CURVE_PRIOR``)."""
         mlrnet = self.method == Method.mlrnet.value
         if self.meta_share is None:
-            object.__setattr__(self, "meta_share", DEFAULT_META_SHARE if mlrnet else 0.0)
+            share = DEFAULT_META_SHARE_FROZEN if self.freeze_encoder else DEFAULT_META_SHARE
+            object.__setattr__(self, "meta_share", share if mlrnet else 0.0)
         if self.curve_prior is None and self.meta_share != AUTO:  # auto: each candidate's own (with_meta_share)
             object.__setattr__(self, "curve_prior", DEFAULT_CURVE_PRIOR if mlrnet else 0.0)
         if self.meta_share_at is None:

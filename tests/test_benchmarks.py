@@ -734,3 +734,18 @@ def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeyp
         "| IF20-u0.4-m20 | mlrnet | 1 | 80.00 |" in table
         and "| IF20-u0.4-m20 | mlrnet-share0-prior0 | 1 | 60.00 |" in table
     )
+
+
+def test_a_frozen_mlrnet_row_of_defaults_2_reads_as_the_share_it_trained_with() -> None:
+    """Defaults 3 changed MLRNet's --meta-share on a frozen encoder only (0.5 -> auto): a frozen row of version 2
+    without the flag is `mlrnet-share0.5` today, a fine-tuned one stays `mlrnet`, and today's frozen default gets a
+    workspace of its own (-d3) while the fine-tuned one keeps its version-2 workspace (-d2)."""
+    row = {"cell": "IF1-u0.2", "seed": 0, "method": "mlrnet", "label": "mlrnet", "budget": {}, "defaults": 2}
+    frozen = fidelity.as_run_today(row | {"cell_config": {"freeze_encoder": True}})
+    assert (frozen["label"], frozen["label_as_run"]) == ("mlrnet-share0.5", "mlrnet")
+    assert fidelity.as_run_today(row | {"cell_config": {"freeze_encoder": False}})["label"] == "mlrnet"
+    assert fidelity.as_run_today(row | {"defaults": 1})["label"] == "mlrnet-share0-prior0"
+    version = fidelity.label_version
+    assert (version("mlrnet", {}, None, "mlrnet", True), version("mlrnet", {}, None, "mlrnet", False)) == (3, 2)
+    assert version("mlrnet", {"meta_share": "auto"}, None, "mlrnet-shareauto", True) == 2
+    assert version("plain", {}, None, "plain", True) == 1

@@ -59,8 +59,11 @@ def test_a_frozen_encoder_is_stored_once(tmp_path: Path, tiny_model_dir: Path) -
         r = runner.invoke(app, [args[0], "-w", str(ws), *args[1:], *SIZE])
         assert r.exit_code == 0, (args, r.output)
     folders = [ws / "stage1", ws / "model" / "best", ws / "model" / "last"]
-    encoders = [(f / FROZEN_SHARD).stat() for f in folders]
-    assert len({(s.st_dev, s.st_ino) for s in encoders}) == 1 and encoders[0].st_nlink == 3
+    # and the two runs of a frozen MLRNet's default --meta-share auto, under model/candidates
+    stored = sorted(ws.rglob(FROZEN_SHARD))
+    assert len(stored) == 3 + 2 * 2 and {f.parent for f in stored} >= set(folders)
+    encoders = [f.stat() for f in stored]
+    assert len({(s.st_dev, s.st_ino) for s in encoders}) == 1 and encoders[0].st_nlink == len(stored)
     assert not any((f / "model.safetensors").exists() for f in folders)
     heads = [load_file(str(f / HEAD_SHARD)) for f in folders]
     assert set(heads[0]) == {"classifier.weight", "classifier.bias"}

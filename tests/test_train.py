@@ -691,6 +691,10 @@ def test_auto_meta_share_candidates_are_the_papers_form_and_ours_unless_the_curv
         direct = TrainConfig(**flags)
         direct.validate()
         assert config.provenance_config() == direct.provenance_config()
+    for method, frozen, share in (("mlrnet", True, "auto"), ("mlrnet", False, 0.5), ("mwnet", True, 0.0)):
+        default = TrainConfig(method=method, freeze_encoder=frozen)
+        default.validate()
+        assert default.meta_share == share, (method, frozen)  # a frozen MLRNet chooses its form by default
     given = TrainConfig(meta_share="AUTO", curve_prior=0.3)
     given.validate()
     assert given.meta_share == "auto" and {given.with_meta_share(s).curve_prior for s in (0.0, 0.5)} == {0.3}

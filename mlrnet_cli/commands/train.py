@@ -9,6 +9,7 @@ from mlrnet_cli.commands._app import JsonOption, OverwriteOption, WorkdirOption,
 from mlrnet_cli.configs import (
     DEFAULT_CURVE_PRIOR,
     DEFAULT_META_SHARE,
+    DEFAULT_META_SHARE_FROZEN,
     DFInputs,
     InitFrom,
     MetaMode,
@@ -74,7 +75,8 @@ def train_cmd(
         "(our extension, as MLC's code does); 0 is the paper's exact form. auto trains the paper's MLRNet (0, and "
         f"--curve-prior 0 unless given) and ours ({DEFAULT_META_SHARE:g}) under model/candidates (twice the time) "
         "and keeps the run with the better dev accuracy (the choice goes to the log and meta_share_choice.json) "
-        f"\\[default: {DEFAULT_META_SHARE:g} for mlrnet, 0 for mwnet and mlc].",
+        f"\\[default: mlrnet {DEFAULT_META_SHARE:g}, {DEFAULT_META_SHARE_FROZEN} with --freeze-encoder; mwnet and "
+        "mlc 0].",
         metavar="S|auto",
     ),
     meta_share_at: MetaShareAt | None = _opt(
