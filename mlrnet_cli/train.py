@@ -938,24 +938,18 @@ def _train_auto_share(
             folder = out / CANDIDATES / f"share-{share:g}"
             runs[share] = train(config.with_meta_share(share), out_dir=folder, **args)
         record = choose_meta_share({share: run.best_dev_accuracy for share, run in runs.items()})
-        record["candidates"] = {
-            f"{s:g}": {**record["candidates"][f"{s:g}"], "folder": str(r.best_dir.parent)} for s, r in runs.items()
-        }
+        for share, run in runs.items():
+            record["candidates"][f"{share:g}"]["folder"] = str(run.best_dir.parent)
         chosen = runs[record["chosen"]]
         if distributed.is_main():
             artifacts.clean_stale_temps(out)
-            _adopt(chosen, out)  # the choice file last: a kill before it leaves a run that copies again
+            # the choice first: a kill while the outputs are copied leaves a run that finds its choice and copies again
             artifacts.write_json(out / SHARE_CHOICE_FILE, {"choice": record, artifacts.META_KEY: meta})
+            _adopt(chosen, out)
         distributed.barrier()
         log.info("--meta-share auto: chose meta share %g (dev rows only)", record["chosen"])
-        return replace(
-            _result(
-                config, inp, out, (chosen.best_epoch, chosen.best_dev_accuracy, chosen.history), chosen.resumed_from
-            ),
-            epochs_run=chosen.epochs_run,
-            model=chosen.model,
-            meta_share_choice=record,
-        )
+        paths_in_out = {"best_dir": out / "best", "last_dir": out / "last", "history_path": out / "history.arrow"}
+        return replace(chosen, **paths_in_out, meta_share_choice=record)
 
 
 def choose_meta_share(dev_accuracy: dict[float, float | None]) -> dict[str, Any]:

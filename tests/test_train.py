@@ -744,6 +744,28 @@ def test_auto_meta_share_trains_both_shares_and_keeps_the_one_the_dev_rows_prefe
     assert runner.invoke(app, ["eval", "-w", str(auto), "--json"]).exit_code == 0
 
 
+def test_auto_meta_share_killed_while_copying_its_choice_finishes_on_the_next_run(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = replace(GUARD_CFG, epochs=1, meta_share="auto")
+    adopt = train_mod._adopt
+
+    def killed(run: train_mod.TrainResult, out: Path) -> None:
+        (out / "history.arrow").write_bytes(run.history_path.read_bytes())  # part of the outputs, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_adopt", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workdir=ws)
+    monkeypatch.setattr(train_mod, "_adopt", adopt)
+    result = train(cfg, workdir=ws)  # no --overwrite: the folder holds this run's own choice
+    chosen = ws / "model" / "candidates" / f"share-{result.meta_share_choice['chosen']:g}"
+    assert (ws / "model" / "best" / "model.safetensors").read_bytes() == (
+        chosen / "best" / "model.safetensors"
+    ).read_bytes()
+    assert result.best_dir == ws / "model" / "best" and result.epochs_run == 0  # both candidates were up to date
+
+
 def test_auto_meta_share_does_not_replace_another_run_without_overwrite(ws: Path) -> None:
     args = ["train", "-w", str(ws), *FAST, "--meta-params", "last-1"]
     assert runner.invoke(app, [*args, "--meta-share", "0"]).exit_code == 0
