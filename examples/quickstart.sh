@@ -23,7 +23,8 @@ mlrnet corrupt --imbalance 20 --noise uniform:0.4 --meta-pool-per-class 100 --ov
 # (a frozen encoder trains only the linear head, which wants a larger learning rate than full fine-tuning)
 LR=1e-2; [ "${FULL:-0}" = 1 ] && LR=5e-5
 mlrnet collect-losses --model "$MODEL" --epochs 5 --lr "$LR" --max-length 64 "${FAST[@]}" --overwrite
-# 3. stage 2: MLRNet with 20 clean rows per class as the meta set
+# 3. stage 2: MLRNet with 20 clean rows per class as the meta set (with a frozen encoder it trains the paper's
+#    form and ours, under $W/model/candidates, and keeps the one with the better dev accuracy: --meta-share auto)
 TRAIN=(--meta-per-class 20 --epochs 10 --lr "$LR" --max-length 64 "${FAST[@]}" --overwrite)
 mlrnet train "${TRAIN[@]}"
 # ... and the baselines with the same settings, each in its own folder: plain fine-tuning on the biased
