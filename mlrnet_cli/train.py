@@ -211,7 +211,10 @@ def _split(
         if on
     ]
     if len(dev_pos) == 0 and choosers:  # before any model is loaded: the choice would be blind
-        raise ConfigError(f"{choosers[0]} chooses on the dev rows and there are none", "pass --dev or a --dev-fraction")
+        hint = "pass --dev or a --dev-fraction"
+        if choosers[0] == "--meta-share auto":  # a frozen MLRNet's default: say how to choose without dev rows
+            hint += ", or choose the form: --meta-share 0.5 (ours) or --meta-share 0 --curve-prior 0 (the paper's)"
+        raise ConfigError(f"{choosers[0]} chooses on the dev rows and there are none", hint)
     if len(dev_pos) == 0:
         log.warning("no dev rows (--dev-fraction 0 and no --dev): model/best is the last epoch")
     return pool[meta_pos], dev_pos, dev_labels

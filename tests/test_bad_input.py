@@ -410,7 +410,7 @@ CASES = [
         "train",
         None,
         [*TRAIN, "--meta-share", "auto", "--dev-fraction", "0"],
-        "--meta-share auto chooses on the dev rows and there are none",
+        "there are none (pass --dev or a --dev-fraction, or choose the form: --meta-share 0.5 (ours)",
     ),
     Case(
         "train-auto-share-plain",
