@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ sys.path.insert(0, str(BENCH))
 
 import fidelity  # noqa: E402
 import meta_step  # noqa: E402
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch, fake_run: Callable[[list[str], Path, dict[str, str]], dict]) -> None:
+    """fidelity.py with ``fake_run`` for every CLI call, and no data or model to prepare."""
+    monkeypatch.setattr(fidelity, "run", fake_run)
+    monkeypatch.setattr(
+        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
+    )
+    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
 
 
 def test_grids_share_corrupted_data_only_where_meant() -> None:
@@ -70,11 +80,7 @@ def test_fidelity_resumes_per_method_and_runs_stage1_only_for_mlrnet(
             return {"summary": {"noise_detection": {"roc_auc": 0.8}, "groups": {"noisy": {"mean": 0.1}}}}
         return {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     done = {"cell": "IF20-u0.4-m20", "method": "plain", "seed": 1, "accuracy": 0.6, "macro_f1": 0.5}
     (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
     base = [
@@ -142,11 +148,7 @@ def test_fidelity_meta_share_is_its_own_run_of_the_meta_methods(
         share = "--meta-share" in trains[-1]
         return {"accuracy": 0.7 if share else 0.6, "macro_f1": 0.5}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [*base, "--methods", "plain", "mlrnet"])
     fidelity.main()
@@ -186,11 +188,7 @@ def test_fidelity_auto_meta_share_is_its_own_run_and_records_the_choice(
             return {"best_dev_accuracy": 0.8, "meta_share_choice": {"chosen": 0.0, "candidates": {}}}
         return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     argv = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path), "--methods", "mlrnet"]
     monkeypatch.setattr(sys, "argv", [*argv, "--meta-share", "auto"])
     fidelity.main()
@@ -215,11 +213,7 @@ def test_fidelity_curve_prior_is_its_own_run_of_mlrnet(tmp_path: Path, monkeypat
             return {"summary": {"noise_detection": det, "label_share": 0.25}}
         return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [*base, "--methods", "mwnet", "mlrnet", "--curve-prior", "0"])
     fidelity.main()
@@ -251,11 +245,7 @@ def test_tune_with_a_meta_share_labels_its_own_candidates_and_choice(
             return {"best_dev_accuracy": dev_of[args[args.index("--meta-lr") + 1], share]}
         return {"accuracy": 0.6, "macro_f1": 0.5} if sub == "eval" else {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--out", str(tmp_path)]
     base += ["--methods", "mlrnet", "--tune"]
     monkeypatch.setattr(sys, "argv", [*base, "--seed", "0"])
@@ -291,11 +281,7 @@ def test_only_takes_the_exact_cell_name_before_a_substring(tmp_path: Path, monke
             workdirs.append(cmd[cmd.index("--workdir") + 1])
         return {"accuracy": 0.5, "macro_f1": 0.5}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     for only, cells in (("IF20-u0.4-m10", ["m10"]), ("IF20-u0.4-m1", ["m10", "m100"])):
         workdirs.clear()
         argv = ["fidelity.py", "--only", only, "--seeds", "1", "--methods", "meta-only", "--out", str(tmp_path / only)]
@@ -460,11 +446,7 @@ def test_tune_chooses_the_meta_setting_on_dev_rows_of_seed_0_and_reuses_it(
             return {"accuracy": 1 - float((ws / "dev.txt").read_text()), "macro_f1": 0.4}
         return {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     base = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "2", "--out", str(tmp_path)]
     base += ["--methods", "plain", "mwnet", "--tune"]
 
@@ -609,11 +591,7 @@ def test_fidelity_train_seed_trains_on_the_cells_base_under_its_own_label(
         calls.append(cmd[cmd.index("mlrnet_cli") + 1 :])
         return {"accuracy": 0.5} if "eval" in cmd else {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     argv = ["fidelity.py", "--grid", "headline", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [*argv, "--methods", "mlrnet", "--train-seed", "3"])
     fidelity.main()
@@ -713,11 +691,7 @@ def test_rows_of_the_earlier_defaults_keep_their_meaning(tmp_path: Path, monkeyp
         trains.extend([cmd] if sub == "train" else [])
         return {"accuracy": 0.8, "macro_f1": 0.5} if sub == "eval" else {}
 
-    monkeypatch.setattr(fidelity, "run", fake_run)
-    monkeypatch.setattr(
-        fidelity, "prepare_data", lambda out, budget, data_root=None: (out / "train.pq", out / "test.pq")
-    )
-    monkeypatch.setattr(fidelity, "minilm_path", lambda: "minilm")
+    _offline(monkeypatch, fake_run)
     base = ["fidelity.py", "--only", "IF20-u0.4-m20", "--seeds", "1", "--out", str(tmp_path), "--methods", "mlrnet"]
     monkeypatch.setattr(sys, "argv", base)
     fidelity.main()  # today's defaults: not the old row, and not in the old row's workspace
